@@ -1,0 +1,362 @@
+"""Build a student from a teacher: layer map, architecture (same class / DistilBERT), weight copy.
+
+The DistilBERT recipe (Sanh et al., 2019, sec. 3 "Student initialization"; the ``scripts/distillation/
+extract_distilbert.py`` of Hugging Face's ``examples/research_projects/distillation``): the student has the teacher's
+architecture with fewer layers, initialised from the teacher by taking one layer out of two; embeddings and the MLM head
+are copied. Layers are found by structure (the encoder's ``nn.ModuleList`` of blocks), so BERT, RoBERTa, XLM-R, ELECTRA
+and other BERT-like encoders work, with or without an MLM head.
+
+``init="random"`` builds a student of any depth / width from scratch (TinyBERT / MiniLM style); hidden-state losses then
+go through learned projections when the widths differ (see :mod:`pretrain.distill`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.schema import ConfigError, check, param
+
+LAYER_SPECS = ("every_other", "distilbert")
+
+
+@dataclasses.dataclass
+class StudentConfig:
+    """The student: which teacher layers it keeps, its architecture and how it is initialised."""
+
+    layers: str | list[int] = param(
+        "every_other",
+        help='Teacher layers the student keeps, in order: "every_other" (0, 2, 4, ...: one layer out of two, the '
+             'DistilBERT recipe), "distilbert" (half the depth evenly spread with the first and last layers, '
+             '[0, 2, 4, 7, 9, 11] for 12 layers as in the DistilBERT extraction script) or a list of 0-based teacher '
+             'layer indices. With init="random" it gives the layer map of the intermediate losses.')
+    architecture: str = param(
+        "same",
+        help='"same": the teacher\'s class with fewer layers (RoBERTa -> DistilRoBERTa); "distilbert": a BERT teacher '
+             'becomes a DistilBertForMaskedLM (no token types, no pooler; the type-0 token-type embedding is folded '
+             'into the position embeddings).')
+    init: str = param(
+        "teacher",
+        help='"teacher": copy embeddings, the chosen layers and the MLM head from the teacher (DistilBERT); "random": '
+             'a freshly initialised student of the sizes below (TinyBERT / MiniLM style).')
+    num_hidden_layers: int | None = param(
+        None, help='init="random" only: student depth in layers; null = the number of layers in student.layers.')
+    hidden_size: int | None = param(
+        None, help='init="random" only: student width; null = the teacher\'s.')
+    num_attention_heads: int | None = param(
+        None, help='init="random" only: attention heads; null = keep the teacher\'s head size (hidden / 64 for BERT).')
+    intermediate_size: int | None = param(
+        None, help='init="random" only: feed-forward width; null = the teacher\'s ratio to hidden_size (4x for BERT).')
+
+    def validate(self) -> None:
+        """Check the section's values; raises :class:`ConfigError` naming ``student.<key>``."""
+        if isinstance(self.layers, str):
+            check(self.layers in LAYER_SPECS, "student.layers",
+                  f"{self.layers!r} is not one of {list(LAYER_SPECS)} or a list of teacher layer indices")
+        else:
+            check(len(self.layers) > 0, "student.layers", "the list is empty; give at least one teacher layer index")
+            check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers),
+                  "student.layers", f"{self.layers!r}: indices must be non-negative integers (0 = first layer)")
+            check(len(set(self.layers)) == len(self.layers), "student.layers",
+                  f"{self.layers!r} repeats a layer; list each teacher layer at most once")
+        check(self.architecture in ("same", "distilbert"), "student.architecture",
+              f"{self.architecture!r} is not one of ['same', 'distilbert']")
+        check(self.init in ("teacher", "random"), "student.init", f"{self.init!r} is not one of ['teacher', 'random']")
+        sizes = {k: getattr(self, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                               "intermediate_size")}
+        for key, value in sizes.items():
+            if value is None:
+                continue
+            check(self.init == "random", f"student.{key}",
+                  f"{value} is only used with student.init='random' (a teacher-initialised student takes its sizes "
+                  f"from the teacher); remove it or set student.init='random'")
+            check(isinstance(value, int) and value > 0, f"student.{key}", f"{value!r} must be a positive integer")
+        if self.hidden_size and self.num_attention_heads:
+            check(self.hidden_size % self.num_attention_heads == 0, "student.num_attention_heads",
+                  f"{self.num_attention_heads} does not divide student.hidden_size={self.hidden_size}")
+
+
+def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[int]:
+    """Teacher layer indices (0-based) the student keeps, in order: student layer i <- teacher layer map[i].
+
+    ``"every_other"``: 0, 2, 4, ... (DistilBERT, Sanh et al. 2019: "taking one layer out of two").
+    ``"distilbert"``: ``max(1, N // 2)`` layers evenly spread over 0..N-1 with the first and last included
+    (``floor(i * (N - 1) / (M - 1) + 0.5)``), which is the DistilBERT extraction's [0, 2, 4, 7, 9, 11] for N = 12.
+    A list: taken as is after checking. Raises :class:`ConfigError` (``student.layers``) for an index out of
+    range, a repeat or a decreasing list.
+    """
+    n = int(num_teacher_layers)
+    if spec == "every_other":
+        return list(range(0, n, 2))
+    if spec == "distilbert":
+        m = max(1, n // 2)
+        if m == 1:
+            return [n - 1]
+        return [int(math.floor(i * (n - 1) / (m - 1) + 0.5)) for i in range(m)]
+    if isinstance(spec, str):
+        raise ConfigError(f"student.layers: {spec!r} is not one of {list(LAYER_SPECS)} or a list of layer indices")
+    layers = [int(i) for i in spec]
+    check(len(layers) > 0, "student.layers", "the list is empty; give at least one teacher layer index")
+    bad = [i for i in layers if not 0 <= i < n]
+    check(not bad, "student.layers", f"{bad} out of range: the teacher has {n} layers (indices 0..{n - 1})")
+    check(all(a < b for a, b in zip(layers, layers[1:])), "student.layers",
+          f"{layers} must be strictly increasing (a student keeps the teacher's layer order, each layer once)")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structure helpers (shared with pretrain.distill)
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The encoder's list of transformer blocks, found by structure.
+
+    Returns ``(qualified name, module list)``: the ``nn.ModuleList`` with ``config.num_hidden_layers`` entries of one
+    class holding the most parameters (``bert.encoder.layer``, ``roberta.encoder.layer``,
+    ``distilbert.transformer.layer``, ...). Raises ``ValueError`` when there is none.
+    """
+    n = model.config.num_hidden_layers
+    found = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0 and len({type(m) for m in mod}) == 1:
+            found.append((sum(p.numel() for p in mod.parameters()), name, mod))
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no nn.ModuleList of {n} transformer blocks found; "
+                         f"is this a BERT-like encoder?")
+    _, name, mod = max(found, key=lambda x: x[0])
+    return name, mod
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The encoder without task head (``model.base_model`` of Hugging Face models: BertModel, RobertaModel, ...)."""
+    return getattr(model, "base_model", model)
+
+
+class _Chain(nn.Module):
+    """Apply modules in order (a head made of sibling modules, like DistilBERT's vocab_transform ... projector)."""
+
+    def __init__(self, *mods):
+        super().__init__()
+        self.mods = list(mods)  # plain list: not registered, the model already owns them
+
+    def forward(self, x):
+        for m in self.mods:
+            x = m(x)
+        return x
+
+
+def mlm_head(model: nn.Module):
+    """The MLM head of ``model`` as a callable ``[..., hidden] -> [..., vocab]`` logits, or None when it has none.
+
+    Covers BERT (``cls.predictions``: transform + decoder), RoBERTa / XLM-R (``lm_head``), ELECTRA generators
+    (``generator_predictions`` + ``generator_lm_head``) and DistilBERT (``vocab_transform``, activation,
+    ``vocab_layer_norm``, ``vocab_projector``). A head applied to ``hidden[positions]`` gives exactly
+    ``full_logits[positions]``: it is position-wise.
+    """
+    if hasattr(model, "cls") and isinstance(model.cls, nn.Module):
+        return getattr(model.cls, "predictions", model.cls)
+    if isinstance(getattr(model, "lm_head", None), nn.Module):
+        return model.lm_head
+    if hasattr(model, "generator_lm_head"):
+        return _Chain(model.generator_predictions, model.generator_lm_head)
+    if hasattr(model, "vocab_projector"):
+        return _Chain(model.vocab_transform, model.activation, model.vocab_layer_norm, model.vocab_projector)
+    return None
+
+
+def _new_like(cls: type, config, like: nn.Module | None = None) -> nn.Module:
+    """``cls(config)`` with SDPA attention where supported; keeps ``add_pooling_layer`` as in ``like``."""
+    config = copy.deepcopy(config)
+    if getattr(cls, "_supports_sdpa", False):
+        config._attn_implementation = "sdpa"
+    kwargs = {}
+    if like is not None and "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        kwargs["add_pooling_layer"] = getattr(like, "pooler", None) is not None
+    return cls(config, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+def build_student(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the student for ``teacher`` (a Hugging Face BERT-like encoder, with or without MLM head).
+
+    Returns ``(student, record)``. The student is an fp32 Hugging Face ``PreTrainedModel`` in train mode, using SDPA
+    attention where the class supports it: ``type(teacher)`` with ``len(layer_map)`` layers (``architecture="same"``;
+    a teacher without MLM head gives a student without one), or ``DistilBertForMaskedLM`` / ``DistilBertModel``
+    (``architecture="distilbert"``). ``record`` (JSON-serialisable, for the run log) has ``layer_map``,
+    ``teacher_layers``, ``teacher_class``, ``student_class``, ``architecture``, ``init``, ``copied``
+    (student tensor name -> teacher tensor name or a formula), ``initialized`` (student tensors left random) and
+    ``notes``.
+
+    Raises :class:`ConfigError` for a layer map that does not fit the teacher, or ``architecture="distilbert"`` with
+    a teacher that is not BERT-shaped (absolute positions, BERT block layout).
+    """
+    cfg.validate()
+    n_teacher = teacher.config.num_hidden_layers
+    layer_map = resolve_layer_map(cfg.layers, n_teacher)
+    if cfg.init == "random":
+        student, record = _build_random(teacher, cfg, layer_map)
+    elif cfg.architecture == "distilbert":
+        student, record = _build_distilbert(teacher, layer_map)
+    else:
+        student, record = _build_same(teacher, layer_map)
+    record.update(architecture=cfg.architecture, init=cfg.init, teacher_layers=n_teacher,
+                  teacher_class=type(teacher).__name__, student_class=type(student).__name__)
+    return student.float().train(), record
+
+
+def _build_same(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Module, dict]:
+    """Teacher's class with ``len(layer_map)`` layers; every tensor copied (layer i from teacher layer map[i])."""
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layer_map)
+    student = _new_like(type(teacher), config, like=base_model(teacher))
+    t_name, _ = find_layer_list(teacher)
+    s_name, _ = find_layer_list(student)
+    if s_name != t_name:
+        raise ValueError(f"layer list found at {s_name!r} in the student but {t_name!r} in the teacher")
+    prefix = t_name + "."
+    t_state = teacher.state_dict()
+    new_state, copied = {}, {}
+    for key, value in student.state_dict().items():
+        src = key
+        if key.startswith(prefix):
+            idx, rest = key[len(prefix):].split(".", 1)
+            src = f"{prefix}{layer_map[int(idx)]}.{rest}"
+        if src not in t_state or t_state[src].shape != value.shape:
+            raise ValueError(f"student tensor {key} {tuple(value.shape)} has no teacher counterpart {src}")
+        new_state[key] = t_state[src].detach().to(torch.float32)
+        copied[key] = src
+    student.load_state_dict(new_state, strict=True)
+    return student, {"layer_map": layer_map, "copied": copied, "initialized": [], "notes": []}
+
+
+def _bert_parts(teacher: nn.Module) -> dict[str, nn.Module]:
+    """The BERT pieces the DistilBERT conversion reads; ConfigError when the teacher is not BERT-shaped."""
+    base = base_model(teacher)
+    emb = getattr(base, "embeddings", None)
+    need = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
+    ok = emb is not None and all(hasattr(emb, n) for n in need)
+    ok = ok and not hasattr(emb, "create_position_ids_from_input_ids")  # RoBERTa-style offset positions
+    ok = ok and not hasattr(base, "embeddings_project")  # ELECTRA with embedding_size != hidden_size
+    ok = ok and getattr(teacher.config, "position_embedding_type", "absolute") == "absolute"
+    if not ok:
+        raise ConfigError(
+            f"student.architecture: 'distilbert' needs a BERT teacher (absolute positions, token-type embeddings); "
+            f"{type(teacher).__name__} is not one. Use student.architecture='same' (for RoBERTa this gives the "
+            f"DistilRoBERTa architecture)")
+    act = teacher.config.hidden_act
+    if act not in ("gelu", "relu"):
+        raise ConfigError(f"student.architecture: 'distilbert' supports hidden_act gelu or relu, the teacher has "
+                          f"{act!r}; use student.architecture='same'")
+    return {"base": base, "emb": emb}
+
+
+def _build_distilbert(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Module, dict]:
+    """BERT -> DistilBERT with the weights mapped; positions absorb the type-0 token-type embedding."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertModel
+
+    parts = _bert_parts(teacher)
+    tc = teacher.config
+    head = mlm_head(teacher)
+    config = DistilBertConfig(
+        vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings, sinusoidal_pos_embds=False,
+        n_layers=len(layer_map), n_heads=tc.num_attention_heads, dim=tc.hidden_size, hidden_dim=tc.intermediate_size,
+        dropout=tc.hidden_dropout_prob, attention_dropout=tc.attention_probs_dropout_prob, activation=tc.hidden_act,
+        initializer_range=tc.initializer_range, pad_token_id=tc.pad_token_id,
+        tie_word_embeddings=getattr(tc, "tie_word_embeddings", True))
+    student = _new_like(DistilBertForMaskedLM if head is not None else DistilBertModel, config)
+    s_prefix = "distilbert." if head is not None else ""
+    t_names = {id(m): n for n, m in teacher.named_modules()}
+    t_layers_name, t_layers = find_layer_list(teacher)
+
+    t_state = teacher.state_dict()
+    new_state, copied = {}, {}
+
+    def put(s_key: str, t_key: str, value: torch.Tensor | None = None, how: str | None = None):
+        new_state[s_key] = (t_state[t_key] if value is None else value).detach().to(torch.float32).clone()
+        copied[s_key] = how or t_key
+
+    e = t_names[id(parts["emb"])] + "."
+    put(f"{s_prefix}embeddings.word_embeddings.weight", e + "word_embeddings.weight")
+    fold = t_state[e + "position_embeddings.weight"].float() + t_state[e + "token_type_embeddings.weight"][0].float()
+    put(f"{s_prefix}embeddings.position_embeddings.weight", e + "position_embeddings.weight", fold,
+        f"{e}position_embeddings.weight + {e}token_type_embeddings.weight[0]")
+    for p in ("weight", "bias"):
+        put(f"{s_prefix}embeddings.LayerNorm.{p}", f"{e}LayerNorm.{p}")
+    block = {"attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
+             "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
+             "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense",
+             "ffn.lin2": "output.dense", "output_layer_norm": "output.LayerNorm"}
+    for i, t_i in enumerate(layer_map):
+        for s_mod, t_mod in block.items():
+            for p in ("weight", "bias"):
+                t_key = f"{t_layers_name}.{t_i}.{t_mod}.{p}"
+                if t_key not in t_state:
+                    raise ConfigError(f"student.architecture: 'distilbert' needs BERT's block layout; the teacher has "
+                                      f"no {t_key}. Use student.architecture='same'")
+                put(f"{s_prefix}transformer.layer.{i}.{s_mod}.{p}", t_key)
+    if head is not None:
+        h = t_names[id(head)] + "."
+        if h + "transform.dense.weight" not in t_state:
+            raise ConfigError(f"student.architecture: 'distilbert' needs BERT's MLM head (cls.predictions); "
+                              f"{type(teacher).__name__} has another. Use student.architecture='same'")
+        for p in ("weight", "bias"):
+            put(f"vocab_transform.{p}", f"{h}transform.dense.{p}")
+            put(f"vocab_layer_norm.{p}", f"{h}transform.LayerNorm.{p}")
+            put(f"vocab_projector.{p}", f"{h}decoder.{p}")
+    s_state = student.state_dict()
+    missing = sorted(set(s_state) - set(new_state))
+    if missing:
+        raise ValueError(f"DistilBERT conversion left tensors unmapped: {missing}")
+    student.load_state_dict(new_state, strict=True)
+    notes = ["token_type_embeddings[0] folded into position_embeddings (DistilBERT has no token types)"]
+    if getattr(base_model(teacher), "pooler", None) is not None:
+        notes.append("teacher pooler dropped (DistilBERT has none)")
+    if abs(getattr(tc, "layer_norm_eps", 1e-12) - 1e-12) > 1e-15:
+        notes.append(f"teacher layer_norm_eps={tc.layer_norm_eps}, DistilBERT uses 1e-12: outputs differ slightly")
+    return student, {"layer_map": layer_map, "copied": copied, "initialized": [], "notes": notes}
+
+
+def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) -> tuple[nn.Module, dict]:
+    """A freshly initialised student (TinyBERT / MiniLM style) of the configured sizes; nothing copied."""
+    tc = teacher.config
+    hidden = cfg.hidden_size or tc.hidden_size
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    heads = cfg.num_attention_heads or (hidden // head_dim if hidden % head_dim == 0 else tc.num_attention_heads)
+    if hidden % heads:
+        raise ConfigError(f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}; "
+                          f"set student.num_attention_heads")
+    inter = cfg.intermediate_size or int(round(tc.intermediate_size * hidden / tc.hidden_size))
+    depth = cfg.num_hidden_layers or len(layer_map)
+    if depth != len(layer_map):
+        if not isinstance(cfg.layers, str):
+            raise ConfigError(f"student.layers: {len(layer_map)} layers listed but student.num_hidden_layers={depth};"
+                              f" make them agree or drop one")
+        n = tc.num_hidden_layers  # TinyBERT's uniform map g(m) = m * N / M, as 0-based layer indices
+        layer_map = [max(0, int(math.floor((i + 1) * n / depth + 0.5)) - 1) for i in range(depth)]
+    if cfg.architecture == "distilbert":
+        from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertModel
+        _bert_parts(teacher)
+        config = DistilBertConfig(
+            vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings, n_layers=depth,
+            n_heads=heads, dim=hidden, hidden_dim=inter, dropout=tc.hidden_dropout_prob,
+            attention_dropout=tc.attention_probs_dropout_prob, activation=tc.hidden_act,
+            initializer_range=tc.initializer_range, pad_token_id=tc.pad_token_id)
+        cls = DistilBertForMaskedLM if mlm_head(teacher) is not None else DistilBertModel
+        student = _new_like(cls, config)
+    else:
+        config = copy.deepcopy(tc)
+        if getattr(config, "embedding_size", None) == tc.hidden_size:
+            config.embedding_size = hidden
+        config.hidden_size, config.num_attention_heads = hidden, heads
+        config.intermediate_size, config.num_hidden_layers = inter, depth
+        student = _new_like(type(teacher), config, like=base_model(teacher))
+    return student, {"layer_map": layer_map, "copied": {}, "initialized": sorted(student.state_dict()),
+                     "notes": [f"random init: {depth} layers, hidden {hidden}, {heads} heads, intermediate {inter}"]}
