@@ -1,0 +1,236 @@
+"""The run configuration: one JSON file with sections teacher, student, data, masking, loss, train, deepspeed.
+
+Each section is a dataclass owned by its component (``pretrain.student.StudentConfig``, ``pretrain.data.DataConfig``,
+``pretrain.masking.MaskingConfig``, ``pretrain.losses.LossConfig``); this module defines :class:`TeacherConfig` and
+:class:`TrainConfig` and assembles them in :class:`RunConfig`. The ``deepspeed`` section is an ordinary DeepSpeed config
+(https://www.deepspeed.ai/docs/config-json/); :mod:`pretrain.ds_config` fills in what it leaves out and checks the batch
+arithmetic once the world size is known.
+
+Loading is strict (:func:`load`): unknown keys, wrong types and out-of-range values raise
+:class:`pretrain.schema.ConfigError` naming the file, ``section.key`` and the value. ``section.key=value`` overrides
+from the command line are applied before validation. ``python -m pretrain.config --reference`` prints the markdown
+reference of every field; ``python -m pretrain.config CONFIG [overrides]`` validates a file and prints the resolved
+config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pretrain import schema
+from pretrain.data import DataConfig
+from pretrain.losses import LossConfig
+from pretrain.masking import MaskingConfig
+from pretrain.schema import ConfigError, check, param
+from pretrain.student import StudentConfig
+
+COMMENT_KEYS = ("comment", "_source")  # documented top-level keys that hold prose (sources of hyperparameters)
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    """The frozen teacher: a Hugging Face BERT-like encoder, with or without MLM head."""
+
+    name_or_path: str = param(
+        help='Hugging Face hub name (e.g. "roberta-base"), local model directory, or "embedded:minilm-l6" / '
+             '"embedded:bert-tiny-mlm" (offline assets, see data_prep). A model whose config lists a *ForMaskedLM '
+             'architecture is loaded with its MLM head; any other as a bare encoder.')
+    revision: str | None = param(None, help="Hub revision (branch, tag or commit) of name_or_path; null = default.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = param(
+        "auto", help='Precision of the teacher, which only runs forward: "auto" = the run\'s half precision on GPU '
+                     '(deepspeed.fp16 -> float16, deepspeed.bf16 -> bfloat16, else float32) and float32 on CPU.')
+    attn_implementation: Literal["sdpa", "eager"] = param(
+        "sdpa", help='Attention kernel of the teacher: "sdpa" (PyTorch scaled_dot_product_attention, fast) or "eager".')
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming ``teacher.<key>``."""
+        check(bool(self.name_or_path.strip()), "teacher.name_or_path",
+              "is empty; give a hub name, a local model directory or embedded:NAME")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The loop: length, seeds, logging, evaluation, checkpoints and resumption."""
+
+    output_dir: str = param(
+        help="Run directory: config.json, metrics.jsonl, tensorboard/, checkpoints/, student_init/, student/. "
+             "Running the same command again resumes from its checkpoints/latest.")
+    max_steps: int = param(
+        help="Optimizer steps to train (each step = deepspeed.train_batch_size sequences). Also the length of the "
+             "learning-rate schedule unless deepspeed.scheduler.params.total_num_steps is given.")
+    seed: int = param(56, help="Seed of the data order, masking, dropout and any random init (56: the default of "
+                               "Hugging Face's research_projects/distillation/train.py).")
+    log_interval: int = param(10, help="Steps between metrics.jsonl / TensorBoard / console lines (rank 0).")
+    eval_interval: int = param(500, help="Steps between evaluations on the valid split; 0 = only at the end.")
+    eval_sequences: int = param(
+        2048, help="Valid sequences per evaluation (the first ones of the split, shared out over the ranks); "
+                   "0 = the whole split.")
+    save_interval: int = param(
+        500, help="Steps between checkpoints; 0 = only at the end and on SIGTERM / SIGUSR1.")
+    keep_last: int = param(3, help="Checkpoints kept in checkpoints/ (older ones are deleted after a save).")
+    max_bad_steps: int = param(
+        25, help="Stop with an error after this many consecutive steps with a non-finite loss or gradient (skipped "
+                 "steps: fp16 loss-scale overflows included; the last checkpoint stays intact).")
+    allow_world_size_change: bool = param(
+        False, help="Resume a checkpoint written with another number of ranks. The data order then restarts at the "
+                    "nearest position of the new layout (a few sequences repeated or skipped), and DeepSpeed must be "
+                    "able to re-partition the ZeRO state (stages 0-2).")
+    export_init: bool = param(
+        True, help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
+                   "before/after comparison); done once, on a fresh run.")
+    tensorboard: bool = param(True, help="Write TensorBoard scalars to output_dir/tensorboard/ (rank 0).")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming ``train.<key>``."""
+        check(bool(self.output_dir.strip()), "train.output_dir", "is empty; give a run directory")
+        check(self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1")
+        check(self.log_interval >= 1, "train.log_interval", f"{self.log_interval} must be >= 1")
+        for key in ("eval_interval", "eval_sequences", "save_interval", "seed"):
+            check(getattr(self, key) >= 0, f"train.{key}", f"{getattr(self, key)} must be >= 0")
+        check(self.keep_last >= 1, "train.keep_last", f"{self.keep_last} must be >= 1 (the resume point)")
+        check(self.max_bad_steps >= 1, "train.max_bad_steps", f"{self.max_bad_steps} must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig, "masking": MaskingConfig,
+    "loss": LossConfig, "train": TrainConfig,
+}
+REQUIRED_SECTIONS = ("teacher", "data", "train")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole run: every section, validated; ``deepspeed`` is the raw DeepSpeed dict (see :mod:`pretrain.ds_config`)."""
+
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig
+    masking: MaskingConfig
+    loss: LossConfig
+    train: TrainConfig
+    deepspeed: dict
+    comment: Any = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (the resolved config written to the run directory)."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["deepspeed"] = json.loads(json.dumps(self.deepspeed))
+        if self.comment is not None:
+            out = {"comment": self.comment, **out}
+        return out
+
+    def validate(self) -> None:
+        """Cross-section rules (each section validated itself already). Raises :class:`ConfigError`."""
+        from pretrain import ds_config
+        ds_config.check_static(self)
+        if self.loss.alpha_ce > 0 or self.loss.alpha_mlm > 0:
+            check(self.masking.mlm_mask_prop > 0, "masking.mlm_mask_prop",
+                  "must be > 0 when loss.alpha_ce or loss.alpha_mlm is on")
+
+
+def from_dict(raw: dict, where: str = "config") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a raw dict; ``where`` (the file name) prefixes every error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a JSON object with sections {list(SECTIONS) + ['deepspeed']}")
+    valid = list(SECTIONS) + ["deepspeed"] + list(COMMENT_KEYS)
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid top-level keys are {valid}")
+    missing = [s for s in REQUIRED_SECTIONS if s not in raw]
+    if missing:
+        raise ConfigError(f"{where}: required section(s) {missing} missing")
+    try:
+        sections = {}
+        for name, cls in SECTIONS.items():
+            value = raw.get(name, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected an object, got {value!r}")
+            sections[name] = schema.from_dict(cls, value, name)
+        ds = raw.get("deepspeed", {})
+        if not isinstance(ds, dict):
+            raise ConfigError(f"deepspeed: expected an object (a DeepSpeed config), got {ds!r}")
+        comment = next((raw[k] for k in COMMENT_KEYS if k in raw), None)
+        cfg = RunConfig(**sections, deepspeed=dict(ds), comment=comment)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config JSON file, apply ``section.key=value`` overrides, validate.
+
+    Raises :class:`ConfigError` naming the file for a missing file, invalid JSON (line and column), an unknown
+    section or key, a wrong type or an out-of-range value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if overrides:
+        try:
+            raw = schema.apply_overrides(raw, list(overrides))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return from_dict(raw, str(path))
+
+
+DEEPSPEED_REFERENCE = """### `deepspeed`
+
+An ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/), passed to `deepspeed.initialize`.
+`pretrain.ds_config` fills in what the section leaves out, once the world size is known:
+
+| key | derived / default |
+| --- | --- |
+| `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` | give any two (or the first alone, or all three); the third follows from train_batch_size = micro x accumulation x world size. A combination that cannot hold is an error naming the numbers. |
+| `optimizer` | `AdamW`, lr 5e-4, betas [0.9, 0.98], eps 1e-6, weight decay 0.0 (DistilBERT); on CPU `torch_adam: true` (no compiled op). |
+| `scheduler` | `WarmupDecayLR` (linear warm-up, then linear decay to 0): `total_num_steps` = train.max_steps, `warmup_num_steps` = 5% of it (DistilBERT's warmup_prop 0.05), `warmup_max_lr` = the optimizer's lr, `warmup_type` linear. |
+| `gradient_clipping` | 5.0 (DistilBERT's max_grad_norm). |
+| `fp16` / `bf16` | off (fp32) unless enabled; fp16 uses dynamic loss scaling (`loss_scale: 0`). fp16 needs a GPU. |
+| `zero_optimization.stage` | 0; stages 0-3 are supported. |
+| `steps_per_print` | effectively off: the trainer logs itself. |
+"""
+
+
+def reference_markdown() -> str:
+    """The configuration reference (markdown) of every section, from the dataclasses' field docs."""
+    top = ("Top-level keys: the sections below, and an optional `comment` (or `_source`): free text (string or list "
+           "of strings) naming the source of the hyperparameters; it is kept in the resolved config and otherwise "
+           "ignored.\n\n")
+    return top + schema.reference_markdown(SECTIONS) + "\n" + DEEPSPEED_REFERENCE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pretrain.config --reference`` | ``python -m pretrain.config CONFIG [section.key=value ...]``."""
+    p = argparse.ArgumentParser(prog="python -m pretrain.config", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", action="store_true", help="print the markdown configuration reference")
+    p.add_argument("config", nargs="?", help="a run config to validate; prints the resolved config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args(argv)
+    if args.reference:
+        print(reference_markdown())
+        return 0
+    if not args.config:
+        p.error("give --reference or a config file")
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The DeepSpeed config of a run, derived from the validated run config once the world size is known.
+
+The ``deepspeed`` section of a run config is an ordinary DeepSpeed config; :func:`build` fills in what it leaves out
+with the DistilBERT recipe (Sanh et al., 2019; Hugging Face ``research_projects/distillation/train.py``: AdamW, lr 5e-4,
+betas (0.9, 0.98), eps 1e-6, no weight decay, gradient clipping 5.0, linear warm-up over 5% of the steps then linear
+decay) and derives the batch arithmetic ``train_batch_size = micro x accumulation x world size`` (:func:`batch_sizes`),
+with one clear error when it cannot hold. :func:`check_static` checks what can be checked before launch.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+from pretrain.schema import ConfigError, check
+
+DEFAULT_OPTIMIZER = {"type": "AdamW",
+                     "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0}}
+DEFAULT_GRADIENT_CLIPPING = 5.0
+DEFAULT_WARMUP_PROPORTION = 0.05
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+class BatchPlan(NamedTuple):
+    """Sequences per optimizer step (all ranks), per micro-batch (one rank), and micro-batches per step."""
+
+    train_batch_size: int
+    micro_batch: int
+    accumulation: int
+
+
+def precision(ds: dict) -> str:
+    """``"fp16"``, ``"bf16"`` or ``"fp32"`` from a DeepSpeed config dict."""
+    if (ds.get("fp16") or {}).get("enabled", False):
+        return "fp16"
+    if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False):
+        return "bf16"
+    return "fp32"
+
+
+def zero_stage(ds: dict) -> int:
+    """ZeRO stage (0 when ``zero_optimization`` is absent)."""
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _positive_int(ds: dict, key: str) -> int | None:
+    value = ds.get(key)
+    if value is None or value == "auto":
+        return None
+    check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"deepspeed.{key}",
+          f"{value!r} must be a positive integer")
+    return value
+
+
+def batch_sizes(ds: dict, world_size: int) -> BatchPlan:
+    """Derive the batch arithmetic for ``world_size`` data-parallel ranks.
+
+    Any two of ``train_batch_size`` (sequences per optimizer step, all ranks), ``train_micro_batch_size_per_gpu``
+    (sequences per forward, one rank) and ``gradient_accumulation_steps`` give the third; ``train_batch_size`` alone
+    means no accumulation; the micro-batch alone means no accumulation. All three must satisfy
+    ``train_batch_size == micro x accumulation x world_size``.
+
+    Raises :class:`ConfigError` naming the numbers when the product cannot hold (for example 4096 sequences per step
+    with micro-batch 16 on 3 ranks: 4096 is not a multiple of 48).
+    """
+    tbs, micro, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
+    ws = int(world_size)
+    if tbs and micro and gas:
+        if tbs != micro * gas * ws:
+            raise ConfigError(
+                f"deepspeed.train_batch_size: {tbs} != train_micro_batch_size_per_gpu {micro} x "
+                f"gradient_accumulation_steps {gas} x world size {ws} = {micro * gas * ws}; give only two of the three "
+                f"and the third is derived")
+    elif tbs and micro:
+        if tbs % (micro * ws):
+            raise ConfigError(
+                f"deepspeed.train_batch_size: {tbs} sequences per step is not a multiple of "
+                f"train_micro_batch_size_per_gpu {micro} x world size {ws} = {micro * ws}; change the micro-batch or "
+                f"the number of ranks so that it divides {tbs}")
+        gas = tbs // (micro * ws)
+    elif tbs and gas:
+        if tbs % (gas * ws):
+            raise ConfigError(
+                f"deepspeed.train_batch_size: {tbs} is not a multiple of gradient_accumulation_steps {gas} x world "
+                f"size {ws} = {gas * ws}")
+        micro = tbs // (gas * ws)
+    elif micro and gas:
+        tbs = micro * gas * ws
+    elif tbs:
+        if tbs % ws:
+            raise ConfigError(f"deepspeed.train_batch_size: {tbs} is not a multiple of the world size {ws}; give "
+                              f"train_micro_batch_size_per_gpu as well, or change the number of ranks")
+        micro, gas = tbs // ws, 1
+    elif micro:
+        gas = 1
+        tbs = micro * ws
+    else:
+        raise ConfigError("deepspeed: give train_batch_size (sequences per optimizer step) and/or "
+                          "train_micro_batch_size_per_gpu (sequences per forward on one rank)")
+    return BatchPlan(tbs, micro, gas)
+
+
+def check_static(cfg) -> None:
+    """Checks of the ``deepspeed`` section that need no world size (``cfg``: a :class:`pretrain.config.RunConfig`).
+
+    Raises :class:`ConfigError` naming ``deepspeed.<key>``.
+    """
+    ds = cfg.deepspeed
+    tbs, micro, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
+    check(bool(tbs or micro), "deepspeed.train_batch_size",
+          "missing: give train_batch_size (sequences per optimizer step) and/or train_micro_batch_size_per_gpu")
+    if tbs and micro and gas:
+        check(tbs % (micro * gas) == 0, "deepspeed.train_batch_size",
+              f"{tbs} is not micro {micro} x accumulation {gas} x a whole number of ranks; give only two of the "
+              f"three and the third is derived")
+    for key in ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler"):
+        check(key not in ds or isinstance(ds[key], dict), f"deepspeed.{key}", f"{ds[key]!r} must be an object")
+    check(not (precision(ds) == "fp16" and (ds.get("bf16") or {}).get("enabled", False)), "deepspeed.bf16.enabled",
+          "fp16 and bf16 are both enabled; enable one of them (or neither for fp32)")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    check(stage in (0, 1, 2, 3), "deepspeed.zero_optimization.stage", f"{stage!r} must be 0, 1, 2 or 3")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            check(isinstance(ds[key].get("type"), str), f"deepspeed.{key}.type",
+                  f"missing or not a string in {ds[key]!r}")
+            check(isinstance(ds[key].get("params", {}), dict), f"deepspeed.{key}.params", "must be an object")
+    clip = ds.get("gradient_clipping", DEFAULT_GRADIENT_CLIPPING)
+    check(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0, "deepspeed.gradient_clipping",
+          f"{clip!r} must be a number >= 0 (0 = no clipping)")
+    sched = ds.get("scheduler") or {}
+    params = sched.get("params", {})
+    total = params.get("total_num_steps", cfg.train.max_steps)
+    warm = params.get("warmup_num_steps", 0)
+    check(isinstance(warm, int) and 0 <= warm <= total, "deepspeed.scheduler.params.warmup_num_steps",
+          f"{warm!r} must be an integer between 0 and the schedule's {total} steps")
+
+
+def build(cfg, world_size: int, *, cuda: bool) -> dict:
+    """The DeepSpeed config dict for ``deepspeed.initialize``.
+
+    Args:
+        cfg: the validated :class:`pretrain.config.RunConfig`.
+        world_size: data-parallel ranks.
+        cuda: whether the ranks run on CUDA GPUs (on CPU, fp16 is refused and Adam runs as ``torch.optim.AdamW``).
+
+    Returns a new dict: the section with the batch sizes derived (:func:`batch_sizes`), the optimizer, scheduler and
+    gradient clipping defaults of the DistilBERT recipe filled in, and DeepSpeed's own progress printing off.
+    Raises :class:`ConfigError` for an impossible batch plan or fp16 without a GPU.
+    """
+    ds = copy.deepcopy(cfg.deepspeed)
+    plan = batch_sizes(ds, world_size)
+    ds.update(zip(BATCH_KEYS, plan))
+    if precision(ds) == "fp16" and not cuda:
+        raise ConfigError("deepspeed.fp16.enabled: fp16 needs a CUDA GPU and none is visible; on CPU set "
+                          "deepspeed.fp16.enabled=false (fp32) or deepspeed.bf16.enabled=true")
+    if precision(ds) == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+    opt = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
+    params = opt.setdefault("params", {})
+    if opt["type"].lower() in ("adam", "adamw"):
+        for key, value in DEFAULT_OPTIMIZER["params"].items():
+            params.setdefault(key, copy.deepcopy(value))
+        if not cuda:
+            params.setdefault("torch_adam", True)  # DeepSpeed's fused CPU Adam would compile an op at start
+    lr = params.get("lr", DEFAULT_OPTIMIZER["params"]["lr"])
+    max_steps = cfg.train.max_steps
+    sched = ds.setdefault("scheduler", {"type": "WarmupDecayLR"})
+    sp = sched.setdefault("params", {})
+    if sched["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
+        sp.setdefault("total_num_steps", max_steps)
+        sp.setdefault("warmup_num_steps", int(round(DEFAULT_WARMUP_PROPORTION * sp["total_num_steps"])))
+    if sched["type"] in ("WarmupDecayLR", "WarmupLR"):
+        sp.setdefault("warmup_min_lr", 0.0)
+        sp.setdefault("warmup_max_lr", lr)
+        sp.setdefault("warmup_type", "linear")
+    ds.setdefault("gradient_clipping", DEFAULT_GRADIENT_CLIPPING)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 2 ** 31 - 1)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
