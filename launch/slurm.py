@@ -1,0 +1,458 @@
+"""Run the training job on a SLURM cluster: ``submit`` a preemptible, requeueing batch job, or write a DeepSpeed
+``hostfile`` from the allocation's node list.
+
+    python launch/slurm.py submit --config C --nodes N --gpus-per-node G [--partition P] [--time T] [--account A]
+                                  [--dry-run] [section.key=value ...]
+    python launch/slurm.py hostfile [--nodelist LIST] [--slots G] [-o hostfile]
+
+Launch design (docs/cluster.md has the reasons): the batch script starts every rank with ``srun`` itself, G tasks per
+node, each task exporting ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` from SLURM's
+variables before it ``exec``s ``launch/pretrain.py`` (the same environment rendezvous torchrun and the DeepSpeed
+launcher provide; ``deepspeed.init_distributed`` reads it). No launcher process sits between SLURM and the ranks, so a
+signal reaches every rank at once and a crashed rank ends the step (``--kill-on-bad-exit``).
+
+Preemption: ``#SBATCH --signal=B:USR1@120`` sends USR1 to the batch script 120 s before the time limit (and
+``scancel --signal=USR1 --batch JOB`` does the same by hand). The script forwards it to ``srun``, which passes it to
+every rank; the ranks agree on a stop step, checkpoint together and exit 0; the script then runs
+``scontrol requeue``, and the requeued job runs the same command, which resumes from ``checkpoints/latest``.
+SIGTERM (``scancel``, preemption by SLURM with ``PreemptMode=REQUEUE``) is forwarded the same way; whether the job
+comes back is then SLURM's decision.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python launch/slurm.py` puts launch/ first on sys.path, not the repository
+    sys.path.insert(0, str(REPO))
+
+
+class SubmitError(RuntimeError):
+    """A user error of ``slurm.py``: the message names the option, file or value and what to do."""
+
+
+# ---- node lists ---------------------------------------------------------------------------------------------------
+
+_ITEM = re.compile(r"([^\[\]]*)(?:\[([^\[\]]*)\])?")
+
+
+def _expand_range(spec: str, where: str) -> list[str]:
+    """``"01-03,7"`` -> ``["01", "02", "03", "7"]``: zero padding follows the width of each range's lower bound."""
+    out = []
+    for part in spec.split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"node list {where!r}: bad range {part!r} (expected N or N-M with digits)")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"node list {where!r}: range {part!r} runs backwards")
+        width = len(lo) if lo.startswith("0") else 0
+        out += [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list (``SLURM_JOB_NODELIST``) into host names, in order.
+
+    Pure Python, the fallback of :func:`hostnames` where ``scontrol`` is not available. Supports the hostlist syntax
+    SLURM writes: comma-separated items, each a name with zero or more bracketed ranges, expanded as a product
+    (``node[01-03,07],gpu5`` -> node01 node02 node03 node07 gpu5; ``r[1-2]n[1-2]`` -> r1n1 r1n2 r2n1 r2n2). Zero padding
+    follows the lower bound of a range (``n[08-10]`` -> n08 n09 n10; ``n[8-10]`` -> n8 n9 n10).
+
+    Raises:
+        ValueError: an empty list, unbalanced brackets, a non-numeric or backwards range.
+    """
+    text = nodelist.strip()
+    if not text:
+        raise ValueError("node list is empty")
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if depth not in (0, 1):
+            raise ValueError(f"node list {nodelist!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"node list {nodelist!r}: unbalanced brackets")
+    hosts = []
+    for item in items:
+        if not item:
+            raise ValueError(f"node list {nodelist!r}: empty item")
+        names = [""]
+        pos = 0
+        while pos < len(item):
+            m = _ITEM.match(item, pos)
+            if not m or m.end() == pos:
+                raise ValueError(f"node list {nodelist!r}: cannot parse {item[pos:]!r}")
+            prefix, spec = m.group(1), m.group(2)
+            names = [n + prefix for n in names]
+            if spec is not None:
+                names = [n + v for n in names for v in _expand_range(spec, nodelist)]
+            pos = m.end()
+        hosts += names
+    return hosts
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """Host names of a SLURM node list: ``scontrol show hostnames`` where it works, else :func:`expand_nodelist`."""
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                                  timeout=30)
+            names = proc.stdout.split()
+            if proc.returncode == 0 and names and not proc.stderr.strip():
+                return names
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return expand_nodelist(nodelist)
+
+
+def hostfile_text(hosts: list[str], slots: int) -> str:
+    """A DeepSpeed hostfile (``HOST slots=N`` per line) for ``deepspeed --hostfile`` (pdsh launch)."""
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+# ---- the batch script ---------------------------------------------------------------------------------------------
+
+@dataclass
+class JobSpec:
+    """Everything the batch script needs. Paths are absolute; ``train_cmd`` is the per-rank command (argv)."""
+
+    run_dir: Path
+    workdir: Path
+    train_cmd: list[str]
+    nodes: int
+    ranks_per_node: int
+    gres: str | None
+    job_name: str
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    cpus_per_task: int | None = None
+    signal_lead_s: int = 120
+    sbatch_args: list[str] = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
+
+
+# The fixed body of the batch script; the parameters above it are written by render_script.
+_BODY = r'''
+set -uo pipefail
+log() { echo "[slurm.py $(date '+%F %T')] $*"; }
+log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST"
+
+# Rendezvous: rank 0 listens on the first host of the allocation, on a port derived from the job id.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT, $RANKS_PER_NODE rank(s) per node; per-node logs: $RUN_DIR/slurm/$SLURM_JOB_ID-node<N>.log"
+log "command: ${TRAIN_CMD[*]}"
+
+# Preemption. USR1 (--signal=B:USR1@..., or scancel --signal=USR1 --batch|--full) and TERM (scancel, preemption)
+# reach this shell; forward them to srun, which passes them to every rank. The ranks finish their step, agree on a
+# stop step, checkpoint together and exit 0. The trap also keeps this shell alive (USR1's default action kills).
+caught=""
+srun_pid=""
+forward() {
+    caught=$1
+    log "caught SIG$1; forwarding it to the ranks"
+    if [ -n "$srun_pid" ]; then kill -s "$1" "$srun_pid" 2>/dev/null; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# One srun task per rank: the task exports the rendezvous variables from SLURM's and becomes the trainer (exec).
+srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$RANKS_PER_NODE" --kill-on-bad-exit=1 --label \
+     --output="$RUN_DIR/slurm/%j-node%n.log" --open-mode=append "${SRUN_ARGS[@]}" \
+     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
+                     LOCAL_SIZE=$RANKS_PER_NODE LOCAL_WORLD_SIZE=$RANKS_PER_NODE \
+                     NODE_RANK=$SLURM_NODEID CROSS_RANK=$SLURM_NODEID CROSS_SIZE=$SLURM_JOB_NUM_NODES \
+                     OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+              exec "$@"' rank "${TRAIN_CMD[@]}" &
+srun_pid=$!
+if [ -n "$caught" ]; then kill -s "$caught" "$srun_pid" 2>/dev/null; fi  # a signal that came before srun started
+# `wait` returns early when a trapped signal arrives: wait again until srun has really exited.
+while :; do
+    wait "$srun_pid"; rc=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+log "ranks exited with status $rc"
+
+if [ "$caught" = USR1 ] && [ "$rc" -eq 0 ]; then
+    if [ -e "$RUN_DIR/student/config.json" ] && [ "$RUN_DIR/student/config.json" -nt "$RUN_DIR/slurm/$SLURM_JOB_ID.start" ]; then
+        log "the run finished before it could stop: not requeued"
+    else
+        log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+fi
+exit "$rc"
+'''
+
+
+def render_script(job: JobSpec) -> str:
+    """The sbatch script for ``job`` (bash): ``#SBATCH`` options, the parameters, then the fixed body above."""
+    q = shlex.quote
+    o = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", f"--ntasks-per-node={job.ranks_per_node}"]
+    if job.gres:
+        o.append(f"--gres={job.gres}")
+    if job.cpus_per_task:
+        o.append(f"--cpus-per-task={job.cpus_per_task}")
+    for key in ("partition", "account", "time"):
+        if getattr(job, key):
+            o.append(f"--{key}={getattr(job, key)}")
+    o += [f"--chdir={job.workdir}", f"--output={job.run_dir}/slurm/%j.log", "--open-mode=append", "--requeue",
+          f"--signal=B:USR1@{job.signal_lead_s}", *job.sbatch_args]
+    srun_args = ([f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task else []) + job.srun_args
+    lines = ["#!/bin/bash",
+             f"# Written by launch/slurm.py on {datetime.datetime.now().isoformat(timespec='seconds')}.",
+             f"# Resubmit (resumes from checkpoints/latest): sbatch {q(str(job.run_dir / 'slurm' / 'job.sbatch'))}",
+             *[f"#SBATCH {opt}" for opt in o],
+             "",
+             f"RUN_DIR={q(str(job.run_dir))}",
+             f"RANKS_PER_NODE={job.ranks_per_node}",
+             f"TRAIN_CMD=({' '.join(q(a) for a in job.train_cmd)})",
+             f"SRUN_ARGS=({' '.join(q(a) for a in srun_args)})",
+             "export RANKS_PER_NODE",
+             'mkdir -p "$RUN_DIR/slurm" && touch "$RUN_DIR/slurm/$SLURM_JOB_ID.start"']
+    return "\n".join(lines) + "\n" + _BODY
+
+
+# ---- submit -------------------------------------------------------------------------------------------------------
+
+# Fields that may change between a run and its resumption; any other difference means another run.
+RESUMABLE_CHANGES = {
+    "train": {"max_steps", "log_interval", "eval_interval", "eval_sequences", "save_interval", "keep_last",
+              "max_bad_steps", "allow_world_size_change", "export_init", "tensorboard"},
+}
+
+
+def _identity(resolved: dict) -> dict:
+    """The parts of a resolved config that make a run what it is (see :data:`RESUMABLE_CHANGES`)."""
+    out = {k: v for k, v in resolved.items() if k not in ("comment", "_source")}
+    for section, keys in RESUMABLE_CHANGES.items():
+        out[section] = {k: v for k, v in (out.get(section) or {}).items() if k not in keys}
+    return out
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def check_run_dir(run_dir: Path, resolved: dict) -> None:
+    """Refuse a run directory whose checkpoints belong to another run.
+
+    A directory without checkpoints is fine (a new run); one whose ``config.json`` has the same identity as
+    ``resolved`` is the same run (resumed). Raises :class:`SubmitError` otherwise, naming the differing keys.
+    """
+    ckpt = run_dir / "checkpoints"
+    if not ckpt.is_dir() or not any(ckpt.iterdir()):
+        return
+    saved_path = run_dir / "config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SubmitError(f"{run_dir} holds checkpoints but no readable config.json ({e}); it may be another "
+                          f"run's: choose a new train.output_dir, or remove {ckpt}") from None
+    diffs = _diff(_identity(saved), _identity(resolved))
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 5 else "")
+        raise SubmitError(f"{run_dir} holds checkpoints of another run (its config.json differs: {shown}); "
+                          f"choose a new train.output_dir, or remove {ckpt} to start over")
+
+
+def _active_jobs_for(script: Path) -> list[str]:
+    """Ids of this user's pending/running jobs whose batch script is ``script`` (best effort; [] if unknown)."""
+    squeue = shutil.which("squeue")
+    if not squeue:
+        return []
+    try:
+        proc = subprocess.run([squeue, "-h", "--me", "-o", "%i|%T|%o"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    jobs = []
+    for line in proc.stdout.splitlines():
+        parts = line.split("|", 2)
+        if len(parts) == 3 and parts[2].strip() == str(script):
+            jobs.append(f"{parts[0]} ({parts[1]})")
+    return jobs
+
+
+def validate(args: argparse.Namespace) -> tuple["object", dict]:
+    """Load and validate the run config for the requested world size; return (RunConfig, resolved dict).
+
+    Raises :class:`SubmitError` with the config error's message (file, key, value, what to do).
+    """
+    from pretrain import ds_config
+    from pretrain.config import load
+    from pretrain.schema import ConfigError
+
+    world_size = args.nodes * args.gpus_per_node
+    try:
+        cfg = load(args.config, args.overrides)
+        ds_config.build(cfg, world_size, cuda=bool(args.gres))
+    except ConfigError as e:
+        raise SubmitError(f"invalid config (world size {world_size} = {args.nodes} node(s) x "
+                          f"{args.gpus_per_node}): {e}") from None
+    data_dir = Path(cfg.data.dir)
+    if not (data_dir / "manifest.json").is_file():
+        raise SubmitError(f"data.dir {cfg.data.dir!r} has no manifest.json (shards made by `python -m data_prep "
+                          f"prepare`); fix data.dir in {args.config} or on the command line")
+    return cfg, cfg.to_dict()
+
+
+def build_job(args: argparse.Namespace, cfg) -> JobSpec:
+    """The :class:`JobSpec` of a ``submit`` command line whose config validated as ``cfg``."""
+    workdir = Path.cwd()
+    run_dir = (workdir / cfg.train.output_dir).resolve()
+    train_cmd = [args.python, str(REPO / "launch" / "pretrain.py"), "--config", str(Path(args.config).resolve()),
+                 *args.overrides]
+    return JobSpec(run_dir=run_dir, workdir=workdir, train_cmd=train_cmd, nodes=args.nodes,
+                   ranks_per_node=args.gpus_per_node, gres=args.gres, job_name=args.job_name or f"distill-{run_dir.name}",
+                   partition=args.partition, account=args.account, time=args.time, cpus_per_task=args.cpus_per_task,
+                   signal_lead_s=args.signal_lead, sbatch_args=args.sbatch_arg, srun_args=args.srun_arg)
+
+
+def submit(args: argparse.Namespace) -> int:
+    """``slurm.py submit``: validate, write RUN/slurm/job.sbatch, ``sbatch`` it, print the job id (stdout).
+
+    With ``--dry-run`` the script goes to stdout and nothing is written or submitted. Raises :class:`SubmitError`.
+    """
+    if args.gres == "auto":
+        args.gres = f"gpu:{args.gpus_per_node}"
+    elif args.gres.lower() == "none":
+        args.gres = None
+    cfg, resolved = validate(args)
+    job = build_job(args, cfg)
+    check_run_dir(job.run_dir, resolved)
+    script = render_script(job)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    sbatch = shutil.which("sbatch")
+    if not sbatch:
+        raise SubmitError("sbatch not found on PATH: run this on a SLURM login node (or load the slurm module), or "
+                          "use --dry-run to print the batch script")
+    path = job.run_dir / "slurm" / "job.sbatch"
+    active = _active_jobs_for(path)
+    if active:
+        raise SubmitError(f"job(s) {', '.join(active)} already train {job.run_dir}; wait for them or scancel them")
+    _write_atomic(path, script, 0o755)
+    proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch refused the job (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+                          f"\nthe script is {path}")
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}: {job.nodes} node(s) x {job.ranks_per_node} rank(s); script {path}; "
+          f"logs {job.run_dir}/slurm/{job_id}.log and {job_id}-node<N>.log", file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+def hostfile(args: argparse.Namespace) -> int:
+    """``slurm.py hostfile``: write a DeepSpeed hostfile for the allocation (stdout, or ``-o PATH`` atomically)."""
+    nodelist = args.nodelist or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise SubmitError("no node list: run inside a SLURM allocation (SLURM_JOB_NODELIST) or give --nodelist")
+    slots = args.slots
+    if slots is None:
+        env = os.environ.get("SLURM_GPUS_ON_NODE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+        if not env or not env.isdigit():
+            raise SubmitError("slots per host unknown: give --slots (GPUs per node); SLURM_GPUS_ON_NODE is not set")
+        slots = int(env)
+    try:
+        text = hostfile_text(hostnames(nodelist), slots)
+    except ValueError as e:
+        raise SubmitError(str(e)) from None
+    if args.output:
+        _write_atomic(Path(args.output), text)
+        print(f"wrote {args.output}: {len(text.splitlines())} host(s), {slots} slot(s) each", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("submit", help="validate a run config and submit it as a preemptible, requeueing job")
+    s.add_argument("--config", required=True, help="run config (JSON)")
+    s.add_argument("--nodes", type=_positive, required=True, help="nodes (>= 1)")
+    s.add_argument("--gpus-per-node", type=_positive, required=True,
+                   help="GPUs per node = ranks per node (>= 1); with --gres none, CPU ranks per node")
+    s.add_argument("--partition", help="SLURM partition")
+    s.add_argument("--time", help="time limit (SLURM format, e.g. 2-00:00:00); USR1 comes --signal-lead s before it")
+    s.add_argument("--account", help="SLURM account to charge")
+    s.add_argument("--job-name", help="job name (default distill-<run directory name>)")
+    s.add_argument("--cpus-per-task", type=_positive, help="CPUs per rank (also OMP_NUM_THREADS)")
+    s.add_argument("--gres", default="auto",
+                   help='generic resources per node: "auto" = gpu:<gpus-per-node>; "gpu:a100:8" for typed GPUs; '
+                        '"none" for CPU-only ranks (tests)')
+    s.add_argument("--signal-lead", type=_positive, default=120,
+                   help="seconds before the time limit that USR1 is sent (checkpoint time + one step; default 120)")
+    s.add_argument("--python", default=sys.executable,
+                   help="Python interpreter on the compute nodes (default: this one, %(default)s)")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra sbatch option, repeatable (--sbatch-arg=--qos=high --sbatch-arg=--exclusive)")
+    s.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
+                   help="extra srun option for the ranks, repeatable (--srun-arg=--container-image=...)")
+    s.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides, passed to the job as well")
+    s.set_defaults(func=submit)
+    h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from SLURM_JOB_NODELIST (for pdsh launch)")
+    h.add_argument("--nodelist", help="SLURM host list (default $SLURM_JOB_NODELIST)")
+    h.add_argument("--slots", type=_positive, help="slots (GPUs) per host (default $SLURM_GPUS_ON_NODE)")
+    h.add_argument("-o", "--output", help="file to write (default stdout)")
+    h.set_defaults(func=hostfile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 for a user error, with ``error: ...`` on stderr)."""
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
