@@ -1,0 +1,537 @@
+"""Held-out evaluation of a distilled student against its teacher and its initialisation, and the run report.
+
+    python -m pretrain.evaluate --student RUN/student --teacher TEACHER --data SHARDS --output DIR
+        [--student-init RUN/student_init] [--split valid] [--metrics RUN/metrics.jsonl]
+
+For the teacher, the student at initialisation (before distillation) and the distilled student it measures:
+
+- size and speed: encoder parameters; inference throughput (tokens/s) of the encoder on one fixed batch shape, and
+  the speed-up over the teacher;
+- sentence embeddings, sentence-transformers convention (Reimers & Gurevych, 2019): the last hidden state pooled over
+  non-pad tokens (mean pooling, unless the teacher's ``modules.json`` / ``1_Pooling`` config says CLS or max); the
+  cosine to the teacher's embedding of the same text; and recall@1 of a retrieval task made from the held-out
+  documents: each document is cut into two halves by tokens and the first half must find its own second half among
+  all second halves by cosine;
+- where the teacher has an MLM head: MLM loss / perplexity / accuracy on masked held-out tokens, KL(teacher || model)
+  at temperature 1 and top-1 agreement with the teacher on the same positions (the DistilBERT recipe's objectives,
+  Sanh et al., 2019, measured on held-out data). The same masked batches go through every model.
+
+It writes ``report.json``, ``report.md`` and ``loss_curves.png`` (from the run's ``metrics.jsonl``) into ``--output``,
+each atomically; an existing ``report.json`` is kept as ``report.prev.json`` (and said so) before the new one lands.
+Library use: ``evaluate(...)`` returns the report dict (the demo calls it or the command line).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep.embedded import resolve_model
+from data_prep.errors import DataPrepError
+from pretrain.masking import Masker, MaskingConfig
+from pretrain.report import plot_loss_curves, render_markdown, write_atomic
+from pretrain.student import mlm_head
+
+log = logging.getLogger("pretrain.evaluate")
+
+MASKING = MaskingConfig()  # BERT's 15% and 80/10/10 (token_counts=None below: uniform selection)
+IGNORE = -100  # label of positions that are not evaluated (the transformers / PyTorch cross-entropy convention)
+
+
+class EvalError(RuntimeError):
+    """A user-facing evaluation error: names the flag, path or value that is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+@dataclasses.dataclass
+class Model:
+    """One model under evaluation.
+
+    ``encoder`` maps ``input_ids`` / ``attention_mask`` ([batch, seq] int64) to ``last_hidden_state`` ([batch, seq,
+    hidden]); ``head`` maps gathered hidden states [n, hidden] to MLM logits [n, vocab] (None: no MLM head).
+    """
+    name: str
+    path: str
+    config: Any
+    model: torch.nn.Module
+    encoder: torch.nn.Module
+    head: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def params(self) -> int:
+        """Parameters of the encoder (embeddings + transformer layers; pooler and LM head excluded), as counted for
+        DistilBERT's 66M vs BERT-base's 110M."""
+        return sum(p.numel() for n, p in self.encoder.named_parameters() if not n.startswith("pooler."))
+
+
+def has_mlm_head(config) -> bool:
+    """True when the model's ``config.architectures`` names a ``...ForMaskedLM`` class."""
+    return any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def _resolve(flag: str, name_or_path: str) -> str:
+    """Resolve ``embedded:NAME`` and check a local model directory; hub names pass through unchanged."""
+    try:
+        resolved = resolve_model(str(name_or_path))
+    except DataPrepError as e:
+        raise EvalError(f"{flag} {name_or_path}: {e}") from e
+    path = Path(resolved).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EvalError(f"{flag} {name_or_path}: {path} has no config.json; give a Hugging Face model directory "
+                            "(the trainer exports RUN/student and RUN/student_init)")
+        return str(path)
+    if resolved.startswith(("/", ".", "~")) or resolved.count("/") > 1:
+        raise EvalError(f"{flag} {name_or_path}: no such directory; give a Hugging Face model directory "
+                        "(the trainer exports RUN/student and RUN/student_init) or a hub model name")
+    return resolved  # a hub name such as roberta-base
+
+
+def _load_config(flag: str, path: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{flag} {path}: cannot read the model config ({e}); give a Hugging Face model directory "
+                        "or a hub model name") from e
+
+
+def load_model(name: str, path: str, config, device: torch.device) -> Model:
+    """Load ``path`` with AutoModelForMaskedLM when it has an MLM head, else AutoModel; SDPA attention where the
+    architecture supports it; eval mode, fp32, on ``device``."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+    auto = AutoModelForMaskedLM if has_mlm_head(config) else AutoModel
+    try:
+        model = auto.from_pretrained(path, attn_implementation="sdpa")
+    except (ValueError, ImportError):  # an architecture without SDPA support
+        model = auto.from_pretrained(path)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    return Model(name, path, config, model, model.base_model, mlm_head(model) if has_mlm_head(config) else None)
+
+
+# ------------------------------------------------------------------------------------------------------- embeddings
+def pad_batch(seqs: list[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D token arrays to the longest: (input_ids [b, L] int64, attention_mask [b, L] int64)."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    attn = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        attn[i, :len(s)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(attn).to(device)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Sentence embedding [b, hidden] from ``hidden`` [b, L, hidden] and ``attention_mask`` [b, L] (1 = token):
+    ``mean`` over non-pad tokens (special tokens included, as sentence-transformers), ``cls`` (first token) or
+    ``max`` over non-pad tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, float("-inf")).max(1).values
+    raise ValueError(f"pooling mode {mode!r}: expected mean, cls or max")
+
+
+def pooling_mode(model_dir: str) -> tuple[str, bool]:
+    """(pooling mode, normalised) of a sentence-transformers model directory, read from ``modules.json`` and the
+    Pooling module's ``config.json``; ("mean", False) for a plain Hugging Face directory or a hub name."""
+    modules_file = Path(model_dir) / "modules.json"
+    if not modules_file.is_file():
+        return "mean", False
+    modules = json.loads(modules_file.read_text())
+    mode, normalize = "mean", any(m.get("type", "").endswith(".Normalize") for m in modules)
+    for m in modules:
+        cfg_file = Path(model_dir) / m.get("path", "") / "config.json"
+        if m.get("type", "").endswith(".Pooling") and cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+            if cfg.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif cfg.get("pooling_mode_max_tokens"):
+                mode = "max"
+    return mode, normalize
+
+
+@torch.inference_mode()
+def embed(model: Model, seqs: list[np.ndarray], *, pad_id: int, batch_size: int, pooling: str,
+          device: torch.device) -> torch.Tensor:
+    """L2-normalised sentence embeddings [len(seqs), hidden] float32 of token sequences (special tokens included).
+
+    Sequences are batched by length (longest first) to limit padding; the output keeps the input order.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), model.config.hidden_size, dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, attn = pad_batch([seqs[i] for i in idx], pad_id, device)
+        hidden = model.encoder(input_ids=ids, attention_mask=attn).last_hidden_state.float()
+        out[idx] = pool(hidden, attn, pooling).cpu()
+    return F.normalize(out, dim=-1)
+
+
+def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:
+    """Fraction of rows i of ``queries`` [n, d] whose most cosine-similar row of ``keys`` [n, d] is row i."""
+    sims = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
+    return (sims.argmax(1) == torch.arange(len(queries))).float().mean().item()
+
+
+def sample_documents(documents: Iterable[np.ndarray], *, k: int, min_tokens: int, seed: int) -> tuple[list, int]:
+    """A uniform sample (reservoir sampling, fixed seed) of ``k`` documents with at least ``min_tokens`` tokens.
+
+    Returns (sampled documents in their original order, number of eligible documents seen).
+    """
+    rng = np.random.default_rng(seed)
+    reservoir: list[tuple[int, np.ndarray]] = []
+    seen = 0
+    for doc in documents:
+        if len(doc) < min_tokens:
+            continue
+        if len(reservoir) < k:
+            reservoir.append((seen, doc))
+        else:
+            j = int(rng.integers(0, seen + 1))
+            if j < k:
+                reservoir[j] = (seen, doc)
+        seen += 1
+    return [d for _, d in sorted(reservoir, key=lambda t: t[0])], seen
+
+
+def split_halves(doc: np.ndarray, *, max_content: int, cls_id: int, sep_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a document (token ids, no special tokens) into its two halves by tokens, each wrapped as CLS ... SEP.
+
+    The document is first capped to ``2 * max_content`` tokens, so each half fits the model and the halves are
+    adjacent text. Returns (first half, second half), 1-D int64.
+    """
+    doc = np.asarray(doc, dtype=np.int64)[:2 * max_content]
+    h = len(doc) // 2
+    wrap = lambda x: np.concatenate([[cls_id], x, [sep_id]]).astype(np.int64)  # noqa: E731
+    return wrap(doc[:h]), wrap(doc[h:])
+
+
+# -------------------------------------------------------------------------------------------------------------- MLM
+def mlm_batches(sequences: list[np.ndarray], masker: Masker, *, pad_id: int, batch_size: int,
+                device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Masked batches (masked input_ids [b, L], attention_mask [b, L], labels [b, L]) of ``sequences``; batch i is
+    masked as step i of rank 0, so the result is a function of the masker's seed and the sequences only."""
+    out = []
+    for bi, start in enumerate(range(0, len(sequences), batch_size)):
+        ids, attn = pad_batch(sequences[start:start + batch_size], pad_id, device)
+        masked, labels = masker(ids, attn, step=bi, rank=0, micro_step=0)
+        out.append((masked, attn, labels))
+    return out
+
+
+def masked_logits(model: Model, ids: torch.Tensor, attn: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """MLM logits [n, vocab] float32 at the positions ``sel`` ([b, L] bool, n = sel.sum()); the LM head runs on those
+    positions only (it is the costly part: vocab x hidden per position)."""
+    if model.head is None:
+        return model.model(input_ids=ids, attention_mask=attn).logits[sel].float()
+    hidden = model.encoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    return model.head(hidden[sel]).float()
+
+
+@torch.inference_mode()
+def mlm_metrics(models: list[Model], batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
+    """MLM metrics of every model on the same masked batches; ``models[0]`` is the teacher (the KL/agreement
+    reference). Returns {name: {mlm_loss, perplexity, mlm_accuracy, kl_to_teacher, agreement}} (None values for a
+    model without MLM head). Means are over all masked positions of all batches; loss and KL in nats."""
+    sums = {m.name: np.zeros(4) for m in models}  # nll, correct, kl, agree
+    count = 0
+    for ids, attn, labels in batches:
+        sel = labels != IGNORE
+        target = labels[sel]
+        ref_logp = ref_top = None
+        for m in models:
+            if m.head is None and not has_mlm_head(m.config):
+                continue
+            logp = F.log_softmax(masked_logits(m, ids, attn, sel), dim=-1)
+            top = logp.argmax(-1)
+            if ref_logp is None:
+                ref_logp, ref_top = logp, top
+            sums[m.name] += [-logp.gather(1, target[:, None]).sum().item(), (top == target).sum().item(),
+                             (ref_logp.exp() * (ref_logp - logp)).sum().item(), (top == ref_top).sum().item()]
+        count += int(target.numel())
+    out = {}
+    for m in models:
+        if not has_mlm_head(m.config) or count == 0:
+            out[m.name] = dict.fromkeys(("mlm_loss", "perplexity", "mlm_accuracy", "kl_to_teacher", "agreement"))
+            continue
+        nll, correct, kl, agree = (float(v) for v in sums[m.name] / count)
+        out[m.name] = {"mlm_loss": nll, "perplexity": math.exp(min(nll, 700.0)), "mlm_accuracy": correct,
+                       "kl_to_teacher": kl, "agreement": agree}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- throughput
+@torch.inference_mode()
+def throughputs(models: list[Model], *, token_ids: np.ndarray, batch_size: int, seq_length: int, warmup: int,
+                iters: int, device: torch.device, seed: int = 0) -> dict[str, float]:
+    """Encoder inference throughput of each model in tokens/s on one random batch [batch_size, seq_length] (no
+    padding; ids drawn from ``token_ids``, with ``seed``): ``warmup`` untimed forwards per model, then ``iters`` rounds
+    that time one forward of every model in turn; tokens/s = batch_size * seq_length / median forward time.
+
+    Interleaving the models and taking the median keeps a burst of load on a shared machine from favouring one of
+    them. Returns {model name: tokens/s}.
+    """
+    rng = np.random.default_rng(seed)
+    ids = torch.from_numpy(rng.choice(token_ids, size=(batch_size, seq_length)).astype(np.int64)).to(device)
+    attn = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for m in models:
+        for _ in range(warmup):
+            m.encoder(input_ids=ids, attention_mask=attn)
+    times: dict[str, list[float]] = {m.name: [] for m in models}
+    for _ in range(iters):
+        for m in models:
+            sync()
+            t0 = time.perf_counter()
+            m.encoder(input_ids=ids, attention_mask=attn)
+            sync()
+            times[m.name].append(time.perf_counter() - t0)
+    return {n: batch_size * seq_length / float(np.median(t)) for n, t in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def open_split(data: str | Path, split: str):
+    """(ShardedTokens of ``split``, manifest) of a prepared shard directory; :class:`EvalError` when the directory,
+    its manifest or the split is missing or empty."""
+    data = Path(data)
+    if not data.is_dir():
+        raise EvalError(f"--data {data}: no such directory; prepare shards with `python -m data_prep prepare ...`")
+    if not (data / "manifest.json").is_file():
+        raise EvalError(f"--data {data}: no manifest.json (not a prepared shard directory, or its preparation did not "
+                        "finish); prepare shards with `python -m data_prep prepare ...`")
+    from data_prep.shards import ShardedTokens, load_manifest
+    manifest = load_manifest(data)
+    splits = manifest.get("splits", {})
+    if not splits.get(split, {}).get("num_sequences"):
+        raise EvalError(f"--data {data}: manifest.json has no sequences in split {split!r} (splits: "
+                        f"{ {k: v.get('num_sequences') for k, v in splits.items()} }); prepare the shards with a "
+                        "held-out fraction (data_prep prepare --valid-fraction) or choose another --split")
+    return ShardedTokens(data, split), manifest
+
+
+def check_vocab(manifest: dict, data: Path, tokenizer, configs: dict[str, tuple[str, Any]]) -> None:
+    """Raise :class:`EvalError` when the teacher's tokenizer or any model's vocabulary differs from the tokenizer the
+    shards were made with (``manifest.json`` ``tokenizer``). ``configs``: {flag: (path, config)}."""
+    tok = manifest.get("tokenizer", {})
+    vocab, made_with = tok.get("vocab_size"), tok.get("name_or_path")
+    ids = {k: tok.get(f"{k}_token_id") for k in ("cls", "sep", "pad", "mask")}
+    ours = {k: getattr(tokenizer, f"{k}_token_id") for k in ids}
+    teacher_path = configs["--teacher"][0]
+    if len(tokenizer) != vocab or any(ids[k] is not None and ids[k] != ours[k] for k in ids):
+        raise EvalError(f"--teacher {teacher_path}: its tokenizer ({len(tokenizer)} tokens, special ids {ours}) is not "
+                        f"the one the shards in {data} were made with ({made_with!r}: {vocab} tokens, special ids "
+                        f"{ids}, manifest.json 'tokenizer'); evaluate with that teacher, or prepare shards with "
+                        f"`python -m data_prep prepare --tokenizer {teacher_path} ...`")
+    for flag, (path, config) in configs.items():
+        if config.vocab_size < vocab or config.vocab_size != configs["--teacher"][1].vocab_size:
+            raise EvalError(f"{flag} {path}: vocabulary of {config.vocab_size} tokens (config.json vocab_size), but "
+                            f"the shards in {data} use {made_with!r} with {vocab} tokens (manifest.json tokenizer."
+                            f"vocab_size) and the teacher has {configs['--teacher'][1].vocab_size}; evaluate a student "
+                            "of this teacher, on shards made with its tokenizer")
+
+
+def _load_tokenizer(teacher: str, manifest: dict):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as first:
+        name = manifest.get("tokenizer", {}).get("name_or_path")
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, TypeError):
+            raise EvalError(f"--teacher {teacher}: cannot load its tokenizer ({first}), nor the shards' tokenizer "
+                            f"{name!r}; save the tokenizer files into the teacher directory") from first
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *, student_init: str | None = None,
+             split: str = "valid", metrics: str | Path | None = None, max_sequences: int = 512,
+             max_documents: int = 1000, min_doc_tokens: int = 16, batch_size: int = 32, bench_batch: int = 32,
+             bench_length: int = 128, bench_warmup: int = 2, bench_iters: int = 5, seed: int = 0,
+             device: str = "auto") -> dict:
+    """Evaluate teacher, student at initialisation and distilled student on the held-out ``split`` of the shards in
+    ``data``; write report.json, report.md and loss_curves.png into ``output``; return the report dict.
+
+    ``student_init`` defaults to ``STUDENT/../student_init`` when that exists (else that column is null); ``metrics``
+    to ``STUDENT/../metrics.jsonl``. ``max_sequences`` caps the MLM evaluation (sequences), ``max_documents`` the
+    retrieval (documents of at least ``min_doc_tokens`` tokens, sampled with ``seed``). Raises :class:`EvalError` on
+    missing inputs, a data directory without that split, or a vocabulary that differs from the shards'.
+    """
+    t_start = time.perf_counter()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    ds, manifest = open_split(data, split)
+    data = Path(data)
+    paths = {"teacher": _resolve("--teacher", teacher), "student": _resolve("--student", student)}
+    if student_init is None:
+        guess = Path(paths["student"]).parent / "student_init"
+        if (guess / "config.json").is_file():
+            student_init = str(guess)
+        else:
+            log.info("no --student-init and no %s: the report has no student-at-initialisation column", guess)
+    if student_init is not None:
+        paths["student_init"] = _resolve("--student-init", student_init)
+    order = [n for n in ("teacher", "student_init", "student") if n in paths]
+    flags = {n: "--" + n.replace("_", "-") for n in order}
+    configs = {n: _load_config(flags[n], paths[n]) for n in order}
+    tokenizer = _load_tokenizer(paths["teacher"], manifest)
+    check_vocab(manifest, data, tokenizer, {flags[n]: (paths[n], configs[n]) for n in order})
+    tok = manifest["tokenizer"]
+    pad_id, cls_id, sep_id = tok["pad_token_id"], tok["cls_token_id"], tok["sep_token_id"]
+    max_len = min(int(manifest["max_seq_length"]), int(getattr(tokenizer, "model_max_length", 10**9)))
+    pooling, normalized = pooling_mode(paths["teacher"])
+
+    models = [load_model(n, paths[n], configs[n], dev) for n in order]
+    results: dict[str, dict] = {n: {"params": m.params} for n, m in zip(order, models)}
+    meta: dict[str, Any] = {
+        "split": split, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev), "threads": torch.get_num_threads(),
+        "paths": {**{n: str(paths[n]) for n in order}, "data": str(data)}}
+
+    # Throughput: same batch shape for every model.
+    seq_length = min(bench_length, max_len)
+    normal = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
+    speeds = throughputs(models, token_ids=normal, batch_size=bench_batch, seq_length=seq_length,
+                         warmup=bench_warmup, iters=bench_iters, device=dev, seed=seed)
+    for n in order:
+        results[n]["tokens_per_s"] = speeds[n]
+        results[n]["speedup"] = results[n]["tokens_per_s"] / results["teacher"]["tokens_per_s"]
+    meta["throughput"] = {"batch_size": bench_batch, "seq_length": seq_length, "warmup": bench_warmup,
+                          "iters": bench_iters}
+    log.info("throughput (tokens/s): %s", {n: round(results[n]["tokens_per_s"]) for n in order})
+
+    # Retrieval and embedding cosine on the held-out documents' halves.
+    t0 = time.perf_counter()
+    docs, eligible = sample_documents(ds.documents(), k=max_documents, min_tokens=min_doc_tokens, seed=seed)
+    halves = [split_halves(d, max_content=max_len - 2, cls_id=cls_id, sep_id=sep_id) for d in docs]
+    meta["retrieval"] = {"num_documents": len(docs), "eligible_documents": eligible, "min_tokens": min_doc_tokens,
+                         "max_content_tokens": max_len - 2, "pooling": pooling, "normalized": normalized}
+    if len(docs) < 2:
+        log.warning("split %r has %d documents of >= %d tokens: no retrieval evaluation", split, len(docs),
+                    min_doc_tokens)
+        for n in order:
+            results[n].update(recall_at_1=None, embedding_cosine=None)
+    else:
+        texts = [h[0] for h in halves] + [h[1] for h in halves]
+        embs = {m.name: embed(m, texts, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=dev)
+                for m in models}
+        ref = embs["teacher"]
+        for n, e in embs.items():
+            results[n]["recall_at_1"] = recall_at_1(e[:len(docs)], e[len(docs):])
+            results[n]["embedding_cosine"] = (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None
+        log.info("retrieval on %d documents (%.1f s): recall@1 %s", len(docs), time.perf_counter() - t0,
+                 {n: round(results[n]["recall_at_1"], 4) for n in order})
+
+    # MLM metrics where the teacher has an MLM head.
+    if has_mlm_head(configs["teacher"]):
+        t0 = time.perf_counter()
+        n_seq = min(max_sequences, len(ds))
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=n_seq, replace=False))
+        seqs = [np.asarray(ds[int(i)], dtype=np.int64) for i in idx]
+        # Uniform selection (no token-frequency smoothing): every held-out token counts alike.
+        masker = Masker.from_tokenizer(MASKING, tokenizer, token_counts=None, seed=seed)
+        batches = mlm_batches(seqs, masker, pad_id=pad_id, batch_size=batch_size, device=dev)
+        for n, vals in mlm_metrics(models, batches).items():
+            results[n].update(vals)
+        meta["mlm"] = {"num_sequences": n_seq, "num_masked": int(sum((b[2] != IGNORE).sum() for b in batches)),
+                       "masking": f"{MASKING.mlm_mask_prop:.0%} of the non-special tokens, uniform, "
+                       f"{MASKING.word_mask:.0%}/{MASKING.word_rand:.0%}/{MASKING.word_keep:.0%} mask/random/keep, "
+                       f"seed {seed}"}
+        log.info("MLM on %d sequences (%.1f s): %s", n_seq, time.perf_counter() - t0,
+                 {n: {k: round(v, 4) for k, v in results[n].items() if k in ("mlm_loss", "kl_to_teacher")
+                      and v is not None} for n in order})
+    else:
+        log.info("the teacher has no MLM head (%s): no MLM metrics", configs["teacher"].architectures)
+
+    metrics_path = Path(metrics) if metrics else Path(paths["student"]).parent / "metrics.jsonl"
+    if metrics and not metrics_path.is_file():
+        raise EvalError(f"--metrics {metrics}: no such file")
+    meta["metrics_file"] = str(metrics_path) if metrics_path.is_file() else None
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    report = {"teacher": results["teacher"], "student_init": results.get("student_init"),
+              "student": results["student"], "meta": meta}
+    write_report(report, output)
+    return report
+
+
+def write_report(report: dict, output: str | Path) -> None:
+    """Write loss_curves.png (when ``report["meta"]["metrics_file"]`` has losses), report.md and, last, report.json
+    into ``output``, each atomically. An existing report.json is kept as report.prev.json, with a log line."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    png = None
+    metrics_file = report["meta"].get("metrics_file")
+    if metrics_file and plot_loss_curves(metrics_file, output / "loss_curves.png"):
+        png = "loss_curves.png"
+    elif metrics_file:
+        log.info("%s has no loss values: no loss curves", metrics_file)
+    write_atomic(output / "report.md", render_markdown(report, png))
+    target = output / "report.json"
+    if target.exists():
+        log.warning("%s exists already: keeping the previous report as %s", target, output / "report.prev.json")
+        write_atomic(output / "report.prev.json", target.read_bytes())
+    write_atomic(target, json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s and %s", target, output / "report.md")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--student", required=True, help="distilled student: model directory (RUN/student)")
+    p.add_argument("--teacher", required=True, help="teacher: model directory, hub name or embedded:NAME")
+    p.add_argument("--data", required=True, help="prepared shard directory (python -m data_prep prepare)")
+    p.add_argument("--output", required=True, help="folder for report.json, report.md, loss_curves.png")
+    p.add_argument("--student-init", default=None,
+                   help="student before distillation (default: STUDENT/../student_init when it exists)")
+    p.add_argument("--split", default="valid", help="held-out split of the shards")
+    p.add_argument("--metrics", default=None, help="metrics.jsonl of the run (default: STUDENT/../metrics.jsonl)")
+    p.add_argument("--max-sequences", type=int, default=512, help="held-out sequences for the MLM metrics")
+    p.add_argument("--max-documents", type=int, default=1000, help="held-out documents for retrieval (sampled)")
+    p.add_argument("--min-doc-tokens", type=int, default=16, help="shortest document used for retrieval (tokens)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward for MLM and embeddings")
+    p.add_argument("--bench-batch", type=int, default=32, help="throughput batch (sequences)")
+    p.add_argument("--bench-length", type=int, default=128, help="throughput sequence length (tokens)")
+    p.add_argument("--bench-warmup", type=int, default=2, help="untimed warm-up forwards")
+    p.add_argument("--bench-iters", type=int, default=5, help="timed forwards per model (median taken)")
+    p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling and the throughput batch")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    args = p.parse_args(argv)
+    for name in ("max_sequences", "max_documents", "batch_size", "bench_batch", "bench_length", "bench_iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 ok, 2 user error)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="evaluate: %(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("student", "teacher", "data", "output")}
+        report = evaluate(args.student, args.teacher, args.data, args.output, **kwargs)
+    except EvalError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({n: report[n] for n in ("teacher", "student_init", "student")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Rendering of the evaluation report: atomic file writes, the loss-curve PNG from ``metrics.jsonl``, report.md.
+
+Kept apart from :mod:`pretrain.evaluate` (which computes the numbers) so that the report can be re-rendered from a
+``report.json`` without loading models. matplotlib runs with the non-interactive Agg backend.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+MODELS = ("teacher", "student_init", "student")
+
+# (key, label, format) of the rows of report.md, in order; rows whose key no model has are left out.
+ROWS = (
+    ("params", "parameters (encoder)", "{:,}"),
+    ("tokens_per_s", "inference tokens/s", "{:,.0f}"),
+    ("speedup", "speed-up vs teacher", "{:.2f}x"),
+    ("recall_at_1", "retrieval recall@1 (half -> other half)", "{:.3f}"),
+    ("embedding_cosine", "embedding cosine to teacher", "{:.4f}"),
+    ("mlm_loss", "MLM loss (nats / masked token)", "{:.4f}"),
+    ("perplexity", "MLM perplexity", "{:.2f}"),
+    ("mlm_accuracy", "MLM accuracy (masked tokens)", "{:.4f}"),
+    ("kl_to_teacher", "KL to teacher (nats, T=1, masked tokens)", "{:.4g}"),
+    ("agreement", "top-1 agreement with teacher", "{:.4f}"),
+)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (atomic on POSIX).
+
+    A reader never sees a half-written file: either the old content or the new one. Returns ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (one JSON object per line; blank and torn last lines are skipped).
+
+    A run killed mid-write can leave a partial last line; it is ignored rather than failing the report.
+    """
+    records = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _is_valid_record(rec: dict) -> bool:
+    return rec.get("split") in ("valid", "eval") or any(k.startswith(("valid", "eval")) for k in rec)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _series(records: Iterable[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for rec in records:
+        if _number(rec.get("step")) and _number(rec.get(key)):
+            xs.append(rec["step"])
+            ys.append(rec[key])
+    return xs, ys
+
+
+def loss_keys(records: list[dict]) -> tuple[list[str], list[str]]:
+    """(train loss keys, valid loss keys) found in ``records``: numeric keys naming a loss (``loss``, ``loss_ce``,
+    ``valid/mlm_loss`` ...; ``loss_scale`` excluded), total ``loss`` first, then in order of first appearance."""
+    def keys(recs):
+        out = []
+        for rec in recs:
+            for k, v in rec.items():
+                if "loss" in k and "scale" not in k and _number(v) and k not in out:
+                    out.append(k)
+        return sorted(out, key=lambda k: k != "loss")
+    return keys(r for r in records if not _is_valid_record(r)), keys(r for r in records if _is_valid_record(r))
+
+
+def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
+    """Plot the losses of ``metrics.jsonl`` against the optimizer step into ``png_path`` (written atomically).
+
+    Left panel: the total train ``loss`` (line) and every valid loss (markers). Right panel: each part of the train
+    loss (``loss_*``), log scale when all values are positive. Returns False (and writes nothing) when the file holds
+    no plottable loss.
+    """
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if not _is_valid_record(r)]
+    valid = [r for r in records if _is_valid_record(r)]
+    train_keys, valid_keys = loss_keys(records)
+    if not train_keys and not valid_keys:
+        return False
+    parts = [k for k in train_keys if k != "loss"]
+    fig, axes = plt.subplots(1, 2 if parts else 1, figsize=(12 if parts else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    if "loss" in train_keys:
+        ax.plot(*_series(train, "loss"), label="train loss", lw=1.2)
+    for k in valid_keys:
+        ax.plot(*_series(valid, k), "o-", ms=4, lw=0.8, label=k)
+    ax.set(xlabel="step", ylabel="loss", title="total loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if parts:
+        ax = axes[0, 1]
+        positive = True
+        for k in parts:
+            xs, ys = _series(train, k)
+            positive &= all(y > 0 for y in ys)
+            ax.plot(xs, ys, label=k, lw=1.0)
+        if positive:
+            ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="loss part (unweighted as logged)", title="loss parts")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(png_path, buf.getvalue())
+    return True
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    return fmt.format(value) if _number(value) else str(value)
+
+
+def render_markdown(report: dict, png_name: str | None) -> str:
+    """report.md: the paths, a table (rows: metrics, columns: teacher / student at init / distilled student),
+    what each number means, and the loss-curve image when ``png_name`` is given."""
+    meta = report.get("meta", {})
+    cols = [m for m in MODELS if report.get(m)]
+    names = {"teacher": "teacher", "student_init": "student (init)", "student": "student (distilled)"}
+    lines = ["# Distillation report", ""]
+    for m in MODELS:
+        path = meta.get("paths", {}).get(m)
+        lines.append(f"- {names[m]}: `{path}`" if path else f"- {names[m]}: not evaluated")
+    lines += [f"- data: `{meta.get('paths', {}).get('data')}` (split `{meta.get('split')}`)",
+              f"- date: {meta.get('date')}, device: {meta.get('device')}", "",
+              "| metric | " + " | ".join(names[m] for m in cols) + " |",
+              "| --- |" + " ---: |" * len(cols)]
+    for key, label, fmt in ROWS:
+        if any(key in report[m] for m in cols):
+            lines.append(f"| {label} | " + " | ".join(_cell(report[m].get(key), fmt) for m in cols) + " |")
+    ret, mlm, bench = meta.get("retrieval", {}), meta.get("mlm"), meta.get("throughput", {})
+    lines += ["", "How the numbers were made:", "",
+              f"- Throughput: encoder forward (no LM head), batch {bench.get('batch_size')} x "
+              f"{bench.get('seq_length')} tokens, median of {bench.get('iters')} timed forwards per model (models "
+              f"interleaved) after {bench.get('warmup')} warm-up, {meta.get('device')}, {meta.get('threads')} "
+              "threads. Timings on a busy machine are noisy.",
+              f"- Retrieval: {ret.get('num_documents')} held-out documents of at least {ret.get('min_tokens')} tokens "
+              f"(capped to {ret.get('max_content_tokens')} tokens per half), each cut into two halves by tokens; the "
+              f"{ret.get('pooling')}-pooled embedding of the first half must find its second half among all second "
+              "halves by cosine (recall@1; chance is 1 / documents). Embedding cosine: mean cosine between the model's "
+              "and the teacher's embedding of the same halves."]
+    if mlm:
+        lines.append(f"- MLM: {mlm.get('num_sequences')} held-out sequences, {mlm.get('num_masked')} masked tokens "
+                     f"({mlm.get('masking')}); the same masked batches for every model.")
+    lines.append("")
+    if png_name:
+        lines += ["## Loss curves", "", f"![loss curves]({png_name})", ""]
+    elif meta.get("metrics_file") is None:
+        lines += ["No metrics.jsonl found next to the student: no loss curves.", ""]
+    return "\n".join(lines)

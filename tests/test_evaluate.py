@@ -1,0 +1,211 @@
+"""pretrain.evaluate / pretrain.report: real metric values on tiny models and a small held-out split.
+
+Models (tests/tiny.py): a 4-layer random BERT teacher with MLM head, a student copied from its layers 0 and 2
+(pretrain.student.build_student), a random-init 2-layer student, and the teacher itself as a "student".
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from data_prep.prepare import PrepareConfig, prepare
+from data_prep.shards import ShardedTokens
+from pretrain import evaluate as ev
+from pretrain.masking import Masker
+from pretrain.report import loss_keys, plot_loss_curves, read_metrics
+from pretrain.student import StudentConfig, build_student
+from tests import tiny
+
+SEQ = 48  # max_seq_length of the shards
+
+
+def _manifest(tok, valid_sequences):
+    """A minimal manifest (for the error cases only: a split without sequences)."""
+    return {"format_version": 1, "max_seq_length": SEQ, "dtype": "uint16",
+            "tokenizer": {"name_or_path": "tiny-bert", "vocab_size": len(tok), "cls_token_id": tok.cls_token_id,
+                          "sep_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id,
+                          "mask_token_id": tok.mask_token_id},
+            "splits": {"train": {"num_sequences": 10, "shards": []},
+                       "valid": {"num_sequences": valid_sequences, "shards": []}}}
+
+
+def _documents(n=80, seed=0):
+    """Distinct documents (text) whose two halves hold the same bag of words in different orders (so retrieval
+    works lexically even for a random model) and differ between documents."""
+    words = sorted({w.strip(".,:;'").lower() for line in tiny.TEXT for w in line.split()} - {""})
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        bag = list(rng.choice(words, 8, replace=False))
+        docs.append(" ".join(rng.permutation(bag)) + " " + " ".join(rng.permutation(bag)))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Shard stand-in, model dirs (teacher, copied student, random student) and a run dir with metrics.jsonl."""
+    root = tmp_path_factory.mktemp("eval")
+    tok = tiny.bert_tokenizer()
+    teacher = tiny.bert_model(tok, layers=4, hidden=32)
+    copied, _ = build_student(teacher, StudentConfig(layers=[0, 2]))
+    random_student = tiny.bert_model(tok, layers=2, hidden=32, seed=1)
+    run = root / "run"
+    dirs = {"teacher": tiny.save_model_dir(root / "teacher", teacher, tok),
+            "student": tiny.save_model_dir(run / "student", copied.eval(), tok),
+            "student_init": tiny.save_model_dir(run / "student_init", random_student, tok)}
+    records = [{"step": s, "loss": 5.0 / s, "loss_ce": 3.0 / s, "loss_mlm": 1.5 / s, "loss_cos": 0.5 / s,
+                "loss_scale": 1.0, "lr": 1e-4} for s in range(1, 21)]
+    records += [{"step": s, "split": "valid", "mlm_loss": 4.0 / s} for s in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 21, "lo')
+    (root / "docs.txt").write_text("\n\n".join(_documents()) + "\n")
+    data = root / "data"
+    prepare(PrepareConfig(sources=[f"text:{root / 'docs.txt'}"], tokenizer=str(dirs["teacher"]), max_seq_length=SEQ,
+                          output=str(data), valid_fraction=0.5, num_proc=0, progress=False))
+    return {"root": root, "tok": tok, "dirs": dirs, "run": run, "data": data, "valid": ShardedTokens(data, "valid")}
+
+
+KW = dict(bench_batch=4, bench_length=16, bench_warmup=1, bench_iters=2, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def report(setup):
+    """Teacher vs copied student, random student found as STUDENT/../student_init."""
+    return ev.evaluate(str(setup["dirs"]["student"]), str(setup["dirs"]["teacher"]), setup["data"],
+                       setup["root"] / "out", **KW)
+
+
+METRICS = ("params", "tokens_per_s", "speedup", "recall_at_1", "embedding_cosine", "mlm_loss", "perplexity",
+           "mlm_accuracy", "kl_to_teacher", "agreement")
+
+
+def test_report_keys_and_files(setup, report):
+    out = setup["root"] / "out"
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved) == {"teacher", "student_init", "student", "meta"}
+    for name in ("teacher", "student_init", "student"):
+        assert set(saved[name]) == set(METRICS), name
+        assert all(isinstance(saved[name][k], (int, float)) for k in METRICS)
+    meta = saved["meta"]
+    assert meta["paths"]["student_init"] == str(setup["dirs"]["student_init"])  # found next to the student
+    docs = list(setup["valid"].documents())
+    assert 20 <= meta["retrieval"]["num_documents"] == len(docs) and meta["mlm"]["num_sequences"] == len(setup["valid"])
+    assert meta["throughput"] == {"batch_size": 4, "seq_length": 16, "warmup": 1, "iters": 2}
+    assert meta["metrics_file"] == str(setup["run"] / "metrics.jsonl")
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "![loss curves](loss_curves.png)" in md
+    assert f"| MLM loss (nats / masked token) | {saved['teacher']['mlm_loss']:.4f} |" in md
+    assert not list(out.glob(".*tmp*"))  # no temporary files left
+
+
+def test_teacher_reference_values(setup, report):
+    t = report["teacher"]
+    assert t["kl_to_teacher"] == 0.0 and t["agreement"] == 1.0 and t["speedup"] == 1.0
+    assert t["embedding_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert t["recall_at_1"] >= 0.9
+    assert t["perplexity"] == pytest.approx(math.exp(t["mlm_loss"]))
+    teacher = AutoModelForMaskedLM.from_pretrained(setup["dirs"]["teacher"]).eval()
+    assert report["teacher"]["params"] == sum(p.numel() for p in teacher.bert.parameters())
+    # Independent recomputation of the MLM loss / accuracy: full logits of the plain model, same masking.
+    masker = Masker.from_tokenizer(ev.MASKING, setup["tok"], token_counts=None, seed=0)
+    seqs = [np.asarray(s, dtype=np.int64) for s in setup["valid"]]
+    nll, correct, n = 0.0, 0, 0
+    for bi, start in enumerate(range(0, len(seqs), KW["batch_size"])):
+        ids, attn = ev.pad_batch(seqs[start:start + KW["batch_size"]], setup["tok"].pad_token_id, torch.device("cpu"))
+        masked, labels = masker(ids, attn, step=bi, rank=0, micro_step=0)
+        with torch.no_grad():
+            logits = teacher(input_ids=masked, attention_mask=attn).logits
+        sel = labels != -100
+        nll += torch.nn.functional.cross_entropy(logits[sel], labels[sel], reduction="sum").item()
+        correct += (logits[sel].argmax(-1) == labels[sel]).sum().item()
+        n += int(sel.sum())
+    assert n == report["meta"]["mlm"]["num_masked"]
+    assert t["mlm_loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert t["mlm_accuracy"] == pytest.approx(correct / n)
+
+
+def test_copied_student_beats_random_student(report):
+    copied, rand = report["student"], report["student_init"]
+    assert copied["params"] == rand["params"] < report["teacher"]["params"]
+    assert 0 < copied["kl_to_teacher"] < rand["kl_to_teacher"]
+    assert copied["agreement"] > rand["agreement"]
+    assert copied["embedding_cosine"] > rand["embedding_cosine"]
+
+
+def test_student_that_is_the_teacher_matches_and_previous_report_is_kept(setup, report, caplog):
+    out = setup["root"] / "out"
+    first = (out / "report.json").read_text()
+    with caplog.at_level("WARNING", logger="pretrain.evaluate"):
+        again = ev.evaluate(str(setup["dirs"]["teacher"]), str(setup["dirs"]["teacher"]), setup["data"], out,
+                            student_init=str(setup["dirs"]["student"]), **KW)
+    assert "report.prev.json" in caplog.text
+    assert (out / "report.prev.json").read_text() == first
+    for key in set(METRICS) - {"tokens_per_s", "speedup"}:
+        assert again["student"][key] == again["teacher"][key], key
+    assert again["student_init"]["kl_to_teacher"] == pytest.approx(report["student"]["kl_to_teacher"], rel=1e-6)
+
+
+def test_embedding_ignores_padding_and_recall(setup):
+    m = ev.load_model("t", str(setup["dirs"]["teacher"]), ev._load_config("--teacher", str(setup["dirs"]["teacher"])),
+                      torch.device("cpu"))
+    short, long = np.arange(5, 12), np.arange(20, 45)
+    alone = ev.embed(m, [short], pad_id=0, batch_size=2, pooling="mean", device=torch.device("cpu"))
+    padded = ev.embed(m, [short, long], pad_id=0, batch_size=2, pooling="mean", device=torch.device("cpu"))
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert padded[0].norm().item() == pytest.approx(1.0, abs=1e-6)
+    q = torch.eye(4)
+    assert ev.recall_at_1(q, q) == 1.0
+    assert ev.recall_at_1(q, q[[1, 0, 2, 3]]) == 0.5
+
+
+def test_split_halves_and_document_sample():
+    first, second = ev.split_halves(np.arange(10, 31), max_content=100, cls_id=2, sep_id=3)
+    assert first.tolist() == [2, *range(10, 20), 3] and second.tolist() == [2, *range(20, 31), 3]
+    first, second = ev.split_halves(np.arange(100), max_content=8, cls_id=2, sep_id=3)  # capped to 16 tokens
+    assert first.tolist() == [2, *range(0, 8), 3] and second.tolist() == [2, *range(8, 16), 3]
+    docs = [np.arange(n) for n in [3, 20, 5, 30, 40, 17, 16, 50] * 5]
+    picked, eligible = ev.sample_documents(iter(docs), k=6, min_tokens=16, seed=0)
+    assert eligible == 30 and len(picked) == 6 and all(len(d) >= 16 for d in picked)
+    again, _ = ev.sample_documents(iter(docs), k=6, min_tokens=16, seed=0)
+    assert [d.tolist() for d in again] == [d.tolist() for d in picked]
+    assert len(ev.sample_documents(iter(docs), k=100, min_tokens=16, seed=0)[0]) == 30
+
+
+def test_loss_curves(tmp_path, setup):
+    records = read_metrics(setup["run"] / "metrics.jsonl")
+    assert len(records) == 22  # the torn last line is skipped
+    assert loss_keys(records) == (["loss", "loss_ce", "loss_mlm", "loss_cos"], ["mlm_loss"])
+    assert plot_loss_curves(setup["run"] / "metrics.jsonl", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    (tmp_path / "m.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
+    assert not plot_loss_curves(tmp_path / "m.jsonl", tmp_path / "d.png") and not (tmp_path / "d.png").exists()
+
+
+def _cli(setup, *extra, student=None, data=None):
+    return ev.main(["--student", str(student or setup["dirs"]["student"]), "--teacher", str(setup["dirs"]["teacher"]),
+                    "--data", str(data or setup["data"]), "--output", str(setup["root"] / "cli"), *extra])
+
+
+def test_errors_exit_nonzero_with_message(setup, tmp_path, capsys):
+    assert _cli(setup, student=tmp_path / "nope") == 2
+    assert f"--student {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    assert _cli(setup, data=tmp_path / "nodata") == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert _cli(setup, data=tmp_path / "empty") == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    (tmp_path / "novalid").mkdir()
+    (tmp_path / "novalid" / "manifest.json").write_text(json.dumps(_manifest(setup["tok"], 0)))
+    assert _cli(setup, data=tmp_path / "novalid") == 2
+    assert "no sequences in split 'valid'" in capsys.readouterr().err
+    other_tok = tiny.bert_tokenizer(vocab_size=300)
+    other = tiny.save_model_dir(tmp_path / "other", tiny.bert_model(other_tok, layers=1), other_tok)
+    assert _cli(setup, student=other) == 2
+    err = capsys.readouterr().err
+    assert f"--student {other}: vocabulary of {len(other_tok)} tokens" in err and "manifest.json" in err
+    assert not (setup["root"] / "cli" / "report.json").exists()
