@@ -154,6 +154,11 @@ def pooling_mode(model_dir: str) -> tuple[str, bool]:
         return "mean", False
     modules = json.loads(modules_file.read_text())
     mode, normalize = "mean", any(m.get("type", "").endswith(".Normalize") for m in modules)
+    known = (".Transformer", ".Pooling", ".Normalize")
+    other = [m.get("type") for m in modules if not m.get("type", "").endswith(known)]
+    if other:
+        log.warning("%s lists modules after pooling that are not applied here: %s; the embeddings are the pooled "
+                    "(normalised) output without them", modules_file, other)
     for m in modules:
         cfg_file = Path(model_dir) / m.get("path", "") / "config.json"
         if m.get("type", "").endswith(".Pooling") and cfg_file.is_file():
@@ -400,7 +405,8 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     meta: dict[str, Any] = {
         "split": split, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(dev), "threads": torch.get_num_threads(),
-        "paths": {**{n: str(paths[n]) for n in order}, "data": str(data)}}
+        "paths": {**{n: str(paths[n]) for n in order}, "data": str(data)},
+        "split_sequences": len(ds), "split_documents": manifest["splits"][split].get("num_documents")}
 
     # Throughput: same batch shape for every model.
     seq_length = min(bench_length, max_len)

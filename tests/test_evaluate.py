@@ -209,3 +209,21 @@ def test_errors_exit_nonzero_with_message(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--student {other}: vocabulary of {len(other_tok)} tokens" in err and "manifest.json" in err
     assert not (setup["root"] / "cli" / "report.json").exists()
+
+
+def test_pooling_mode_from_sentence_transformers_files(tmp_path):
+    assert ev.pooling_mode(str(tmp_path)) == ("mean", False)  # plain Hugging Face directory
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert ev.pooling_mode(str(tmp_path)) == ("mean", True)
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert ev.pooling_mode(str(tmp_path)) == ("cls", True)
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [9.0, 9.0]]])
+    attn = torch.tensor([[1, 1, 0]])
+    assert ev.pool(hidden, attn, "mean").tolist() == [[2.0, 2.0]]
+    assert ev.pool(hidden, attn, "cls").tolist() == [[1.0, 0.0]]
+    assert ev.pool(hidden, attn, "max").tolist() == [[3.0, 4.0]]
