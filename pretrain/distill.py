@@ -1,0 +1,218 @@
+"""The distillation module: frozen teacher + student + losses in one ``nn.Module`` that DeepSpeed can wrap.
+
+Compute only what the losses read (DESIGN.md): the teacher runs under ``no_grad`` and returns hidden states only when an
+intermediate loss needs them; the LM heads (transform + decoder) of teacher and student run only on the positions the
+KL / MLM terms read, gathered first (``naive=True`` keeps the plain way: full-vocabulary logits at every position, then
+select; for tests and benchmarks). MiniLM's relation terms read the queries / keys / values of the mapped layers through
+forward hooks on the self-attention projections, so SDPA attention (which returns no probabilities) can stay on.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from pretrain import losses as L
+from pretrain.schema import ConfigError
+from pretrain.student import base_model, find_layer_list, mlm_head
+
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
+
+
+def default_layer_pairs(layer_map: list[int], num_teacher_layers: int) -> list[list[int]]:
+    """[student, teacher] hidden-state index pairs (0 = embeddings output, k = output of layer k, 1-based).
+
+    Student layer i (1-based) <-> the teacher hidden state that fed the teacher layer copied into student layer i+1,
+    i.e. ``teacher index = layer_map[i]``; the last student layer <-> the teacher's last hidden state. For
+    ``every_other`` this is TinyBERT's uniform map (k <-> 2k); for DistilBERT's [0, 2, 4, 7, 9, 11] it is
+    (1, 2), (2, 4), (3, 7), (4, 9), (5, 11), (6, 12).
+    """
+    m = len(layer_map)
+    return [[i, layer_map[i]] for i in range(1, m)] + [[m, num_teacher_layers]]
+
+
+def find_qkv(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """The query / key / value ``nn.Linear`` modules of a transformer block's self-attention (the first found).
+
+    Knows BERT / RoBERTa / ELECTRA (``query``, ``key``, ``value``), DistilBERT (``q_lin`` ...) and ``q_proj`` ...
+    layouts. Raises ``ValueError`` for fused projections (one Linear for Q, K and V).
+    """
+    for _, mod in layer.named_modules():
+        for names in QKV_NAMES:
+            found = [getattr(mod, n, None) for n in names]
+            if all(isinstance(f, nn.Linear) for f in found):
+                return tuple(found)
+    raise ValueError(f"{type(layer).__name__}: no separate query/key/value Linear modules found; the attention and "
+                     f"value relation losses (loss.alpha_att, loss.alpha_val) need them: set those weights to 0")
+
+
+class DistillationModel(nn.Module):
+    """Student + frozen teacher + the configured losses.
+
+    Args:
+        student: Hugging Face student (from :func:`pretrain.student.build_student`); trained.
+        teacher: Hugging Face teacher, frozen here (``eval()``, ``requires_grad_(False)``), run under ``no_grad``.
+            It is not a registered submodule: ``parameters()`` / ``state_dict()`` hold only the student and the
+            projections, and ``.to()`` does not move it (use :meth:`move_teacher`). It may be fp16 / bf16.
+        loss_cfg: the loss section.
+        layer_map: student layer i was taken from teacher layer ``layer_map[i]`` (0-based; the ``layer_map`` of
+            ``build_student``'s record); gives the default layer pairs.
+        naive: full-vocabulary logits at every position, then select (reference path for tests / benchmarks).
+
+    Attributes: ``student``; ``projections`` (``nn.ModuleDict`` of TinyBERT-style ``Linear(student_hidden,
+    teacher_hidden)`` keyed ``"h<student index>"``, or None when widths agree or no hidden loss is on);
+    ``layer_pairs``; ``relation_pairs`` ([student layer, teacher layer], 0-based, for the relation terms).
+
+    Raises :class:`ConfigError` for a logit term without MLM heads, different vocabularies, layer pairs out of range
+    or relation heads that do not divide both widths.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss_cfg: L.LossConfig, layer_map: list[int], *,
+                 naive: bool = False):
+        super().__init__()
+        loss_cfg.validate()
+        self.student = student
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule: DeepSpeed must not train / save it
+        teacher.eval().requires_grad_(False)
+        self.loss_cfg, self.layer_map, self.naive = loss_cfg, list(layer_map), naive
+        active = loss_cfg.active()
+        sc, tc = student.config, teacher.config
+        loss_cfg.check_models(teacher_has_mlm_head=mlm_head(teacher) is not None,
+                              student_has_mlm_head=mlm_head(student) is not None, teacher_name=type(teacher).__name__)
+        if ("ce" in active or "mlm" in active) and sc.vocab_size != tc.vocab_size:
+            raise ConfigError(f"loss.alpha_ce: student vocabulary {sc.vocab_size} != teacher's {tc.vocab_size}")
+        n_s, n_t = sc.num_hidden_layers, tc.num_hidden_layers
+        self.layer_pairs = [list(p) for p in (loss_cfg.layer_pairs or default_layer_pairs(self.layer_map, n_t))]
+        for s, t in self.layer_pairs:
+            if not (0 <= s <= n_s and 0 <= t <= n_t):
+                raise ConfigError(f"loss.layer_pairs: [{s}, {t}] out of range: the student has hidden states 0..{n_s},"
+                                  f" the teacher 0..{n_t}")
+        # TinyBERT projections for the hidden-state losses when widths differ
+        used = set()
+        if "cos" in active:
+            used |= {s for s, _ in self.layer_pairs} if loss_cfg.cos_layers == "pairs" else {n_s}
+        if "mse" in active:
+            used |= {s for s, _ in self.layer_pairs}
+        if "pool" in active:
+            used.add(n_s)
+        self.projections = None
+        if used and sc.hidden_size != tc.hidden_size:
+            self.projections = nn.ModuleDict({f"h{s}": nn.Linear(sc.hidden_size, tc.hidden_size)
+                                              for s in sorted(used)})
+        # MiniLM relations: layers and heads
+        self.relation_pairs: list[list[int]] = []
+        self._qkv_s, self._qkv_t = [], []  # plain lists of (q, k, v) Linear modules: not registered
+        self.relation_heads = loss_cfg.relation_heads or sc.num_attention_heads
+        if "att" in active or "val" in active:
+            if loss_cfg.relation_layers == "last":
+                self.relation_pairs = [[n_s - 1, n_t - 1]]
+            else:
+                self.relation_pairs = [[s - 1, t - 1] for s, t in self.layer_pairs if s > 0 and t > 0]
+            for width, who in ((sc.hidden_size, "student"), (tc.hidden_size, "teacher")):
+                if width % self.relation_heads:
+                    raise ConfigError(f"loss.relation_heads: {self.relation_heads} does not divide the {who} width "
+                                      f"{width}; set loss.relation_heads to a common divisor of both widths")
+            self._qkv_s = [find_qkv(find_layer_list(student)[1][s]) for s, _ in self.relation_pairs]
+            self._qkv_t = [find_qkv(find_layer_list(teacher)[1][t]) for _, t in self.relation_pairs]
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not a submodule)."""
+        return self._teacher
+
+    def move_teacher(self, device, dtype: torch.dtype | None = None) -> None:
+        """Move the teacher (for example to the GPU in fp16: the teacher only runs forward)."""
+        self._teacher.to(device=device, dtype=dtype)
+
+    @contextlib.contextmanager
+    def _capture_qkv(self):
+        """Forward hooks on the mapped layers' Q / K / V Linear modules for the duration of one forward."""
+        store: dict[tuple[str, int, int], torch.Tensor] = {}
+        handles = []
+        if self.relation_pairs:
+            for who, mods in (("s", self._qkv_s), ("t", self._qkv_t)):
+                for i, qkv in enumerate(mods):
+                    for j, lin in enumerate(qkv):
+                        def hook(_m, _inp, out, key=(who, i, j)):
+                            store[key] = out
+                        handles.append(lin.register_forward_hook(hook))
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _run(self, model: nn.Module, input_ids, attention_mask, hidden_states: bool, full_logits: bool):
+        """(last hidden [B, L, H], hidden states tuple or None, full logits [B, L, V] or None)."""
+        if full_logits:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.hidden_states[-1], out.hidden_states, out.logits
+        out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                output_hidden_states=hidden_states)
+        return out.last_hidden_state, (out.hidden_states if hidden_states else None), None
+
+    def _proj(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.projections is None else self.projections[f"h{index}"](hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One distillation forward.
+
+        Args:
+            input_ids: Long [B, L] masked token ids (from :class:`pretrain.masking.Masker`).
+            attention_mask: [B, L], 1 = real token. labels: Long [B, L], original id at masked positions, else -100.
+
+        Returns:
+            ``(loss, logs)``: loss 0-dim fp32 with grad (sum of alpha x term); logs: detached 0-dim tensors "loss",
+            "loss_<term>" for each active term, "n_masked" (masked tokens) and "n_tokens" (non-pad tokens). No host
+            sync except the one the gathered head's boolean indexing implies.
+        """
+        cfg = self.loss_cfg
+        active = cfg.active()
+        need_logits = "ce" in active or "mlm" in active
+        need_all = "mse" in active or ("cos" in active and cfg.cos_layers == "pairs")
+        full = self.naive and need_logits
+        with self._capture_qkv() as qkv:
+            with torch.no_grad():
+                t_last, t_hs, t_logits = self._run(self._teacher, input_ids, attention_mask, need_all, full)
+            s_last, s_hs, s_logits = self._run(self.student, input_ids, attention_mask, need_all, full)
+        n_s = self.student.config.num_hidden_layers
+        parts: dict[str, torch.Tensor] = {}
+        if need_logits:
+            pos = labels != -100
+            if not cfg.restrict_ce_to_mask:
+                pos = pos | attention_mask.bool()
+            if full:
+                s_sel, t_sel = s_logits[pos], t_logits[pos]
+            else:
+                with torch.no_grad():
+                    t_sel = mlm_head(self._teacher)(t_last[pos])
+                s_sel = mlm_head(self.student)(s_last[pos])
+            if "ce" in active:
+                parts["ce"] = L.kd_kl(s_sel, t_sel, cfg.temperature)
+            if "mlm" in active:
+                parts["mlm"] = L.mlm_ce(s_sel, labels[pos])
+        if "cos" in active:
+            if cfg.cos_layers == "last":
+                parts["cos"] = L.hidden_cosine(self._proj(n_s, s_last), t_last, attention_mask)
+            else:
+                parts["cos"] = torch.stack([L.hidden_cosine(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
+                                            for s, t in self.layer_pairs]).mean()
+        if "mse" in active:
+            parts["mse"] = torch.stack([L.hidden_mse(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
+                                        for s, t in self.layer_pairs]).mean()
+        if "pool" in active:
+            parts["pool"] = L.pooled_mse(self._proj(n_s, s_last), t_last, attention_mask)
+        r = self.relation_heads
+        if "att" in active:
+            parts["att"] = torch.stack([
+                L.attention_kl(qkv["s", i, 0], qkv["s", i, 1], qkv["t", i, 0], qkv["t", i, 1], attention_mask, r)
+                for i in range(len(self.relation_pairs))]).mean()
+        if "val" in active:
+            parts["val"] = torch.stack([L.value_relation_kl(qkv["s", i, 2], qkv["t", i, 2], attention_mask, r)
+                                        for i in range(len(self.relation_pairs))]).mean()
+        loss, logs = L.combine_losses(cfg, parts)
+        logs["n_masked"] = (labels != -100).sum().detach()
+        logs["n_tokens"] = attention_mask.sum().detach()
+        return loss, logs

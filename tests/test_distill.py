@@ -1,0 +1,187 @@
+"""DistillationModel: gathered head == full logits then select, hooks == eager attentions, frozen unregistered teacher."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pretrain.distill import DistillationModel, default_layer_pairs
+from pretrain.losses import LossConfig
+from pretrain.masking import Masker, MaskingConfig
+from pretrain.schema import ConfigError
+from pretrain.student import StudentConfig, build_student
+from tests import tiny
+
+ALL_TERMS = dict(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=1.0, alpha_att=1.0, alpha_val=1.0,
+                 alpha_pool=1.0)
+REPR_TERMS = dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0, alpha_mse=1.0, alpha_att=1.0, alpha_val=1.0,
+                  alpha_pool=1.0)
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    return tiny.bert_tokenizer()
+
+
+def masked_batch(tok, seed=0):
+    enc = tok(tiny.corpus(1)[:6], padding=True, return_tensors="pt")
+    masker = Masker.from_tokenizer(MaskingConfig(mlm_mask_prop=0.3), tok, seed=seed)
+    ids, labels = masker(enc["input_ids"], enc["attention_mask"], step=0, rank=0, micro_step=0)
+    return ids, enc["attention_mask"], labels
+
+
+def perturbed_student(teacher, cfg=None, seed=0):
+    """A teacher-initialised student moved away from the teacher, so that every loss is clearly non-zero."""
+    student, record = build_student(teacher, cfg or StudentConfig())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return student.eval(), record  # eval: no dropout, so both paths see the same function
+
+
+def run(model, batch):
+    model.student.zero_grad(set_to_none=True)
+    loss, logs = model(*batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), logs, grads
+
+
+def assert_same(fast, naive, batch):
+    lf, logs_f, gf = run(fast, batch)
+    ln, logs_n, gn = run(naive, batch)
+    assert set(logs_f) == set(logs_n)
+    for k in logs_f:
+        assert torch.allclose(logs_f[k].double(), logs_n[k].double(), rtol=1e-5, atol=1e-7), (k, logs_f[k], logs_n[k])
+    assert set(gf) == set(gn) and gf
+    for k in gf:
+        assert torch.allclose(gf[k], gn[k], rtol=1e-4, atol=1e-6), k
+    return logs_f
+
+
+@pytest.mark.parametrize("restrict", [True, False])
+def test_gathered_head_equals_full_logits(restrict, bert_tok):
+    teacher = tiny.bert_model(bert_tok)
+    student, record = perturbed_student(teacher)
+    cfg = LossConfig(**ALL_TERMS, restrict_ce_to_mask=restrict)
+    batch = masked_batch(bert_tok)
+    logs = assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
+                       DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), batch)
+    for term in ("ce", "mlm", "cos", "mse", "att", "val", "pool"):
+        assert float(logs[f"loss_{term}"]) > 1e-4, term
+    assert int(logs["n_masked"]) == int((batch[2] != -100).sum()) > 0
+    assert int(logs["n_tokens"]) == int(batch[1].sum())
+    total = sum(ALL_TERMS[f"alpha_{t}"] * float(logs[f"loss_{t}"]) for t in ("ce", "mlm", "cos", "mse", "att", "val",
+                                                                            "pool"))
+    assert float(logs["loss"]) == pytest.approx(total, rel=1e-6)
+
+
+def test_roberta_and_distilbert_students(bert_tok):
+    rtok = tiny.roberta_tokenizer()
+    teacher = tiny.roberta_model(rtok)
+    student, record = perturbed_student(teacher)
+    cfg = LossConfig(**ALL_TERMS)
+    assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
+                DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), masked_batch(rtok))
+    teacher = tiny.bert_model(bert_tok)
+    student, record = perturbed_student(teacher, StudentConfig(architecture="distilbert"))
+    assert type(student).__name__ == "DistilBertForMaskedLM"
+    assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
+                DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), masked_batch(bert_tok))
+
+
+def test_teacher_is_frozen_and_not_registered(bert_tok):
+    teacher = tiny.bert_model(bert_tok)
+    student, record = build_student(teacher, StudentConfig())
+    model = DistillationModel(student, teacher, LossConfig(), record["layer_map"]).train()
+    assert model.teacher is teacher and not teacher.training and model.student.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(k.startswith("student.") for k in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in student.parameters())
+    loss, _ = model(*masked_batch(bert_tok))
+    assert loss.dtype == torch.float32 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+    assert not any(m._forward_hooks for m in student.modules()), "hooks must not outlive the forward"
+
+
+def test_relation_hooks_match_eager_attention(bert_tok):
+    """loss_att from hooks under SDPA == KL between the eager models' own attention probabilities (last layers)."""
+    teacher = tiny.bert_model(bert_tok)
+    student, record = perturbed_student(teacher)
+    cfg = LossConfig(alpha_ce=0, alpha_mlm=0, alpha_cos=0, alpha_att=1.0)
+    ids, am, labels = masked_batch(bert_tok)
+    _, logs = DistillationModel(student, teacher, cfg, record["layer_map"])(ids, am, labels)
+    eager_t, eager_s = copy.deepcopy(teacher), copy.deepcopy(student)
+    eager_t.set_attn_implementation("eager")
+    eager_s.set_attn_implementation("eager")
+    with torch.no_grad():
+        a_t = eager_t(ids, attention_mask=am, output_attentions=True).attentions[-1].double()
+        a_s = eager_s(ids, attention_mask=am, output_attentions=True).attentions[-1].double()
+    keys = am.bool()[:, None, None, :]
+    kl = torch.where(keys, a_t * (a_t.clamp_min(1e-300).log() - a_s.clamp_min(1e-300).log()), 0.0).sum(-1)
+    queries = am.bool()[:, None, :].expand_as(kl)
+    assert float(kl[queries].mean()) > 1e-3
+    assert float(logs["loss_att"]) == pytest.approx(float(kl[queries].mean()), rel=1e-5)
+
+
+def test_teacher_without_mlm_head(bert_tok):
+    teacher = tiny.bert_model(bert_tok, mlm=False)
+    student, record = perturbed_student(teacher)
+    assert type(student).__name__ == "BertModel"
+    with pytest.raises(ConfigError, match="loss.alpha_ce"):
+        DistillationModel(student, teacher, LossConfig(), record["layer_map"])
+    cfg = LossConfig(**REPR_TERMS)
+    logs = assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
+                       DistillationModel(student, teacher, cfg, record["layer_map"], naive=True),
+                       masked_batch(bert_tok))
+    assert set(logs) == {"loss", "loss_cos", "loss_mse", "loss_att", "loss_val", "loss_pool", "n_masked", "n_tokens"}
+
+
+def test_identical_student_gives_zero_distillation_losses(bert_tok):
+    teacher = tiny.bert_model(bert_tok)
+    student, record = build_student(teacher, StudentConfig(layers=[0, 1, 2, 3]))
+    cfg = LossConfig(**ALL_TERMS, cos_layers="pairs", relation_layers="pairs")
+    model = DistillationModel(student.eval(), teacher, cfg, record["layer_map"])
+    assert model.layer_pairs == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    _, logs = model(*masked_batch(bert_tok))
+    for term in ("ce", "cos", "mse", "att", "val", "pool"):
+        assert abs(float(logs[f"loss_{term}"])) < 1e-5, term
+    assert float(logs["loss_mlm"]) > 1.0
+
+
+def test_default_layer_pairs():
+    assert default_layer_pairs([0, 2, 4], 6) == [[1, 2], [2, 4], [3, 6]]
+    assert default_layer_pairs([0, 2, 4, 7, 9, 11], 12) == [[1, 2], [2, 4], [3, 7], [4, 9], [5, 11], [6, 12]]
+
+
+def test_random_width_student_uses_projections(bert_tok):
+    teacher = tiny.bert_model(bert_tok)
+    student, record = build_student(teacher, StudentConfig(init="random", hidden_size=16, num_hidden_layers=2))
+    model = DistillationModel(student, teacher, LossConfig(**ALL_TERMS), record["layer_map"])
+    assert isinstance(model.projections, torch.nn.ModuleDict) and set(model.projections) == {"h1", "h2"}
+    assert model.projections["h2"].weight.shape == (32, 16)
+    assert any(k.startswith("projections.") for k in model.state_dict())
+    loss, _ = model(*masked_batch(bert_tok))
+    loss.backward()
+    assert model.projections["h1"].weight.grad is not None and model.projections["h2"].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="loss.relation_heads"):
+        DistillationModel(student, teacher, LossConfig(**ALL_TERMS, relation_heads=3), record["layer_map"])
+    with pytest.raises(ConfigError, match="loss.layer_pairs"):
+        DistillationModel(student, teacher, LossConfig(**ALL_TERMS, layer_pairs=[[3, 1]]), record["layer_map"])
+
+
+def test_half_precision_teacher(bert_tok):
+    teacher = tiny.bert_model(bert_tok)
+    student, record = perturbed_student(teacher)
+    batch = masked_batch(bert_tok)
+    cfg = LossConfig(**ALL_TERMS)
+    ref, _ = DistillationModel(student, teacher, cfg, record["layer_map"])(*batch)
+    model = DistillationModel(student, copy.deepcopy(teacher), cfg, record["layer_map"])
+    model.move_teacher("cpu", torch.bfloat16)
+    loss, logs = model(*batch)
+    assert loss.dtype == torch.float32 and all(v.dtype in (torch.float32, torch.int64) for v in logs.values())
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=0.05)
