@@ -446,7 +446,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (1 for a user error, with ``error: ...`` on stderr)."""
-    args = parser().parse_args(argv)
+    p = parser()
+    # overrides may come anywhere on the line (`submit --config C train.max_steps=9 --nodes 2`): collect the strays
+    args, extra = p.parse_known_args(argv)
+    strays = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "submit"]
+    if strays:
+        p.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except SubmitError as e:
