@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Distillation pretraining entry point.
+
+    deepspeed [--num_gpus N] launch/pretrain.py --config configs/distilroberta.json [section.key=value ...]
+    deepspeed --hostfile H launch/pretrain.py --config C ...           (multi-node, pdsh)
+    deepspeed --hostfile H --no_ssh --node_rank R --master_addr A launch/pretrain.py --config C   (one launcher per node)
+    torchrun --nproc_per_node N launch/pretrain.py --config C ...
+    python launch/pretrain.py --config C ...                             (one process, no launcher)
+
+On a machine without CUDA the ranks run on CPU (DeepSpeed's CPU accelerator, gloo); `deepspeed --num_gpus N` then
+starts N CPU ranks. Running the same command again resumes from `train.output_dir/checkpoints/latest`. SIGTERM or
+SIGUSR1 to the ranks: they finish the current step, checkpoint together and exit 0.
+
+Exit codes: 0 done or stopped by a signal after checkpointing; 1 training error (diverged); 2 configuration or input
+error (the message names the file / key and what to do).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Task-agnostic distillation pretraining (DeepSpeed).",
+                                epilog="Overrides: any config field as section.key=value, e.g. train.max_steps=100 "
+                                       "deepspeed.zero_optimization.stage=3 (values parsed as JSON when they parse).")
+    p.add_argument("--config", required=True, help="run config JSON (see configs/ and `python -m pretrain.config "
+                                                   "--reference`)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from pretrain.config import load
+    from pretrain.schema import ConfigError
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = load(args.config, args.overrides)
+        from pretrain.trainer import TrainingError, run
+        try:
+            return run(cfg)
+        except TrainingError as e:
+            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            return 1
+    except ConfigError as e:
+        print(f"[rank {rank}] error: {args.config}: {e}" if not str(e).startswith(args.config)
+              else f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Export a student as a Hugging Face model directory: config, safetensors weights, tokenizer files, and the teacher's
+sentence-transformers files (pooling, modules.json) when it has them, so that the student loads with the Auto classes,
+``pipeline("fill-mask")`` (with an MLM head) and ``SentenceTransformer(dir)`` (for a sentence-encoder teacher).
+
+``python -m pretrain.export CHECKPOINT_DIR OUT`` exports any checkpoint of a run, ZeRO stages 0-3 alike:
+CHECKPOINT_DIR is ``output_dir/checkpoints`` (its ``latest`` is used, or ``--tag``) or one tag directory. ZeRO
+checkpoints are consolidated to fp32 with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (the fp32 master
+weights); stage-0 checkpoints give the module weights, cast to fp32. Each tag carries an ``hf/`` folder (student config,
+tokenizer, sentence-transformers files), so a checkpoint exports without the teacher or the shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+HF_DIR = "hf"
+INFO = "distill_export.json"
+
+
+def sentence_transformers_files(teacher: str) -> dict[str, Path]:
+    """The teacher's sentence-transformers files: ``{relative path: local file}`` (empty when it is not one).
+
+    ``teacher`` is a local directory or a hub name (files come from the Hugging Face cache, downloaded if needed).
+    Covers ``modules.json``, ``sentence_bert_config.json``, ``config_sentence_transformers.json`` and the files of
+    every module folder named in ``modules.json`` (``1_Pooling/config.json``, ``2_Dense/...``).
+    """
+    def get(rel: str) -> Path | None:
+        if Path(teacher).is_dir():
+            p = Path(teacher) / rel
+            return p if p.is_file() else None
+        try:
+            from transformers.utils import cached_file
+            p = cached_file(teacher, rel, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+            return Path(p) if p else None
+        except Exception:  # not on the hub, offline: the teacher simply has no such file
+            return None
+
+    modules = get("modules.json")
+    if modules is None:
+        return {}
+    out = {rel: p for rel in ST_FILES if (p := get(rel)) is not None}
+    for mod in json.loads(modules.read_text()):
+        sub = mod.get("path", "")
+        if not sub:
+            continue
+        if Path(teacher).is_dir():
+            folder = Path(teacher) / sub
+            for p in (folder.rglob("*") if folder.is_dir() else []):
+                if p.is_file():
+                    out[str(p.relative_to(teacher))] = p
+        else:
+            for rel in (f"{sub}/config.json", f"{sub}/model.safetensors", f"{sub}/pytorch_model.bin"):
+                if (p := get(rel)) is not None:
+                    out[rel] = p
+    return out
+
+
+def write_hf_meta(folder: Path, config, tokenizer, st_files: dict[str, Path], architecture: str) -> None:
+    """Write the student's ``config.json`` (with ``architectures = [architecture]``), the tokenizer files and the
+    sentence-transformers files into ``folder`` (created)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config.__class__.from_dict(config.to_dict())
+    config.architectures = [architecture]
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for rel, src in st_files.items():
+        dst = folder / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` directory to ``out`` (replacing an older ``out``) with renames only."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_student(model: torch.nn.Module, out: str | Path, meta_dir: Path, info: dict[str, Any]) -> Path:
+    """Save ``model`` (fp32 safetensors) with the files of ``meta_dir`` (see :func:`write_hf_meta`) to ``out``.
+
+    Atomic: written to a temporary sibling directory, then renamed over ``out``. ``info`` goes to
+    ``distill_export.json`` (provenance: checkpoint, step). Returns ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for src in Path(meta_dir).rglob("*"):
+            if src.is_file():  # config.json too: save_pretrained rewrites it
+                dst = tmp / src.relative_to(meta_dir)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / INFO).write_text(json.dumps(info, indent=1))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
+    """The tag directory to export: ``checkpoint_dir`` itself when it is one (holds ``hf/``), else
+    ``checkpoint_dir/tag`` or ``checkpoint_dir/<latest>``. Raises ``FileNotFoundError`` saying what is missing."""
+    root = Path(checkpoint_dir)
+    if (root / HF_DIR).is_dir() and tag is None:
+        return root
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{root}: no 'latest' file and no {HF_DIR}/ folder; give a run's checkpoints/ "
+                                    f"directory, one of its step_* directories, or --tag")
+        tag = latest.read_text().strip()
+    tag_dir = root / tag
+    if not (tag_dir / HF_DIR).is_dir():
+        raise FileNotFoundError(f"{tag_dir}: not a checkpoint of this project (no {HF_DIR}/ folder)")
+    return tag_dir
+
+
+def student_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The student's fp32 weights from a checkpoint tag (keys as in the Hugging Face student's ``state_dict``).
+
+    ZeRO (any stage): DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; stage 0: the module of
+    ``mp_rank_00_model_states.pt``. Distillation-only tensors (projections) are dropped.
+    """
+    tag_dir = Path(tag_dir)
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not states:
+            raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states file (mp_rank_00_model_states.pt)")
+        full = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    return {k[len("student."):]: v.float() for k, v in full.items() if k.startswith("student.")}
+
+
+def build_student_like(meta_dir: Path) -> torch.nn.Module:
+    """A randomly initialised student of the class and config saved in ``meta_dir/config.json``."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(meta_dir)
+    cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    """Export a checkpoint's student to the Hugging Face directory ``out`` (see the module docstring)."""
+    tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    meta = tag_dir / HF_DIR
+    model = build_student_like(meta)
+    state = student_state_dict(tag_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"{tag_dir}: checkpoint weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    step = None
+    if (tag_dir / "checkpoint.json").is_file():
+        step = json.loads((tag_dir / "checkpoint.json").read_text()).get("step")
+    return save_student(model.eval(), out, meta, {"checkpoint": str(tag_dir.resolve()), "step": step})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m pretrain.export CHECKPOINT_DIR OUT [--tag TAG]``."""
+    p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint_dir", help="a run's checkpoints/ directory (uses 'latest') or one step_* directory")
+    p.add_argument("out", help="output Hugging Face model directory (replaced atomically if it exists)")
+    p.add_argument("--tag", help="checkpoint tag under CHECKPOINT_DIR, e.g. step_00001000")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint_dir, args.out, args.tag)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
