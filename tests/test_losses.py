@@ -9,7 +9,9 @@ from torch import nn
 from pretrain import losses as L
 from pretrain.schema import ConfigError, from_dict
 
-torch.manual_seed(0)
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)  # every test sees the same data whatever the order or selection
 
 
 def close(a, b, tol=1e-5):
@@ -37,12 +39,12 @@ def test_kd_kl_matches_kldivloss():
 
 def test_kd_kl_temperature_scaling():
     """With the T^2 factor the loss tends to a T-independent limit, (1/2V) sum (d - mean d)^2, d = t - s (Hinton 2015)."""
-    s, t = torch.randn(20, 64, dtype=torch.float64), torch.randn(20, 64, dtype=torch.float64)
+    s, t = torch.randn(20, 64, dtype=torch.float64) * 3, torch.randn(20, 64, dtype=torch.float64) * 3
     d = t - s
     limit = ((d - d.mean(-1, keepdim=True)) ** 2).sum(-1).mean() / (2 * 64)
-    for temp in (50.0, 100.0):
-        assert float(L.kd_kl(s, t, temp)) == pytest.approx(float(limit), rel=0.03)
-    assert float(L.kd_kl(s, t, 1.0)) != pytest.approx(float(limit), rel=0.03)
+    for temp in (100.0, 200.0):
+        assert float(L.kd_kl(s, t, temp)) == pytest.approx(float(limit), rel=0.01)
+    assert float(L.kd_kl(s, t, 1.0)) < 0.85 * float(limit)  # at T = 1 the value is far from the limit (~0.7x)
 
 
 def test_kd_kl_half_inputs_compute_in_fp32():
