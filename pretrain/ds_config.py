@@ -113,7 +113,8 @@ def check_static(cfg) -> None:
               f"{tbs} is not micro {micro} x accumulation {gas} x a whole number of ranks; give only two of the "
               f"three and the third is derived")
     for key in ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler"):
-        check(key not in ds or isinstance(ds[key], dict), f"deepspeed.{key}", f"{ds[key]!r} must be an object")
+        if key in ds:
+            check(isinstance(ds[key], dict), f"deepspeed.{key}", f"{ds[key]!r} must be an object")
     check(not (precision(ds) == "fp16" and (ds.get("bf16") or {}).get("enabled", False)), "deepspeed.bf16.enabled",
           "fp16 and bf16 are both enabled; enable one of them (or neither for fp32)")
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
