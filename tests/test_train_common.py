@@ -1,0 +1,180 @@
+"""Shared helpers of the training-job tests (no tests here): tiny teachers and shards built once per session, launchers.
+
+The assets are built once per pytest session (``assets()`` is cached) in a temporary directory: a tiny random RoBERTa
+(byte-level BPE tokenizer trained in-process) and a tiny random BERT (WordPiece) from tests/tiny.py, saved as Hugging
+Face directories, and shards of a small English corpus made with the project's own `python -m data_prep prepare`.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SEQ = 64  # max_seq_length of the test shards
+
+
+@functools.lru_cache(maxsize=None)
+def assets() -> dict[str, Path]:
+    """Tiny teachers and shards (paths): roberta, bert, bert-nohead (sentence encoder with pooling files),
+    bert-short (32 positions), shards-roberta, shards-bert."""
+    from tests import tiny
+    root = Path(tempfile.mkdtemp(prefix="train-assets-"))
+    atexit.register(shutil.rmtree, root, True)
+    rt, bt = tiny.roberta_tokenizer(), tiny.bert_tokenizer()
+    out = {"root": root,
+           "roberta": tiny.save_model_dir(root / "roberta", tiny.roberta_model(rt, layers=4), rt),
+           "bert": tiny.save_model_dir(root / "bert", tiny.bert_model(bt, layers=4), bt),
+           "bert-nohead": tiny.save_model_dir(root / "bert-nohead", tiny.bert_model(bt, layers=4, mlm=False), bt)}
+    # a sentence-transformers teacher: modules.json + pooling config next to the encoder
+    st = out["bert-nohead"]
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": SEQ, "do_lower_case": False}))
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                               "pooling_mode_mean_tokens": True}))
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+    short = BertConfig(vocab_size=len(bt), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=32, pad_token_id=bt.pad_token_id)
+    torch.manual_seed(0)
+    out["bert-short"] = tiny.save_model_dir(root / "bert-short", BertForMaskedLM(short).eval(), bt)
+    lines = tiny.corpus(1)
+    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))]
+    (root / "corpus.txt").write_text("\n\n".join(docs * 8) + "\n")
+    for family in ("roberta", "bert"):
+        shards = root / f"shards-{family}"
+        subprocess.run([PY, "-m", "data_prep", "prepare", "--source", f"text:{root / 'corpus.txt'}",
+                        "--tokenizer", str(out[family]), "--max-seq-length", str(SEQ), "--output", str(shards),
+                        "--valid-fraction", "0.15", "--num-proc", "1", "--no-progress"],
+                       check=True, cwd=REPO, env=env(), stdout=subprocess.DEVNULL)
+        out[f"shards-{family}"] = shards
+    return out
+
+
+def env(**extra) -> dict[str, str]:
+    """Environment for subprocesses: one torch thread per rank (2 shared cores), the repo importable."""
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONPATH=f"{REPO}{os.pathsep}{e.get('PYTHONPATH', '')}")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)  # set in this process by in-process runs; launchers set their own
+    e.update(extra)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_overrides(family: str, out: Path, *, steps: int, **extra) -> list[str]:
+    """Overrides that point a config at the tiny ``family`` teacher and shards, a small batch and ``out``."""
+    a = assets()
+    items = {"teacher.name_or_path": str(a[family]), "data.dir": str(a[f"shards-{family}"]),
+             "train.output_dir": str(out), "train.max_steps": steps, "train.log_interval": 1,
+             "deepspeed.train_batch_size": 4, "deepspeed.train_micro_batch_size_per_gpu": 2, **extra}
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
+
+
+def read_metrics(run: Path, split: str = "train") -> list[dict]:
+    """metrics.jsonl records of one split, in file order."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if r.get("split") == split]
+
+
+def losses(run: Path) -> dict[int, dict[str, float]]:
+    """step -> {loss, loss_<term>} of a run's train records."""
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in read_metrics(run)}
+
+
+def assert_same_losses(a: dict, b: dict, steps, tol: float = 1e-6) -> None:
+    for s in steps:
+        assert s in a and s in b, f"step {s} missing: {sorted(a)} / {sorted(b)}"
+        assert a[s].keys() == b[s].keys()
+        for k in a[s]:
+            assert abs(a[s][k] - b[s][k]) <= tol, f"step {s} {k}: {a[s][k]} vs {b[s][k]}"
+
+
+def run_cmd(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run a launcher to completion; output captured (shown by the assertion on failure)."""
+    return subprocess.run(cmd, cwd=REPO, env=kw.pop("env", env()), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def deepspeed_cmd(config: Path | str, overrides: list[str], *, ranks: int = 2, port: int | None = None) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P launch/pretrain.py --config C overrides`` (CPU ranks here)."""
+    return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+            str(port or free_port()), "launch/pretrain.py", "--config", str(config), *overrides]
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the training ranks under a launcher (processes running launch/pretrain.py without a child runner)."""
+    import psutil
+    out = []
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmd = p.cmdline()
+            if any(c.endswith("launch/pretrain.py") for c in cmd) and "deepspeed.launcher.launch" not in cmd \
+                    and "-m" not in cmd[:3]:
+                out.append(p.pid)
+    return out
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """Poll metrics.jsonl until a train record with step >= ``step``; returns the last step seen."""
+    end = time.time() + timeout
+    while time.time() < end:
+        recs = read_metrics(run)
+        if recs and recs[-1]["step"] >= step:
+            return recs[-1]["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: "
+                                 f"{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@contextlib.contextmanager
+def saved_signal_handlers():
+    """Restore SIGTERM / SIGUSR1 handlers after an in-process Trainer installed its own."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def train_in_process(cfg, *, before_fit=None):
+    """Set up and fit a one-rank Trainer in this process; returns it (closed). One torch thread (shared cores)."""
+    import torch
+    from pretrain.trainer import Trainer
+    torch.set_num_threads(1)
+    with saved_signal_handlers():
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            if before_fit is not None:
+                before_fit(trainer)
+            trainer.fit()
+        finally:
+            trainer.close()
+    return trainer
