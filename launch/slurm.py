@@ -177,6 +177,7 @@ log "command: ${TRAIN_CMD[*]}"
 # stop step, checkpoint together and exit 0. The trap also keeps this shell alive (USR1's default action kills).
 caught=""
 srun_pid=""
+# shellcheck disable=SC2329  # invoked by the traps
 forward() {
     caught=$1
     log "caught SIG$1; forwarding it to the ranks"
@@ -186,12 +187,14 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # One srun task per rank: the task exports the rendezvous variables from SLURM's and becomes the trainer (exec).
+# shellcheck disable=SC2016  # the single-quoted variables are expanded by each task's shell
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$RANKS_PER_NODE" --kill-on-bad-exit=1 --label \
      --output="$RUN_DIR/slurm/%j-node%n.log" --open-mode=append "${SRUN_ARGS[@]}" \
      bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
                      LOCAL_SIZE=$RANKS_PER_NODE LOCAL_WORLD_SIZE=$RANKS_PER_NODE \
-                     NODE_RANK=$SLURM_NODEID CROSS_RANK=$SLURM_NODEID CROSS_SIZE=$SLURM_JOB_NUM_NODES \
-                     OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+                     NODE_RANK=$SLURM_NODEID CROSS_RANK=$SLURM_NODEID CROSS_SIZE=$SLURM_JOB_NUM_NODES
+              if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}; fi
+              trap "" USR1  # ignored until the trainer installs its handler: a USR1 during start-up is not fatal
               exec "$@"' rank "${TRAIN_CMD[@]}" &
 srun_pid=$!
 if [ -n "$caught" ]; then kill -s "$caught" "$srun_pid" 2>/dev/null; fi  # a signal that came before srun started
@@ -202,13 +205,12 @@ while :; do
 done
 log "ranks exited with status $rc"
 
+# USR1 asked for checkpoint-and-come-back: requeue once the ranks saved and exited cleanly. The requeued job runs this
+# script again (same job id, logs appended) and the trainer resumes from checkpoints/latest; when the signal came
+# after the last step, the rerun only exports the student and ends.
 if [ "$caught" = USR1 ] && [ "$rc" -eq 0 ]; then
-    if [ -e "$RUN_DIR/student/config.json" ] && [ "$RUN_DIR/student/config.json" -nt "$RUN_DIR/slurm/$SLURM_JOB_ID.start" ]; then
-        log "the run finished before it could stop: not requeued"
-    else
-        log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)"
-        scontrol requeue "$SLURM_JOB_ID"
-    fi
+    log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)"
+    scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$rc"
 '''
@@ -227,7 +229,10 @@ def render_script(job: JobSpec) -> str:
             o.append(f"--{key}={getattr(job, key)}")
     o += [f"--chdir={job.workdir}", f"--output={job.run_dir}/slurm/%j.log", "--open-mode=append", "--requeue",
           f"--signal=B:USR1@{job.signal_lead_s}", *job.sbatch_args]
-    srun_args = ([f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task else []) + job.srun_args
+    srun_args = [f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task else []
+    if job.gres and job.gres.startswith("gpu"):
+        srun_args.append("--gpu-bind=none")  # every rank sees all GPUs of its node and picks LOCAL_RANK's (P2P works)
+    srun_args += job.srun_args
     lines = ["#!/bin/bash",
              f"# Written by launch/slurm.py on {datetime.datetime.now().isoformat(timespec='seconds')}.",
              f"# Resubmit (resumes from checkpoints/latest): sbatch {q(str(job.run_dir / 'slurm' / 'job.sbatch'))}",
@@ -237,26 +242,14 @@ def render_script(job: JobSpec) -> str:
              f"RANKS_PER_NODE={job.ranks_per_node}",
              f"TRAIN_CMD=({' '.join(q(a) for a in job.train_cmd)})",
              f"SRUN_ARGS=({' '.join(q(a) for a in srun_args)})",
-             "export RANKS_PER_NODE",
-             'mkdir -p "$RUN_DIR/slurm" && touch "$RUN_DIR/slurm/$SLURM_JOB_ID.start"']
+             "export RANKS_PER_NODE"]
     return "\n".join(lines) + "\n" + _BODY
 
 
 # ---- submit -------------------------------------------------------------------------------------------------------
 
-# Fields that may change between a run and its resumption; any other difference means another run.
-RESUMABLE_CHANGES = {
-    "train": {"max_steps", "log_interval", "eval_interval", "eval_sequences", "save_interval", "keep_last",
-              "max_bad_steps", "allow_world_size_change", "export_init", "tensorboard"},
-}
-
-
-def _identity(resolved: dict) -> dict:
-    """The parts of a resolved config that make a run what it is (see :data:`RESUMABLE_CHANGES`)."""
-    out = {k: v for k, v in resolved.items() if k not in ("comment", "_source")}
-    for section, keys in RESUMABLE_CHANGES.items():
-        out[section] = {k: v for k, v in (out.get(section) or {}).items() if k not in keys}
-    return out
+# What makes a checkpoint another run's: the same rule as the trainer's resume (pretrain.trainer, _find_resume).
+IDENTITY_SECTIONS = ("teacher", "student")
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:
@@ -265,26 +258,45 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
-def check_run_dir(run_dir: Path, resolved: dict) -> None:
-    """Refuse a run directory whose checkpoints belong to another run.
+def check_run_dir(run_dir: Path, resolved: dict, world_size: int, allow_world_size_change: bool) -> None:
+    """Refuse a run directory whose checkpoints the job could not resume, before anything is queued.
 
-    A directory without checkpoints is fine (a new run); one whose ``config.json`` has the same identity as
-    ``resolved`` is the same run (resumed). Raises :class:`SubmitError` otherwise, naming the differing keys.
+    The trainer resumes from the newest complete checkpoint (``checkpoints/step_*/checkpoint.json``) when its
+    ``teacher`` and ``student`` sections equal this config's and it was written by the same number of ranks (unless
+    ``train.allow_world_size_change``); other changes (a longer schedule, new intervals, loss weights) are the same
+    run, resumed. A directory without checkpoints is a new run.
+
+    Raises:
+        SubmitError: the checkpoints are another run's (naming the differing keys), none is complete, or the world
+            size differs; the message says what to do.
     """
+    from pretrain.checkpoint import MANIFEST, list_tags
+
     ckpt = run_dir / "checkpoints"
-    if not ckpt.is_dir() or not any(ckpt.iterdir()):
+    tags = list_tags(ckpt)
+    if not tags:
         return
-    saved_path = run_dir / "config.json"
+    complete = [t for _, t in tags if (ckpt / t / MANIFEST).is_file()]
+    if not complete:
+        raise SubmitError(f"{ckpt} holds checkpoints ({', '.join(t for _, t in tags[:3])}) but none is complete; "
+                          f"move the directory away to start over, or choose a new train.output_dir")
+    manifest_path = ckpt / complete[0] / MANIFEST
     try:
-        saved = json.loads(saved_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SubmitError(f"{run_dir} holds checkpoints but no readable config.json ({e}); it may be another "
-                          f"run's: choose a new train.output_dir, or remove {ckpt}") from None
-    diffs = _diff(_identity(saved), _identity(resolved))
+        raise SubmitError(f"{manifest_path} is unreadable ({e}); move {ckpt} away to start over") from None
+    saved = manifest.get("config") or {}
+    diffs = [d for section in IDENTITY_SECTIONS
+             for d in _diff(saved.get(section), resolved.get(section), f"{section}.")]
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 5 else "")
-        raise SubmitError(f"{run_dir} holds checkpoints of another run (its config.json differs: {shown}); "
-                          f"choose a new train.output_dir, or remove {ckpt} to start over")
+        raise SubmitError(f"{run_dir} holds checkpoints of another run ({complete[0]}: {shown}); choose a new "
+                          f"train.output_dir, or submit the original config to resume it")
+    saved_ws = manifest.get("world_size")
+    if saved_ws is not None and saved_ws != world_size and not allow_world_size_change:
+        raise SubmitError(f"{ckpt / complete[0]} was written by {saved_ws} rank(s), this job has {world_size}; "
+                          f"submit with --nodes x --gpus-per-node = {saved_ws} ranks, or add "
+                          f"train.allow_world_size_change=true to resume with another layout")
 
 
 def _active_jobs_for(script: Path) -> list[str]:
@@ -350,7 +362,7 @@ def submit(args: argparse.Namespace) -> int:
         args.gres = None
     cfg, resolved = validate(args)
     job = build_job(args, cfg)
-    check_run_dir(job.run_dir, resolved)
+    check_run_dir(job.run_dir, resolved, args.nodes * args.gpus_per_node, cfg.train.allow_world_size_change)
     script = render_script(job)
     if args.dry_run:
         sys.stdout.write(script)

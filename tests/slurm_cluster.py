@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,8 +115,15 @@ class SlurmCluster:
         self.kill_wait_s = kill_wait_s
         self.hostname = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
-        self.munge_socket = self.root / "run" / "munge.socket"
         self.log_dir = self.root / "log"
+        # munged wants every directory above its socket searchable by all (pytest's temporary directories are
+        # private), and socket paths are limited to 107 bytes: the socket gets its own short directory in /tmp.
+        self._socket_record = self.root / "run" / "munge-socket-path"
+
+    @property
+    def munge_socket(self) -> Path:
+        """The munge socket (its directory, made by :meth:`start`, is recorded under ``root/run``)."""
+        return Path(self._socket_record.read_text().strip())
 
     @property
     def env(self) -> dict[str, str]:
@@ -129,6 +137,10 @@ class SlurmCluster:
             d = self.root / sub
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
+        if not self._socket_record.exists():
+            sock_dir = Path(tempfile.mkdtemp(prefix="slurm-test-munge-", dir="/tmp"))
+            sock_dir.chmod(0o755)
+            self._socket_record.write_text(str(sock_dir / "munge.socket"))
         key = self.root / "munge" / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
@@ -286,6 +298,9 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
         for pid in pids + ([munged] if munged else []):
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        if self._socket_record.exists():
+            shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
+            self._socket_record.unlink()
 
 
 def main(argv: list[str]) -> int:

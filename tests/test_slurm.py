@@ -119,7 +119,7 @@ def test_dry_run_prints_a_valid_script_and_writes_nothing(workdir, capsys):
     assert (f"TRAIN_CMD=({sys.executable} {REPO}/launch/pretrain.py --config {TINY_CONFIG} data.dir=shards "
             f"train.output_dir=runs/r1 deepspeed.train_batch_size=256)") in script
     assert "srun --nodes=" in script and "exec \"$@\"' rank \"${TRAIN_CMD[@]}\"" in script
-    assert "SRUN_ARGS=(--cpus-per-task=8)" in script
+    assert "SRUN_ARGS=(--cpus-per-task=8 --gpu-bind=none)" in script
     syntax = subprocess.run(["/bin/bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
     assert not (workdir / "runs").exists()
@@ -189,31 +189,172 @@ def test_submit_without_sbatch_suggests_dry_run(workdir, capsys):
     assert not (workdir / "runs").exists()
 
 
-def _fake_run_dir(workdir: Path, overrides: list[str]) -> Path:
-    """A run directory holding a checkpoint of the run configured by ``overrides`` (config.json as the trainer
-    writes it: the resolved config)."""
+def _fake_run_dir(workdir: Path, overrides: list[str], world_size: int = 2, complete: bool = True) -> Path:
+    """A run directory holding a checkpoint of the run configured by ``overrides``, laid out as the trainer's
+    checkpoint manager writes it (``step_*/checkpoint.json`` with the resolved config and the world size)."""
     from pretrain.config import load
     run_dir = workdir / "runs" / "r1"
-    (run_dir / "checkpoints" / "global_step4").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").write_text("global_step4")
-    (run_dir / "config.json").write_text(json.dumps(load(TINY_CONFIG, overrides).to_dict()))
+    tag = run_dir / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text(tag.name)
+    resolved = load(TINY_CONFIG, overrides).to_dict()
+    (run_dir / "config.json").write_text(json.dumps(resolved))
+    if complete:
+        (tag / "checkpoint.json").write_text(json.dumps({"step": 4, "tag": tag.name, "world_size": world_size,
+                                                         "files": {}, "config": resolved}))
     return run_dir
 
 
-def test_submit_refuses_another_runs_checkpoints(workdir, capsys):
-    _fake_run_dir(workdir, ["data.dir=shards", "train.output_dir=runs/r1", "loss.alpha_ce=1.0"])
-    _assert_refused(workdir, capsys, _submit_args(), "holds checkpoints of another run", "loss.alpha_ce",
-                    "train.output_dir")
+SAME_RUN = ["data.dir=shards", "train.output_dir=runs/r1"]
+
+
+@pytest.mark.parametrize("change, named", [("teacher.name_or_path=embedded:minilm-l6", "teacher.name_or_path"),
+                                           ("student.layers=[0, 1]", "student.layers")])
+def test_submit_refuses_another_runs_checkpoints(workdir, capsys, change, named):
+    _fake_run_dir(workdir, SAME_RUN + [change])
+    _assert_refused(workdir, capsys, _submit_args(), "holds checkpoints of another run", named, "train.output_dir")
+
+
+def test_submit_refuses_another_world_size_unless_allowed(workdir, capsys):
+    _fake_run_dir(workdir, SAME_RUN, world_size=4)
+    _assert_refused(workdir, capsys, _submit_args(), "written by 4 rank(s), this job has 2",
+                    "train.allow_world_size_change")
+    assert slurm.main(_submit_args("--dry-run", "train.allow_world_size_change=true")) == 0
+
+
+def test_submit_refuses_incomplete_checkpoints(workdir, capsys):
+    _fake_run_dir(workdir, SAME_RUN, complete=False)
+    _assert_refused(workdir, capsys, _submit_args(), "none is complete")
 
 
 def test_submit_resumes_the_same_run(workdir, capsys):
-    _fake_run_dir(workdir, ["data.dir=shards", "train.output_dir=runs/r1"])
+    _fake_run_dir(workdir, SAME_RUN)
     _fake_sbatch(workdir / "bin")
-    # a longer schedule and other intervals are the same run, resumed
-    assert slurm.main(_submit_args("--gres", "none", "train.max_steps=16", "train.log_interval=2")) == 0
+    # a longer schedule, other intervals and loss weights: the same run, resumed (as the trainer decides)
+    assert slurm.main(_submit_args("--gres", "none", "train.max_steps=16", "train.log_interval=2",
+                                   "loss.alpha_ce=1.0")) == 0
     assert capsys.readouterr().out == "4242\n"
 
 
-def test_submit_refuses_checkpoints_without_config(workdir, capsys):
-    (workdir / "runs" / "r1" / "checkpoints" / "global_step1").mkdir(parents=True)
-    _assert_refused(workdir, capsys, _submit_args(), "no readable config.json")
+# ---- a real one-node SLURM cluster ------------------------------------------------------------------------------
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A started one-node cluster (2 CPUs); installed with apt-get when missing. Fails (never skips) when the
+    daemons cannot start, saying why."""
+    from tests.slurm_cluster import ClusterError, SlurmCluster
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+    try:
+        c.start()
+    except ClusterError as e:
+        c.stop()
+        pytest.fail(f"the SLURM test cluster could not start: {e}", pytrace=False)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random BERT teacher (MLM head, 4 layers, hidden 32, WordPiece trained in-process) and shards of a
+    small English corpus prepared with it (max_seq_length 32): the overrides that point tiny-cpu.json at them."""
+    from data_prep.prepare import PrepareConfig, prepare
+    from tests import tiny
+    root = tmp_path_factory.mktemp("assets")
+    tok = tiny.bert_tokenizer()
+    tiny.save_model_dir(root / "teacher", tiny.bert_model(tok, layers=4, hidden=32), tok)
+    lines = tiny.corpus(40)
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(lines[i:i + 3]) for i in range(0, len(lines), 3)) + "\n")
+    prepare(PrepareConfig(sources=[f"text:{root}/corpus.txt"], tokenizer=str(root / "teacher"), max_seq_length=32,
+                          output=str(root / "shards"), valid_fraction=0.1, num_proc=0, progress=False))
+    return [f"teacher.name_or_path={root / 'teacher'}", f"data.dir={root / 'shards'}"]
+
+
+def _submit(cluster, run_dir: Path, overrides: list[str]) -> str:
+    """Submit tiny-cpu.json (2 CPU ranks on the node) with the project's own command; returns the job id."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), "submit", "--config", str(TINY_CONFIG),
+                           "--nodes", "1", "--gpus-per-node", "2", "--gres", "none", "--time", "10",
+                           f"train.output_dir={run_dir}", *overrides],
+                          cwd=run_dir.parent, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    assert job_id.isdigit(), proc.stdout
+    return job_id
+
+
+def _logs(run_dir: Path) -> str:
+    """Every SLURM log of the run (batch and per node), for assertion messages."""
+    return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
+                     for p in sorted((run_dir / "slurm").glob("*.log")))
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("split") == "train"]
+
+
+def _check_export(run_dir: Path, step: int) -> None:
+    from transformers import AutoModelForMaskedLM
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    manifest = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").read_text())
+    assert manifest["step"] == step and manifest["world_size"] == 2
+    student = AutoModelForMaskedLM.from_pretrained(run_dir / "student")
+    assert student.config.num_hidden_layers == 2  # every_other of the 4-layer teacher
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submitted_run_finishes_with_checkpoint_and_export(cluster, assets, tmp_path):
+    run_dir = tmp_path / "run"
+    job = _submit(cluster, run_dir, assets)
+    info = cluster.wait_for(job, TERMINAL, JOB_TIMEOUT_S)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_logs(run_dir)}"
+    _check_export(run_dir, 8)
+    assert [r["step"] for r in _train_records(run_dir)] == list(range(1, 9))
+    batch_log = (run_dir / "slurm" / f"{job}.log").read_text()
+    assert "2 rank(s) per node" in batch_log and "ranks exited with status 0" in batch_log
+    node_log = (run_dir / "slurm" / f"{job}-node0.log").read_text()  # one log per node, lines labelled by rank
+    assert "0: [pretrain] 2 rank(s) on cpu" in node_log, node_log[-3000:]
+    assert any(line.startswith("1: ") for line in node_log.splitlines())
+    # the node list expander agrees with SLURM's own on the lists SLURM accepts
+    for nodelist in ("node[01-03,07],gpu5", "r[1-2]-n[8-10]", f"{cluster.hostname},x[009-011]"):
+        out = cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+        assert slurm.expand_nodelist(nodelist) == out == slurm.hostnames(nodelist)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, assets, tmp_path):
+    import time
+    run_dir = tmp_path / "run"
+    max_steps = 60
+    job = _submit(cluster, run_dir, assets + [f"train.max_steps={max_steps}", "train.save_interval=0",
+                                              "train.eval_interval=0", "train.export_init=false"])
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(r["step"] >= 3 for r in _train_records(run_dir)):  # training, its handlers installed
+        assert time.monotonic() < deadline, f"no step 3 after {JOB_TIMEOUT_S} s\n{_logs(run_dir)}"
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), f"{cluster.job(job)}\n{_logs(run_dir)}"
+        time.sleep(0.2)
+    # what --signal=B:USR1@120 does before the time limit: USR1 to the batch script only
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    info = cluster.wait_for(job, TERMINAL, 2 * JOB_TIMEOUT_S)
+    logs = _logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{logs}"
+    batch_log = (run_dir / "slurm" / f"{job}.log").read_text()
+    assert "caught SIGUSR1" in batch_log and "requeueing" in batch_log and "(restart 1)" in batch_log, logs
+    node_log = (run_dir / "slurm" / f"{job}-node0.log").read_text()
+    stopped = [int(line.split(" at step ")[1].split(":")[0]) for line in node_log.splitlines()
+               if "[pretrain] stopped by SIGUSR1 at step" in line]
+    assert len(stopped) == 1 and 3 <= stopped[0] < max_steps, logs
+    assert f"(step {stopped[0]}," in node_log.split("resumed from", 1)[-1], logs
+    records = _train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, max_steps + 1)), logs  # continuous: no restart from 0
+    tokens = [r["tokens_seen"] for r in records]
+    assert all(b > a for a, b in zip(tokens, tokens[1:])), tokens  # the counters resumed too
+    _check_export(run_dir, max_steps)
