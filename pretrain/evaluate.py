@@ -190,7 +190,7 @@ def embed(model: Model, seqs: list[np.ndarray], *, pad_id: int, batch_size: int,
 def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:
     """Fraction of rows i of ``queries`` [n, d] whose most cosine-similar row of ``keys`` [n, d] is row i."""
     sims = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
-    return (sims.argmax(1) == torch.arange(len(queries))).float().mean().item()
+    return int((sims.argmax(1) == torch.arange(len(queries))).sum()) / len(queries)
 
 
 def sample_documents(documents: Iterable[np.ndarray], *, k: int, min_tokens: int, seed: int) -> tuple[list, int]:
@@ -258,16 +258,16 @@ def mlm_metrics(models: list[Model], batches: list[tuple[torch.Tensor, torch.Ten
     for ids, attn, labels in batches:
         sel = labels != IGNORE
         target = labels[sel]
-        ref_logp = ref_top = None
+        ref_logp = ref_p = ref_top = None
         for m in models:
             if m.head is None and not has_mlm_head(m.config):
                 continue
             logp = F.log_softmax(masked_logits(m, ids, attn, sel), dim=-1)
             top = logp.argmax(-1)
             if ref_logp is None:
-                ref_logp, ref_top = logp, top
+                ref_logp, ref_p, ref_top = logp, logp.exp(), top
             sums[m.name] += [-logp.gather(1, target[:, None]).sum().item(), (top == target).sum().item(),
-                             (ref_logp.exp() * (ref_logp - logp)).sum().item(), (top == ref_top).sum().item()]
+                             (ref_p * (ref_logp - logp)).sum().item(), (top == ref_top).sum().item()]
         count += int(target.numel())
     out = {}
     for m in models:
@@ -421,7 +421,6 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     log.info("throughput (tokens/s): %s", {n: round(results[n]["tokens_per_s"]) for n in order})
 
     # Retrieval and embedding cosine on the held-out documents' halves.
-    t0 = time.perf_counter()
     docs, eligible = sample_documents(ds.documents(), k=max_documents, min_tokens=min_doc_tokens, seed=seed)
     halves = [split_halves(d, max_content=max_len - 2, cls_id=cls_id, sep_id=sep_id) for d in docs]
     meta["retrieval"] = {"num_documents": len(docs), "eligible_documents": eligible, "min_tokens": min_doc_tokens,
@@ -433,14 +432,16 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
             results[n].update(recall_at_1=None, embedding_cosine=None)
     else:
         texts = [h[0] for h in halves] + [h[1] for h in halves]
-        embs = {m.name: embed(m, texts, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=dev)
-                for m in models}
-        ref = embs["teacher"]
-        for n, e in embs.items():
-            results[n]["recall_at_1"] = recall_at_1(e[:len(docs)], e[len(docs):])
-            results[n]["embedding_cosine"] = (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None
-        log.info("retrieval on %d documents (%.1f s): recall@1 %s", len(docs), time.perf_counter() - t0,
-                 {n: round(results[n]["recall_at_1"], 4) for n in order})
+        ref = None
+        for m in models:  # the teacher first
+            t1 = time.perf_counter()
+            e = embed(m, texts, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=dev)
+            ref = e if ref is None else ref
+            results[m.name]["recall_at_1"] = recall_at_1(e[:len(docs)], e[len(docs):])
+            results[m.name]["embedding_cosine"] = (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None
+            log.info("%s: recall@1 %.4f, embedding cosine to teacher %s (%d halves, %.1f s)", m.name,
+                     results[m.name]["recall_at_1"], results[m.name]["embedding_cosine"], len(texts),
+                     time.perf_counter() - t1)
 
     # MLM metrics where the teacher has an MLM head.
     if has_mlm_head(configs["teacher"]):
