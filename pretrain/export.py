@@ -151,20 +151,25 @@ def student_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k[len("student."):]: v.float() for k, v in full.items() if k.startswith("student.")}
 
 
-def build_student_like(meta_dir: Path) -> torch.nn.Module:
-    """A randomly initialised student of the class and config saved in ``meta_dir/config.json``."""
+def build_student_like(meta_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A randomly initialised student of the class and config saved in ``meta_dir/config.json`` (without a pooler
+    when ``state`` has none, like a student of a sentence encoder)."""
+    import inspect
     import transformers
     config = transformers.AutoConfig.from_pretrained(meta_dir)
     cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    kwargs = {}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        kwargs["add_pooling_layer"] = any(k.startswith("pooler.") or ".pooler." in k for k in state)
+    return cls(config, **kwargs)
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
     """Export a checkpoint's student to the Hugging Face directory ``out`` (see the module docstring)."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
     meta = tag_dir / HF_DIR
-    model = build_student_like(meta)
     state = student_state_dict(tag_dir)
+    model = build_student_like(meta, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]

@@ -270,6 +270,10 @@ def console(message: str) -> None:
     print(message, flush=True)
 
 
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -512,14 +516,16 @@ class Trainer:
                 sums[k] = v if k not in sums else sums[k] + v
             if m == n - 1:
                 stop, nonfinite = self._agree(sums["loss"])
-            engine.step()
-        applied = bool(engine.was_step_applied()) and not (nonfinite and self._own_grad_norm)
+            if m == n - 1 and nonfinite and self._own_grad_norm:
+                self._skip_optimizer_step()
+            else:
+                engine.step()
+        applied = bool(engine.was_step_applied()) and not (nonfinite and self._own_grad_norm)  # see _skip_...
         return StepResult(sums, n, lr, stop, nonfinite, applied)
 
     def _agree(self, loss_sum: torch.Tensor) -> tuple[bool, bool]:
         """All-reduce (MAX) of [stop requested, non-finite] at the accumulation boundary (the step's one host sync).
-        For fp32 without ZeRO the gradient norm is computed here (DeepSpeed does not report it) and a non-finite
-        step's gradients are dropped so that the optimizer skips it."""
+        For fp32 without ZeRO the gradient norm is computed here (DeepSpeed does not report it)."""
         bad = ~torch.isfinite(loss_sum)
         if self._own_grad_norm:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -528,10 +534,21 @@ class Trainer:
         flags = torch.stack([torch.tensor(float(self.stop.requested), device=self.device), bad.float()])
         self.dist.all_reduce(flags, op=self.dist.ReduceOp.MAX)
         stop, nonfinite = (v > 0 for v in flags.tolist())
-        if nonfinite and self._own_grad_norm:
-            for p in self.model.parameters():
-                p.grad = None
         return stop, nonfinite
+
+    def _skip_optimizer_step(self) -> None:
+        """fp32 without ZeRO: DeepSpeed steps a plain torch optimizer and checks nothing, so skip its update here as
+        DeepSpeed does on an fp16 overflow: the boundary's ``engine.step()`` runs (counters, gradients zeroed) with the
+        optimizer's ``step`` disabled (weights and Adam moments unchanged) and the lr schedule is not advanced."""
+        opt, sched = self.engine.optimizer, self.engine.lr_scheduler
+        iteration = getattr(sched, "last_batch_iteration", None)
+        opt.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            del opt.step
+        if iteration is not None:
+            sched.step(iteration)
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -622,6 +639,8 @@ class Trainer:
         self._acc_steps = self._acc_skipped = 0
         if not self.is_main:
             return
+        self._loss_keys = sorted(set(getattr(self, "_loss_keys", [])) | set(means))
+        means = {k: means.get(k) for k in self._loss_keys}  # None: every step of the interval was skipped
         rec = {"split": "train", "step": self.step, "epoch": self.loader.order.epoch, "tokens_seen": self.tokens_seen,
                "masked_tokens_seen": self.masked_tokens_seen, **means, "lr": self.last_lr,
                "grad_norm": self._grad_norm_value(), "loss_scale": self._loss_scale(),
@@ -629,10 +648,10 @@ class Trainer:
                "seconds_per_step": elapsed / steps, "skipped_steps": skipped, "time": time.time()}
         self.logger.log(rec)
         tc = self.cfg.train
-        terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in means.items() if k.startswith("loss_"))
+        terms = " ".join(f"{k[5:]} {_fmt(v)}" for k, v in means.items() if k.startswith("loss_"))
         eta = (tc.max_steps - self.step) * rec["seconds_per_step"]
-        console(f"step {self.step}/{tc.max_steps} | loss {means.get('loss', float('nan')):.4f} ({terms}) | "
-                f"lr {self.last_lr:.2e} | grad {rec['grad_norm'] if rec['grad_norm'] is None else round(rec['grad_norm'], 3)} | "
+        console(f"step {self.step}/{tc.max_steps} | loss {_fmt(means.get('loss'))} ({terms}) | "
+                f"lr {self.last_lr:.2e} | grad {_fmt(rec['grad_norm'], 3)} | "
                 f"{rec['tokens_per_s']:,.0f} tok/s | {rec['seconds_per_step']:.2f} s/step | "
                 f"{self.tokens_seen / 1e6:.2f}M tokens | eta {eta / 60:.1f} min"
                 + (f" | {skipped} skipped" if skipped else ""))

@@ -138,7 +138,7 @@ def rank_pids(launcher_pid: int) -> list[int]:
     return out
 
 
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
     """Poll metrics.jsonl until a train record with step >= ``step``; returns the last step seen."""
     end = time.time() + timeout
     while time.time() < end:
@@ -146,10 +146,10 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
         if recs and recs[-1]["step"] >= step:
             return recs[-1]["step"]
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: "
-                                 f"{proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}:\n{Path(log).read_text()}")
         time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s:\n{Path(log).read_text()}")
 
 
 @contextlib.contextmanager
@@ -167,6 +167,7 @@ def train_in_process(cfg, *, before_fit=None):
     """Set up and fit a one-rank Trainer in this process; returns it (closed). One torch thread (shared cores)."""
     import torch
     from pretrain.trainer import Trainer
+    os.environ["OMP_NUM_THREADS"] = "1"  # the trainer sizes its thread pool from it
     torch.set_num_threads(1)
     with saved_signal_handlers():
         trainer = Trainer(cfg)
