@@ -66,7 +66,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _is_valid_record(rec: dict) -> bool:
-    return rec.get("split") in ("valid", "eval") or any(k.startswith(("valid", "eval")) for k in rec)
+    return rec.get("split") in ("valid", "eval")
 
 
 def _number(v: Any) -> bool:
@@ -82,25 +82,31 @@ def _series(records: Iterable[dict], key: str) -> tuple[list[float], list[float]
     return xs, ys
 
 
-def loss_keys(records: list[dict]) -> tuple[list[str], list[str]]:
-    """(train loss keys, valid loss keys) found in ``records``: numeric keys naming a loss (``loss``, ``loss_ce``,
-    ``valid/mlm_loss`` ...; ``loss_scale`` excluded), total ``loss`` first, then in order of first appearance."""
-    def keys(recs):
-        out = []
-        for rec in recs:
-            for k, v in rec.items():
-                if "loss" in k and "scale" not in k and _number(v) and k not in out:
-                    out.append(k)
-        return sorted(out, key=lambda k: k != "loss")
-    return keys(r for r in records if not _is_valid_record(r)), keys(r for r in records if _is_valid_record(r))
+# Keys of the trainer's valid records (pretrain.trainer): losses (nats) and scores in [0, 1].
+VALID_LOSSES = ("mlm_loss", "kl_to_teacher")
+VALID_SCORES = ("mlm_accuracy", "agreement", "hidden_cosine", "pooled_cosine")
+
+
+def curve_keys(records: list[dict]) -> dict[str, list[str]]:
+    """What :func:`plot_loss_curves` draws from ``metrics.jsonl`` records (``"split": "train" | "valid"``):
+    ``train``: the total ``loss`` and each logged part ``loss_<term>`` (``loss_scale`` excluded); ``valid_losses``
+    and ``valid_scores``: the valid records' keys of :data:`VALID_LOSSES` / :data:`VALID_SCORES` that have values."""
+    train = [r for r in records if not _is_valid_record(r)]
+    valid = [r for r in records if _is_valid_record(r)]
+    found = lambda recs, keys: [k for k in keys if any(_number(r.get(k)) for r in recs)]  # noqa: E731
+    parts = sorted({k for r in train for k, v in r.items()
+                    if k.startswith("loss_") and k != "loss_scale" and _number(v)})
+    return {"train": found(train, ["loss"]) + parts, "valid_losses": found(valid, VALID_LOSSES),
+            "valid_scores": found(valid, VALID_SCORES)}
 
 
 def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
-    """Plot the losses of ``metrics.jsonl`` against the optimizer step into ``png_path`` (written atomically).
+    """Plot ``metrics.jsonl`` against the optimizer step into ``png_path`` (written atomically).
 
-    Left panel: the total train ``loss`` (line) and every valid loss (markers). Right panel: each part of the train
-    loss (``loss_*``), log scale when all values are positive. Returns False (and writes nothing) when the file holds
-    no plottable loss.
+    Panels: the total train ``loss`` with the valid losses (MLM loss, KL to the teacher) as markers; each part of the
+    train loss (``loss_<term>``, unweighted as logged; log scale when all positive); the valid scores (accuracy,
+    agreement, hidden / pooled cosine to the teacher). Panels without data are left out. Returns False (and writes
+    nothing) when the file holds no train loss and no valid point.
     """
     import io
 
@@ -111,29 +117,33 @@ def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
     records = read_metrics(metrics_path)
     train = [r for r in records if not _is_valid_record(r)]
     valid = [r for r in records if _is_valid_record(r)]
-    train_keys, valid_keys = loss_keys(records)
-    if not train_keys and not valid_keys:
+    keys = curve_keys(records)
+    parts = [k for k in keys["train"] if k != "loss"]
+    panels = [p for p, on in (("loss", "loss" in keys["train"] or keys["valid_losses"]), ("parts", parts),
+                              ("scores", keys["valid_scores"])) if on]
+    if not panels:
         return False
-    parts = [k for k in train_keys if k != "loss"]
-    fig, axes = plt.subplots(1, 2 if parts else 1, figsize=(12 if parts else 6.5, 4.2), squeeze=False)
-    ax = axes[0, 0]
-    if "loss" in train_keys:
-        ax.plot(*_series(train, "loss"), label="train loss", lw=1.2)
-    for k in valid_keys:
-        ax.plot(*_series(valid, k), "o-", ms=4, lw=0.8, label=k)
-    ax.set(xlabel="step", ylabel="loss", title="total loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if parts:
-        ax = axes[0, 1]
-        positive = True
-        for k in parts:
-            xs, ys = _series(train, k)
-            positive &= all(y > 0 for y in ys)
-            ax.plot(xs, ys, label=k, lw=1.0)
-        if positive:
-            ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="loss part (unweighted as logged)", title="loss parts")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "loss":
+            if "loss" in keys["train"]:
+                ax.plot(*_series(train, "loss"), label="train loss (weighted total)", lw=1.2)
+            for k in keys["valid_losses"]:
+                ax.plot(*_series(valid, k), "o-", ms=4, lw=0.8, label=f"valid {k}")
+            ax.set(xlabel="step", ylabel="loss", title="loss")
+        elif panel == "parts":
+            positive = True
+            for k in parts:
+                xs, ys = _series(train, k)
+                positive &= all(y > 0 for y in ys)
+                ax.plot(xs, ys, label=k, lw=1.0)
+            if positive:
+                ax.set_yscale("log")
+            ax.set(xlabel="step", ylabel="unweighted loss term", title="train loss terms")
+        else:
+            for k in keys["valid_scores"]:
+                ax.plot(*_series(valid, k), "o-", ms=4, lw=0.8, label=k)
+            ax.set(xlabel="step", ylabel="score", title="valid: agreement with the teacher")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -17,7 +17,7 @@ from data_prep.prepare import PrepareConfig, prepare
 from data_prep.shards import ShardedTokens
 from pretrain import evaluate as ev
 from pretrain.masking import Masker
-from pretrain.report import loss_keys, plot_loss_curves, read_metrics
+from pretrain.report import curve_keys, plot_loss_curves, read_metrics
 from pretrain.student import StudentConfig, build_student
 from tests import tiny
 
@@ -58,9 +58,10 @@ def setup(tmp_path_factory):
     dirs = {"teacher": tiny.save_model_dir(root / "teacher", teacher, tok),
             "student": tiny.save_model_dir(run / "student", copied.eval(), tok),
             "student_init": tiny.save_model_dir(run / "student_init", random_student, tok)}
-    records = [{"step": s, "loss": 5.0 / s, "loss_ce": 3.0 / s, "loss_mlm": 1.5 / s, "loss_cos": 0.5 / s,
-                "loss_scale": 1.0, "lr": 1e-4} for s in range(1, 21)]
-    records += [{"step": s, "split": "valid", "mlm_loss": 4.0 / s} for s in (10, 20)]
+    records = [{"split": "train", "step": s, "loss": 5.0 / s, "loss_ce": 3.0 / s, "loss_mlm": 1.5 / s,
+                "loss_cos": 0.5 / s, "loss_scale": 1.0, "lr": 1e-4, "grad_norm": None} for s in range(1, 21)]
+    records += [{"split": "valid", "step": s, "mlm_loss": 4.0 / s, "perplexity": math.exp(4.0 / s),
+                 "agreement": 0.5, "hidden_cosine": 0.9, "sequences": 8} for s in (10, 20)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 21, "lo')
     (root / "docs.txt").write_text("\n\n".join(_documents()) + "\n")
     data = root / "data"
@@ -179,10 +180,11 @@ def test_split_halves_and_document_sample():
 def test_loss_curves(tmp_path, setup):
     records = read_metrics(setup["run"] / "metrics.jsonl")
     assert len(records) == 22  # the torn last line is skipped
-    assert loss_keys(records) == (["loss", "loss_ce", "loss_mlm", "loss_cos"], ["mlm_loss"])
+    assert curve_keys(records) == {"train": ["loss", "loss_ce", "loss_cos", "loss_mlm"], "valid_losses": ["mlm_loss"],
+                                   "valid_scores": ["agreement", "hidden_cosine"]}
     assert plot_loss_curves(setup["run"] / "metrics.jsonl", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
-    (tmp_path / "m.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
+    (tmp_path / "m.jsonl").write_text('{"split": "train", "step": 1, "lr": 0.1, "loss_scale": 1.0}\n')
     assert not plot_loss_curves(tmp_path / "m.jsonl", tmp_path / "d.png") and not (tmp_path / "d.png").exists()
 
 
