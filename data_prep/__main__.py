@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last finished shard", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -286,6 +286,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         except ValueError:
             old = {}
         if old.get("config_sha256") == run_id and not cfg.overwrite:
+            (out / STATE).unlink(missing_ok=True)  # killed after the manifest was written
             _say(f"{out}: already complete for these arguments (manifest.json); nothing to do")
             return old
         if not cfg.overwrite:

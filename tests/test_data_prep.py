@@ -419,6 +419,11 @@ def test_text_and_jsonl_and_parquet_readers(tmp_path):
         list(parse_source(f"parquet:{tmp_path}/c.parquet").documents())
     hf = parse_source("hf:user/data:cfg::body")
     assert hf.hf == ("user/data", "cfg", "train") and hf.field == "body"
+    (tmp_path / "hfdata").mkdir()
+    (tmp_path / "hfdata" / "train.jsonl").write_text('{"body": "from datasets"}\n{"body": "second row"}\n')
+    assert list(parse_source(f"hf:{tmp_path}/hfdata:::body").documents()) == ["from datasets", "second row"]
+    with pytest.raises(DataPrepError, match="no field 'text'"):
+        list(parse_source(f"hf:{tmp_path}/hfdata").documents())
     assert parse_source("wikipedia").hf == ("wikimedia/wikipedia", "20231101.en", "train")
 
 
