@@ -176,10 +176,12 @@ log "command: ${TRAIN_CMD[*]}"
 # reach this shell; forward them to srun, which passes them to every rank. The ranks finish their step, agree on a
 # stop step, checkpoint together and exit 0. The trap also keeps this shell alive (USR1's default action kills).
 caught=""
+usr1=""
 srun_pid=""
 # shellcheck disable=SC2329  # invoked by the traps
 forward() {
     caught=$1
+    if [ "$1" = USR1 ]; then usr1=1; fi
     log "caught SIG$1; forwarding it to the ranks"
     if [ -n "$srun_pid" ]; then kill -s "$1" "$srun_pid" 2>/dev/null; fi
 }
@@ -206,11 +208,21 @@ done
 log "ranks exited with status $rc"
 
 # USR1 asked for checkpoint-and-come-back: requeue once the ranks saved and exited cleanly. The requeued job runs this
-# script again (same job id, logs appended) and the trainer resumes from checkpoints/latest; when the signal came
-# after the last step, the rerun only exports the student and ends.
-if [ "$caught" = USR1 ] && [ "$rc" -eq 0 ]; then
-    log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)"
-    scontrol requeue "$SLURM_JOB_ID"
+# script again (same job id, logs appended) and the trainer resumes from checkpoints/latest. Not when the run is
+# finished (the signal came during the final evaluation or export): the trainer exports the student only at the end,
+# from the newest checkpoint, and names it in student/distill_export.json (pretrain/export.py).
+finished() {
+    local latest
+    latest=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null) || return 1
+    [ -n "$latest" ] && grep -q "\"checkpoint\": *\"[^\"]*/$latest\"" "$RUN_DIR/student/distill_export.json" 2>/dev/null
+}
+if [ -n "$usr1" ] && [ "$rc" -eq 0 ]; then
+    if finished; then
+        log "the run finished ($(cat "$RUN_DIR/checkpoints/latest") exported): not requeued"
+    else
+        log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
 fi
 exit "$rc"
 '''

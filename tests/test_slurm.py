@@ -274,12 +274,17 @@ def assets(tmp_path_factory):
     return [f"teacher.name_or_path={root / 'teacher'}", f"data.dir={root / 'shards'}"]
 
 
-def _submit(cluster, run_dir: Path, overrides: list[str]) -> str:
-    """Submit tiny-cpu.json (2 CPU ranks on the node) with the project's own command; returns the job id."""
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), "submit", "--config", str(TINY_CONFIG),
+def _run_submit(cluster, run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """``launch/slurm.py submit`` of tiny-cpu.json (2 CPU ranks on the node), as a user types it."""
+    return subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), "submit", "--config", str(TINY_CONFIG),
                            "--nodes", "1", "--gpus-per-node", "2", "--gres", "none", "--time", "10",
                            f"train.output_dir={run_dir}", *overrides],
                           cwd=run_dir.parent, env=cluster.env, capture_output=True, text=True, timeout=120)
+
+
+def _submit(cluster, run_dir: Path, overrides: list[str]) -> str:
+    """Submit with :func:`_run_submit`; returns the job id."""
+    proc = _run_submit(cluster, run_dir, overrides)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
     assert job_id.isdigit(), proc.stdout
@@ -334,13 +339,16 @@ def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, as
     import time
     run_dir = tmp_path / "run"
     max_steps = 60
-    job = _submit(cluster, run_dir, assets + [f"train.max_steps={max_steps}", "train.save_interval=0",
-                                              "train.eval_interval=0", "train.export_init=false"])
+    overrides = assets + [f"train.max_steps={max_steps}", "train.save_interval=0", "train.eval_interval=0",
+                          "train.export_init=false"]
+    job = _submit(cluster, run_dir, overrides)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not any(r["step"] >= 3 for r in _train_records(run_dir)):  # training, its handlers installed
         assert time.monotonic() < deadline, f"no step 3 after {JOB_TIMEOUT_S} s\n{_logs(run_dir)}"
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), f"{cluster.job(job)}\n{_logs(run_dir)}"
         time.sleep(0.2)
+    again = _run_submit(cluster, run_dir, overrides)  # a second job on the same run directory is refused
+    assert again.returncode == 1 and f"job(s) {job} (RUNNING) already train" in again.stderr, again.stderr
     # what --signal=B:USR1@120 does before the time limit: USR1 to the batch script only
     cluster.run(["scancel", "--signal=USR1", "--batch", job])
     info = cluster.wait_for(job, TERMINAL, 2 * JOB_TIMEOUT_S)
@@ -358,3 +366,25 @@ def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, as
     tokens = [r["tokens_seen"] for r in records]
     assert all(b > a for a, b in zip(tokens, tokens[1:])), tokens  # the counters resumed too
     _check_export(run_dir, max_steps)
+
+
+def test_requeue_skips_a_finished_run(tmp_path):
+    """The batch script's ``finished`` test: true only when student/distill_export.json names checkpoints/latest
+    (the trainer exports only at the end), so a USR1 that arrives during the final export does not requeue."""
+    body = slurm._BODY
+    func = body[body.index("finished() {"):body.index("\n}\n", body.index("finished() {")) + 3]
+    run = tmp_path / "run"
+
+    def finished() -> bool:
+        return subprocess.run(["/bin/bash", "-c", f'{func}\nfinished'], env={"RUN_DIR": str(run)}).returncode == 0
+
+    assert not finished()  # nothing yet
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000012")
+    assert not finished()  # stopped, never exported
+    (run / "student").mkdir()
+    info = run / "student" / "distill_export.json"
+    info.write_text(json.dumps({"checkpoint": str(run / "checkpoints" / "step_00000008"), "step": 8}, indent=1))
+    assert not finished()  # an export of an earlier, shorter schedule
+    info.write_text(json.dumps({"checkpoint": str(run / "checkpoints" / "step_00000012"), "step": 12}, indent=1))
+    assert finished()
