@@ -193,6 +193,28 @@ def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:
     return int((sims.argmax(1) == torch.arange(len(queries))).sum()) / len(queries)
 
 
+def retrieval_metrics(models: list[Model], halves: list[tuple[np.ndarray, np.ndarray]], *, pad_id: int,
+                      batch_size: int, pooling: str, device: torch.device) -> dict[str, dict]:
+    """recall@1 and embedding cosine of every model on document ``halves`` (first, second; CLS ... SEP token ids);
+    ``models[0]`` is the teacher. Returns {name: {"recall_at_1", "embedding_cosine"}}: recall@1 of first halves
+    finding their own second half among all second halves by cosine; the mean cosine between the model's and the
+    teacher's embedding over all halves (None when the widths differ). Both None with fewer than 2 documents."""
+    if len(halves) < 2:
+        log.warning("%d held-out documents: no retrieval evaluation (needs at least 2)", len(halves))
+        return {m.name: {"recall_at_1": None, "embedding_cosine": None} for m in models}
+    texts = [h[0] for h in halves] + [h[1] for h in halves]
+    out, ref = {}, None
+    for m in models:
+        t0 = time.perf_counter()
+        e = embed(m, texts, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=device)
+        ref = e if ref is None else ref
+        out[m.name] = {"recall_at_1": recall_at_1(e[:len(halves)], e[len(halves):]),
+                       "embedding_cosine": (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None}
+        log.info("%s: recall@1 %.4f, embedding cosine to teacher %s (%d halves, %.1f s)", m.name,
+                 out[m.name]["recall_at_1"], out[m.name]["embedding_cosine"], len(texts), time.perf_counter() - t0)
+    return out
+
+
 def sample_documents(documents: Iterable[np.ndarray], *, k: int, min_tokens: int, seed: int) -> tuple[list, int]:
     """A uniform sample (reservoir sampling, fixed seed) of ``k`` documents with at least ``min_tokens`` tokens.
 
@@ -382,14 +404,19 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     ds, manifest = open_split(data, split)
     data = Path(data)
     paths = {"teacher": _resolve("--teacher", teacher), "student": _resolve("--student", student)}
+    run_dir = Path(paths["student"]).parent if Path(paths["student"]).is_dir() else None  # RUN of RUN/student
     if student_init is None:
-        guess = Path(paths["student"]).parent / "student_init"
-        if (guess / "config.json").is_file():
+        guess = run_dir / "student_init" if run_dir else None
+        if guess and (guess / "config.json").is_file():
             student_init = str(guess)
         else:
-            log.info("no --student-init and no %s: the report has no student-at-initialisation column", guess)
+            log.info("no --student-init and no RUN/student_init next to the student: the report has no "
+                     "student-at-initialisation column")
     if student_init is not None:
         paths["student_init"] = _resolve("--student-init", student_init)
+    if metrics is not None and not Path(metrics).is_file():
+        raise EvalError(f"--metrics {metrics}: no such file; give the run's metrics.jsonl or leave --metrics out")
+    metrics_path = Path(metrics) if metrics is not None else run_dir / "metrics.jsonl" if run_dir else None
     order = [n for n in ("teacher", "student_init", "student") if n in paths]
     flags = {n: "--" + n.replace("_", "-") for n in order}
     configs = {n: _load_config(flags[n], paths[n]) for n in order}
@@ -420,30 +447,14 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
                           "iters": bench_iters}
     log.info("throughput (tokens/s): %s", {n: round(results[n]["tokens_per_s"]) for n in order})
 
-    # Retrieval and embedding cosine on the held-out documents' halves.
     docs, eligible = sample_documents(ds.documents(), k=max_documents, min_tokens=min_doc_tokens, seed=seed)
-    halves = [split_halves(d, max_content=max_len - 2, cls_id=cls_id, sep_id=sep_id) for d in docs]
     meta["retrieval"] = {"num_documents": len(docs), "eligible_documents": eligible, "min_tokens": min_doc_tokens,
                          "max_content_tokens": max_len - 2, "pooling": pooling, "normalized": normalized}
-    if len(docs) < 2:
-        log.warning("split %r has %d documents of >= %d tokens: no retrieval evaluation", split, len(docs),
-                    min_doc_tokens)
-        for n in order:
-            results[n].update(recall_at_1=None, embedding_cosine=None)
-    else:
-        texts = [h[0] for h in halves] + [h[1] for h in halves]
-        ref = None
-        for m in models:  # the teacher first
-            t1 = time.perf_counter()
-            e = embed(m, texts, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=dev)
-            ref = e if ref is None else ref
-            results[m.name]["recall_at_1"] = recall_at_1(e[:len(docs)], e[len(docs):])
-            results[m.name]["embedding_cosine"] = (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None
-            log.info("%s: recall@1 %.4f, embedding cosine to teacher %s (%d halves, %.1f s)", m.name,
-                     results[m.name]["recall_at_1"], results[m.name]["embedding_cosine"], len(texts),
-                     time.perf_counter() - t1)
+    halves = [split_halves(d, max_content=max_len - 2, cls_id=cls_id, sep_id=sep_id) for d in docs]
+    for n, vals in retrieval_metrics(models, halves, pad_id=pad_id, batch_size=batch_size, pooling=pooling,
+                                     device=dev).items():
+        results[n].update(vals)
 
-    # MLM metrics where the teacher has an MLM head.
     if has_mlm_head(configs["teacher"]):
         t0 = time.perf_counter()
         n_seq = min(max_sequences, len(ds))
@@ -459,15 +470,12 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
                        f"{MASKING.word_mask:.0%}/{MASKING.word_rand:.0%}/{MASKING.word_keep:.0%} mask/random/keep, "
                        f"seed {seed}"}
         log.info("MLM on %d sequences (%.1f s): %s", n_seq, time.perf_counter() - t0,
-                 {n: {k: round(v, 4) for k, v in results[n].items() if k in ("mlm_loss", "kl_to_teacher")
-                      and v is not None} for n in order})
+                 {n: {k: round(results[n][k], 4) for k in ("mlm_loss", "kl_to_teacher", "agreement")
+                      if results[n][k] is not None} for n in order})
     else:
         log.info("the teacher has no MLM head (%s): no MLM metrics", configs["teacher"].architectures)
 
-    metrics_path = Path(metrics) if metrics else Path(paths["student"]).parent / "metrics.jsonl"
-    if metrics and not metrics_path.is_file():
-        raise EvalError(f"--metrics {metrics}: no such file")
-    meta["metrics_file"] = str(metrics_path) if metrics_path.is_file() else None
+    meta["metrics_file"] = str(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     report = {"teacher": results["teacher"], "student_init": results.get("student_init"),
               "student": results["student"], "meta": meta}

@@ -210,6 +210,8 @@ def test_errors_exit_nonzero_with_message(setup, tmp_path, capsys):
     assert _cli(setup, student=other) == 2
     err = capsys.readouterr().err
     assert f"--student {other}: vocabulary of {len(other_tok)} tokens" in err and "manifest.json" in err
+    assert _cli(setup, "--metrics", str(tmp_path / "none.jsonl")) == 2
+    assert f"--metrics {tmp_path / 'none.jsonl'}: no such file" in capsys.readouterr().err
     assert not (setup["root"] / "cli" / "report.json").exists()
 
 
