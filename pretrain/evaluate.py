@@ -504,25 +504,33 @@ def write_report(report: dict, output: str | Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--student", required=True, help="distilled student: model directory (RUN/student)")
-    p.add_argument("--teacher", required=True, help="teacher: model directory, hub name or embedded:NAME")
-    p.add_argument("--data", required=True, help="prepared shard directory (python -m data_prep prepare)")
-    p.add_argument("--output", required=True, help="folder for report.json, report.md, loss_curves.png")
-    p.add_argument("--student-init", default=None,
-                   help="student before distillation (default: STUDENT/../student_init when it exists)")
-    p.add_argument("--split", default="valid", help="held-out split of the shards")
-    p.add_argument("--metrics", default=None, help="metrics.jsonl of the run (default: STUDENT/../metrics.jsonl)")
-    p.add_argument("--max-sequences", type=int, default=512, help="held-out sequences for the MLM metrics")
-    p.add_argument("--max-documents", type=int, default=1000, help="held-out documents for retrieval (sampled)")
-    p.add_argument("--min-doc-tokens", type=int, default=16, help="shortest document used for retrieval (tokens)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward for MLM and embeddings")
-    p.add_argument("--bench-batch", type=int, default=32, help="throughput batch (sequences)")
-    p.add_argument("--bench-length", type=int, default=128, help="throughput sequence length (tokens)")
-    p.add_argument("--bench-warmup", type=int, default=2, help="untimed warm-up forwards")
-    p.add_argument("--bench-iters", type=int, default=5, help="timed forwards per model (median taken)")
-    p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling and the throughput batch")
+    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True, metavar="DIR", help="the distilled student (RUN/student)")
+    p.add_argument("--teacher", required=True, metavar="DIR",
+                   help="teacher: model directory, hub name or embedded:NAME")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared shards (python -m data_prep prepare)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md, loss_curves.png")
+    p.add_argument("--student-init", metavar="DIR",
+                   help="the student before distillation (default: RUN/student_init next to the student, if any)")
+    p.add_argument("--split", default="valid", help="held-out split of the shards (default: %(default)s)")
+    p.add_argument("--metrics", metavar="FILE", help="the run's metrics.jsonl (default: RUN/metrics.jsonl, if any)")
+    p.add_argument("--max-sequences", type=int, default=512, metavar="N",
+                   help="held-out sequences for the MLM metrics (default: %(default)s)")
+    p.add_argument("--max-documents", type=int, default=1000, metavar="N",
+                   help="held-out documents for retrieval, sampled (default: %(default)s)")
+    p.add_argument("--min-doc-tokens", type=int, default=16, metavar="N",
+                   help="shortest document used for retrieval, in tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="sequences per forward for MLM and embeddings (default: %(default)s)")
+    p.add_argument("--bench-batch", type=int, default=32, metavar="N",
+                   help="throughput batch in sequences (default: %(default)s)")
+    p.add_argument("--bench-length", type=int, default=128, metavar="N",
+                   help="throughput sequence length in tokens, at most the shards' (default: %(default)s)")
+    p.add_argument("--bench-warmup", type=int, default=2, metavar="N",
+                   help="untimed warm-up forwards per model (default: %(default)s)")
+    p.add_argument("--bench-iters", type=int, default=5, metavar="N",
+                   help="timed forwards per model, median taken (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling, benchmark batch (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     args = p.parse_args(argv)
     for name in ("max_sequences", "max_documents", "batch_size", "bench_batch", "bench_length", "bench_iters"):
