@@ -180,7 +180,7 @@ def render_markdown(report: dict, png_name: str | None) -> str:
     ret, mlm, bench = meta.get("retrieval", {}), meta.get("mlm"), meta.get("throughput", {})
     lines += ["", "How the numbers were made:", "",
               f"- Throughput: encoder forward (no LM head), batch {bench.get('batch_size')} x "
-              f"{bench.get('seq_length')} tokens, median of {bench.get('iters')} timed forwards per model (models "
+              f"{bench.get('seq_length')} tokens, fastest of {bench.get('iters')} timed forwards per model (models "
               f"interleaved) after {bench.get('warmup')} warm-up, {meta.get('device')}, {meta.get('threads')} "
               "threads. Timings on a busy machine are noisy.",
               f"- Retrieval: {ret.get('num_documents')} held-out documents of at least {ret.get('min_tokens')} tokens "
