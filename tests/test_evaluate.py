@@ -48,7 +48,8 @@ def _documents(n=80, seed=0):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Shard stand-in, model dirs (teacher, copied student, random student) and a run dir with metrics.jsonl."""
+    """Model dirs (teacher, copied student, random student in RUN/), RUN/metrics.jsonl in the trainer's format with
+    a torn last line, and real shards (data_prep.prepare, half of 80 documents held out)."""
     root = tmp_path_factory.mktemp("eval")
     tok = tiny.bert_tokenizer()
     teacher = tiny.bert_model(tok, layers=4, hidden=32)
@@ -139,8 +140,10 @@ def test_copied_student_beats_random_student(report):
 
 
 def test_student_that_is_the_teacher_matches_and_previous_report_is_kept(setup, report, caplog):
-    out = setup["root"] / "out"
-    first = (out / "report.json").read_text()
+    out = setup["root"] / "out-again"
+    out.mkdir()
+    first = (setup["root"] / "out" / "report.json").read_text()
+    (out / "report.json").write_text(first)
     with caplog.at_level("WARNING", logger="pretrain.evaluate"):
         again = ev.evaluate(str(setup["dirs"]["teacher"]), str(setup["dirs"]["teacher"]), setup["data"], out,
                             student_init=str(setup["dirs"]["student"]), **KW)
