@@ -22,5 +22,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow and not slurm"
 
+reference: setup
+	$(PY) scripts/update_readme_reference.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache
