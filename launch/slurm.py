@@ -14,9 +14,10 @@ signal reaches every rank at once and a crashed rank ends the step (``--kill-on-
 Preemption: ``#SBATCH --signal=B:USR1@120`` sends USR1 to the batch script 120 s before the time limit (and
 ``scancel --signal=USR1 --batch JOB`` does the same by hand). The script forwards it to ``srun``, which passes it to
 every rank; the ranks agree on a stop step, checkpoint together and exit 0; the script then runs
-``scontrol requeue``, and the requeued job runs the same command, which resumes from ``checkpoints/latest``.
-SIGTERM (``scancel``, preemption by SLURM with ``PreemptMode=REQUEUE``) is forwarded the same way; whether the job
-comes back is then SLURM's decision.
+``scontrol requeue`` (unless the run is finished), and the requeued job runs the same command, which resumes from
+``checkpoints/latest``. Each task ignores USR1 until the trainer installs its handler (a signal during start-up is not
+fatal). SIGTERM (``scancel``, preemption by SLURM with ``PreemptMode=REQUEUE``) is forwarded the same way; whether
+the job comes back is then SLURM's decision.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pretrain.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python launch/slurm.py` puts launch/ first on sys.path, not the repository
@@ -169,7 +174,8 @@ log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NOD
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT, $RANKS_PER_NODE rank(s) per node; per-node logs: $RUN_DIR/slurm/$SLURM_JOB_ID-node<N>.log"
+log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT, $RANKS_PER_NODE rank(s) per node"
+log "per-node logs: $RUN_DIR/slurm/$SLURM_JOB_ID-node<N>.log"
 log "command: ${TRAIN_CMD[*]}"
 
 # Preemption. USR1 (--signal=B:USR1@..., or scancel --signal=USR1 --batch|--full) and TERM (scancel, preemption)
@@ -195,7 +201,9 @@ srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$RANKS_PER_NODE" --kill-o
      bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
                      LOCAL_SIZE=$RANKS_PER_NODE LOCAL_WORLD_SIZE=$RANKS_PER_NODE \
                      NODE_RANK=$SLURM_NODEID CROSS_RANK=$SLURM_NODEID CROSS_SIZE=$SLURM_JOB_NUM_NODES
-              if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}; fi
+              if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+                  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}
+              fi
               trap "" USR1  # ignored until the trainer installs its handler: a USR1 during start-up is not fatal
               exec "$@"' rank "${TRAIN_CMD[@]}" &
 srun_pid=$!
@@ -223,6 +231,11 @@ if [ -n "$usr1" ] && [ "$rc" -eq 0 ]; then
         log "checkpoint written; requeueing job $SLURM_JOB_ID (it resumes from checkpoints/latest)"
         scontrol requeue "$SLURM_JOB_ID"
     fi
+elif [ -n "$caught" ] && [ "$rc" -eq $((128 + $(kill -l "$caught"))) ] && finished; then
+    # A signal that comes while a finished rank exits (Python restores the default action at shutdown) kills it;
+    # the work is done and exported, so the job succeeded.
+    log "the run finished ($(cat "$RUN_DIR/checkpoints/latest") exported); the ranks were ended by SIG$caught at exit"
+    rc=0
 fi
 exit "$rc"
 '''
@@ -328,7 +341,7 @@ def _active_jobs_for(script: Path) -> list[str]:
     return jobs
 
 
-def validate(args: argparse.Namespace) -> tuple["object", dict]:
+def validate(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     """Load and validate the run config for the requested world size; return (RunConfig, resolved dict).
 
     Raises :class:`SubmitError` with the config error's message (file, key, value, what to do).
@@ -351,15 +364,16 @@ def validate(args: argparse.Namespace) -> tuple["object", dict]:
     return cfg, cfg.to_dict()
 
 
-def build_job(args: argparse.Namespace, cfg) -> JobSpec:
+def build_job(args: argparse.Namespace, cfg: RunConfig) -> JobSpec:
     """The :class:`JobSpec` of a ``submit`` command line whose config validated as ``cfg``."""
     workdir = Path.cwd()
     run_dir = (workdir / cfg.train.output_dir).resolve()
     train_cmd = [args.python, str(REPO / "launch" / "pretrain.py"), "--config", str(Path(args.config).resolve()),
                  *args.overrides]
     return JobSpec(run_dir=run_dir, workdir=workdir, train_cmd=train_cmd, nodes=args.nodes,
-                   ranks_per_node=args.gpus_per_node, gres=args.gres, job_name=args.job_name or f"distill-{run_dir.name}",
-                   partition=args.partition, account=args.account, time=args.time, cpus_per_task=args.cpus_per_task,
+                   ranks_per_node=args.gpus_per_node, gres=args.gres,
+                   job_name=args.job_name or f"distill-{run_dir.name}", partition=args.partition,
+                   account=args.account, time=args.time, cpus_per_task=args.cpus_per_task,
                    signal_lead_s=args.signal_lead, sbatch_args=args.sbatch_arg, srun_args=args.srun_arg)
 
 
@@ -390,8 +404,8 @@ def submit(args: argparse.Namespace) -> int:
     _write_atomic(path, script, 0o755)
     proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SubmitError(f"sbatch refused the job (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-                          f"\nthe script is {path}")
+        reason = proc.stderr.strip() or proc.stdout.strip()
+        raise SubmitError(f"sbatch refused the job (exit {proc.returncode}): {reason}\nthe script is {path}")
     job_id = proc.stdout.strip().split(";")[0]
     print(f"submitted job {job_id}: {job.nodes} node(s) x {job.ranks_per_node} rank(s); script {path}; "
           f"logs {job.run_dir}/slurm/{job_id}.log and {job_id}-node<N>.log", file=sys.stderr)

@@ -272,14 +272,17 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
         except (OSError, ValueError):
             return None
 
+    def _jobs(self) -> list[str]:
+        return self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+
     def stop(self, timeout_s: float = 45.0) -> None:
         """Cancel every job, shut down slurmctld and slurmd, stop munged. Kills (by pid file) what did not exit."""
         if self.conf.exists() and self._pid("slurmctld.pid"):
-            jobs = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+            jobs = self._jobs()
             if jobs:
                 self.run(["scancel", "--full", *jobs], check=False)
                 deadline = time.monotonic() + timeout_s
-                while time.monotonic() < deadline and self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split():
+                while time.monotonic() < deadline and self._jobs():
                     time.sleep(0.5)
             self.run(["scontrol", "shutdown"], check=False)
         pids = [p for p in (self._pid("slurmctld.pid"), self._pid("slurmd.pid")) if p]

@@ -318,6 +318,9 @@ def _check_export(run_dir: Path, step: int) -> None:
 def test_submitted_run_finishes_with_checkpoint_and_export(cluster, assets, tmp_path):
     run_dir = tmp_path / "run"
     job = _submit(cluster, run_dir, assets)
+    again = _run_submit(cluster, run_dir, assets)  # a second job on the same run directory is refused
+    assert again.returncode == 1 and f"job(s) {job} (" in again.stderr and "already train" in again.stderr, \
+        again.stderr
     info = cluster.wait_for(job, TERMINAL, JOB_TIMEOUT_S)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_logs(run_dir)}"
     _check_export(run_dir, 8)
@@ -347,8 +350,6 @@ def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, as
         assert time.monotonic() < deadline, f"no step 3 after {JOB_TIMEOUT_S} s\n{_logs(run_dir)}"
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), f"{cluster.job(job)}\n{_logs(run_dir)}"
         time.sleep(0.2)
-    again = _run_submit(cluster, run_dir, overrides)  # a second job on the same run directory is refused
-    assert again.returncode == 1 and f"job(s) {job} (RUNNING) already train" in again.stderr, again.stderr
     # what --signal=B:USR1@120 does before the time limit: USR1 to the batch script only
     cluster.run(["scancel", "--signal=USR1", "--batch", job])
     info = cluster.wait_for(job, TERMINAL, 2 * JOB_TIMEOUT_S)
