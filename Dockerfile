@@ -41,7 +41,7 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constr
 # The code at /workspace, importable from anywhere (a checkout mounted elsewhere and run from there takes precedence:
 # launch/*.py put their own repository first on sys.path).
 # (uid 1000: Ubuntu 24.04 bases, e.g. recent NGC images, already have a user "ubuntu" with it, which goes.)
-RUN if id -u 1000 >/dev/null 2>&1; then userdel --remove "$(id -un 1000)"; fi \
+RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -un 1000)"; fi \
  && useradd --create-home --uid 1000 --user-group --shell /bin/bash distill
 WORKDIR /workspace
 COPY --chown=1000:1000 . /workspace
