@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo reference clean
+.PHONY: setup test test-fast lint demo reference clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+lint: setup
+	$(VENV)/bin/hadolint Dockerfile
+
+test: setup lint
 	$(PY) -m pytest tests
 
 test-fast: setup
