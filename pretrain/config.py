@@ -76,9 +76,9 @@ class TrainConfig:
         25, help="Stop with an error after this many consecutive steps with a non-finite loss or gradient (skipped "
                  "steps: fp16 loss-scale overflows included; the last checkpoint stays intact).")
     allow_world_size_change: bool = param(
-        False, help="Resume a checkpoint written with another number of ranks. The data order then restarts at the "
-                    "nearest position of the new layout (a few sequences repeated or skipped), and DeepSpeed must be "
-                    "able to re-partition the ZeRO state (stages 0-2).")
+        False, help="Resume a checkpoint written with another number of ranks. The data order continues at the "
+                    "nearest position of the new layout (up to one global micro-batch repeated or skipped); with "
+                    "ZeRO-1/2 the AdamW moments restart (DeepSpeed does not re-shard them); ZeRO-3 is refused.")
     export_init: bool = param(
         True, help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
                    "before/after comparison); done once, on a fresh run.")

@@ -456,7 +456,22 @@ class Trainer:
 
     def _load(self, tag: str, manifest: dict) -> None:
         """Load engine state, client state (step, cursor, counters) and this rank's RNG states from ``tag``."""
-        load_path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=tag)
+        same_world = manifest["world_size"] == self.world_size
+        if not same_world and self.stage == 3:
+            raise ConfigError(
+                f"train.allow_world_size_change: {self.ckpt.root / tag} is a ZeRO-3 checkpoint of "
+                f"{manifest['world_size']} rank(s); its partitioned weights cannot be loaded by {self.world_size} "
+                f"rank(s) here. Resume with {manifest['world_size']} rank(s), or export it (python -m pretrain.export) "
+                f"and start a new run from the export")
+        # ZeRO-1/2 optimizer partitions do not re-shard (DeepSpeed 0.19): load the weights and the schedule, restart
+        # the Adam moments. ZeRO-0 keeps everything.
+        keep_optimizer = same_world or self.stage == 0
+        load_path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=tag,
+                                                        load_optimizer_states=keep_optimizer)
+        if not keep_optimizer and self.is_main:
+            print(f"[pretrain] WARNING: world size {manifest['world_size']} -> {self.world_size} with ZeRO-{self.stage}: "
+                  f"weights, step and learning-rate schedule resumed; the AdamW moments restart from zero",
+                  file=sys.stderr, flush=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt.root / tag}")
         self.step = int(client["step"])
@@ -464,7 +479,6 @@ class Trainer:
         self.masked_tokens_seen = int(client["masked_tokens_seen"])
         self._last_saved = self.step
         self.loader.load_state_dict(client["data"], allow_layout_change=self.cfg.train.allow_world_size_change)
-        same_world = manifest["world_size"] == self.world_size
         if not (same_world and self.ckpt.load_rng(tag)):
             seed_everything(int(np.random.SeedSequence([self.cfg.train.seed, self.rank, self.step])
                                 .generate_state(1)[0]))

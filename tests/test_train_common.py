@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import io
 import json
 import os
 import shutil
@@ -55,12 +56,14 @@ def assets() -> dict[str, Path]:
     lines = tiny.corpus(1)
     docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))]
     (root / "corpus.txt").write_text("\n\n".join(docs * 8) + "\n")
-    for family in ("roberta", "bert"):
+    from data_prep.__main__ import main as data_prep_main
+    for family in ("roberta", "bert"):  # the project's own command line, run in this process
         shards = root / f"shards-{family}"
-        subprocess.run([PY, "-m", "data_prep", "prepare", "--source", f"text:{root / 'corpus.txt'}",
-                        "--tokenizer", str(out[family]), "--max-seq-length", str(SEQ), "--output", str(shards),
-                        "--valid-fraction", "0.15", "--num-proc", "1", "--no-progress"],
-                       check=True, cwd=REPO, env=env(), stdout=subprocess.DEVNULL)
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = data_prep_main(["prepare", "--source", f"text:{root / 'corpus.txt'}", "--tokenizer", str(out[family]),
+                                 "--max-seq-length", str(SEQ), "--output", str(shards), "--valid-fraction", "0.15",
+                                 "--num-proc", "0", "--no-progress"])
+        assert rc == 0, f"data_prep prepare failed for {family}"
         out[f"shards-{family}"] = shards
     return out
 
