@@ -7,9 +7,10 @@
     torchrun --nproc_per_node N launch/pretrain.py --config C ...
     python launch/pretrain.py --config C ...                             (one process, no launcher)
 
-On a machine without CUDA the ranks run on CPU (DeepSpeed's CPU accelerator, gloo); `deepspeed --num_gpus N` then
-starts N CPU ranks. Running the same command again resumes from `train.output_dir/checkpoints/latest`. SIGTERM or
-SIGUSR1 to the ranks: they finish the current step, checkpoint together and exit 0.
+On a machine without CUDA the ranks run on CPU (DeepSpeed's CPU accelerator, gloo): `deepspeed --num_gpus N` starts
+N CPU ranks (without --num_gpus, DeepSpeed starts one rank per NUMA node); each rank uses cores / local ranks torch
+threads unless OMP_NUM_THREADS is set. Running the same command again resumes from `train.output_dir/checkpoints/latest`.
+SIGTERM or SIGUSR1 to the ranks: they finish the current step, checkpoint together and exit 0.
 
 Exit codes: 0 done or stopped by a signal after checkpointing; 1 training error (diverged); 2 configuration or input
 error (the message names the file / key and what to do).

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import ds_config as dsc
-from pretrain.checkpoint import CheckpointManager, atomic_write_text, set_rng_state
+from pretrain.checkpoint import CheckpointManager, atomic_write_text
 from pretrain.config import RunConfig
 from pretrain.data import BatchLoader, DataOrder, eval_batches, open_split
 from pretrain.schema import ConfigError
@@ -322,6 +322,7 @@ class Trainer:
         self._last_saved = -1
         self._last_eval = -1
         self._grad_norm: torch.Tensor | None = None
+        self._loss_keys: list[str] = []
         self.logger: MetricsLogger | None = None
         self.loader = None
 
@@ -440,12 +441,15 @@ class Trainer:
         tag, manifest = resume
         saved = manifest.get("config") or {}
         mine = self.cfg.to_dict()
-        for section in ("teacher", "student"):
-            if saved.get(section) != mine[section]:
+        identity = {"teacher.name_or_path": ("teacher", "name_or_path"), "teacher.revision": ("teacher", "revision"),
+                    **{f"student.{k}": ("student", k) for k in mine["student"]}}
+        for key, (section, field) in identity.items():  # what the checkpoint's tensors depend on
+            before = (saved.get(section) or {}).get(field)
+            if before != mine[section][field]:
                 raise ConfigError(
-                    f"train.output_dir: {self.out} holds checkpoints of another run ({section} section "
-                    f"{saved.get(section)} vs this config's {mine[section]}); use another train.output_dir to start "
-                    f"a new run, or the original config to resume")
+                    f"train.output_dir: {self.out} holds checkpoints of another run ({key} was {before!r}, this config "
+                    f"says {mine[section][field]!r}); use another train.output_dir to start a new run, or the "
+                    f"original value to resume")
         if manifest["world_size"] != self.world_size and not self.cfg.train.allow_world_size_change:
             raise ConfigError(
                 f"train.allow_world_size_change: checkpoint {self.ckpt.root / tag} was written by "
@@ -653,7 +657,7 @@ class Trainer:
         self._acc_steps = self._acc_skipped = 0
         if not self.is_main:
             return
-        self._loss_keys = sorted(set(getattr(self, "_loss_keys", [])) | set(means))
+        self._loss_keys = sorted(set(self._loss_keys) | set(means))
         means = {k: means.get(k) for k in self._loss_keys}  # None: every step of the interval was skipped
         rec = {"split": "train", "step": self.step, "epoch": self.loader.order.epoch, "tokens_seen": self.tokens_seen,
                "masked_tokens_seen": self.masked_tokens_seen, **means, "lr": self.last_lr,
