@@ -44,12 +44,14 @@ class DataConfig:
 
 
 def open_split(cfg: DataConfig, split: str):
-    """``data_prep.shards.ShardedTokens(cfg.dir, split)``; raises :class:`ConfigError` naming ``data.dir``."""
+    """``data_prep.shards.ShardedTokens(cfg.dir, split)``; raises :class:`ConfigError` naming ``data.dir`` when the
+    directory or split is missing or a shard file is incomplete."""
+    from data_prep.errors import DataPrepError
     from data_prep.shards import ShardedTokens
     try:
         return ShardedTokens(cfg.dir, split)
-    except FileNotFoundError as e:
-        raise ConfigError(f"data.dir: {cfg.dir!r}: no prepared {split} shards ({e}); run "
+    except DataPrepError as e:
+        raise ConfigError(f"data.dir: {cfg.dir!r}: no usable {split} split ({e}); run "
                           f"`python -m data_prep prepare ... --output {cfg.dir}` first") from None
 
 

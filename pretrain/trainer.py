@@ -152,6 +152,7 @@ def preflight(cfg: RunConfig) -> Preflight:
     """
     from transformers import AutoConfig, AutoTokenizer
     from data_prep.embedded import resolve_model
+    from data_prep.errors import DataPrepError
     from data_prep.shards import load_manifest
     name = cfg.teacher.name_or_path
     try:
@@ -170,9 +171,9 @@ def preflight(cfg: RunConfig) -> Preflight:
     cfg.loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
     try:
         manifest = load_manifest(cfg.data.dir)
-    except FileNotFoundError:
-        raise ConfigError(f"data.dir: {cfg.data.dir!r} holds no manifest.json; prepare shards with `python -m "
-                          f"data_prep prepare --tokenizer {name} ... --output {cfg.data.dir}`") from None
+    except DataPrepError as e:
+        raise ConfigError(f"data.dir: {e}; prepare shards with `python -m data_prep prepare --tokenizer {name} ... "
+                          f"--output {cfg.data.dir}`") from None
     tok = manifest.get("tokenizer", {})
     mine = {"vocab_size": len(tokenizer), "cls_token_id": tokenizer.cls_token_id,
             "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -336,6 +337,7 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed
         import torch.distributed as dist
+        from data_prep.errors import DataPrepError
         from data_prep.shards import load_token_counts
         from pretrain.distill import DistillationModel
         from pretrain.masking import Masker
@@ -364,7 +366,10 @@ class Trainer:
         self._st_files = self._sentence_transformers_files()
         if resume is None and tc.export_init and self.is_main and not (self.out / "student_init").is_dir():
             self._export_init(student)
-        token_counts = load_token_counts(cfg.data.dir)
+        try:
+            token_counts = load_token_counts(cfg.data.dir)
+        except DataPrepError as e:
+            raise ConfigError(f"data.dir: {e}") from None
         self.masker = Masker.from_tokenizer(cfg.masking, self.tokenizer, token_counts=token_counts, seed=tc.seed)
         self._own_grad_norm = self.stage == 0 and self.precision == "fp32"
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -379,8 +384,10 @@ class Trainer:
                                   pin_memory=self.cuda)
         try:
             self.valid = open_split(cfg.data, "valid")
-        except (ConfigError, KeyError, ValueError):
+        except ConfigError as e:
             self.valid = None
+            if self.is_main:
+                console(f"[pretrain] WARNING: no evaluation: {e}")
 
         seed_everything(int(np.random.SeedSequence([tc.seed, self.rank]).generate_state(1)[0]))  # dropout per rank
         if resume is not None:

@@ -114,13 +114,14 @@ def test_exact_resume_and_a_corrupt_checkpoint(tmp_path, capfd):
     ("other_tokenizer", r"data\.dir: the shards in .* were made with the tokenizer .*vocab_size 598 vs 36[0-9]"),
     ("too_long", r"max_seq_length 64 .* exceeds the 32 positions"),
     ("no_mlm_head", r"loss\.alpha_ce: 5\.0 needs an MLM head"),
+    ("missing_shards", r"data\.dir: .*nowhere/manifest\.json: not found.*python -m data_prep prepare"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(case, pattern, tmp_path):
     a = assets()
     out = tmp_path / "run"
     teacher = {"missing_teacher": "/nonexistent/teacher", "other_tokenizer": str(a["bert"]),
-               "too_long": str(a["bert-short"]), "no_mlm_head": str(a["bert-nohead"])}[case]
-    shards = a["shards-roberta"] if case == "other_tokenizer" else a["shards-bert"]
+               "too_long": str(a["bert-short"]), "no_mlm_head": str(a["bert-nohead"])}.get(case, str(a["bert"]))
+    shards = {"other_tokenizer": a["shards-roberta"], "missing_shards": tmp_path / "nowhere"}.get(case, a["shards-bert"])
     cfg = load(TINY, tiny_overrides("bert", out, steps=2, **{"teacher.name_or_path": teacher,
                                                              "data.dir": str(shards)}))
     with pytest.raises(ConfigError, match=pattern):
