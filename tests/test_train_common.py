@@ -141,6 +141,19 @@ def rank_pids(launcher_pid: int) -> list[int]:
     return out
 
 
+def wait_for_ranks(proc: subprocess.Popen, n: int, log: Path, timeout: float = 240) -> list[int]:
+    """Poll until ``n`` training ranks run under ``proc``; returns their PIDs."""
+    end = time.time() + timeout
+    while time.time() < end:
+        pids = rank_pids(proc.pid)
+        if len(pids) == n:
+            return pids
+        if proc.poll() is not None:
+            raise AssertionError(f"the launcher ended (rc {proc.returncode}):\n{Path(log).read_text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"{n} ranks not found within {timeout} s")
+
+
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
     """Poll metrics.jsonl until a train record with step >= ``step``; returns the last step seen."""
     end = time.time() + timeout
@@ -150,7 +163,7 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path, timeo
             return recs[-1]["step"]
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}:\n{Path(log).read_text()}")
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.kill()
     raise AssertionError(f"no step {step} within {timeout} s:\n{Path(log).read_text()}")
 

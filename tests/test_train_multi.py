@@ -20,7 +20,7 @@ import pytest
 from pretrain.config import load
 from pretrain.schema import ConfigError
 from tests.test_train_common import (PY, REPO, assert_same_losses, deepspeed_cmd, env, free_port, losses,
-                                     rank_pids, read_metrics, run_cmd, tiny_overrides, train_in_process,
+                                     read_metrics, run_cmd, tiny_overrides, train_in_process, wait_for_ranks,
                                      wait_for_step)
 
 pytestmark = pytest.mark.slow
@@ -73,11 +73,11 @@ def one_node(two_nodes, tmp_path_factory):
     cmd = deepspeed_cmd(TINY, overrides(out))
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
+        pids = wait_for_ranks(proc, 2, log)
         wait_for_step(out, 2, proc, log)
-        pids = rank_pids(proc.pid)
-        assert len(pids) == 2, pids
-        for pid in pids:
-            os.kill(pid, signal.SIGUSR1)
+        for sig in (signal.SIGSTOP, signal.SIGUSR1, signal.SIGCONT):  # freeze both, signal both, go on
+            for pid in pids:
+                os.kill(pid, sig)
         rc = proc.wait(timeout=180)
     stopped = log.read_text()
     assert rc == 0, stopped[-6000:]
@@ -150,6 +150,7 @@ def test_zero1_under_torchrun(two_nodes, tmp_path):
 def test_zero3_run_and_export_cli(two_nodes, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
+    from pretrain import export
     out = tmp_path / "run"
     text = check(run_cmd(deepspeed_cmd(TINY, overrides(out, steps=3, **{"deepspeed.zero_optimization.stage": 3,
                                                                         "train.export_init": False}))))
@@ -157,8 +158,7 @@ def test_zero3_run_and_export_cli(two_nodes, tmp_path):
     assert_same_losses(losses(two_nodes), losses(out), range(1, 4), tol=1e-4)
     assert read_metrics(out, "valid")[-1]["step"] == 3
     exported = tmp_path / "exported"
-    r = run_cmd([PY, "-m", "pretrain.export", str(out / "checkpoints"), str(exported)])
-    check(r)
+    assert export.main([str(out / "checkpoints"), str(exported)]) == 0  # python -m pretrain.export, in-process
     a, b = load_file(out / "student" / "model.safetensors"), load_file(exported / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     model = AutoModelForMaskedLM.from_pretrained(exported)
