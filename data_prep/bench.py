@@ -13,18 +13,28 @@ On one corpus built from the embedded text (repeated until it holds at least ``m
   Python-side conversion), the hardest ceiling;
 * peak RSS of prepare's main process and largest worker.
 
-Timings on a shared machine are noisy: compare the ratios measured in the same run, and repeat.
+Timings on a shared machine are noisy: compare the ratios measured in the same run, and repeat. The rates per CPU
+second (prepare: main process from the first read to the manifest + all workers; batched: all threads of the call)
+are less sensitive to other jobs than wall-clock rates: on an idle machine with N cores, prepare's wall-clock rate
+approaches N times its per-CPU-second rate.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None, min_tokens: int = 8_000_000,
@@ -44,13 +54,13 @@ def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None
     repeats = max(1, math.ceil(min_tokens / base_tokens))
     docs = base * repeats
 
-    def batched() -> tuple[int, float]:
-        t = time.perf_counter()
+    def batched() -> tuple[int, float, float]:
+        t, c = time.perf_counter(), _cpu_s()
         n = sum(map(len, tok(docs, add_special_tokens=False)["input_ids"]))
-        return n, time.perf_counter() - t
+        return n, time.perf_counter() - t, _cpu_s() - c
 
     load_before = os.getloadavg()[0]
-    batched_tokens, batched_s1 = batched()  # before and after prepare: the load of a shared machine drifts
+    batched_tokens, batched_s1, batched_cpu1 = batched()  # before and after prepare: the load drifts
     with tempfile.TemporaryDirectory(prefix="data_prep_bench-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -66,7 +76,7 @@ def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         command_s = time.perf_counter() - t
         stats = json.loads(stats_path.read_text())
-    _, batched_s2 = batched()
+    _, batched_s2, batched_cpu2 = batched()
 
     backend = tok.backend_tokenizer
     backend.no_truncation()
@@ -82,6 +92,7 @@ def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None
 
     prepare_rate = stats["tokens_per_s"]
     batched_rate = batched_tokens / ((batched_s1 + batched_s2) / 2)
+    batched_cpu_rate = batched_tokens / ((batched_cpu1 + batched_cpu2) / 2)
     return {
         "tokenizer": tokenizer,
         "documents": len(docs),
@@ -101,6 +112,10 @@ def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None
         "rust_encode_batch_fast_tokens_per_s": round(rust_tokens / rust_s),
         "ratio_prepare_to_batched": round(prepare_rate / batched_rate, 3),
         "ratio_command_to_batched": round(stats["document_tokens"] / command_s / batched_rate, 3),
+        "prepare_tokens_per_cpu_s": round(stats["tokens_per_cpu_s"]),
+        "batched_tokenizer_tokens_per_cpu_s": round(batched_cpu_rate),
+        "ratio_per_cpu_s_prepare_to_batched": round(stats["tokens_per_cpu_s"] / batched_cpu_rate, 3),
+        "prepare_cpu_s_main_workers": [stats["cpu_s_main"], stats["cpu_s_workers"]],
         "peak_rss_main_mib": stats["peak_rss_main_mib"],
         "peak_rss_worker_mib": stats["peak_rss_worker_mib"],
         "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],

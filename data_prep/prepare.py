@@ -4,7 +4,7 @@ Data flow (one pass, streaming, memory flat in corpus size):
 
 1. The main process reads documents from the sources in order and groups them into batches of about
    ``batch_chars`` characters.
-2. ``num_proc`` worker processes tokenize batches (one Rust ``encode_batch`` call per batch, one thread per
+2. ``num_proc`` spawned worker processes tokenize batches (one Rust ``encode_batch`` call per batch, one thread per
    worker); at most ``2 * num_proc + 2`` batches are in flight and results come back in submission order, so the
    output does not depend on ``num_proc`` or the batch size.
 3. Each document gets its split from a hash of ``(seed, document index)`` (valid if below ``valid_fraction``), so
@@ -27,6 +27,8 @@ import os
 import resource
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
 
@@ -176,17 +178,21 @@ def _batches(docs: Iterator[tuple[int, str]], batch_chars: int) -> Iterator[tupl
         yield np.asarray(srcs, np.int64), texts
 
 
-def _ordered_map(pool, batches, window: int):
+def _ordered_map(executor, batches, window: int):
     """``(batch, encode(batch.texts))`` in submission order with at most ``window`` batches in flight."""
     pending: collections.deque = collections.deque()
-    for batch in batches:
-        pending.append((batch, pool.apply_async(encode_in_worker, (batch[1],))))
-        if len(pending) >= window:
-            b, r = pending.popleft()
-            yield b, r.get()
-    while pending:
-        b, r = pending.popleft()
-        yield b, r.get()
+    try:
+        for batch in batches:
+            pending.append((batch, executor.submit(encode_in_worker, batch[1])))
+            if len(pending) >= window:
+                b, fut = pending.popleft()
+                yield b, fut.result()
+        while pending:
+            b, fut = pending.popleft()
+            yield b, fut.result()
+    except BrokenProcessPool:
+        raise DataPrepError("a tokenizer worker process died (killed, or out of memory: lower --num-proc or "
+                            "--batch-chars); finished shards are kept: run the same command again to resume") from None
 
 
 def _fingerprint(cfg: PrepareConfig, sources: list[Source], tok_record: dict) -> tuple[dict, str]:
@@ -251,6 +257,11 @@ def _peak_rss_mib(pid: int | str = "self") -> float:
     if pid != "self":
         return 0.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def _cpu_s(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def _say(msg: str) -> None:
@@ -342,6 +353,7 @@ class _Run:
         self.resumed_from = 0
         self.new_tokens = 0  # document tokens tokenized by this process
         self.t_pipeline = 0.0
+        self.cpu_main = self.cpu_workers = 0.0  # CPU seconds (user + system) of the pipeline
         self.worker_rss = 0.0
         if state is not None:
             self._restore(*state)
@@ -412,6 +424,7 @@ class _Run:
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        cpu0, child0 = _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN)
         docs = _documents(self.sources, cfg.errors)
         for _ in range(self.cursor):  # resume: skip the documents already consumed (read, not tokenized)
             next(docs, None)
@@ -419,12 +432,11 @@ class _Run:
         tty = sys.stderr.isatty()
         bar = tqdm(desc="prepare", unit=" docs", unit_scale=True, initial=self.cursor, disable=not cfg.progress,
                    mininterval=0.5 if tty else 30.0, file=sys.stderr, dynamic_ncols=True)
-        pool = None
+        executor = None
         if cfg.num_proc > 0:
-            ctx = multiprocessing.get_context("spawn")
-            pool = ctx.Pool(cfg.num_proc, initializer=init_worker,
-                            initargs=(self.tokenizer_json, self.dtype.str, True))
-            results = _ordered_map(pool, batches, 2 * cfg.num_proc + 2)
+            executor = ProcessPoolExecutor(cfg.num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=init_worker, initargs=(self.tokenizer_json, self.dtype.str, True))
+            results = _ordered_map(executor, batches, 2 * cfg.num_proc + 2)
         else:
             encoder = Encoder(self.tokenizer_json, self.dtype)
             results = ((b, encoder(b[1])) for b in batches)
@@ -440,17 +452,19 @@ class _Run:
                     last_post = now
                     bar.set_postfix_str(f"{self.new_tokens / 1e6:.1f}M tokens, "
                                         f"{self.new_tokens / (now - t0) / 1e3:.0f}k tokens/s", refresh=False)
-            if pool is not None:
-                # Pool has no public list of its workers; _pool is stable since Python 3.0.
-                self.worker_rss = max([_peak_rss_mib(p.pid) for p in getattr(pool, "_pool", [])] + [0.0])
-                pool.close()
-                pool.join()
+            if executor is not None:
+                # The executor has no public list of its workers; _processes exists since Python 3.2.
+                workers = list(getattr(executor, "_processes", {}) or {})
+                self.worker_rss = max([_peak_rss_mib(pid) for pid in workers] + [0.0])
+                executor.shutdown(wait=True)
+                self.cpu_workers = _cpu_s(resource.RUSAGE_CHILDREN) - child0
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         manifest = self._finish()
         self.t_pipeline = time.perf_counter() - t0
+        self.cpu_main = _cpu_s(resource.RUSAGE_SELF) - cpu0
         return manifest
 
     def _finish(self) -> dict:
@@ -511,6 +525,9 @@ class _Run:
             "pipeline_s": round(self.t_pipeline, 3),
             "document_tokens": self.new_tokens,
             "tokens_per_s": round(self.new_tokens / max(self.t_pipeline, 1e-9), 1),
+            "cpu_s_main": round(self.cpu_main, 3),
+            "cpu_s_workers": round(self.cpu_workers, 3),
+            "tokens_per_cpu_s": round(self.new_tokens / max(self.cpu_main + self.cpu_workers, 1e-9), 1),
             "num_proc": self.cfg.num_proc,
             "resumed_from_document": self.resumed_from,
             "peak_rss_main_mib": round(_peak_rss_mib(), 1),
@@ -530,7 +547,7 @@ class _Run:
             print(f"  {s}: {sp[s]['num_sequences']:,} sequences, {sp[s]['num_tokens']:,} tokens "
                   f"({manifest['dtype']}, max_seq_length {manifest['max_seq_length']}) in {len(sp[s]['shards'])} "
                   "shard(s)")
-        print(f"  peak RSS: main {stats['peak_rss_main_mib']:.0f} MiB, largest worker "
-              f"{stats['peak_rss_worker_mib']:.0f} MiB")
+        print(f"  CPU: main {stats['cpu_s_main']:.1f} s, workers {stats['cpu_s_workers']:.1f} s; peak RSS: main "
+              f"{stats['peak_rss_main_mib']:.0f} MiB, largest worker {stats['peak_rss_worker_mib']:.0f} MiB")
         if manifest["special_tokens_in_text"]:
             print(f"  note: {manifest['special_tokens_in_text']} cls/sep ids came from the text itself")

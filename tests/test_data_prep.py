@@ -294,6 +294,28 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path, capsys, wiki_texts
     assert not (out / STATE).exists()
 
 
+def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path, wiki_texts):
+    import psutil
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:4000])
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "prepare", "--source", f"jsonl:{corpus}",
+                             "--tokenizer", "embedded:minilm-l6", "--max-seq-length", "64", "--shard-tokens", "8192",
+                             "--batch-chars", "16000", "--num-proc", "2", "--no-progress", "--output", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "train-00001.bin").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.003)
+    workers = [p for p in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    workers[0].kill()  # e.g. the kernel's OOM killer
+    assert proc.wait(timeout=60) == 2  # not a hang
+    assert "worker process died" in proc.stderr.read()
+    assert not (out / "manifest.json").exists() and (out / STATE).exists()  # resumable
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # verify
 def test_verify_catches_a_flipped_byte(tmp_path, capsys, wiki_texts):
