@@ -90,7 +90,8 @@ def tiny_overrides(family: str, out: Path, *, steps: int, **extra) -> list[str]:
     a = assets()
     items = {"teacher.name_or_path": str(a[family]), "data.dir": str(a[f"shards-{family}"]),
              "train.output_dir": str(out), "train.max_steps": steps, "train.log_interval": 1,
-             "deepspeed.train_batch_size": 4, "deepspeed.train_micro_batch_size_per_gpu": 2, **extra}
+             "deepspeed.train_batch_size": 4, "deepspeed.train_micro_batch_size_per_gpu": 2,
+             "deepspeed.gradient_accumulation_steps": None, **extra}  # None: derived
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
 
 

@@ -64,7 +64,7 @@ def test_shipped_config_runs_two_steps_with_a_tiny_teacher(path, tmp_path):
     loader = AutoModelForMaskedLM if "mlm_loss" in valid[-1] else AutoModel
     student = loader.from_pretrained(out / "student")
     assert student.config.num_hidden_layers == n_layers
-    assert (out / "student_init" / "model.safetensors").is_file()
+    assert (out / "student_init" / "model.safetensors").is_file() == cfg.train.export_init
     if cfg.student.architecture == "distilbert":
         assert type(student).__name__.startswith("DistilBert")
 
