@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
               else f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
+        # A USR1/TERM that arrives while a finished rank shuts down would kill it with the signal's default action
+        # (Python restores defaults at exit; seen under SLURM as exit 138/143): the work is saved, so ignore them.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized():
