@@ -36,7 +36,7 @@ import numpy as np
 
 from data_prep import shards
 from data_prep.errors import DataPrepError
-from data_prep.shards import MANIFEST, PARTIAL, SPLITS, TOKEN_COUNTS, ShardWriter
+from data_prep.shards import MANIFEST, SPLITS, TOKEN_COUNTS, ShardWriter
 from data_prep.sources import Source, parse_source
 from data_prep.tokenizer import (Encoder, backend_json, encode_in_worker, init_worker, load_tokenizer,
                                  token_dtype, tokenizer_record)
@@ -215,9 +215,8 @@ def _fingerprint(cfg: PrepareConfig, sources: list[Source], tok_record: dict) ->
 def _our_files(out: Path) -> list[Path]:
     names = [MANIFEST, TOKEN_COUNTS, STATE]
     found = [out / n for n in names if (out / n).exists()]
-    for split in SPLITS:
-        found += [p for p in out.glob(f"{split}-*") if p.name.endswith((".bin", ".idx.npy", ".bin" + PARTIAL))]
-    found += [p for p in out.glob(".*.tmp-*")]
+    found += [p for p in out.iterdir() if shards.SHARD_FILE.match(p.name)]
+    found += [p for p in out.glob(".*.tmp-*") if p.name[1:].startswith((MANIFEST, TOKEN_COUNTS, STATE, *SPLITS))]
     return found
 
 
@@ -314,8 +313,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     if state is None:
         _remove_ours(out)  # --overwrite, or partial files of a run killed before its first checkpoint
     else:
-        for p in out.glob(".*.tmp-*"):  # an atomic write cut short by the kill
-            p.unlink(missing_ok=True)
+        for p in _our_files(out):  # an atomic write cut short by the kill
+            if p.name.startswith("."):
+                p.unlink(missing_ok=True)
 
     run = _Run(cfg, sources, tok, record, dtype, config, run_id, out, state)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +31,9 @@ MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.npy"
 PARTIAL = ".partial"
 SPLITS = ("train", "valid")
+
+
+SHARD_FILE = re.compile(r"^(train|valid)-(\d{5})\.(bin|idx\.npy|bin\.partial)$")  # every file a writer creates
 
 
 def shard_files(split: str, k: int) -> tuple[str, str]:
@@ -354,11 +358,8 @@ class ShardWriter:
             with open(partial, "r+b") as f:
                 f.truncate(want)
         for path in self.directory.glob(f"{self.split}-*"):  # stale files of later shards
-            try:
-                k = int(path.name[len(self.split) + 1:].split(".")[0])
-            except ValueError:
-                continue
-            if k > self.k:
+            m = SHARD_FILE.match(path.name)
+            if m and m.group(1) == self.split and int(m.group(2)) > self.k:
                 path.unlink()
 
 

@@ -192,8 +192,11 @@ def test_already_complete_and_different_run(tmp_path, capsys, wiki_texts):
     code, _, err = run(capsys, *base, "--max-seq-length", 32)
     assert code == 2 and "different run" in err and "--overwrite" in err
     assert load_manifest(out)["max_seq_length"] == 64  # untouched
+    (out / "notes.txt").write_text("mine")
+    (out / "train-notes.bin").write_text("mine too")
     code, _, _ = run(capsys, *base, "--max-seq-length", 32, "--overwrite")
     assert code == 0 and load_manifest(out)["max_seq_length"] == 32 and run(capsys, "verify", out)[0] == 0
+    assert (out / "notes.txt").exists() and (out / "train-notes.bin").exists()  # --overwrite removes only ours
 
 
 def test_uint32_for_large_vocabularies(tmp_path):
