@@ -1,0 +1,596 @@
+"""Benchmark of the real training step: throughput, model FLOPs, MFU and peak memory, fast versus naive.
+
+``python -m pretrain.bench --config C [section.key=value ...] [--steps N] [--warmup N] [--naive | --both]
+[--ablate NAME ...] [--synthetic] [--seq-len L]`` builds the real :class:`pretrain.trainer.Trainer` (a temporary run
+directory: no checkpoints, no exports, no TensorBoard) and times ``train_step`` (teacher forward, student forward and
+backward, optimizer step, through the DeepSpeed engine) including ``next_micro_batches`` (the data wait), exactly as
+``Trainer.fit`` runs them. It prints one JSON line per mode, then (with more than one mode) one comparison line.
+
+Modes, all of the same trainer (same weights, engine and data), interleaved step by step so that every mode sees the
+same machine load; medians over the timed steps are reported:
+
+- ``fast``: the configured step (LM heads on the gathered positions, the configured attention, half-precision
+  teacher on GPU).
+- ``naive`` (``--naive``, ``--both``): the plain way: full-vocabulary logits of teacher and student at every position,
+  then select; eager ("standard") attention; the teacher in fp32 (the student keeps the run's precision, fp32 on CPU).
+- ablations of the fast step, one change each (``--ablate``): ``head`` (full logits then select), ``attention``
+  (eager attention), ``host-sync`` (``.item()`` of every logged value after each micro-batch, as a loop that logs from
+  host floats would), ``teacher-fp32`` (GPU: the teacher in fp32).
+
+Data: real shards (``data.dir``) or synthetic shards in the same format, written with ``data_prep``'s packer into the
+temporary directory (uniformly random non-special ids of the teacher's vocabulary; no corpus needed): with
+``--synthetic``, or when ``data.dir`` is ``synthetic:L`` (sequences of L tokens).
+Teacher: ``teacher.name_or_path`` as usual, or ``random:MODEL_TYPE,key=value,...`` (e.g. ``random:bert,hidden_size=256,
+num_hidden_layers=8,num_attention_heads=4,intermediate_size=1024,vocab_size=30522``): a randomly initialised
+``AutoModelForMaskedLM`` of that ``transformers`` config and a word-level tokenizer of its vocabulary are saved in the
+temporary directory and the trainer loads them as any local teacher.
+
+FLOPs (:func:`step_flops`): model FLOPs of the matrix products the step actually does (PaLM-style MFU accounting,
+Chowdhery et al. 2022, appendix B): teacher forward, student forward and backward (2x forward), the attention quadratic
+term included, the LM heads on the positions they run on (gathered: the masked tokens; naive: every position).
+Embedding lookups, norms, softmax and element-wise work are not counted. MFU = achieved FLOP/s / peak: on CPU the peak
+is measured in the same run (best fp32 matrix product of ``--peak-size``), on GPU the datasheet dense peak of the
+precision used (:data:`DATASHEET_PEAK_TFLOPS`; ``--peak-tflops`` overrides). Peak memory: CPU the process's peak RSS
+during the mode's steps (Linux ``VmHWM``, reset before each step through ``/proc/self/clear_refs``); GPU
+``torch.cuda.max_memory_allocated`` (reset before each step).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Dense (no structured sparsity) peak TFLOP/s by device-name substring, first match wins; fp32 = without TF32
+# (PyTorch's default for matmuls). Sources: NVIDIA H100 datasheet (SXM5: 989.4 fp16/bf16, 66.9 fp32; PCIe: 756.5 /
+# 51.2; NVL: 835.5 / 60), H200 datasheet (same compute as H100 SXM), A100 datasheet (312 / 19.5).
+DATASHEET_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"fp16": 756.5, "bf16": 756.5, "fp32": 51.2}),
+    ("H100 NVL", {"fp16": 835.5, "bf16": 835.5, "fp32": 60.0}),
+    ("H100", {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9}),
+    ("A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5}),
+]
+
+ABLATIONS = ("head", "attention", "host-sync", "teacher-fp32")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def _dims(config) -> tuple[int, int, int, int]:
+    """(hidden, layers, intermediate, vocab) of a BERT-like config (DistilBERT's names too)."""
+    hidden = getattr(config, "hidden_size", None) or config.dim
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layers
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden
+    return int(hidden), int(layers), int(inter), int(config.vocab_size)
+
+
+def encoder_flops(config, sequences: int, seq_len: int) -> int:
+    """Forward FLOPs of the transformer layers over ``sequences`` x ``seq_len`` positions (padding included).
+
+    Per layer and position: Q, K, V and output projections ``8 H^2``, feed-forward ``4 H I``, and the attention
+    products Q K^T and A V ``4 L H`` (the quadratic term). Embedding lookups and norms are not counted.
+    """
+    h, n, i, _ = _dims(config)
+    positions = sequences * seq_len
+    return n * positions * (8 * h * h + 4 * h * i + 4 * seq_len * h)
+
+
+def head_flops(config, positions: int) -> int:
+    """Forward FLOPs of a BERT-style MLM head (transform ``H x H`` then decoder ``H x V``) on ``positions`` rows."""
+    h, _, _, v = _dims(config)
+    return positions * (2 * h * h + 2 * h * v)
+
+
+def step_flops(model, *, sequences: int, seq_len: int, head_positions: int) -> dict[str, int]:
+    """Model FLOPs of one micro-batch through a :class:`pretrain.distill.DistillationModel`, forward and backward.
+
+    Args:
+        model: the DistillationModel (its student / teacher configs, heads, projections and relation pairs).
+        sequences, seq_len: the micro-batch shape [B, L] (L padded).
+        head_positions: rows the LM heads run on (gathered: the positions the losses read; naive: B x L).
+
+    Returns ``{"teacher_forward", "student_forward", "student_backward", "total"}`` (FLOPs); the backward is 2x the
+    student's forward (gradients of inputs and of weights). Heads count only when the loss reads logits; TinyBERT
+    projections and MiniLM relation products (Q K^T, V V^T per relation pair) are counted too.
+    """
+    from pretrain.student import mlm_head
+    cfg = model.loss_cfg
+    active = cfg.active()
+    s_cfg, t_cfg = model.student.config, model.teacher.config
+    t_fwd = encoder_flops(t_cfg, sequences, seq_len)
+    s_fwd = encoder_flops(s_cfg, sequences, seq_len)
+    if ("ce" in active or "mlm" in active) and mlm_head(model.teacher) is not None:
+        t_fwd += head_flops(t_cfg, head_positions)
+        s_fwd += head_flops(s_cfg, head_positions)
+    positions = sequences * seq_len
+    if model.projections is not None:
+        for proj in model.projections.values():
+            s_fwd += 2 * positions * proj.in_features * proj.out_features
+    n_rel = ("att" in active) + ("val" in active)
+    for _ in model.relation_pairs:  # [B, R, L, d] x [B, R, d, L] per relation: 2 L^2 D per sequence
+        t_fwd += n_rel * 2 * sequences * seq_len * seq_len * _dims(t_cfg)[0]
+        s_fwd += n_rel * 2 * sequences * seq_len * seq_len * _dims(s_cfg)[0]
+    return {"teacher_forward": t_fwd, "student_forward": s_fwd, "student_backward": 2 * s_fwd,
+            "total": t_fwd + 3 * s_fwd}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peaks and memory
+
+
+def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of ``size x size`` matrix products on this process's torch threads (the CPU's practical peak).
+
+    Counted as ``2 size^3`` FLOPs per product; the fastest of ``repeats`` after one warm-up.
+    """
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def datasheet_peak(device_name: str, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, source) from :data:`DATASHEET_PEAK_TFLOPS` for a CUDA device name; (None, why) if unknown."""
+    for key, peaks in DATASHEET_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks[precision] * 1e12, f"datasheet {key} dense {precision}"
+    return None, f"no datasheet peak for {device_name!r}: give --peak-tflops"
+
+
+class PeakMemory:
+    """Peak memory of the steps between :meth:`reset` and :meth:`read` (bytes).
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU (Linux): peak resident set size ``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs`` after returning freed heap to the system (``malloc_trim``); where that is not possible,
+    the process's peak RSS so far (``ru_maxrss``; then ``kind`` says so).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if self.cuda else "peak_rss"
+        self._libc = None
+        if not self.cuda:
+            with contextlib.suppress(OSError, AttributeError):
+                self._libc = ctypes.CDLL("libc.so.6")
+            if not self._can_reset():
+                self.kind = "peak_rss_process"
+
+    @staticmethod
+    def _can_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "peak_rss":
+            if self._libc is not None:
+                self._libc.malloc_trim(0)
+            self._can_reset()
+
+    def read(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "peak_rss":
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device name, or the CPU model name (``/proc/cpuinfo``) and its usable cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic teacher and shards
+
+
+def parse_random_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"random:bert,hidden_size=256,..."`` -> ``("bert", {"hidden_size": 256, ...})`` (values parsed as JSON).
+
+    Raises ``ValueError`` naming the bad part.
+    """
+    body = spec.split(":", 1)[1]
+    model_type, *items = [p.strip() for p in body.split(",") if p.strip()]
+    kwargs = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"teacher.name_or_path: {spec!r}: {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return model_type, kwargs
+
+
+def word_level_tokenizer(vocab_size: int, specials: dict[str, int]):
+    """A fast word-level tokenizer of ``vocab_size`` ids: ``specials`` ({role: id}, roles cls/sep/pad/mask/unk and
+    optionally bos/eos) at their ids, ``t<id>`` elsewhere. Enough for shards, masking and the trainer's checks."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    names = {"bert": {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"},
+             "roberta": {"cls": "<s>", "sep": "</s>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}}
+    style = names["roberta" if specials.get("bos") is not None else "bert"]
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    for role, token in style.items():
+        del vocab[f"t{specials[role]}"]
+        vocab[token] = specials[role]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=style["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = {f"{role}_token": token for role, token in style.items()}
+    if specials.get("bos") is not None:
+        kwargs.update(bos_token=style["cls"], eos_token=style["sep"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=100_000, **kwargs)
+
+
+def make_random_teacher(spec: str, folder: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised MLM teacher described by ``random:MODEL_TYPE,key=value,...`` and a word-level
+    tokenizer of its vocabulary in ``folder`` (BERT ids: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103;
+    RoBERTa-like ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> vocab-1). Returns ``folder``."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+    from pretrain.trainer import PADDING_OFFSET_MODELS
+    model_type, kwargs = parse_random_spec(spec)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    v = int(config.vocab_size)
+    if model_type in PADDING_OFFSET_MODELS:
+        specials = {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": v - 1, "bos": 0, "eos": 2}
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = 1, 0, 2
+    else:
+        specials = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+        config.pad_token_id = 0
+    torch.manual_seed(seed)
+    model = AutoModelForMaskedLM.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder)
+    word_level_tokenizer(v, specials).save_pretrained(folder)
+    return Path(folder)
+
+
+def write_synthetic_shards(folder: Path, tokenizer, *, seq_len: int, num_sequences: int, valid_sequences: int = 16,
+                           seed: int = 0) -> Path:
+    """Shards in the ``data_prep`` format (manifest, ``.bin`` + index per split, ``token_counts.npy``) of
+    ``num_sequences`` train and ``valid_sequences`` valid sequences of ``seq_len`` tokens: documents of 50-500
+    uniformly random non-special ids packed FULL-SENTENCES by ``data_prep.prepare.Packer``. Returns ``folder``."""
+    from data_prep import shards
+    from data_prep.prepare import Packer
+    from data_prep.tokenizer import token_dtype, tokenizer_record
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = tokenizer_record(tokenizer, "synthetic")
+    vocab = record["vocab_size"]
+    dtype = token_dtype(vocab)
+    allowed = np.setdiff1d(np.arange(vocab), np.asarray(record["all_special_ids"]))
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(vocab, np.int64)
+    splits = {}
+    for split, n in (("train", num_sequences), ("valid", valid_sequences)):
+        writer = shards.ShardWriter(folder, split, dtype, shard_tokens=1 << 25)
+        packer = Packer(writer, record["cls_token_id"], record["sep_token_id"], seq_len,
+                        counts if split == "train" else None)
+        while packer.num_sequences < n:
+            lengths = rng.integers(50, 501, size=64).astype(np.int64)
+            packer.add(allowed[rng.integers(0, len(allowed), int(lengths.sum()))].astype(dtype), lengths)
+        recs = writer.close()
+        splits[split] = {"num_sequences": sum(r["num_sequences"] for r in recs),
+                         "num_tokens": sum(r["num_tokens"] for r in recs),
+                         "num_documents": packer.num_documents, "shards": recs}
+    shards.atomic_save_npy(folder / shards.TOKEN_COUNTS, counts)
+    manifest = {"format_version": shards.FORMAT_VERSION, "tokenizer": record, "max_seq_length": seq_len,
+                "dtype": dtype.name, "splits": splits, "dropped": {}, "sources": [{"synthetic": "uniform random ids"}],
+                "seed": seed, "valid_fraction": valid_sequences / (num_sequences + valid_sequences)}
+    shards.atomic_write_bytes(folder / shards.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modes
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How one timed step runs: full logits at every position, eager attention, fp32 teacher, host sync per
+    micro-batch (each False = the fast way)."""
+
+    name: str
+    full_logits: bool = False
+    eager: bool = False
+    teacher_fp32: bool = False
+    host_sync: bool = False
+
+
+FAST = Mode("fast")
+NAIVE = Mode("naive", full_logits=True, eager=True, teacher_fp32=True)
+ABLATION_MODES = {"head": Mode("fast-full-logits", full_logits=True),
+                  "attention": Mode("fast-eager-attention", eager=True),
+                  "host-sync": Mode("fast-host-sync", host_sync=True),
+                  "teacher-fp32": Mode("fast-teacher-fp32", teacher_fp32=True)}
+
+
+class ModeSwitch:
+    """Puts a set-up :class:`pretrain.trainer.Trainer` into a :class:`Mode` between steps (same weights and engine)."""
+
+    def __init__(self, trainer):
+        from pretrain.trainer import teacher_dtype
+        self.trainer = trainer
+        self.model = trainer.model
+        self.attn = {m: m.config._attn_implementation for m in (self.model.student, self.model.teacher)}
+        self.fast_teacher_dtype = teacher_dtype(trainer.cfg, trainer.cuda)
+        self.engine_forward = trainer.engine.forward
+
+    def _synced_forward(self, *args, **kwargs):
+        loss, parts = self.engine_forward(*args, **kwargs)
+        for v in parts.values():
+            v.item()  # what a loop that logs host floats per micro-batch does
+        return loss, parts
+
+    def set(self, mode: Mode) -> None:
+        model = self.model
+        model.naive = mode.full_logits
+        for m, impl in self.attn.items():
+            want = "eager" if mode.eager else impl
+            if m.config._attn_implementation != want:
+                m.set_attn_implementation(want)
+        dtype = torch.float32 if mode.teacher_fp32 else self.fast_teacher_dtype
+        if next(model.teacher.parameters()).dtype != dtype:
+            model.move_teacher(self.trainer.device, dtype)
+        engine = self.trainer.engine
+        if mode.host_sync:
+            engine.forward = self._synced_forward
+        elif "forward" in vars(engine):
+            del engine.forward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _spec_seq_len(data_dir: str) -> int | None:
+    if data_dir.startswith("synthetic:"):
+        try:
+            return int(data_dir.split(":", 1)[1])
+        except ValueError:
+            raise SystemExit(f"error: data.dir {data_dir!r}: give synthetic:LENGTH, e.g. synthetic:128") from None
+    return None
+
+
+def prepare_run(args, tmp: Path):
+    """Load the config with the bench's overrides, writing the random teacher / synthetic shards into ``tmp``."""
+    from pretrain.config import load
+    from pretrain.schema import ConfigError
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    extra = {"train.output_dir": str(tmp / "run"), "train.export_init": "false", "train.tensorboard": "false"}
+    teacher = cfg.teacher.name_or_path
+    if teacher.startswith("random:"):
+        try:
+            extra["teacher.name_or_path"] = str(make_random_teacher(teacher, tmp / "teacher", seed=cfg.train.seed))
+        except (ValueError, TypeError, KeyError) as e:
+            raise SystemExit(f"error: teacher.name_or_path {teacher!r}: {e}") from None
+    seq_len = _spec_seq_len(cfg.data.dir)
+    if args.synthetic or seq_len is not None:
+        from transformers import AutoTokenizer
+        from data_prep.embedded import resolve_model
+        tok = AutoTokenizer.from_pretrained(extra.get("teacher.name_or_path") or resolve_model(teacher))
+        seq_len = args.seq_len or seq_len or 128
+        modes = 1 + args.both + len(args.ablate)
+        micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu") or cfg.deepspeed.get("train_batch_size"))
+        need = (args.warmup + args.steps) * modes * micro * int(cfg.deepspeed.get("gradient_accumulation_steps") or 1)
+        extra["data.dir"] = str(write_synthetic_shards(tmp / "shards", tok, seq_len=seq_len,
+                                                       num_sequences=max(64, min(need, 4096)), seed=cfg.train.seed))
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in extra.items()]
+    try:
+        return load(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def run_bench(args) -> list[dict]:
+    """Set up the trainer, time the modes interleaved, return (and print) the JSON records."""
+    from pretrain.trainer import Trainer
+    modes = [NAIVE] if args.naive and not args.both else [FAST] + ([NAIVE] if args.both else [])
+    modes += [ABLATION_MODES[a] for a in args.ablate]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        cfg = prepare_run(args, Path(tmp))
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            return _time_modes(args, trainer, modes)
+        finally:
+            trainer.close()
+
+
+def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
+    dev = trainer.device
+    cuda = dev.type == "cuda"
+    switch = ModeSwitch(trainer)
+    memory = PeakMemory(dev)
+    precision = trainer.precision
+    peak_before = None if cuda else measure_cpu_peak(args.peak_size)
+    times = {m.name: [] for m in modes}
+    waits = {m.name: [] for m in modes}
+    flops = {m.name: [] for m in modes}
+    tokens = {m.name: [] for m in modes}
+    seqs = {m.name: [] for m in modes}
+    mems = {m.name: 0 for m in modes}
+    load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+    for i in range(args.warmup + args.steps):
+        for mode in modes:
+            switch.set(mode)
+            memory.reset()
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            batches = trainer.next_micro_batches()
+            t1 = time.perf_counter()
+            res = trainer.train_step(batches)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t2 = time.perf_counter()
+            trainer.step += 1
+            if i < args.warmup:
+                continue
+            mems[mode.name] = max(mems[mode.name], memory.read())
+            times[mode.name].append(t2 - t0)
+            waits[mode.name].append(t1 - t0)
+            masked = float(res.parts["n_masked"])
+            real = float(res.parts["n_tokens"])
+            positions = sum(b["input_ids"].numel() for b in batches)
+            head = positions if mode.full_logits else (masked if trainer.cfg.loss.restrict_ce_to_mask else real)
+            total = sum(step_flops(switch.model, sequences=b["input_ids"].shape[0], seq_len=b["input_ids"].shape[1],
+                                   head_positions=round(head * b["input_ids"].numel() / positions))["total"]
+                        for b in batches)  # a micro-batch's head rows: its share of the step's gathered rows
+            n_seq = sum(b["input_ids"].shape[0] for b in batches)
+            flops[mode.name].append(total)
+            tokens[mode.name].append(real)
+            seqs[mode.name].append(n_seq)
+    switch.set(FAST)
+    if hasattr(os, "getloadavg"):
+        load.append(os.getloadavg()[0])
+    if cuda:
+        name = device_name(dev)
+        peak, peak_source = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else \
+            datasheet_peak(name, precision)
+    else:
+        name = device_name(dev)
+        peak_after = measure_cpu_peak(args.peak_size)
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peak_before, peak_after)
+        peak_source = "--peak-tflops" if args.peak_tflops else (
+            f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul, {torch.get_num_threads()} threads "
+            f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f} GFLOP/s)")
+    out = []
+    config = _describe(trainer)
+    for mode in modes:
+        step_s = _median(times[mode.name])
+        tok = _median(tokens[mode.name])
+        fl = _median(flops[mode.name])
+        achieved = fl / step_s
+        rec = {"benchmark": "distill_train_step", "mode": mode.name, "device": dev.type, "device_name": name,
+               "precision": precision, "steps": len(times[mode.name]), "warmup": args.warmup,
+               "step_s": round(step_s, 4), "step_s_min": round(min(times[mode.name]), 4),
+               "step_s_max": round(max(times[mode.name]), 4), "data_wait_s": round(_median(waits[mode.name]), 5),
+               "tokens_per_step": int(tok), "sequences_per_step": int(_median(seqs[mode.name])),
+               "tokens_per_s": round(tok / step_s, 1), "sequences_per_s": round(_median(seqs[mode.name]) / step_s, 3),
+               "flops_per_token": round(fl / tok), "flops_per_step": int(fl),
+               "achieved_flops_per_s": round(achieved), "peak_flops_per_s": None if peak is None else round(peak),
+               "peak_source": peak_source, "mfu": None if peak is None else round(achieved / peak, 4),
+               "peak_memory_mib": round(mems[mode.name] / 2 ** 20, 1), "memory_kind": memory.kind,
+               "load_average": [round(x, 2) for x in load],
+               "mode_detail": {"full_logits": mode.full_logits, "eager_attention": mode.eager,
+                               "teacher_fp32": mode.teacher_fp32 or switch.fast_teacher_dtype == torch.float32,
+                               "host_sync_per_micro_step": mode.host_sync},
+               "config": config}
+        out.append(rec)
+        print(json.dumps(rec), flush=True)
+    if len(modes) > 1:
+        base = out[0]
+        cmp = {"benchmark": "distill_train_step", "mode": "comparison", "reference": base["mode"],
+               "tokens_per_s": {r["mode"]: r["tokens_per_s"] for r in out},
+               "speedup_over": {r["mode"]: round(base["tokens_per_s"] / r["tokens_per_s"], 3) for r in out[1:]}}
+        if any(r["mode"] == "naive" for r in out):
+            cmp["speedup"] = cmp["speedup_over"]["naive"]
+        out.append(cmp)
+        print(json.dumps(cmp), flush=True)
+    return out
+
+
+def _describe(trainer) -> dict:
+    """The run's shape for the JSON lines."""
+    from pretrain.student import base_model
+    cfg, model = trainer.cfg, trainer.model
+    t, s = model.teacher.config, model.student.config
+    th, tl, _, tv = _dims(t)
+    sh, sl, _, _ = _dims(s)
+    seq = int(trainer.preflight.manifest["max_seq_length"])
+    return {"teacher": {"model_type": t.model_type, "hidden": th, "layers": tl, "vocab": tv,
+                        "dtype": str(next(model.teacher.parameters()).dtype).replace("torch.", ""),
+                        "attention": t._attn_implementation},
+            "student": {"hidden": sh, "layers": sl, "attention": s._attn_implementation,
+                        "parameters": sum(p.numel() for p in model.parameters())},
+            "seq_len": seq, "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
+            "micro_batch": trainer.plan.micro_batch, "accumulation": trainer.plan.accumulation,
+            "world_size": trainer.world_size, "zero_stage": trainer.stage, "precision": trainer.precision,
+            "optimizer": type(getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)).__name__,
+            "prefetch": cfg.data.prefetch, "compile": bool(getattr(cfg.train, "compile", False)),
+            "threads": torch.get_num_threads(), "loss_terms": sorted(cfg.loss.active()),
+            "compiled_modules": [n for n, m in (("student", base_model(model.student)),
+                                                ("teacher", base_model(model.teacher)))
+                                 if getattr(m, "_compiled_call_impl", None) is not None]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a run config (JSON), e.g. configs/bench-cpu-small.json")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (default 1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--naive", action="store_true", help="time only the naive step")
+    g.add_argument("--both", action="store_true", help="time the fast and the naive step, interleaved; print the "
+                                                       "speed-up")
+    p.add_argument("--ablate", action="append", default=[], choices=ABLATIONS,
+                   help="also time the fast step with one optimisation undone (repeatable)")
+    p.add_argument("--synthetic", action="store_true", help="synthetic shards (random ids of the teacher's "
+                                                            "vocabulary) instead of data.dir")
+    p.add_argument("--seq-len", type=int, default=None, metavar="L",
+                   help="tokens per synthetic sequence (default: data.dir's synthetic:L, else 128)")
+    p.add_argument("--peak-size", type=int, default=2048, metavar="N", help="CPU peak: N x N fp32 matmul")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (overrides the measured / "
+                                                                  "datasheet peak)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.naive and args.ablate:
+        p.error("--ablate modifies the fast step: use it without --naive")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
