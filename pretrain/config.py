@@ -83,6 +83,9 @@ class TrainConfig:
         True, help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
                    "before/after comparison); done once, on a fresh run.")
     tensorboard: bool = param(True, help="Write TensorBoard scalars to output_dir/tensorboard/ (rank 0).")
+    compile: bool = param(
+        False, help="torch.compile the student's and the teacher's encoders (in place: checkpoints and exports are "
+                    "unchanged); costs compile time at the start. Measured slower on CPU (docs/performance.md).")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming ``train.<key>``."""
@@ -194,7 +197,7 @@ An ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/), passe
 | key | derived / default |
 | --- | --- |
 | `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` | give any two (or the first alone, or all three); the third follows from train_batch_size = micro x accumulation x world size. A combination that cannot hold is an error naming the numbers. |
-| `optimizer` | `AdamW`, lr 5e-4, betas [0.9, 0.98], eps 1e-6, weight decay 0.0 (DistilBERT); on CPU `torch_adam: true` (no compiled op). |
+| `optimizer` | `AdamW`, lr 5e-4, betas [0.9, 0.98], eps 1e-6, weight decay 0.0 (DistilBERT); on CPU `torch_adam: true` (no compiled op) with `fused: true` (PyTorch's fused AdamW). |
 | `scheduler` | `WarmupDecayLR` (linear warm-up, then linear decay to 0): `total_num_steps` = train.max_steps, `warmup_num_steps` = 5% of it (DistilBERT's warmup_prop 0.05), `warmup_max_lr` = the optimizer's lr, `warmup_type` linear. |
 | `gradient_clipping` | 5.0 (DistilBERT's max_grad_norm). |
 | `fp16` / `bf16` | off (fp32) unless enabled; fp16 uses dynamic loss scaling (`loss_scale: 0`). fp16 needs a GPU. |

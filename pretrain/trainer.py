@@ -64,10 +64,26 @@ def setup_environment() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        keep_freed_memory()
         if "OMP_NUM_THREADS" not in os.environ:
             local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(max(1, cores // max(1, local)))
+
+
+def keep_freed_memory() -> None:
+    """CPU: glibc keeps freed blocks up to 1 GiB for reuse (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD)
+    instead of unmapping them, so the step's large activations are not page-faulted in anew every step (see
+    docs/performance.md). Skipped when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -363,6 +379,10 @@ class Trainer:
         student, self.student_record = build_student(teacher, cfg.student)
         self.model = DistillationModel(student, teacher, cfg.loss, self.student_record["layer_map"])
         self.model.move_teacher(self.device, teacher_dtype(cfg, self.cuda))
+        if tc.compile:
+            from pretrain.student import base_model
+            for module in (base_model(student), base_model(teacher)):
+                module.compile()  # in place: parameter names (checkpoints, exports) unchanged
         self._st_files = self._sentence_transformers_files()
         if resume is None and tc.export_init and self.is_main and not (self.out / "student_init").is_dir():
             self._export_init(student)
@@ -375,6 +395,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=params, config=self.ds_config)
+        if self.world_size == 1 and self.stage == 0:
+            self.engine.enable_backward_allreduce = False  # one rank: skip the flatten / all-reduce / copy-back
 
         train = open_split(cfg.data, "train")
         order = DataOrder(len(train), micro_batch=self.plan.micro_batch, world_size=self.world_size, rank=self.rank,
