@@ -64,9 +64,6 @@ DATASHEET_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5}),
 ]
 
-ABLATIONS = ("head", "attention", "host-sync", "teacher-fp32")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs
 
@@ -327,34 +324,70 @@ def write_synthetic_shards(folder: Path, tokenizer, *, seq_len: int, num_sequenc
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """How one timed step runs: full logits at every position, eager attention, fp32 teacher, host sync per
-    micro-batch (each False = the fast way)."""
+    """How one timed step runs; every field False = the configured (fast) step. ``full_logits``: LM heads on every
+    position, then select; ``eager``: eager attention; ``teacher_fp32``: the teacher in fp32; ``host_sync``: ``.item()``
+    of the logged values after each micro-batch; ``unfused_optimizer``: torch AdamW's per-tensor loop instead of its
+    fused kernel; ``allreduce``: DeepSpeed's gradient all-reduce even with one rank; ``default_malloc``: glibc's
+    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`."""
 
     name: str
     full_logits: bool = False
     eager: bool = False
     teacher_fp32: bool = False
     host_sync: bool = False
+    unfused_optimizer: bool = False
+    allreduce: bool = False
+    default_malloc: bool = False
 
 
 FAST = Mode("fast")
 NAIVE = Mode("naive", full_logits=True, eager=True, teacher_fp32=True)
 ABLATION_MODES = {"head": Mode("fast-full-logits", full_logits=True),
                   "attention": Mode("fast-eager-attention", eager=True),
+                  "teacher-fp32": Mode("fast-teacher-fp32", teacher_fp32=True),
                   "host-sync": Mode("fast-host-sync", host_sync=True),
-                  "teacher-fp32": Mode("fast-teacher-fp32", teacher_fp32=True)}
+                  "optimizer": Mode("fast-unfused-adamw", unfused_optimizer=True),
+                  "allreduce": Mode("fast-allreduce", allreduce=True),
+                  "malloc": Mode("fast-default-malloc", default_malloc=True)}
+ABLATIONS = tuple(ABLATION_MODES)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 class ModeSwitch:
-    """Puts a set-up :class:`pretrain.trainer.Trainer` into a :class:`Mode` between steps (same weights and engine)."""
+    """Puts a set-up :class:`pretrain.trainer.Trainer` into a :class:`Mode` between steps (same weights and engine).
 
-    def __init__(self, trainer):
+    Raises ``SystemExit`` for an ablation that does not apply to the run (for example ``optimizer`` when the
+    optimizer is not torch's fused AdamW)."""
+
+    def __init__(self, trainer, modes: list[Mode]):
+        from pretrain.student import base_model
         from pretrain.trainer import teacher_dtype
         self.trainer = trainer
         self.model = trainer.model
+        self.engine = trainer.engine
         self.attn = {m: m.config._attn_implementation for m in (self.model.student, self.model.teacher)}
+        self.compiled = {m: m._compiled_call_impl for m in (base_model(self.model.student),
+                                                            base_model(self.model.teacher))
+                         if getattr(m, "_compiled_call_impl", None) is not None}
         self.fast_teacher_dtype = teacher_dtype(trainer.cfg, trainer.cuda)
-        self.engine_forward = trainer.engine.forward
+        self.engine_forward = self.engine.forward
+        self.allreduce = self.engine.enable_backward_allreduce
+        opt = self.engine.optimizer
+        self.torch_optimizer = getattr(opt, "optimizer", opt)
+        self.fused = [g.get("fused") for g in self.torch_optimizer.param_groups]
+        self.libc = None
+        tuned = not trainer.cuda and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+        with contextlib.suppress(OSError, AttributeError):
+            self.libc = ctypes.CDLL("libc.so.6") if tuned else None
+        for mode in modes:
+            if mode.unfused_optimizer and not all(self.fused):
+                raise SystemExit(f"error: --ablate optimizer: the optimizer ({type(self.torch_optimizer).__name__}) "
+                                 f"is not torch's fused AdamW")
+            if mode.allreduce and self.allreduce:
+                raise SystemExit("error: --ablate allreduce: the trainer all-reduces already (more than one rank "
+                                 "or ZeRO)")
+            if mode.default_malloc and self.libc is None:
+                raise SystemExit("error: --ablate malloc: CPU with glibc only, and MALLOC_MMAP_THRESHOLD_ unset")
 
     def _synced_forward(self, *args, **kwargs):
         loss, parts = self.engine_forward(*args, **kwargs)
@@ -363,20 +396,29 @@ class ModeSwitch:
         return loss, parts
 
     def set(self, mode: Mode) -> None:
-        model = self.model
+        """Switch to ``mode`` (outside the timed region)."""
+        model, engine = self.model, self.engine
         model.naive = mode.full_logits
         for m, impl in self.attn.items():
             want = "eager" if mode.eager else impl
             if m.config._attn_implementation != want:
                 m.set_attn_implementation(want)
+        for m, impl in self.compiled.items():  # the eager-attention modes run uncompiled
+            m._compiled_call_impl = None if mode.eager else impl
         dtype = torch.float32 if mode.teacher_fp32 else self.fast_teacher_dtype
         if next(model.teacher.parameters()).dtype != dtype:
             model.move_teacher(self.trainer.device, dtype)
-        engine = self.trainer.engine
         if mode.host_sync:
             engine.forward = self._synced_forward
         elif "forward" in vars(engine):
             del engine.forward
+        for g, fused in zip(self.torch_optimizer.param_groups, self.fused):
+            g["fused"] = False if mode.unfused_optimizer else fused
+        engine.enable_backward_allreduce = True if mode.allreduce else self.allreduce
+        if self.libc is not None:  # glibc's dynamic mmap threshold tops out at 32 MiB, trim at twice that
+            big = not mode.default_malloc
+            self.libc.mallopt(M_MMAP_THRESHOLD, 1 << 30 if big else 32 << 20)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 1 << 30 if big else 64 << 20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,86 +486,92 @@ def run_bench(args) -> list[dict]:
             trainer.close()
 
 
+def _one_step(trainer, cuda: bool) -> tuple[Any, list[dict], float, float, float]:
+    """One ``fit``-style step: (result, micro-batches, wall seconds, data-wait seconds, process CPU seconds)."""
+    dev = trainer.device
+    if cuda:
+        torch.cuda.synchronize(dev)
+    c0, t0 = time.process_time(), time.perf_counter()
+    batches = trainer.next_micro_batches()
+    t1 = time.perf_counter()
+    res = trainer.train_step(batches)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    t2, c2 = time.perf_counter(), time.process_time()
+    trainer.step += 1
+    return res, batches, t2 - t0, t1 - t0, c2 - c0
+
+
+def _step_model_flops(trainer, model, mode: Mode, res, batches) -> int:
+    """Model FLOPs of a step: :func:`step_flops` per micro-batch, the heads on the rows they ran on."""
+    positions = sum(b["input_ids"].numel() for b in batches)
+    if mode.full_logits:
+        head = positions
+    else:
+        head = float(res.parts["n_masked" if trainer.cfg.loss.restrict_ce_to_mask else "n_tokens"])
+    return sum(step_flops(model, sequences=b["input_ids"].shape[0], seq_len=b["input_ids"].shape[1],
+                          head_positions=round(head * b["input_ids"].numel() / positions))["total"]
+               for b in batches)  # a micro-batch's head rows: its share of the step's gathered rows
+
+
 def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
     dev = trainer.device
     cuda = dev.type == "cuda"
-    switch = ModeSwitch(trainer)
-    memory = PeakMemory(dev)
+    switch = ModeSwitch(trainer, modes)
     precision = trainer.precision
-    peak_before = None if cuda else measure_cpu_peak(args.peak_size)
-    times = {m.name: [] for m in modes}
-    waits = {m.name: [] for m in modes}
-    flops = {m.name: [] for m in modes}
-    tokens = {m.name: [] for m in modes}
-    seqs = {m.name: [] for m in modes}
-    mems = {m.name: 0 for m in modes}
+    peak_before = None if cuda or args.peak_tflops else measure_cpu_peak(args.peak_size)
+    keys = ("step_s", "data_wait_s", "cpu_s", "flops", "tokens", "sequences")
+    stats = {m.name: {k: [] for k in keys} for m in modes}
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     for i in range(args.warmup + args.steps):
-        for mode in modes:
+        for mode in modes:  # interleaved: every mode sees the same machine load
             switch.set(mode)
-            memory.reset()
-            if cuda:
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            batches = trainer.next_micro_batches()
-            t1 = time.perf_counter()
-            res = trainer.train_step(batches)
-            if cuda:
-                torch.cuda.synchronize(dev)
-            t2 = time.perf_counter()
-            trainer.step += 1
+            res, batches, wall, wait, cpu = _one_step(trainer, cuda)
             if i < args.warmup:
                 continue
-            mems[mode.name] = max(mems[mode.name], memory.read())
-            times[mode.name].append(t2 - t0)
-            waits[mode.name].append(t1 - t0)
-            masked = float(res.parts["n_masked"])
-            real = float(res.parts["n_tokens"])
-            positions = sum(b["input_ids"].numel() for b in batches)
-            head = positions if mode.full_logits else (masked if trainer.cfg.loss.restrict_ce_to_mask else real)
-            total = sum(step_flops(switch.model, sequences=b["input_ids"].shape[0], seq_len=b["input_ids"].shape[1],
-                                   head_positions=round(head * b["input_ids"].numel() / positions))["total"]
-                        for b in batches)  # a micro-batch's head rows: its share of the step's gathered rows
-            n_seq = sum(b["input_ids"].shape[0] for b in batches)
-            flops[mode.name].append(total)
-            tokens[mode.name].append(real)
-            seqs[mode.name].append(n_seq)
-    switch.set(FAST)
+            st = stats[mode.name]
+            for k, v in zip(keys, (wall, wait, cpu, _step_model_flops(trainer, switch.model, mode, res, batches),
+                                   float(res.parts["n_tokens"]), sum(b["input_ids"].shape[0] for b in batches))):
+                st[k].append(v)
     if hasattr(os, "getloadavg"):
         load.append(os.getloadavg()[0])
-    if cuda:
-        name = device_name(dev)
-        peak, peak_source = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else \
-            datasheet_peak(name, precision)
+    memory = PeakMemory(dev)
+    peak_memory = {}
+    for mode in modes:  # one untimed step per mode, its peak memory from a clean start
+        switch.set(mode)
+        memory.reset()
+        _one_step(trainer, cuda)
+        peak_memory[mode.name] = memory.read()
+    switch.set(FAST)
+    name = device_name(dev)
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
+    elif cuda:
+        peak, peak_source = datasheet_peak(name, precision)
     else:
-        name = device_name(dev)
         peak_after = measure_cpu_peak(args.peak_size)
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peak_before, peak_after)
-        peak_source = "--peak-tflops" if args.peak_tflops else (
-            f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul, {torch.get_num_threads()} threads "
-            f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f} GFLOP/s)")
+        peak = max(peak_before, peak_after)
+        peak_source = (f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul on {torch.get_num_threads()} "
+                       f"thread(s) (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f} GFLOP/s)")
     out = []
     config = _describe(trainer)
     for mode in modes:
-        step_s = _median(times[mode.name])
-        tok = _median(tokens[mode.name])
-        fl = _median(flops[mode.name])
-        achieved = fl / step_s
+        st = {k: _median(v) for k, v in stats[mode.name].items()}
+        step_s, tok = st["step_s"], st["tokens"]
+        achieved = st["flops"] / step_s
         rec = {"benchmark": "distill_train_step", "mode": mode.name, "device": dev.type, "device_name": name,
-               "precision": precision, "steps": len(times[mode.name]), "warmup": args.warmup,
-               "step_s": round(step_s, 4), "step_s_min": round(min(times[mode.name]), 4),
-               "step_s_max": round(max(times[mode.name]), 4), "data_wait_s": round(_median(waits[mode.name]), 5),
-               "tokens_per_step": int(tok), "sequences_per_step": int(_median(seqs[mode.name])),
-               "tokens_per_s": round(tok / step_s, 1), "sequences_per_s": round(_median(seqs[mode.name]) / step_s, 3),
-               "flops_per_token": round(fl / tok), "flops_per_step": int(fl),
-               "achieved_flops_per_s": round(achieved), "peak_flops_per_s": None if peak is None else round(peak),
-               "peak_source": peak_source, "mfu": None if peak is None else round(achieved / peak, 4),
-               "peak_memory_mib": round(mems[mode.name] / 2 ** 20, 1), "memory_kind": memory.kind,
+               "precision": precision, "steps": len(stats[mode.name]["step_s"]), "warmup": args.warmup,
+               "step_s": round(step_s, 4), "step_s_min": round(min(stats[mode.name]["step_s"]), 4),
+               "step_s_max": round(max(stats[mode.name]["step_s"]), 4), "cpu_s": round(st["cpu_s"], 4),
+               "data_wait_s": round(st["data_wait_s"], 5), "tokens_per_step": int(tok),
+               "sequences_per_step": int(st["sequences"]), "tokens_per_s": round(tok / step_s, 1),
+               "sequences_per_s": round(st["sequences"] / step_s, 3), "flops_per_token": round(st["flops"] / tok),
+               "flops_per_step": int(st["flops"]), "achieved_flops_per_s": round(achieved),
+               "peak_flops_per_s": None if peak is None else round(peak), "peak_source": peak_source,
+               "mfu": None if peak is None else float(f"{achieved / peak:.4g}"),
+               "peak_memory_mib": round(peak_memory[mode.name] / 2 ** 20, 1), "memory_kind": memory.kind,
                "load_average": [round(x, 2) for x in load],
-               "mode_detail": {"full_logits": mode.full_logits, "eager_attention": mode.eager,
-                               "teacher_fp32": mode.teacher_fp32 or switch.fast_teacher_dtype == torch.float32,
-                               "host_sync_per_micro_step": mode.host_sync},
-               "config": config}
+               "mode_detail": {k: v for k, v in dataclasses.asdict(mode).items() if k != "name"}, "config": config}
         out.append(rec)
         print(json.dumps(rec), flush=True)
     if len(modes) > 1:
@@ -555,7 +603,8 @@ def _describe(trainer) -> dict:
             "micro_batch": trainer.plan.micro_batch, "accumulation": trainer.plan.accumulation,
             "world_size": trainer.world_size, "zero_stage": trainer.stage, "precision": trainer.precision,
             "optimizer": type(getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)).__name__,
-            "prefetch": cfg.data.prefetch, "compile": bool(getattr(cfg.train, "compile", False)),
+            "gradient_allreduce": bool(trainer.engine.enable_backward_allreduce),
+            "prefetch": cfg.data.prefetch, "compile": cfg.train.compile,
             "threads": torch.get_num_threads(), "loss_terms": sorted(cfg.loss.active()),
             "compiled_modules": [n for n, m in (("student", base_model(model.student)),
                                                 ("teacher", base_model(model.teacher)))
