@@ -413,7 +413,8 @@ class ModeSwitch:
         elif "forward" in vars(engine):
             del engine.forward
         for g, fused in zip(self.torch_optimizer.param_groups, self.fused):
-            g["fused"] = False if mode.unfused_optimizer else fused
+            if "fused" in g:  # torch's Adam / AdamW
+                g["fused"] = False if mode.unfused_optimizer else fused
         engine.enable_backward_allreduce = True if mode.allreduce else self.allreduce
         if self.libc is not None:  # glibc's dynamic mmap threshold tops out at 32 MiB, trim at twice that
             big = not mode.default_malloc
@@ -520,18 +521,21 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
     switch = ModeSwitch(trainer, modes)
     precision = trainer.precision
     peak_before = None if cuda or args.peak_tflops else measure_cpu_peak(args.peak_size)
-    keys = ("step_s", "data_wait_s", "cpu_s", "flops", "tokens", "sequences")
+    keys = ("step_s", "data_wait_s", "cpu_s", "flops", "tokens", "sequences", "skipped")
     stats = {m.name: {k: [] for k in keys} for m in modes}
+    first: dict[str, float] = {}
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     for i in range(args.warmup + args.steps):
         for mode in modes:  # interleaved: every mode sees the same machine load
             switch.set(mode)
             res, batches, wall, wait, cpu = _one_step(trainer, cuda)
+            first.setdefault(mode.name, wall)  # includes torch.compile's compilation (train.compile)
             if i < args.warmup:
                 continue
             st = stats[mode.name]
             for k, v in zip(keys, (wall, wait, cpu, _step_model_flops(trainer, switch.model, mode, res, batches),
-                                   float(res.parts["n_tokens"]), sum(b["input_ids"].shape[0] for b in batches))):
+                                   float(res.parts["n_tokens"]), sum(b["input_ids"].shape[0] for b in batches),
+                                   float(res.bad))):
                 st[k].append(v)
     if hasattr(os, "getloadavg"):
         load.append(os.getloadavg()[0])
@@ -562,8 +566,10 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
         rec = {"benchmark": "distill_train_step", "mode": mode.name, "device": dev.type, "device_name": name,
                "precision": precision, "steps": len(stats[mode.name]["step_s"]), "warmup": args.warmup,
                "step_s": round(step_s, 4), "step_s_min": round(min(stats[mode.name]["step_s"]), 4),
-               "step_s_max": round(max(stats[mode.name]["step_s"]), 4), "cpu_s": round(st["cpu_s"], 4),
-               "data_wait_s": round(st["data_wait_s"], 5), "tokens_per_step": int(tok),
+               "step_s_max": round(max(stats[mode.name]["step_s"]), 4), "first_step_s": round(first[mode.name], 3),
+               "cpu_s": round(st["cpu_s"], 4),
+               "data_wait_s": round(st["data_wait_s"], 5), "skipped_steps": int(sum(stats[mode.name]["skipped"])),
+               "tokens_per_step": int(tok),
                "sequences_per_step": int(st["sequences"]), "tokens_per_s": round(tok / step_s, 1),
                "sequences_per_s": round(st["sequences"] / step_s, 3), "flops_per_token": round(st["flops"] / tok),
                "flops_per_step": int(st["flops"]), "achieved_flops_per_s": round(achieved),
