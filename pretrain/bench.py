@@ -13,9 +13,11 @@ same machine load; medians over the timed steps are reported:
   teacher on GPU).
 - ``naive`` (``--naive``, ``--both``): the plain way: full-vocabulary logits of teacher and student at every position,
   then select; eager ("standard") attention; the teacher in fp32 (the student keeps the run's precision, fp32 on CPU).
-- ablations of the fast step, one change each (``--ablate``): ``head`` (full logits then select), ``attention``
-  (eager attention), ``host-sync`` (``.item()`` of every logged value after each micro-batch, as a loop that logs from
-  host floats would), ``teacher-fp32`` (GPU: the teacher in fp32).
+- ablations of the fast step, one change each (``--ablate``, repeatable): ``head`` (full logits then select),
+  ``attention`` (eager attention), ``teacher-fp32`` (GPU: the teacher in fp32), ``host-sync`` (``.item()`` of every
+  logged value after each micro-batch, as a loop that logs from host floats would), ``optimizer`` (torch AdamW's
+  per-tensor loop instead of its fused kernel), ``allreduce`` (DeepSpeed's gradient all-reduce with one rank),
+  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``).
 
 Data: real shards (``data.dir``) or synthetic shards in the same format, written with ``data_prep``'s packer into the
 temporary directory (uniformly random non-special ids of the teacher's vocabulary; no corpus needed): with
@@ -29,10 +31,11 @@ FLOPs (:func:`step_flops`): model FLOPs of the matrix products the step actually
 Chowdhery et al. 2022, appendix B): teacher forward, student forward and backward (2x forward), the attention quadratic
 term included, the LM heads on the positions they run on (gathered: the masked tokens; naive: every position).
 Embedding lookups, norms, softmax and element-wise work are not counted. MFU = achieved FLOP/s / peak: on CPU the peak
-is measured in the same run (best fp32 matrix product of ``--peak-size``), on GPU the datasheet dense peak of the
-precision used (:data:`DATASHEET_PEAK_TFLOPS`; ``--peak-tflops`` overrides). Peak memory: CPU the process's peak RSS
-during the mode's steps (Linux ``VmHWM``, reset before each step through ``/proc/self/clear_refs``); GPU
-``torch.cuda.max_memory_allocated`` (reset before each step).
+is measured in the same run (best fp32 matrix product of ``--peak-size``, before and after the timed steps), on GPU the
+datasheet dense peak of the precision used (:data:`DATASHEET_PEAK_TFLOPS`; ``--peak-tflops`` overrides). Peak memory:
+one extra untimed step per mode after the timed ones, from a clean start: CPU the process's peak RSS (Linux ``VmHWM``,
+reset through ``/proc/self/clear_refs`` after ``malloc_trim``); GPU ``torch.cuda.max_memory_allocated``. Results and
+commands: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -637,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-size", type=int, default=2048, metavar="N", help="CPU peak: N x N fp32 matmul")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (overrides the measured / "
                                                                   "datasheet peak)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.naive and args.ablate:
