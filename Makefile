@@ -25,6 +25,9 @@ test: setup lint
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow and not slurm"
 
+demo: setup
+	scripts/demo.sh $(PY)
+
 reference: setup
 	$(PY) scripts/update_readme_reference.py
 
