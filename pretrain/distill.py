@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain import losses as L
@@ -18,6 +19,7 @@ from pretrain.schema import ConfigError
 from pretrain.student import base_model, find_layer_list, mlm_head
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
+VOCAB_MULTIPLE = 64  # the LM heads' vocabulary products run padded to a multiple of this (see aligned_vocab)
 
 
 def default_layer_pairs(layer_map: list[int], num_teacher_layers: int) -> list[list[int]]:
@@ -45,6 +47,58 @@ def find_qkv(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
                 return tuple(found)
     raise ValueError(f"{type(layer).__name__}: no separate query/key/value Linear modules found; the attention and "
                      f"value relation losses (loss.alpha_att, loss.alpha_val) need them: set those weights to 0")
+
+
+def vocab_projection(head, vocab_size: int) -> nn.Linear | None:
+    """The vocabulary projection of an MLM head (:func:`pretrain.student.mlm_head`): its last ``nn.Linear`` with
+    ``out_features == vocab_size``, or None."""
+    found = None
+    for module in (head.modules() if isinstance(head, nn.Module) else ()):
+        if isinstance(module, nn.Linear) and module.out_features == vocab_size:
+            found = module
+    return found
+
+
+@contextlib.contextmanager
+def aligned_vocab(linear: nn.Linear | None, multiple: int = VOCAB_MULTIPLE):
+    """While active, ``linear`` computes its product with the output dimension padded with zero rows to a multiple of
+    ``multiple`` and returns the first ``out_features`` columns (a view): the same values, gradients included.
+
+    Why: with an odd vocabulary (RoBERTa's 50,265) the logits' row stride is not 16-byte aligned and cuBLAS falls back
+    to slow GEMM kernels (on an H100 an sm75 kernel; docs/performance.md); nanoGPT pads its vocabulary for the same
+    reason. The pad is a copy of the weight per call (``vocab x hidden``, small next to the products). No-op for None
+    or an aligned ``out_features``.
+    """
+    pad = 0 if linear is None else (-linear.out_features) % multiple
+    if pad == 0:
+        yield
+        return
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w = F.pad(linear.weight, (0, 0, 0, pad))
+        b = None if linear.bias is None else F.pad(linear.bias, (0, pad))
+        return F.linear(x, w, b)[..., :linear.out_features]
+
+    linear.forward = forward  # the instance attribute shadows the class's forward; hooks still run
+    try:
+        yield
+    finally:
+        del linear.forward
+
+
+def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 temperature: float, ce: bool, mlm: bool) -> dict[str, torch.Tensor]:
+    """The logit terms on the gathered rows: ``{"ce": kd_kl, "mlm": mlm_ce}`` (those asked for).
+
+    Args: student_logits, teacher_logits [N, V] (any float dtype; the losses compute in fp32); labels Long [N].
+    One function so that ``train.compile`` can fuse the fp32 softmaxes over the vocabulary into few kernels.
+    """
+    parts = {}
+    if ce:
+        parts["ce"] = L.kd_kl(student_logits, teacher_logits, temperature)
+    if mlm:
+        parts["mlm"] = L.mlm_ce(student_logits, labels)
+    return parts
 
 
 class DistillationModel(nn.Module):
@@ -115,6 +169,17 @@ class DistillationModel(nn.Module):
                                       f"{width}; set loss.relation_heads to a common divisor of both widths")
             self._qkv_s = [find_qkv(find_layer_list(student)[1][s]) for s, _ in self.relation_pairs]
             self._qkv_t = [find_qkv(find_layer_list(teacher)[1][t]) for _, t in self.relation_pairs]
+        self._heads = (mlm_head(teacher), mlm_head(student))
+        self._projections_v = [None if h is None else vocab_projection(h, tc.vocab_size) for h in self._heads]
+        self._logit_losses = logit_losses
+        self.vocab_multiple = VOCAB_MULTIPLE  # 1: the heads' vocabulary products unpadded (benchmark ablation)
+
+    def compile_parts(self) -> None:
+        """``torch.compile`` the student's and the teacher's encoders (in place: parameter names, checkpoints and
+        exports unchanged) and the logit losses (:func:`logit_losses`, dynamic row count)."""
+        for module in (base_model(self.student), base_model(self._teacher)):
+            module.compile()
+        self._logit_losses = torch.compile(logit_losses, dynamic=True)
 
     @property
     def teacher(self) -> nn.Module:
@@ -166,7 +231,7 @@ class DistillationModel(nn.Module):
         Returns:
             ``(loss, logs)``: loss 0-dim fp32 with grad (sum of alpha x term); logs: detached 0-dim tensors "loss",
             "loss_<term>" for each active term, "n_masked" (masked tokens) and "n_tokens" (non-pad tokens). No host
-            sync except the one the gathered head's boolean indexing implies.
+            sync except one: the number of gathered rows (``nonzero``), once per forward.
         """
         cfg = self.loss_cfg
         active = cfg.active()
@@ -183,16 +248,21 @@ class DistillationModel(nn.Module):
             pos = labels != -100
             if not cfg.restrict_ce_to_mask:
                 pos = pos | attention_mask.bool()
+            idx = pos.flatten().nonzero().squeeze(1)  # the forward's one host sync (the row count) [N]
+
+            def rows(x: torch.Tensor) -> torch.Tensor:  # [B, L, ...] -> [N, ...], the positions the losses read
+                return x.flatten(0, 1).index_select(0, idx)
+
             if full:
-                s_sel, t_sel = s_logits[pos], t_logits[pos]
+                s_sel, t_sel = rows(s_logits), rows(t_logits)
             else:
-                with torch.no_grad():
-                    t_sel = mlm_head(self._teacher)(t_last[pos])
-                s_sel = mlm_head(self.student)(s_last[pos])
-            if "ce" in active:
-                parts["ce"] = L.kd_kl(s_sel, t_sel, cfg.temperature)
-            if "mlm" in active:
-                parts["mlm"] = L.mlm_ce(s_sel, labels[pos])
+                (t_head, s_head), (t_proj, s_proj) = self._heads, self._projections_v
+                with torch.no_grad(), aligned_vocab(t_proj, self.vocab_multiple):
+                    t_sel = t_head(rows(t_last))
+                with aligned_vocab(s_proj, self.vocab_multiple):
+                    s_sel = s_head(rows(s_last))
+            parts.update(self._logit_losses(s_sel, t_sel, labels.flatten().index_select(0, idx), cfg.temperature,
+                                            "ce" in active, "mlm" in active))
         if "cos" in active:
             if cfg.cos_layers == "last":
                 parts["cos"] = L.hidden_cosine(self._proj(n_s, s_last), t_last, attention_mask)

@@ -380,9 +380,7 @@ class Trainer:
         self.model = DistillationModel(student, teacher, cfg.loss, self.student_record["layer_map"])
         self.model.move_teacher(self.device, teacher_dtype(cfg, self.cuda))
         if tc.compile:
-            from pretrain.student import base_model
-            for module in (base_model(student), base_model(teacher)):
-                module.compile()  # in place: parameter names (checkpoints, exports) unchanged
+            self.model.compile_parts()
         self._st_files = self._sentence_transformers_files()
         if resume is None and tc.export_init and self.is_main and not (self.out / "student_init").is_dir():
             self._export_init(student)

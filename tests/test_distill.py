@@ -185,3 +185,28 @@ def test_half_precision_teacher(bert_tok):
     loss, logs = model(*batch)
     assert loss.dtype == torch.float32 and all(v.dtype in (torch.float32, torch.int64) for v in logs.values())
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=0.05)
+
+
+def test_aligned_vocab_gives_the_plain_products_values_and_gradients():
+    """The padded vocabulary product (aligned_vocab) == the Linear's own product, forward and backward; the module's
+    forward is restored afterwards and an aligned Linear is left alone."""
+    from pretrain.distill import aligned_vocab
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 97)
+    x = torch.randn(5, 16, requires_grad=True)
+    ref = lin(x)
+    ref.square().sum().backward()
+    ref_grads = [t.grad.clone() for t in (x, lin.weight, lin.bias)]
+    for t in (x, lin.weight, lin.bias):
+        t.grad = None
+    with aligned_vocab(lin, 64):
+        out = lin(x)
+        assert out.shape == (5, 97) and out.stride(0) == 128  # computed as 128 columns, sliced
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, want in zip((x.grad, lin.weight.grad, lin.bias.grad), ref_grads):
+        torch.testing.assert_close(got, want)
+    assert "forward" not in vars(lin)
+    aligned = torch.nn.Linear(16, 64)
+    with aligned_vocab(aligned, 64):
+        assert aligned(x).stride(0) == 64
