@@ -55,6 +55,7 @@ def setup_environment() -> None:
 
     Without a launcher (``python launch/pretrain.py``): a one-rank world on 127.0.0.1 with a free port. Without CUDA:
     DeepSpeed's CPU accelerator. On CPU without ``OMP_NUM_THREADS``: torch threads = usable cores / local ranks.
+    On CUDA: ``TORCH_CUDA_ARCH_LIST`` made readable for DeepSpeed's op builder (:func:`deepspeed_arch_list`).
     """
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
@@ -62,6 +63,12 @@ def setup_environment() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch and deepspeed_arch_list(arch) != arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
+        if os.environ.get("RANK", "0") == "0":
+            console(f"[pretrain] TORCH_CUDA_ARCH_LIST {arch!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for "
+                    f"DeepSpeed's op builder (it cannot read architecture suffixes such as '9.0a')")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_memory()
@@ -69,6 +76,18 @@ def setup_environment() -> None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(max(1, cores // max(1, local)))
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` without architecture suffixes: ``"8.0;9.0a+PTX"`` -> ``"8.0;9.0+PTX"``.
+
+    DeepSpeed 0.19's just-in-time op builder (fused Adam) sorts the entries as numbers and fails with
+    ``ValueError: invalid literal for int() with base 10: '0a'`` on ``9.0a`` (PyTorch's name for Hopper's
+    architecture-specific features; CUDA images set it). Its ops need no such features, so the plain architecture is
+    used; seen on an H100 image whose list was ``9.0a`` (docs/performance.md).
+    """
+    import re
+    return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
 
 
 def keep_freed_memory() -> None:
