@@ -1,10 +1,11 @@
 """Benchmark of the real training step: throughput, model FLOPs, MFU and peak memory, fast versus naive.
 
 ``python -m pretrain.bench --config C [section.key=value ...] [--steps N] [--warmup N] [--naive | --both]
-[--ablate NAME ...] [--synthetic] [--seq-len L]`` builds the real :class:`pretrain.trainer.Trainer` (a temporary run
-directory: no checkpoints, no exports, no TensorBoard) and times ``train_step`` (teacher forward, student forward and
-backward, optimizer step, through the DeepSpeed engine) including ``next_micro_batches`` (the data wait), exactly as
-``Trainer.fit`` runs them. It prints one JSON line per mode, then (with more than one mode) one comparison line.
+[--ablate NAME ...] [--synthetic] [--seq-len L] [--profile FILE]`` builds the real :class:`pretrain.trainer.Trainer`
+(a temporary run directory: no checkpoints, no exports, no TensorBoard) and times ``train_step`` (teacher forward,
+student forward and backward, optimizer step, through the DeepSpeed engine) including ``next_micro_batches`` (the data
+wait), exactly as ``Trainer.fit`` runs them. It prints one JSON line per mode, then (with more than one mode) one
+comparison line.
 
 Modes, all of the same trainer (same weights, engine and data), interleaved step by step so that every mode sees the
 same machine load; medians over the timed steps are reported:
@@ -17,7 +18,8 @@ same machine load; medians over the timed steps are reported:
   ``attention`` (eager attention), ``teacher-fp32`` (GPU: the teacher in fp32), ``host-sync`` (``.item()`` of every
   logged value after each micro-batch, as a loop that logs from host floats would), ``optimizer`` (torch AdamW's
   per-tensor loop instead of its fused kernel), ``allreduce`` (DeepSpeed's gradient all-reduce with one rank),
-  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``).
+  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``),
+  ``vocab-align`` (the LM heads' vocabulary products unpadded: an odd vocabulary gives unaligned GEMMs).
 
 Data: real shards (``data.dir``) or synthetic shards in the same format, written with ``data_prep``'s packer into the
 temporary directory (uniformly random non-special ids of the teacher's vocabulary; no corpus needed): with
@@ -331,7 +333,9 @@ class Mode:
     position, then select; ``eager``: eager attention; ``teacher_fp32``: the teacher in fp32; ``host_sync``: ``.item()``
     of the logged values after each micro-batch; ``unfused_optimizer``: torch AdamW's per-tensor loop instead of its
     fused kernel; ``allreduce``: DeepSpeed's gradient all-reduce even with one rank; ``default_malloc``: glibc's
-    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`."""
+    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`;
+    ``unaligned_vocab``: the LM heads' vocabulary products without padding to a multiple of 64
+    (:func:`pretrain.distill.aligned_vocab`)."""
 
     name: str
     full_logits: bool = False
@@ -341,6 +345,7 @@ class Mode:
     unfused_optimizer: bool = False
     allreduce: bool = False
     default_malloc: bool = False
+    unaligned_vocab: bool = False
 
 
 FAST = Mode("fast")
@@ -351,7 +356,8 @@ ABLATION_MODES = {"head": Mode("fast-full-logits", full_logits=True),
                   "host-sync": Mode("fast-host-sync", host_sync=True),
                   "optimizer": Mode("fast-unfused-adamw", unfused_optimizer=True),
                   "allreduce": Mode("fast-allreduce", allreduce=True),
-                  "malloc": Mode("fast-default-malloc", default_malloc=True)}
+                  "malloc": Mode("fast-default-malloc", default_malloc=True),
+                  "vocab-align": Mode("fast-unaligned-vocab", unaligned_vocab=True)}
 ABLATIONS = tuple(ABLATION_MODES)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
@@ -369,6 +375,7 @@ class ModeSwitch:
         self.model = trainer.model
         self.engine = trainer.engine
         self.attn = {m: m.config._attn_implementation for m in (self.model.student, self.model.teacher)}
+        self.vocab_multiple = self.model.vocab_multiple
         self.compiled = {m: m._compiled_call_impl for m in (base_model(self.model.student),
                                                             base_model(self.model.teacher))
                          if getattr(m, "_compiled_call_impl", None) is not None}
@@ -402,6 +409,7 @@ class ModeSwitch:
         """Switch to ``mode`` (outside the timed region)."""
         model, engine = self.model, self.engine
         model.naive = mode.full_logits
+        model.vocab_multiple = 1 if mode.unaligned_vocab else self.vocab_multiple
         for m, impl in self.attn.items():
             want = "eager" if mode.eager else impl
             if m.config._attn_implementation != want:
@@ -549,6 +557,8 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
         memory.reset()
         _one_step(trainer, cuda)
         peak_memory[mode.name] = memory.read()
+    if args.profile:
+        profile_step(trainer, switch, modes[0], Path(args.profile), rows=args.profile_rows)
     switch.set(FAST)
     name = device_name(dev)
     if args.peak_tflops:
@@ -593,6 +603,20 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
         out.append(cmp)
         print(json.dumps(cmp), flush=True)
     return out
+
+
+def profile_step(trainer, switch: ModeSwitch, mode: Mode, path: Path, rows: int = 40) -> None:
+    """Profile one more step of ``mode`` with ``torch.profiler`` (CPU, and CUDA kernels on GPU) and write the
+    operator table, sorted by self device time (CPU: self CPU time), to ``path`` (text)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = trainer.device.type == "cuda"
+    switch.set(mode)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        _one_step(trainer, cuda)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# mode {mode.name}: one step, sorted by {sort}\n{table}\n")
 
 
 def _describe(trainer) -> dict:
@@ -640,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-size", type=int, default=2048, metavar="N", help="CPU peak: N x N fp32 matmul")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (overrides the measured / "
                                                                   "datasheet peak)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="after the timed steps, profile one step of the first mode (torch.profiler) and write its "
+                        "operator table to FILE")
+    p.add_argument("--profile-rows", type=int, default=40, metavar="N", help="rows of the --profile table")
     args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
