@@ -19,7 +19,7 @@ same machine load; medians over the timed steps are reported:
   logged value after each micro-batch, as a loop that logs from host floats would), ``optimizer`` (torch AdamW's
   per-tensor loop instead of its fused kernel), ``allreduce`` (DeepSpeed's gradient all-reduce with one rank),
   ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``),
-  ``vocab-align`` (the LM heads' vocabulary products unpadded: an odd vocabulary gives unaligned GEMMs).
+  ``vocab-align`` (CUDA: the LM heads' vocabulary products unpadded: an odd vocabulary gives unaligned GEMMs).
 
 Data: real shards (``data.dir``) or synthetic shards in the same format, written with ``data_prep``'s packer into the
 temporary directory (uniformly random non-special ids of the teacher's vocabulary; no corpus needed): with
@@ -334,8 +334,8 @@ class Mode:
     of the logged values after each micro-batch; ``unfused_optimizer``: torch AdamW's per-tensor loop instead of its
     fused kernel; ``allreduce``: DeepSpeed's gradient all-reduce even with one rank; ``default_malloc``: glibc's
     allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`;
-    ``unaligned_vocab``: the LM heads' vocabulary products without padding to a multiple of 64
-    (:func:`pretrain.distill.aligned_vocab`)."""
+    ``unaligned_vocab``: the LM heads' vocabulary products without padding to a multiple of 64 (CUDA;
+    :func:`pretrain.distill.aligned_vocab`)."""
 
     name: str
     full_logits: bool = False
@@ -396,6 +396,8 @@ class ModeSwitch:
             if mode.allreduce and self.allreduce:
                 raise SystemExit("error: --ablate allreduce: the trainer all-reduces already (more than one rank "
                                  "or ZeRO)")
+            if mode.unaligned_vocab and not trainer.cuda:
+                raise SystemExit("error: --ablate vocab-align: CUDA only (on CPU the heads run unpadded)")
             if mode.default_malloc and self.libc is None:
                 raise SystemExit("error: --ablate malloc: CPU with glibc only, and MALLOC_MMAP_THRESHOLD_ unset")
 

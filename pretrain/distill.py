@@ -19,7 +19,7 @@ from pretrain.schema import ConfigError
 from pretrain.student import base_model, find_layer_list, mlm_head
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
-VOCAB_MULTIPLE = 64  # the LM heads' vocabulary products run padded to a multiple of this (see aligned_vocab)
+VOCAB_MULTIPLE = 64  # on CUDA the LM heads' vocabulary products run padded to a multiple of this (aligned_vocab)
 
 
 def default_layer_pairs(layer_map: list[int], num_teacher_layers: int) -> list[list[int]]:
@@ -53,9 +53,11 @@ def vocab_projection(head, vocab_size: int) -> nn.Linear | None:
     """The vocabulary projection of an MLM head (:func:`pretrain.student.mlm_head`): its last ``nn.Linear`` with
     ``out_features == vocab_size``, or None."""
     found = None
-    for module in (head.modules() if isinstance(head, nn.Module) else ()):
-        if isinstance(module, nn.Linear) and module.out_features == vocab_size:
-            found = module
+    parts = getattr(head, "mods", None) or [head]  # pretrain.student._Chain keeps its (unregistered) parts in .mods
+    for part in parts:
+        for module in (part.modules() if isinstance(part, nn.Module) else ()):
+            if isinstance(module, nn.Linear) and module.out_features == vocab_size:
+                found = module
     return found
 
 
@@ -65,9 +67,10 @@ def aligned_vocab(linear: nn.Linear | None, multiple: int = VOCAB_MULTIPLE):
     ``multiple`` and returns the first ``out_features`` columns (a view): the same values, gradients included.
 
     Why: with an odd vocabulary (RoBERTa's 50,265) the logits' row stride is not 16-byte aligned and cuBLAS falls back
-    to slow GEMM kernels (on an H100 an sm75 kernel; docs/performance.md); nanoGPT pads its vocabulary for the same
-    reason. The pad is a copy of the weight per call (``vocab x hidden``, small next to the products). No-op for None
-    or an aligned ``out_features``.
+    to slow GEMM kernels (on an H100 an sm75 kernel; 1.11-1.14x tokens/s with the padding, docs/performance.md);
+    nanoGPT pads its vocabulary for the same reason. The pad is a copy of the weight per call (``vocab x hidden``,
+    small next to the products on a GPU). No-op for None or an aligned ``out_features``. :class:`DistillationModel`
+    uses it on CUDA only: on CPU (MKL) it measured 0.88-1.07x.
     """
     pad = 0 if linear is None else (-linear.out_features) % multiple
     if pad == 0:
@@ -172,7 +175,9 @@ class DistillationModel(nn.Module):
         self._heads = (mlm_head(teacher), mlm_head(student))
         self._projections_v = [None if h is None else vocab_projection(h, tc.vocab_size) for h in self._heads]
         self._logit_losses = logit_losses
-        self.vocab_multiple = VOCAB_MULTIPLE  # 1: the heads' vocabulary products unpadded (benchmark ablation)
+        # the heads' vocabulary products padded to a multiple of this (aligned_vocab); None: VOCAB_MULTIPLE on CUDA,
+        # unpadded on CPU; 1: never (benchmark ablation)
+        self.vocab_multiple: int | None = None
 
     def compile_parts(self) -> None:
         """``torch.compile`` the student's and the teacher's encoders (in place: parameter names, checkpoints and
@@ -257,9 +262,10 @@ class DistillationModel(nn.Module):
                 s_sel, t_sel = rows(s_logits), rows(t_logits)
             else:
                 (t_head, s_head), (t_proj, s_proj) = self._heads, self._projections_v
-                with torch.no_grad(), aligned_vocab(t_proj, self.vocab_multiple):
+                multiple = self.vocab_multiple or (VOCAB_MULTIPLE if s_last.is_cuda else 1)
+                with torch.no_grad(), aligned_vocab(t_proj, multiple):
                     t_sel = t_head(rows(t_last))
-                with aligned_vocab(s_proj, self.vocab_multiple):
+                with aligned_vocab(s_proj, multiple):
                     s_sel = s_head(rows(s_last))
             parts.update(self._logit_losses(s_sel, t_sel, labels.flatten().index_select(0, idx), cfg.temperature,
                                             "ce" in active, "mlm" in active))

@@ -61,14 +61,17 @@ def assert_same(fast, naive, batch):
     return logs_f
 
 
-@pytest.mark.parametrize("restrict", [True, False])
-def test_gathered_head_equals_full_logits(restrict, bert_tok):
+@pytest.mark.parametrize("restrict,vocab_multiple", [(True, None), (False, None), (True, 64)])
+def test_gathered_head_equals_full_logits(restrict, vocab_multiple, bert_tok):
+    """Gathered heads (unpadded as on CPU, or padded to 64 columns as on CUDA) == full logits then select."""
     teacher = tiny.bert_model(bert_tok)
     student, record = perturbed_student(teacher)
     cfg = LossConfig(**ALL_TERMS, restrict_ce_to_mask=restrict)
     batch = masked_batch(bert_tok)
-    logs = assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
-                       DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), batch)
+    fast = DistillationModel(student, teacher, cfg, record["layer_map"])
+    fast.vocab_multiple = vocab_multiple
+    assert teacher.config.vocab_size % 64  # so that the padded case pads
+    logs = assert_same(fast, DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), batch)
     for term in ("ce", "mlm", "cos", "mse", "att", "val", "pool"):
         assert float(logs[f"loss_{term}"]) > 1e-4, term
     assert int(logs["n_masked"]) == int((batch[2] != -100).sum()) > 0
@@ -210,3 +213,19 @@ def test_aligned_vocab_gives_the_plain_products_values_and_gradients():
     aligned = torch.nn.Linear(16, 64)
     with aligned_vocab(aligned, 64):
         assert aligned(x).stride(0) == 64
+
+
+def test_vocab_projection_found_for_each_head_layout():
+    """aligned_vocab needs the head's vocabulary Linear: BERT, RoBERTa, DistilBERT (a chain of siblings), ELECTRA."""
+    from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, ElectraConfig,
+                              ElectraForMaskedLM, RobertaConfig, RobertaForMaskedLM)
+    from pretrain.distill import vocab_projection
+    from pretrain.student import mlm_head
+    small = dict(vocab_size=101, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    models = [BertForMaskedLM(BertConfig(**small)), RobertaForMaskedLM(RobertaConfig(**small)),
+              ElectraForMaskedLM(ElectraConfig(embedding_size=16, **small)),
+              DistilBertForMaskedLM(DistilBertConfig(vocab_size=101, dim=16, n_layers=1, n_heads=2, hidden_dim=32))]
+    for model in models:
+        proj = vocab_projection(mlm_head(model), 101)
+        assert isinstance(proj, torch.nn.Linear) and proj.out_features == 101, type(model).__name__
+        assert proj.weight is model.get_output_embeddings().weight, type(model).__name__
