@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -55,7 +56,8 @@ def setup_environment() -> None:
 
     Without a launcher (``python launch/pretrain.py``): a one-rank world on 127.0.0.1 with a free port. Without CUDA:
     DeepSpeed's CPU accelerator. On CPU without ``OMP_NUM_THREADS``: torch threads = usable cores / local ranks.
-    On CUDA: ``TORCH_CUDA_ARCH_LIST`` made readable for DeepSpeed's op builder (:func:`deepspeed_arch_list`).
+    A ``TORCH_CUDA_ARCH_LIST`` with architecture suffixes is rewritten for DeepSpeed's op builder
+    (:func:`deepspeed_arch_list`).
     """
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
@@ -86,7 +88,6 @@ def deepspeed_arch_list(value: str) -> str:
     architecture-specific features; CUDA images set it). Its ops need no such features, so the plain architecture is
     used; seen on an H100 image whose list was ``9.0a`` (docs/performance.md).
     """
-    import re
     return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
 
 
