@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.trainer import KEEP_FREED_BYTES, set_malloc_thresholds
+
 # Dense (no structured sparsity) peak TFLOP/s by device-name substring, first match wins; fp32 = without TF32
 # (PyTorch's default for matmuls). Sources: NVIDIA H100 datasheet (SXM5: 989.4 fp16/bf16, 66.9 fp32; PCIe: 756.5 /
 # 51.2; NVL: 835.5 / 60), H200 datasheet (same compute as H100 SXM), A100 datasheet (312 / 19.5).
@@ -311,10 +313,7 @@ def write_synthetic_shards(folder: Path, tokenizer, *, seq_len: int, num_sequenc
         while packer.num_sequences < n:
             lengths = rng.integers(50, 501, size=64).astype(np.int64)
             packer.add(allowed[rng.integers(0, len(allowed), int(lengths.sum()))].astype(dtype), lengths)
-        recs = writer.close()
-        splits[split] = {"num_sequences": sum(r["num_sequences"] for r in recs),
-                         "num_tokens": sum(r["num_tokens"] for r in recs),
-                         "num_documents": packer.num_documents, "shards": recs}
+        splits[split] = shards.split_summary(writer.close(), packer.num_documents)
     shards.atomic_save_npy(folder / shards.TOKEN_COUNTS, counts)
     manifest = {"format_version": shards.FORMAT_VERSION, "tokenizer": record, "max_seq_length": seq_len,
                 "dtype": dtype.name, "splits": splits, "dropped": {}, "sources": [{"synthetic": "uniform random ids"}],
@@ -359,7 +358,6 @@ ABLATION_MODES = {"head": Mode("fast-full-logits", full_logits=True),
                   "malloc": Mode("fast-default-malloc", default_malloc=True),
                   "vocab-align": Mode("fast-unaligned-vocab", unaligned_vocab=True)}
 ABLATIONS = tuple(ABLATION_MODES)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 class ModeSwitch:
@@ -385,10 +383,9 @@ class ModeSwitch:
         opt = self.engine.optimizer
         self.torch_optimizer = getattr(opt, "optimizer", opt)
         self.fused = [g.get("fused") for g in self.torch_optimizer.param_groups]
-        self.libc = None
-        tuned = not trainer.cuda and "MALLOC_MMAP_THRESHOLD_" not in os.environ
-        with contextlib.suppress(OSError, AttributeError):
-            self.libc = ctypes.CDLL("libc.so.6") if tuned else None
+        # the trainer tuned glibc (keep_freed_memory); setting the same values again says whether glibc is there
+        self.malloc = (not trainer.cuda and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+                       and set_malloc_thresholds(KEEP_FREED_BYTES, KEEP_FREED_BYTES))
         for mode in modes:
             if mode.unfused_optimizer and not all(self.fused):
                 raise SystemExit(f"error: --ablate optimizer: the optimizer ({type(self.torch_optimizer).__name__}) "
@@ -398,7 +395,7 @@ class ModeSwitch:
                                  "or ZeRO)")
             if mode.unaligned_vocab and not trainer.cuda:
                 raise SystemExit("error: --ablate vocab-align: CUDA only (on CPU the heads run unpadded)")
-            if mode.default_malloc and self.libc is None:
+            if mode.default_malloc and not self.malloc:
                 raise SystemExit("error: --ablate malloc: CPU with glibc only, and MALLOC_MMAP_THRESHOLD_ unset")
 
     def _synced_forward(self, *args, **kwargs):
@@ -429,10 +426,11 @@ class ModeSwitch:
             if "fused" in g:  # torch's Adam / AdamW
                 g["fused"] = False if mode.unfused_optimizer else fused
         engine.enable_backward_allreduce = True if mode.allreduce else self.allreduce
-        if self.libc is not None:  # glibc's dynamic mmap threshold tops out at 32 MiB, trim at twice that
-            big = not mode.default_malloc
-            self.libc.mallopt(M_MMAP_THRESHOLD, 1 << 30 if big else 32 << 20)
-            self.libc.mallopt(M_TRIM_THRESHOLD, 1 << 30 if big else 64 << 20)
+        if self.malloc:  # glibc's dynamic mmap threshold tops out at 32 MiB, trim at twice that
+            if mode.default_malloc:
+                set_malloc_thresholds(32 << 20, 64 << 20)
+            else:
+                set_malloc_thresholds(KEEP_FREED_BYTES, KEEP_FREED_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -66,11 +66,12 @@ def setup_environment() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if arch and deepspeed_arch_list(arch) != arch:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
+    readable = arch and deepspeed_arch_list(arch)
+    if readable != arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = readable
         if os.environ.get("RANK", "0") == "0":
-            console(f"[pretrain] TORCH_CUDA_ARCH_LIST {arch!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for "
-                    f"DeepSpeed's op builder (it cannot read architecture suffixes such as '9.0a')")
+            console(f"[pretrain] TORCH_CUDA_ARCH_LIST {arch!r} -> {readable!r} for DeepSpeed's op builder (it cannot "
+                    f"read architecture suffixes such as '9.0a')")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_memory()
@@ -91,19 +92,29 @@ def deepspeed_arch_list(value: str) -> str:
     return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+KEEP_FREED_BYTES = 1 << 30
+
+
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, mmap_bytes)`` and ``mallopt(M_TRIM_THRESHOLD, trim_bytes)`` (bytes); returns
+    False, changing nothing, without glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)
+        libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def keep_freed_memory() -> None:
     """CPU: glibc keeps freed blocks up to 1 GiB for reuse (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD)
     instead of unmapping them, so the step's large activations are not page-faulted in anew every step (see
     docs/performance.md). Skipped when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        set_malloc_thresholds(KEEP_FREED_BYTES, KEEP_FREED_BYTES)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
