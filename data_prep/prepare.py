@@ -473,11 +473,7 @@ class _Run:
             p.finish()
         splits = {}
         for s in SPLITS:
-            records = self.writers[s].close()
-            splits[s] = {"num_sequences": sum(r["num_sequences"] for r in records),
-                         "num_tokens": sum(r["num_tokens"] for r in records),
-                         "num_documents": self.packers[s].num_documents,
-                         "shards": records}
+            splits[s] = shards.split_summary(self.writers[s].close(), self.packers[s].num_documents)
         read = sum(x["documents"] for x in self.per_source)
         if splits["train"]["num_sequences"] == 0:
             _remove_ours(self.out)

@@ -36,6 +36,14 @@ SPLITS = ("train", "valid")
 SHARD_FILE = re.compile(r"^(train|valid)-(\d{5})\.(bin|idx\.npy|bin\.partial)$")  # every file a writer creates
 
 
+def split_summary(records: list[dict], num_documents: int) -> dict:
+    """A split's manifest entry: sequences and tokens summed over its shard records (:meth:`ShardWriter.close`), the
+    documents packed into it, and the records."""
+    return {"num_sequences": sum(r["num_sequences"] for r in records),
+            "num_tokens": sum(r["num_tokens"] for r in records),
+            "num_documents": num_documents, "shards": records}
+
+
 def shard_files(split: str, k: int) -> tuple[str, str]:
     """File names of shard ``k`` of ``split``: ``(tokens, index)``."""
     return f"{split}-{k:05d}.bin", f"{split}-{k:05d}.idx.npy"
