@@ -19,10 +19,14 @@ shift
 STAGES=${*:-smoke e2e fp16 bf16 ablate profile compile}
 PY=${PYTHON:-python3}
 CFG=${BENCH_CONFIG:-configs/bench-gpu-roberta-base.json}
-BF16=(deepspeed.fp16.enabled=false deepspeed.bf16.enabled=true)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 mkdir -p "$OUT"
 T0=$SECONDS
+
+precision() {  # precision fp16|bf16: PREC = the overrides for it (the config is fp16)
+  PREC=()
+  if [[ $1 == bf16 ]]; then PREC=(deepspeed.fp16.enabled=false deepspeed.bf16.enabled=true); fi
+}
 
 bench() {  # bench NAME ARGS...: one python -m pretrain.bench run
   local name=$1; shift
@@ -64,25 +68,17 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
       cp "$run/metrics.jsonl" "$OUT/e2e-metrics.jsonl" 2>/dev/null
       ls "$run" "$run/student" 2>&1 | tr '\n' ' '; echo
       [[ $rc == 0 ]] || { echo "[bench_gpu] e2e FAILED (rc $rc)"; tail -n 40 "$OUT"/e2e-*.log; } ;;
-    fp16)  # the largest micro-batch: fast and naive separately, then both interleaved at one size
+    fp16|bf16)  # the largest micro-batch: fast and naive separately, then both interleaved at one size
+      precision "$stage"
       for m in ${MICRO_FAST-128 256}; do
-        bench "fp16-fast-mb$m" --steps 5 --warmup 2 deepspeed.train_micro_batch_size_per_gpu="$m"
+        bench "$stage-fast-mb$m" --steps 5 --warmup 2 deepspeed.train_micro_batch_size_per_gpu="$m" "${PREC[@]}"
       done
       for m in ${MICRO_NAIVE-32 64 128}; do
-        bench "fp16-naive-mb$m" --naive --steps 5 --warmup 2 deepspeed.train_micro_batch_size_per_gpu="$m"
+        bench "$stage-naive-mb$m" --naive --steps 5 --warmup 2 deepspeed.train_micro_batch_size_per_gpu="$m" \
+          "${PREC[@]}"
       done
-      [[ -z ${MICRO_BOTH-32} ]] || bench "fp16-both-mb${MICRO_BOTH:-32}" --both --steps 5 --warmup 2 \
-        deepspeed.train_micro_batch_size_per_gpu="${MICRO_BOTH:-32}" ;;
-    bf16)
-      for m in ${MICRO_FAST-128 256}; do
-        bench "bf16-fast-mb$m" --steps 5 --warmup 2 deepspeed.train_micro_batch_size_per_gpu="$m" "${BF16[@]}"
-      done
-      for m in ${MICRO_NAIVE-32 64 128}; do
-        bench "bf16-naive-mb$m" --naive --steps 5 --warmup 2 deepspeed.train_micro_batch_size_per_gpu="$m" \
-          "${BF16[@]}"
-      done
-      [[ -z ${MICRO_BOTH-32} ]] || bench "bf16-both-mb${MICRO_BOTH:-32}" --both --steps 5 --warmup 2 \
-        deepspeed.train_micro_batch_size_per_gpu="${MICRO_BOTH:-32}" "${BF16[@]}" ;;
+      [[ -z ${MICRO_BOTH-32} ]] || bench "$stage-both-mb${MICRO_BOTH:-32}" --both --steps 5 --warmup 2 \
+        deepspeed.train_micro_batch_size_per_gpu="${MICRO_BOTH:-32}" "${PREC[@]}" ;;
     ablate)  # each optimisation of the fast step undone, interleaved with it
       bench "fp16-ablate-mb${MICRO_ABLATE:-64}" --steps 5 --warmup 2 \
         deepspeed.train_micro_batch_size_per_gpu="${MICRO_ABLATE:-64}" \
@@ -94,9 +90,9 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
     compile)
       for prec in ${COMPILE_PRECISION-fp16}; do
         for m in ${MICRO_COMPILE-128}; do
-          extra=(); [[ $prec == bf16 ]] && extra=("${BF16[@]}")
+          precision "$prec"
           bench "$prec-compile-mb$m" --steps 5 --warmup 2 train.compile=true \
-            deepspeed.train_micro_batch_size_per_gpu="$m" "${extra[@]}"
+            deepspeed.train_micro_batch_size_per_gpu="$m" "${PREC[@]}"
         done
       done ;;
     *) echo "unknown stage $stage (smoke e2e fp16 bf16 ablate profile compile)"; exit 2 ;;
