@@ -24,9 +24,9 @@ def bert_tok():
     return tiny.bert_tokenizer()
 
 
-def masked_batch(tok, seed=0):
+def masked_batch(tok, seed=0, mlm_mask_prop=0.3):
     enc = tok(tiny.corpus(1)[:6], padding=True, return_tensors="pt")
-    masker = Masker.from_tokenizer(MaskingConfig(mlm_mask_prop=0.3), tok, seed=seed)
+    masker = Masker.from_tokenizer(MaskingConfig(mlm_mask_prop=mlm_mask_prop), tok, seed=seed)
     ids, labels = masker(enc["input_ids"], enc["attention_mask"], step=0, rank=0, micro_step=0)
     return ids, enc["attention_mask"], labels
 
@@ -79,6 +79,34 @@ def test_gathered_head_equals_full_logits(restrict, vocab_multiple, bert_tok):
     total = sum(ALL_TERMS[f"alpha_{t}"] * float(logs[f"loss_{t}"]) for t in ("ce", "mlm", "cos", "mse", "att", "val",
                                                                             "pool"))
     assert float(logs["loss"]) == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_parts_give_the_eager_values_without_recompiling(bert_tok):
+    """``compile_parts`` (``train.compile``): the compiled encoders and logit losses give the eager model's losses and
+    gradients, and a new masked-row count (every step in training) reuses the compiled graphs instead of recompiling.
+    Inductor on CPU; about 50 s on 2 cores, nearly all of it compilation."""
+    import torch._dynamo
+
+    teacher = tiny.bert_model(bert_tok)
+    student, record = perturbed_student(teacher)
+    cfg = LossConfig(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0)  # DistilBERT's terms
+    eager = DistillationModel(student, teacher, cfg, record["layer_map"])
+    compiled = DistillationModel(copy.deepcopy(student), copy.deepcopy(teacher), cfg, record["layer_map"])
+    compiled.compile_parts()
+    torch._dynamo.reset()
+    rows = []
+    try:
+        for i, prop in enumerate((0.3, 0.15, 0.5)):  # same [B, L], three numbers of masked rows
+            batch = masked_batch(bert_tok, seed=i, mlm_mask_prop=prop)
+            if i == 1:  # the first call compiled everything; from here a recompile is an error
+                torch._dynamo.config.error_on_recompile = True
+            logs = assert_same(compiled, eager, batch)
+            rows.append(int(logs["n_masked"]))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    assert len(set(rows)) == 3, rows
 
 
 def test_roberta_and_distilbert_students(bert_tok):
