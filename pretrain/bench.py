@@ -20,6 +20,8 @@ same machine load; medians over the timed steps are reported:
   per-tensor loop instead of its fused kernel), ``allreduce`` (DeepSpeed's gradient all-reduce with one rank),
   ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``),
   ``vocab-align`` (CUDA: the LM heads' vocabulary products unpadded: an odd vocabulary gives unaligned GEMMs).
+  One ablation changes the recipe instead, to price a part of it: ``dropout`` (the student's dropout off, hidden
+  and attention: what DistilBERT's dropout 0.1 costs per step).
 
 Data: real shards (``data.dir``) or synthetic shards in the same format, written with ``data_prep``'s packer into the
 temporary directory (uniformly random non-special ids of the teacher's vocabulary; no corpus needed): with
@@ -334,7 +336,8 @@ class Mode:
     fused kernel; ``allreduce``: DeepSpeed's gradient all-reduce even with one rank; ``default_malloc``: glibc's
     allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`;
     ``unaligned_vocab``: the LM heads' vocabulary products without padding to a multiple of 64 (CUDA;
-    :func:`pretrain.distill.aligned_vocab`)."""
+    :func:`pretrain.distill.aligned_vocab`); ``no_dropout``: every ``nn.Dropout`` of the student at p = 0 (its hidden
+    and attention dropout; a change of the recipe, to price it)."""
 
     name: str
     full_logits: bool = False
@@ -345,6 +348,7 @@ class Mode:
     allreduce: bool = False
     default_malloc: bool = False
     unaligned_vocab: bool = False
+    no_dropout: bool = False
 
 
 FAST = Mode("fast")
@@ -356,7 +360,8 @@ ABLATION_MODES = {"head": Mode("fast-full-logits", full_logits=True),
                   "optimizer": Mode("fast-unfused-adamw", unfused_optimizer=True),
                   "allreduce": Mode("fast-allreduce", allreduce=True),
                   "malloc": Mode("fast-default-malloc", default_malloc=True),
-                  "vocab-align": Mode("fast-unaligned-vocab", unaligned_vocab=True)}
+                  "vocab-align": Mode("fast-unaligned-vocab", unaligned_vocab=True),
+                  "dropout": Mode("fast-no-dropout", no_dropout=True)}
 ABLATIONS = tuple(ABLATION_MODES)
 
 
@@ -374,6 +379,8 @@ class ModeSwitch:
         self.engine = trainer.engine
         self.attn = {m: m.config._attn_implementation for m in (self.model.student, self.model.teacher)}
         self.vocab_multiple = self.model.vocab_multiple
+        # BERT / RoBERTa / ELECTRA / DistilBERT read their attention dropout from an nn.Dropout module's p too
+        self.dropout_p = {m: m.p for m in self.model.student.modules() if isinstance(m, torch.nn.Dropout)}
         self.compiled = {m: m._compiled_call_impl for m in (base_model(self.model.student),
                                                             base_model(self.model.teacher))
                          if getattr(m, "_compiled_call_impl", None) is not None}
@@ -397,6 +404,8 @@ class ModeSwitch:
                 raise SystemExit("error: --ablate vocab-align: CUDA only (on CPU the heads run unpadded)")
             if mode.default_malloc and not self.malloc:
                 raise SystemExit("error: --ablate malloc: CPU with glibc only, and MALLOC_MMAP_THRESHOLD_ unset")
+            if mode.no_dropout and not any(self.dropout_p.values()):
+                raise SystemExit("error: --ablate dropout: the student has no dropout to switch off")
 
     def _synced_forward(self, *args, **kwargs):
         loss, parts = self.engine_forward(*args, **kwargs)
@@ -409,6 +418,8 @@ class ModeSwitch:
         model, engine = self.model, self.engine
         model.naive = mode.full_logits
         model.vocab_multiple = 1 if mode.unaligned_vocab else self.vocab_multiple
+        for m, p in self.dropout_p.items():
+            m.p = 0.0 if mode.no_dropout else p
         for m, impl in self.attn.items():
             want = "eager" if mode.eager else impl
             if m.config._attn_implementation != want:

@@ -79,10 +79,11 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
       done
       [[ -z ${MICRO_BOTH-32} ]] || bench "$stage-both-mb${MICRO_BOTH:-32}" --both --steps 5 --warmup 2 \
         deepspeed.train_micro_batch_size_per_gpu="${MICRO_BOTH:-32}" "${PREC[@]}" ;;
-    ablate)  # each optimisation of the fast step undone, interleaved with it
+    ablate)  # each optimisation of the fast step undone, interleaved with it; and the student's dropout priced
       bench "fp16-ablate-mb${MICRO_ABLATE:-64}" --steps 5 --warmup 2 \
         deepspeed.train_micro_batch_size_per_gpu="${MICRO_ABLATE:-64}" \
-        --ablate head --ablate attention --ablate teacher-fp32 --ablate host-sync ;;
+        --ablate head --ablate attention --ablate teacher-fp32 --ablate host-sync --ablate vocab-align \
+        --ablate dropout ;;
     profile)  # the operator table of one fast step (torch.profiler), sorted by GPU time
       m=${MICRO_PROFILE:-128}
       bench "fp16-profile-mb$m" --steps 2 --warmup 2 --profile "$OUT/profile-fast-mb$m.txt" \

@@ -145,7 +145,8 @@ def test_mode_switch_gives_the_same_loss_and_restores_the_fast_step(tmp_path):
         trainer = Trainer(cfg)
         try:
             trainer.setup()
-            modes = [bench.FAST, bench.NAIVE, bench.ABLATION_MODES["optimizer"], bench.ABLATION_MODES["malloc"]]
+            modes = [bench.FAST, bench.NAIVE, bench.ABLATION_MODES["optimizer"], bench.ABLATION_MODES["malloc"],
+                     bench.ABLATION_MODES["dropout"]]
             switch = bench.ModeSwitch(trainer, modes)
             batch = next(trainer.loader)
             x, labels = trainer.masker(batch["input_ids"], batch["attention_mask"], step=0, rank=0, micro_step=0)
@@ -162,7 +163,17 @@ def test_mode_switch_gives_the_same_loss_and_restores_the_fast_step(tmp_path):
                 torch.testing.assert_close(results["fast"][k], results["naive"][k], rtol=1e-5, atol=1e-6)
             switch.set(bench.ABLATION_MODES["optimizer"])
             assert trainer.engine.optimizer.param_groups[0]["fused"] is False
+            dropouts = [m for m in trainer.model.student.modules() if isinstance(m, torch.nn.Dropout)]
+            p_fast = trainer.model.student.config.hidden_dropout_prob
+            assert dropouts and p_fast > 0 and {m.p for m in dropouts} == {p_fast}  # attention dropout too
+            switch.set(bench.ABLATION_MODES["dropout"])
+            assert {m.p for m in dropouts} == {0.0}
+            trainer.engine.train()
+            with torch.no_grad():  # dropout off in training mode: the eval-mode losses of the fast step
+                off = trainer.engine(x, batch["attention_mask"], labels)[1]
+            torch.testing.assert_close(off["loss"], results["fast"]["loss"], rtol=1e-5, atol=1e-6)
             switch.set(bench.FAST)
+            assert {m.p for m in dropouts} == {p_fast}
             assert trainer.engine.optimizer.param_groups[0]["fused"] is True  # the trainer's default on CPU
             assert trainer.engine.enable_backward_allreduce is False  # one rank, ZeRO-0
             assert trainer.model.teacher.config._attn_implementation == "sdpa" and not trainer.model.naive
