@@ -667,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--both", action="store_true", help="time the fast and the naive step, interleaved; print the "
                                                        "speed-up")
     p.add_argument("--ablate", action="append", default=[], choices=ABLATIONS,
-                   help="also time the fast step with one optimisation undone (repeatable)")
+                   help="also time the fast step with one optimisation undone, or (dropout) with the student's "
+                        "dropout off (repeatable)")
     p.add_argument("--synthetic", action="store_true", help="synthetic shards (random ids of the teacher's "
                                                             "vocabulary) instead of data.dir")
     p.add_argument("--seq-len", type=int, default=None, metavar="L",
