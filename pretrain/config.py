@@ -130,7 +130,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-section rules (each section validated itself already). Raises :class:`ConfigError`."""
         from pretrain import ds_config
-        ds_config.check_static(self)
+        ds_config.check_static(self.deepspeed, self.train.max_steps)
         if self.loss.alpha_ce > 0 or self.loss.alpha_mlm > 0:
             check(self.masking.mlm_mask_prop > 0, "masking.mlm_mask_prop",
                   "must be > 0 when loss.alpha_ce or loss.alpha_mlm is on")
@@ -199,8 +199,9 @@ An ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/), passe
 | --- | --- |
 | `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` | give any two (or the first alone, or all three); the third follows from train_batch_size = micro x accumulation x world size. A combination that cannot hold is an error naming the numbers. |
 | `optimizer` | `AdamW`, lr 5e-4, betas [0.9, 0.98], eps 1e-6, weight decay 0.0 (DistilBERT); on CPU `torch_adam: true` (no compiled op) with `fused: true` (PyTorch's fused AdamW). |
-| `scheduler` | `WarmupDecayLR` (linear warm-up, then linear decay to 0): `total_num_steps` = train.max_steps, `warmup_num_steps` = 5% of it (DistilBERT's warmup_prop 0.05), `warmup_max_lr` = the optimizer's lr, `warmup_type` linear. |
+| `scheduler` | `WarmupDecayLR` (linear warm-up, then linear decay to 0): `total_num_steps` = train.max_steps, `warmup_num_steps` = 5% of it, at least 1 (DistilBERT's warmup_prop 0.05), `warmup_max_lr` = the optimizer's lr, `warmup_type` linear. |
 | `gradient_clipping` | 5.0 (DistilBERT's max_grad_norm). |
+| `optimizer.params`, `scheduler.params` | checked when the config is loaded: lr > 0, betas in [0, 1), eps >= 0, weight_decay >= 0, 1 <= warmup_num_steps <= total_num_steps, warmup_min_lr >= 0, warmup_max_lr > 0 (finite numbers; JSON's NaN is refused). |
 | `fp16` / `bf16` | off (fp32) unless enabled; fp16 uses dynamic loss scaling (`loss_scale: 0`). fp16 needs a GPU. |
 | `zero_optimization.stage` | 0; stages 0-3 are supported. |
 | `steps_per_print` | effectively off: the trainer logs itself. |

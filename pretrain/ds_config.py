@@ -9,6 +9,7 @@ with one clear error when it cannot hold. :func:`check_static` checks what can b
 from __future__ import annotations
 
 import copy
+import math
 from typing import NamedTuple
 
 from pretrain.schema import ConfigError, check
@@ -18,6 +19,7 @@ DEFAULT_OPTIMIZER = {"type": "AdamW",
 DEFAULT_GRADIENT_CLIPPING = 5.0
 DEFAULT_WARMUP_PROPORTION = 0.05
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+WARMUP_TYPES = ("linear", "log")  # DeepSpeed's warm-up shapes (it takes any other name as "log", with a warning)
 
 
 class BatchPlan(NamedTuple):
@@ -99,12 +101,70 @@ def batch_sizes(ds: dict, world_size: int) -> BatchPlan:
     return BatchPlan(tbs, micro, gas)
 
 
-def check_static(cfg) -> None:
-    """Checks of the ``deepspeed`` section that need no world size (``cfg``: a :class:`pretrain.config.RunConfig`).
+def _number(value) -> bool:
+    """A JSON number (not a bool); NaN and infinities count as numbers here and are refused by the range checks."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    Raises :class:`ConfigError` naming ``deepspeed.<key>``.
+
+def _check_number(params: dict, key: str, where: str, rule: str, ok) -> None:
+    """Check ``params[key]`` (when given) is a finite number satisfying ``ok``; the message names ``where.key``."""
+    if key in params:
+        value = params[key]
+        check(_number(value) and math.isfinite(value) and ok(value), f"{where}.{key}",
+              f"{value!r} must be a finite number {rule}")
+
+
+def _check_optimizer_params(params: dict) -> None:
+    """lr, betas, eps and weight decay of ``deepspeed.optimizer.params`` (each when given): the ranges
+    ``torch.optim.AdamW`` and DeepSpeed's Adam / Lamb accept, with NaN and infinities refused."""
+    where = "deepspeed.optimizer.params"
+    _check_number(params, "lr", where, "> 0 (the DistilBERT recipe: 5e-4)", lambda v: v > 0)
+    _check_number(params, "eps", where, ">= 0 (the DistilBERT recipe: 1e-6)", lambda v: v >= 0)
+    _check_number(params, "weight_decay", where, ">= 0 (the DistilBERT recipe: 0.0)", lambda v: v >= 0)
+    if "betas" in params:
+        betas = params["betas"]
+        check(isinstance(betas, (list, tuple)) and len(betas) == 2
+              and all(_number(b) and math.isfinite(b) and 0 <= b < 1 for b in betas), f"{where}.betas",
+              f"{betas!r} must be two numbers in [0, 1), [beta1, beta2] (the DistilBERT recipe: [0.9, 0.98])")
+
+
+def _check_scheduler_params(params: dict, max_steps: int) -> None:
+    """The step counts and learning rates of ``deepspeed.scheduler.params`` (each when given) for DeepSpeed's
+    WarmupLR / WarmupDecayLR / WarmupCosineLR."""
+    where = "deepspeed.scheduler.params"
+    total = params.get("total_num_steps", max_steps)
+    check(isinstance(total, int) and not isinstance(total, bool) and total >= 1, f"{where}.total_num_steps",
+          f"{total!r} must be a positive integer (steps of the schedule; default train.max_steps = {max_steps})")
+    warm = params.get("warmup_num_steps", 1)
+    check(isinstance(warm, int) and not isinstance(warm, bool) and 1 <= warm <= total, f"{where}.warmup_num_steps",
+          f"{warm!r} must be an integer between 1 and the schedule's {total} steps (DeepSpeed refuses 0 and warms "
+          f"up over at least 2 steps)")
+    _check_number(params, "warmup_min_lr", where, ">= 0 (the learning rate at the start of the warm-up)",
+                  lambda v: v >= 0)
+    _check_number(params, "warmup_max_lr", where, "> 0 (the learning rate at the end of the warm-up)",
+                  lambda v: v > 0)
+    low, high = params.get("warmup_min_lr", 0.0), params.get("warmup_max_lr")
+    if high is not None:
+        check(low <= high, f"{where}.warmup_min_lr", f"{low!r} must be <= warmup_max_lr {high!r}")
+    for key in ("warmup_min_ratio", "cos_min_ratio"):
+        _check_number(params, key, where, "in [0, 1] (a fraction of the optimizer's lr)", lambda v: 0 <= v <= 1)
+    if "warmup_type" in params:
+        check(params["warmup_type"] in WARMUP_TYPES, f"{where}.warmup_type",
+              f"{params['warmup_type']!r} is not one of {list(WARMUP_TYPES)}")
+
+
+def check_static(ds: dict, max_steps: int) -> None:
+    """Checks of a ``deepspeed`` section that need no world size.
+
+    Args:
+        ds: the run config's ``deepspeed`` section (a DeepSpeed config dict, before :func:`build`).
+        max_steps: ``train.max_steps``, the schedule's default length.
+
+    Checks the batch keys, precision, ZeRO stage, gradient clipping, and the optimizer's and scheduler's parameters
+    that the section gives (lr, betas, eps, weight decay, warm-up and schedule length, warm-up learning rates), so that
+    a NaN or negative value is refused here rather than by torch at the first step. Raises :class:`ConfigError`
+    naming ``deepspeed.<key>``.
     """
-    ds = cfg.deepspeed
     tbs, micro, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
     check(bool(tbs or micro), "deepspeed.train_batch_size",
           "missing: give train_batch_size (sequences per optimizer step) and/or train_micro_batch_size_per_gpu")
@@ -125,29 +185,33 @@ def check_static(cfg) -> None:
                   f"missing or not a string in {ds[key]!r}")
             check(isinstance(ds[key].get("params", {}), dict), f"deepspeed.{key}.params", "must be an object")
     clip = ds.get("gradient_clipping", DEFAULT_GRADIENT_CLIPPING)
-    check(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0, "deepspeed.gradient_clipping",
-          f"{clip!r} must be a number >= 0 (0 = no clipping)")
-    sched = ds.get("scheduler") or {}
-    params = sched.get("params", {})
-    total = params.get("total_num_steps", cfg.train.max_steps)
-    warm = params.get("warmup_num_steps", 0)
-    check(isinstance(warm, int) and 0 <= warm <= total, "deepspeed.scheduler.params.warmup_num_steps",
-          f"{warm!r} must be an integer between 0 and the schedule's {total} steps")
+    check(_number(clip) and math.isfinite(clip) and clip >= 0, "deepspeed.gradient_clipping",
+          f"{clip!r} must be a finite number >= 0 (0 = no clipping)")
+    _check_optimizer_params((ds.get("optimizer") or {}).get("params", {}))
+    _check_scheduler_params((ds.get("scheduler") or {}).get("params", {}), max_steps)
 
 
-def build(cfg, world_size: int, *, cuda: bool) -> dict:
+def build(ds_section, *legacy, max_steps: int | None = None, world_size: int | None = None, cuda: bool) -> dict:
     """The DeepSpeed config dict for ``deepspeed.initialize``.
 
     Args:
-        cfg: the validated :class:`pretrain.config.RunConfig`.
+        ds_section: the run config's ``deepspeed`` section, checked by :func:`check_static` (not modified).
+        max_steps: ``train.max_steps``, the default length of the learning-rate schedule.
         world_size: data-parallel ranks.
         cuda: whether the ranks run on CUDA GPUs (on CPU, fp16 is refused and Adam runs as ``torch.optim.AdamW``).
 
     Returns a new dict: the section with the batch sizes derived (:func:`batch_sizes`), the optimizer, scheduler and
     gradient clipping defaults of the DistilBERT recipe filled in, and DeepSpeed's own progress printing off.
     Raises :class:`ConfigError` for an impossible batch plan or fp16 without a GPU.
+
+    Deprecated form, kept until its callers switch: ``build(run_config, world_size, cuda=...)``.
     """
-    ds = copy.deepcopy(cfg.deepspeed)
+    if not isinstance(ds_section, dict):  # deprecated: build(RunConfig, world_size, cuda=...)
+        (world_size,) = legacy
+        return build(ds_section.deepspeed, max_steps=ds_section.train.max_steps, world_size=world_size, cuda=cuda)
+    if legacy or max_steps is None or world_size is None:
+        raise TypeError("build(ds_section, *, max_steps, world_size, cuda): give max_steps and world_size by keyword")
+    ds = copy.deepcopy(ds_section)
     plan = batch_sizes(ds, world_size)
     ds.update(zip(BATCH_KEYS, plan))
     if precision(ds) == "fp16" and not cuda:
@@ -165,12 +229,12 @@ def build(cfg, world_size: int, *, cuda: bool) -> dict:
         if params.get("torch_adam") and not params.get("foreach"):
             params.setdefault("fused", True)  # torch's fused AdamW: one kernel per step, not ~8 per tensor
     lr = params.get("lr", DEFAULT_OPTIMIZER["params"]["lr"])
-    max_steps = cfg.train.max_steps
     sched = ds.setdefault("scheduler", {"type": "WarmupDecayLR"})
     sp = sched.setdefault("params", {})
     if sched["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
         sp.setdefault("total_num_steps", max_steps)
-        sp.setdefault("warmup_num_steps", int(round(DEFAULT_WARMUP_PROPORTION * sp["total_num_steps"])))
+        # at least 1: DeepSpeed refuses 0 (and warms up over max(2, n) steps)
+        sp.setdefault("warmup_num_steps", max(1, int(round(DEFAULT_WARMUP_PROPORTION * sp["total_num_steps"]))))
     if sched["type"] in ("WarmupDecayLR", "WarmupLR"):
         sp.setdefault("warmup_min_lr", 0.0)
         sp.setdefault("warmup_max_lr", lr)

@@ -48,15 +48,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not a valid {' or '.join(_type_name(a) for a in args)}")
+            except ConfigError:
+                pass
+        names = [_type_name(a) for a in args if a is not type(None)] + (["null"] if type(None) in args else [])
+        raise ConfigError(f"{where}: {value!r} is not a valid {' or '.join(names)}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -100,9 +100,11 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     ``where`` is the section's name (for example ``"masking"`` or ``"configs/x.json: masking"``) used in messages.
     Calls ``validate()`` on the result when the class defines it.
     """
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected an object, got {data!r}")
+    data = dict(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -118,11 +120,6 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass (nested) -> plain JSON-serialisable dict."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

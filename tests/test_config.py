@@ -31,6 +31,11 @@ def minimal(**sections) -> dict:
     return raw
 
 
+def build(cfg: C.RunConfig, world_size: int, *, cuda: bool) -> dict:
+    """``ds_config.build`` on plain values, as the trainer calls it."""
+    return D.build(cfg.deepspeed, max_steps=cfg.train.max_steps, world_size=world_size, cuda=cuda)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_validates(path):
     cfg = C.load(path)
@@ -47,7 +52,7 @@ def test_recipe_configs(name, teacher, layers, micro, accum8):
     cfg = C.load(REPO / "configs" / name)
     assert cfg.teacher.name_or_path == teacher and cfg.student.layers == layers
     assert (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.temperature) == (5.0, 2.0, 1.0, 2.0)
-    ds = D.build(cfg, 8, cuda=True)
+    ds = build(cfg, 8, cuda=True)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
         (4096, micro, accum8)
     assert D.precision(ds) == "fp16" and ds["fp16"]["loss_scale"] == 0 and D.zero_stage(ds) == 2
@@ -55,11 +60,11 @@ def test_recipe_configs(name, teacher, layers, micro, accum8):
     assert ds["scheduler"]["type"] == "WarmupDecayLR"
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
     assert ds["scheduler"]["params"]["warmup_max_lr"] == ds["optimizer"]["params"]["lr"]
-    assert D.build(cfg, 1, cuda=True)["gradient_accumulation_steps"] == 4096 // micro
+    assert build(cfg, 1, cuda=True)["gradient_accumulation_steps"] == 4096 // micro
     with pytest.raises(ConfigError, match=r"4096 .*not a multiple.*" + str(micro * 3)):
-        D.build(cfg, 3, cuda=True)
+        build(cfg, 3, cuda=True)
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        D.build(cfg, 1, cuda=False)
+        build(cfg, 1, cuda=False)
     if name == "distilbert.json":
         assert cfg.student.architecture == "distilbert"
 
@@ -94,7 +99,7 @@ def test_unknown_section_and_missing_section(tmp_path):
     ("deepspeed.bf16.enabled=true", r"fp16 and bf16 are both enabled"),
     ("deepspeed.gradient_accumulation_steps=3", r"deepspeed\.train_batch_size: 64 is not micro 8 x accumulation 3"),
     ('deepspeed.scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": 500}}',
-     r"warmup_num_steps: 500 must be an integer between 0 and the schedule's 100 steps"),
+     r"warmup_num_steps: 500 must be an integer between 1 and the schedule's 100 steps"),
     ('deepspeed.scheduler.params.warmup_num_steps=5', r"deepspeed\.scheduler\.type: missing"),
 ])
 def test_bad_values_name_file_key_and_value(tmp_path, override, pattern):
@@ -171,7 +176,7 @@ def test_batch_arithmetic_errors(given, world, pattern):
 
 def test_deepspeed_defaults_fill_the_distilbert_recipe(tmp_path):
     cfg = C.load(write(tmp_path, minimal()), ["train.max_steps=1000"])
-    cpu = D.build(cfg, 2, cuda=False)
+    cpu = build(cfg, 2, cuda=False)
     assert cpu["optimizer"]["type"] == "AdamW"
     p = cpu["optimizer"]["params"]
     assert (p["lr"], p["betas"], p["eps"], p["weight_decay"], p["torch_adam"]) == (5e-4, [0.9, 0.98], 1e-6, 0.0, True)
@@ -181,12 +186,12 @@ def test_deepspeed_defaults_fill_the_distilbert_recipe(tmp_path):
         (1000, 50, 5e-4, "linear")
     assert cpu["gradient_clipping"] == 5.0 and D.zero_stage(cpu) == 0 and D.precision(cpu) == "fp32"
     assert (cpu["train_batch_size"], cpu["gradient_accumulation_steps"]) == (64, 4)
-    gpu = D.build(cfg, 2, cuda=True)
+    gpu = build(cfg, 2, cuda=True)
     assert "torch_adam" not in gpu["optimizer"]["params"]
     # the user's values win; the section itself is not modified
     cfg2 = C.load(write(tmp_path, minimal(deepspeed={"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
                                                     "gradient_clipping": 1.0})))
-    ds = D.build(cfg2, 1, cuda=True)
+    ds = build(cfg2, 1, cuda=True)
     assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["scheduler"]["params"]["warmup_max_lr"] == 1e-4
     assert ds["gradient_clipping"] == 1.0 and "scheduler" not in cfg2.deepspeed
 
@@ -207,3 +212,125 @@ def test_cli_validates_and_prints_resolved_config(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 9
     assert C.main([str(path), "train.max_steps=-1"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Optimizer and scheduler parameters: refused at load with the key's name, not by torch at the first step
+
+@pytest.mark.parametrize("section,pattern", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": float("nan")}}},
+     r"deepspeed\.optimizer\.params\.lr: nan must be a finite number > 0"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": -1e-4}}},
+     r"deepspeed\.optimizer\.params\.lr: -0\.0001 must be a finite number > 0"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0}}}, r"deepspeed\.optimizer\.params\.lr: 0 must be"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": float("inf")}}}, r"deepspeed\.optimizer\.params\.lr: inf"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "5e-4"}}}, r"deepspeed\.optimizer\.params\.lr: '5e-4'"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": True}}}, r"deepspeed\.optimizer\.params\.lr: True"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 1.0]}}},
+     r"deepspeed\.optimizer\.params\.betas: \[0\.9, 1\.0\] must be two numbers in \[0, 1\)"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [float("nan"), 0.98]}}},
+     r"deepspeed\.optimizer\.params\.betas: \[nan, 0\.98\]"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}}, r"deepspeed\.optimizer\.params\.betas: \[0\.9\]"),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": -1e-6}}}, r"deepspeed\.optimizer\.params\.eps: -1e-06 must"),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": float("nan")}}}, r"deepspeed\.optimizer\.params\.eps: nan"),
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": -0.01}}},
+     r"deepspeed\.optimizer\.params\.weight_decay: -0\.01 must be a finite number >= 0"),
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": float("nan")}}},
+     r"deepspeed\.optimizer\.params\.weight_decay: nan"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 0}}},
+     r"deepspeed\.scheduler\.params\.warmup_num_steps: 0 must be an integer between 1 and the schedule's 100 steps"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": float("nan")}}},
+     r"deepspeed\.scheduler\.params\.warmup_num_steps: nan"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 0}}},
+     r"deepspeed\.scheduler\.params\.total_num_steps: 0 must be a positive integer"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": float("nan")}}},
+     r"deepspeed\.scheduler\.params\.total_num_steps: nan must be a positive integer"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": -1e-5}}},
+     r"deepspeed\.scheduler\.params\.warmup_min_lr: -1e-05 must be a finite number >= 0"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": float("nan")}}},
+     r"deepspeed\.scheduler\.params\.warmup_max_lr: nan must be a finite number > 0"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": -5e-4}}},
+     r"deepspeed\.scheduler\.params\.warmup_max_lr: -0\.0005"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 1e-3, "warmup_max_lr": 1e-4}}},
+     r"deepspeed\.scheduler\.params\.warmup_min_lr: 0\.001 must be <= warmup_max_lr 0\.0001"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_type": "cosine"}}},
+     r"deepspeed\.scheduler\.params\.warmup_type: 'cosine' is not one of \['linear', 'log'\]"),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"cos_min_ratio": float("nan")}}},
+     r"deepspeed\.scheduler\.params\.cos_min_ratio: nan"),
+    ({"gradient_clipping": float("inf")}, r"deepspeed\.gradient_clipping: inf must be a finite number >= 0"),
+])
+def test_optimizer_and_scheduler_params_are_checked_at_load(tmp_path, section, pattern):
+    path = write(tmp_path, minimal(deepspeed=section))  # json.dumps writes NaN / Infinity, which json.loads reads back
+    with pytest.raises(ConfigError, match=pattern) as e:
+        C.load(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_nan_learning_rate_from_json_text_and_from_an_override(tmp_path):
+    raw = minimal()
+    text = json.dumps(raw).replace('"deepspeed": {', '"deepspeed": {"optimizer": {"type": "AdamW", "params": '
+                                                    '{"lr": NaN}}, ', 1)
+    path = tmp_path / "nan.json"
+    path.write_text(text)
+    assert json.loads(text)["deepspeed"]["optimizer"]["params"]["lr"] != 0  # NaN: Python's json module accepts it
+    with pytest.raises(ConfigError, match=r"nan\.json: deepspeed\.optimizer\.params\.lr: nan must be a finite"):
+        C.load(path)
+    with pytest.raises(ConfigError, match=r"deepspeed\.optimizer\.params\.lr: -1\.0 must be a finite number > 0"):
+        C.load(write(tmp_path, raw), ['deepspeed.optimizer={"type": "AdamW", "params": {"lr": -1.0}}'])
+    with pytest.raises(ConfigError, match=r"deepspeed\.scheduler\.params\.warmup_max_lr: nan"):
+        C.load(write(tmp_path, raw), ['deepspeed.scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": NaN}}'])
+
+
+def test_valid_optimizer_and_scheduler_params_build_what_torch_and_deepspeed_accept(tmp_path):
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    cfg = C.load(write(tmp_path, minimal(deepspeed={
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.0, 0.999], "eps": 0, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4}}})),
+        ["train.max_steps=5"])
+    ds = build(cfg, 1, cuda=False)
+    p, s = ds["optimizer"]["params"], ds["scheduler"]["params"]
+    # 5% of 5 steps rounds to 0, which DeepSpeed refuses ("warmup_num_steps must be a positive integer"): 1 instead
+    assert (s["total_num_steps"], s["warmup_num_steps"]) == (5, 1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=p["lr"], betas=p["betas"], eps=p["eps"],
+                            weight_decay=p["weight_decay"])
+    sched = WarmupDecayLR(opt, **s)
+    assert sched.total_num_steps == 5
+
+
+def test_build_takes_plain_values(tmp_path):
+    cfg = C.load(write(tmp_path, minimal()), ["train.max_steps=400"])
+    section = json.loads(json.dumps(cfg.deepspeed))
+    ds = D.build(section, max_steps=400, world_size=2, cuda=False)
+    assert ds["scheduler"]["params"]["total_num_steps"] == 400 and ds["gradient_accumulation_steps"] == 4
+    assert section == cfg.deepspeed  # not modified
+    assert D.build(section, max_steps=30, world_size=1, cuda=False)["scheduler"]["params"]["total_num_steps"] == 30
+    assert D.build(cfg, 2, cuda=False) == ds  # the deprecated form, until its callers switch
+    with pytest.raises(TypeError, match="max_steps"):
+        D.build(section, 2, cuda=False)
+    D.check_static(section, 400)
+    with pytest.raises(ConfigError, match=r"warmup_num_steps: 50 must be an integer between 1 and the schedule's 40"):
+        D.check_static({**section, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 50}}}, 40)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sections are validated once, when the config is loaded
+
+def test_each_section_validated_once_at_load(tmp_path, monkeypatch):
+    calls = []
+    for name, cls in C.SECTIONS.items():
+        original = cls.validate
+        monkeypatch.setattr(cls, "validate", lambda self, _o=original, _n=name: (calls.append(_n), _o(self))[1])
+    C.load(write(tmp_path, minimal()))
+    assert sorted(calls) == sorted(C.SECTIONS)
+
+
+def test_schema_errors_for_a_non_object_section_and_an_optional_type():
+    from pretrain.losses import LossConfig
+    from pretrain.masking import MaskingConfig
+    from pretrain.schema import from_dict
+    with pytest.raises(ConfigError, match=r"^masking: expected an object, got \[0\.15\]$"):
+        from_dict(MaskingConfig, [0.15], "masking")
+    with pytest.raises(ConfigError, match=r"^loss\.relation_heads: 'four' is not a valid int or null$"):
+        from_dict(LossConfig, {"relation_heads": "four"}, "loss")
+    assert from_dict(MaskingConfig, None, "masking") == MaskingConfig()
