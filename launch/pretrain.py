@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Distillation pretraining entry point.
+"""Distillation pretraining entry point for launchers: hands over to ``python -m pretrain.main``, the installed trainer.
 
     deepspeed [--num_gpus N] launch/pretrain.py --config configs/distilroberta.json [section.key=value ...]
     deepspeed --hostfile H launch/pretrain.py --config C ...           (multi-node, pdsh)
@@ -7,67 +7,20 @@
     torchrun --nproc_per_node N launch/pretrain.py --config C ...
     python launch/pretrain.py --config C ...                             (one process, no launcher)
 
-On a machine without CUDA the ranks run on CPU (DeepSpeed's CPU accelerator, gloo): `deepspeed --num_gpus N` starts
-N CPU ranks (without --num_gpus, DeepSpeed starts one rank per NUMA node); each rank uses cores / local ranks torch
-threads unless OMP_NUM_THREADS is set. Running the same command again resumes from `train.output_dir/checkpoints/latest`.
-SIGTERM or SIGUSR1 to the ranks: they finish the current step, checkpoint together and exit 0.
+Options, exit codes and signals are the trainer's (``pretrain/main.py``; ``python launch/pretrain.py --help``). The
+installed equivalents: ``bert-distill-pretrain --config C`` (one process), ``torchrun ... -m pretrain.main``,
+``deepspeed ... --module pretrain.main``. Needs the package installed (``make setup``, or ``pip install -e .``);
+without it this prints what to do and exits 2.
 
-Exit codes: 0 done or stopped by a signal after checkpointing; 1 training error (diverged); 2 configuration or input
-error (the message names the file / key and what to do).
+How: ``os.execv`` of ``python -m pretrain.main`` with the same arguments (``launch/handover.py``). Python runs this
+file with ``launch/`` first on ``sys.path``, so ``import pretrain`` here would import this file, not the package; the
+exec avoids that without touching ``sys.path``, and keeps what the launchers rely on: the same pid (they signal and
+wait for it), environment and ignored signals (the SLURM tasks ignore USR1 until the trainer's handler is installed),
+and the interpreter's options (``-u`` from the DeepSpeed launcher). Process listings show ``python -m pretrain.main``.
 """
-from __future__ import annotations
-
-import argparse
-import os
-import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Task-agnostic distillation pretraining (DeepSpeed).",
-                                epilog="Overrides: any config field as section.key=value, e.g. train.max_steps=100 "
-                                       "deepspeed.zero_optimization.stage=3 (values parsed as JSON when they parse).")
-    p.add_argument("--config", required=True, help="run config JSON (see configs/ and `python -m pretrain.config "
-                                                   "--reference`)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from pretrain.config import load
-    from pretrain.schema import ConfigError
-    rank = os.environ.get("RANK", "0")
-    try:
-        cfg = load(args.config, args.overrides)
-        from pretrain.trainer import TrainingError, run
-        try:
-            return run(cfg)
-        except TrainingError as e:
-            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
-            return 1
-    except ConfigError as e:
-        print(f"[rank {rank}] error: {args.config}: {e}" if not str(e).startswith(args.config)
-              else f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        # A USR1/TERM that arrives while a finished rank shuts down would kill it with the signal's default action
-        # (Python restores defaults at exit; seen under SLURM as exit 138/143): the work is saved, so ignore them.
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
-
+from handover import run_module  # launch/handover.py: launch/ is first on sys.path when Python runs this file
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_module("pretrain.main"))

@@ -3,13 +3,17 @@
 
 The block between ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->`` is replaced by
 ``pretrain.config.reference_markdown()``; ``--check`` exits 1 when the README is out of date instead of writing.
+
+Run it as ``python scripts/update_readme_reference.py`` or ``python -m scripts.update_readme_reference`` (from the
+repository root); it needs the package installed (``make setup``). Tests import it: ``from scripts import
+update_readme_reference``.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_prep.files import atomic_write_text
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -34,9 +38,8 @@ def main(argv: list[str]) -> int:
             print(f"{README} configuration reference is out of date: run `make reference`", file=sys.stderr)
             return 1
         return 0
-    tmp = README.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(README)
+    if new != text:
+        atomic_write_text(README, new)
     return 0
 
 

@@ -1,21 +1,15 @@
 """README stays true: its configuration reference is the one generated from the config dataclasses."""
-import importlib.util
 from pathlib import Path
+
+from scripts import update_readme_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _updater():
-    spec = importlib.util.spec_from_file_location("update_readme_reference",
-                                                  ROOT / "scripts" / "update_readme_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_config_reference_is_current():
     text = (ROOT / "README.md").read_text()
-    assert _updater().render(text) == text, "README configuration reference is out of date: run `make reference`"
+    assert update_readme_reference.render(text) == text, \
+        "README configuration reference is out of date: run `make reference`"
 
 
 def test_reference_names_every_section_and_standard_terms():

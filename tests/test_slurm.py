@@ -1,10 +1,9 @@
-"""launch/slurm.py: node lists, hostfiles, the batch script, bad input (fast, no daemons); and on a real one-node
+"""pretrain.slurm (``launch/slurm.py``, ``bert-distill-slurm``): node lists, hostfiles, the batch script, bad input (fast, no daemons); and on a real one-node
 SLURM cluster (tests/slurm_cluster.py, marked ``slurm`` and ``slow``): a submitted tiny run finishes with checkpoint
 and export, and a signalled run checkpoints, requeues and resumes with continuous steps.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import stat
@@ -14,19 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pretrain import slurm
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny-cpu.json"
-
-
-def _load_slurm():
-    spec = importlib.util.spec_from_file_location("launch_slurm", REPO / "launch" / "slurm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-slurm = _load_slurm()
 
 
 # ---- node lists and hostfiles -----------------------------------------------------------------------------------
@@ -68,11 +58,11 @@ def test_hostfile_bad_input(monkeypatch, capsys):
     monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
     monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
-    assert slurm.main(["hostfile", "--slots", "2"]) == 1
+    assert slurm.main(["hostfile", "--slots", "2"]) == 2
     assert "SLURM_JOB_NODELIST" in capsys.readouterr().err
-    assert slurm.main(["hostfile", "--nodelist", "n[1-2]"]) == 1
+    assert slurm.main(["hostfile", "--nodelist", "n[1-2]"]) == 2
     assert "--slots" in capsys.readouterr().err
-    assert slurm.main(["hostfile", "--nodelist", "n[2-1]", "--slots", "2"]) == 1
+    assert slurm.main(["hostfile", "--nodelist", "n[2-1]", "--slots", "2"]) == 2
     assert "backwards" in capsys.readouterr().err
 
 
@@ -115,9 +105,12 @@ def test_dry_run_prints_a_valid_script_and_writes_nothing(workdir, capsys):
                  "#SBATCH --signal=B:USR1@120", f"#SBATCH --output={run_dir}/slurm/%j.log",
                  f"#SBATCH --chdir={workdir}", f"RUN_DIR={run_dir}", "RANKS_PER_NODE=8"]:
         assert line in script.splitlines(), line
-    # the ranks run the trainer with the submitted config and overrides, through the srun line
-    assert (f"TRAIN_CMD=({sys.executable} {REPO}/launch/pretrain.py --config {TINY_CONFIG} data.dir=shards "
-            f"train.output_dir=runs/r1 deepspeed.train_batch_size=256)") in script
+    # the ranks run the installed trainer module with the submitted config and overrides, through the srun line
+    assert f"PYTHON={sys.executable}" in script.splitlines()
+    assert (f'TRAIN_CMD=("$PYTHON" -m pretrain.main --config {TINY_CONFIG} data.dir=shards '
+            f'train.output_dir=runs/r1 deepspeed.train_batch_size=256)') in script.splitlines()
+    assert f"LOG_DIR={run_dir}/slurm" in script.splitlines() and '--output="$LOG_DIR/%j-node%n.log"' in script
+    assert '"$PYTHON" -m pretrain.rundir finished "$RUN_DIR"' in script
     assert "srun --nodes=" in script and "exec \"$@\"' rank \"${TRAIN_CMD[@]}\"" in script
     assert "SRUN_ARGS=(--cpus-per-task=8 --gpu-bind=none)" in script
     syntax = subprocess.run(["/bin/bash", "-n"], input=script, text=True, capture_output=True)
@@ -158,7 +151,7 @@ def test_submit_rejects_non_positive_counts(workdir, capsys, option, value):
 
 def _assert_refused(workdir, capsys, argv, *fragments):
     _fake_sbatch(workdir / "bin")
-    assert slurm.main(argv) == 1
+    assert slurm.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     for fragment in fragments:
@@ -183,7 +176,7 @@ def test_submit_refuses_missing_shards(workdir, capsys):
 
 
 def test_submit_without_sbatch_suggests_dry_run(workdir, capsys):
-    assert slurm.main(_submit_args()) == 1
+    assert slurm.main(_submit_args()) == 2
     err = capsys.readouterr().err
     assert "sbatch not found" in err and "--dry-run" in err
     assert not (workdir / "runs").exists()
@@ -217,9 +210,19 @@ def test_submit_refuses_another_runs_checkpoints(workdir, capsys, change, named)
 
 def test_submit_refuses_another_world_size_unless_allowed(workdir, capsys):
     _fake_run_dir(workdir, SAME_RUN, world_size=4)
-    _assert_refused(workdir, capsys, _submit_args(), "written by 4 rank(s), this job has 2",
-                    "train.allow_world_size_change")
+    _assert_refused(workdir, capsys, _submit_args(), "written by 4 rank(s), this run has 2",
+                    "train.allow_world_size_change", "--nodes x --gpus-per-node = 2 rank(s)")
     assert slurm.main(_submit_args("--dry-run", "train.allow_world_size_change=true")) == 0
+
+
+def test_submit_follows_the_trainers_identity_rule(workdir, capsys):
+    """One rule (pretrain.rundir) for the trainer and submit: a changed teacher.dtype is the same run, resumed; a
+    changed student key is another run."""
+    _fake_run_dir(workdir, SAME_RUN + ["teacher.dtype=bfloat16"])
+    assert slurm.main(_submit_args("--gres", "none", "--dry-run", "teacher.dtype=float32")) == 0
+    assert capsys.readouterr().out.startswith("#!/bin/bash\n")
+    _assert_refused(workdir, capsys, _submit_args("--dry-run", "student.layers=[1, 3]"),
+                    "holds checkpoints of another run", "student.layers", "train.output_dir")
 
 
 def test_submit_refuses_incomplete_checkpoints(workdir, capsys):
@@ -319,7 +322,7 @@ def test_submitted_run_finishes_with_checkpoint_and_export(cluster, assets, tmp_
     run_dir = tmp_path / "run"
     job = _submit(cluster, run_dir, assets)
     again = _run_submit(cluster, run_dir, assets)  # a second job on the same run directory is refused
-    assert again.returncode == 1 and f"job(s) {job} (" in again.stderr and "already train" in again.stderr, \
+    assert again.returncode == 2 and f"job(s) {job} (" in again.stderr and "already train" in again.stderr, \
         again.stderr
     info = cluster.wait_for(job, TERMINAL, JOB_TIMEOUT_S)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_logs(run_dir)}"
@@ -370,14 +373,16 @@ def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, as
 
 
 def test_requeue_skips_a_finished_run(tmp_path):
-    """The batch script's ``finished`` test: true only when student/distill_export.json names checkpoints/latest
-    (the trainer exports only at the end), so a USR1 that arrives during the final export does not requeue."""
+    """The batch script's ``finished`` test (``python -m pretrain.rundir finished``): true only when student/ is the
+    export of the latest checkpoint (the trainer exports only at the end), so a USR1 that arrives during the final
+    export does not requeue."""
     body = slurm._BODY
-    func = body[body.index("finished() {"):body.index("\n}\n", body.index("finished() {")) + 3]
+    func = body[body.index("finished() {"):body.index("\n", body.index("finished() {")) + 1]
     run = tmp_path / "run"
 
     def finished() -> bool:
-        return subprocess.run(["/bin/bash", "-c", f'{func}\nfinished'], env={"RUN_DIR": str(run)}).returncode == 0
+        return subprocess.run(["/bin/bash", "-c", f'{func}\nfinished'], cwd=tmp_path,
+                              env={"RUN_DIR": str(run), "PYTHON": sys.executable}).returncode == 0
 
     assert not finished()  # nothing yet
     (run / "checkpoints").mkdir(parents=True)
