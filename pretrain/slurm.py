@@ -347,7 +347,7 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     world_size = args.nodes * args.gpus_per_node
     try:
         cfg = load(args.config, args.overrides)
-        ds_config.build(cfg, world_size, cuda=bool(args.gres))
+        ds_config.build(cfg.deepspeed, max_steps=cfg.train.max_steps, world_size=world_size, cuda=bool(args.gres))
     except ConfigError as e:
         raise SubmitError(f"invalid config (world size {world_size} = {args.nodes} node(s) x "
                           f"{args.gpus_per_node}): {e}") from None
