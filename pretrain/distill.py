@@ -128,7 +128,6 @@ class DistillationModel(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module, loss_cfg: L.LossConfig, layer_map: list[int], *,
                  naive: bool = False):
         super().__init__()
-        loss_cfg.validate()
         self.student = student
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: DeepSpeed must not train / save it
         teacher.eval().requires_grad_(False)

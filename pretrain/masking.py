@@ -82,7 +82,7 @@ class Masker:
     """Masks micro-batches of token ids for MLM; see the module docstring for the method.
 
     Args:
-        cfg: the masking section.
+        cfg: the masking section, validated when the run config was loaded (trusted here).
         vocab_size: number of token ids (``len(tokenizer)``); ids in batches must be below it.
         special_ids: ids never selected (CLS, SEP, PAD, MASK, UNK, ...) and never used as random replacements.
         mask_token_id, pad_token_id: the tokenizer's mask and pad ids.
@@ -96,7 +96,6 @@ class Masker:
 
     def __init__(self, cfg: MaskingConfig, *, vocab_size: int, special_ids, mask_token_id: int, pad_token_id: int,
                  token_counts=None, seed: int = 0, word_start=None):
-        cfg.validate()
         self.cfg, self.vocab_size, self.seed = cfg, int(vocab_size), int(seed)
         self.mask_token_id, self.pad_token_id = int(mask_token_id), int(pad_token_id)
         special = np.zeros(self.vocab_size, dtype=bool)

@@ -197,8 +197,8 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, di
 
     Raises :class:`ConfigError` for a layer map that does not fit the teacher, or ``architecture="distilbert"`` with
     a teacher that is not BERT-shaped (absolute positions, BERT block layout).
+    ``cfg`` is trusted: it was validated when the run config was loaded (:func:`pretrain.schema.from_dict`).
     """
-    cfg.validate()
     n_teacher = teacher.config.num_hidden_layers
     layer_map = resolve_layer_map(cfg.layers, n_teacher)
     if cfg.init == "random":

@@ -156,3 +156,18 @@ def test_loss_config_validation():
         cfg.check_models(teacher_has_mlm_head=False, student_has_mlm_head=False, teacher_name="BertModel")
     L.LossConfig(alpha_ce=0, alpha_mlm=0, alpha_pool=1).check_models(teacher_has_mlm_head=False,
                                                                     student_has_mlm_head=False)
+
+
+def test_components_trust_their_validated_sections(monkeypatch):
+    """Sections are validated once, when the run config is loaded (schema.from_dict): build_student and
+    DistillationModel do not validate again. The model-dependent check (LossConfig.check_models: an MLM head for the
+    logit terms) runs once, at the trainer's preflight."""
+    from pretrain.distill import DistillationModel
+    from pretrain.student import StudentConfig, build_student
+    from tests import tiny
+    for cls in (L.LossConfig, StudentConfig):
+        monkeypatch.setattr(cls, "validate", lambda self, _c=cls: pytest.fail(f"{_c.__name__} validated again"))
+    teacher = tiny.bert_model(layers=2)
+    student, record = build_student(teacher, StudentConfig())
+    model = DistillationModel(student, teacher, L.LossConfig(), record["layer_map"])
+    assert model.loss_cfg.active() == {"ce": 5.0, "mlm": 2.0, "cos": 1.0} and record["layer_map"] == [0]

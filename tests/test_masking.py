@@ -182,3 +182,11 @@ def test_bad_inputs():
         make_masker(token_counts=np.ones(V - 1))
     with pytest.raises(ValueError, match="word_start"):
         make_masker(MaskingConfig(whole_word_mask=True))
+
+
+def test_masker_trusts_its_validated_config(monkeypatch):
+    """The section is validated once, when the run config is loaded (schema.from_dict); the masker does not again."""
+    monkeypatch.setattr(MaskingConfig, "validate", lambda self: pytest.fail("Masker validated its section again"))
+    ids, am = random_batch(0)
+    masked, labels = make_masker()(ids, am, step=0, rank=0, micro_step=0)
+    assert int((labels != -100).sum()) > 0
