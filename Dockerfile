@@ -6,7 +6,7 @@
 #   docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3 -t bert-distill:ngc .
 #
 # No ENTRYPOINT: the command is given at run time (docker run ... deepspeed launch/pretrain.py --config C; under
-# SLURM/pyxis, launch/slurm.py's srun line); the default CMD prints the trainer's usage.
+# SLURM/pyxis, the srun line of bert-distill-slurm's batch script); the default CMD prints the trainer's usage.
 # Base: a *devel* tag (nvcc), needed to pre-build DeepSpeed's CUDA ops.
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-devel
 FROM ${BASE_IMAGE}
@@ -38,14 +38,17 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constr
  && python -c "from deepspeed.git_version_info import installed_ops as ops; assert ops.get('fused_adam'), ops" \
  && rm /tmp/requirements.txt /tmp/requirements-notorch.txt /tmp/constraints.txt
 
-# The code at /workspace, importable from anywhere (a checkout mounted elsewhere and run from there takes precedence:
-# launch/*.py put their own repository first on sys.path).
+# The code at /workspace, installed editable (pip, no PYTHONPATH): the bert-distill-* commands and `python -m
+# pretrain.main` run it from any directory; launch/*.py hand over to the installed modules. A checkout mounted
+# elsewhere and run from its root takes precedence (`python -m` searches the working directory first).
 # (uid 1000: Ubuntu 24.04 bases, e.g. recent NGC images, already have a user "ubuntu" with it, which goes.)
 RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -un 1000)"; fi \
  && useradd --create-home --uid 1000 --user-group --shell /bin/bash distill
 WORKDIR /workspace
 COPY --chown=1000:1000 . /workspace
-ENV PYTHONPATH=/workspace
+RUN pip install --no-cache-dir --no-deps -e . \
+ && rm -rf /workspace/bert_distill.egg-info \
+ && python -c "import pretrain.main, pretrain.slurm, data_prep"
 USER 1000:1000
 
 CMD ["python", "launch/pretrain.py", "--help"]
