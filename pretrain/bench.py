@@ -60,108 +60,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.trainer import KEEP_FREED_BYTES, set_malloc_thresholds
-
-# Dense (no structured sparsity) peak TFLOP/s by device-name substring, first match wins; fp32 = without TF32
-# (PyTorch's default for matmuls). Sources: NVIDIA H100 datasheet (SXM5: 989.4 fp16/bf16, 66.9 fp32; PCIe: 756.5 /
-# 51.2; NVL: 835.5 / 60), H200 datasheet (same compute as H100 SXM), A100 datasheet (312 / 19.5).
-DATASHEET_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"fp16": 756.5, "bf16": 756.5, "fp32": 51.2}),
-    ("H100 NVL", {"fp16": 835.5, "bf16": 835.5, "fp32": 60.0}),
-    ("H100", {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200", {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9}),
-    ("A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5}),
-]
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def _dims(config) -> tuple[int, int, int, int]:
-    """(hidden, layers, intermediate, vocab) of a BERT-like config (DistilBERT's names too)."""
-    hidden = getattr(config, "hidden_size", None) or config.dim
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layers
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden
-    return int(hidden), int(layers), int(inter), int(config.vocab_size)
-
-
-def encoder_flops(config, sequences: int, seq_len: int) -> int:
-    """Forward FLOPs of the transformer layers over ``sequences`` x ``seq_len`` positions (padding included).
-
-    Per layer and position: Q, K, V and output projections ``8 H^2``, feed-forward ``4 H I``, and the attention
-    products Q K^T and A V ``4 L H`` (the quadratic term). Embedding lookups and norms are not counted.
-    """
-    h, n, i, _ = _dims(config)
-    positions = sequences * seq_len
-    return n * positions * (8 * h * h + 4 * h * i + 4 * seq_len * h)
-
-
-def head_flops(config, positions: int) -> int:
-    """Forward FLOPs of a BERT-style MLM head (transform ``H x H`` then decoder ``H x V``) on ``positions`` rows."""
-    h, _, _, v = _dims(config)
-    return positions * (2 * h * h + 2 * h * v)
-
-
-def step_flops(model, *, sequences: int, seq_len: int, head_positions: int) -> dict[str, int]:
-    """Model FLOPs of one micro-batch through a :class:`pretrain.distill.DistillationModel`, forward and backward.
-
-    Args:
-        model: the DistillationModel (its student / teacher configs, heads, projections and relation pairs).
-        sequences, seq_len: the micro-batch shape [B, L] (L padded).
-        head_positions: rows the LM heads run on (gathered: the positions the losses read; naive: B x L).
-
-    Returns ``{"teacher_forward", "student_forward", "student_backward", "total"}`` (FLOPs); the backward is 2x the
-    student's forward (gradients of inputs and of weights). Heads count only when the loss reads logits; TinyBERT
-    projections and MiniLM relation products (Q K^T, V V^T per relation pair) are counted too.
-    """
-    from pretrain.student import mlm_head
-    cfg = model.loss_cfg
-    active = cfg.active()
-    s_cfg, t_cfg = model.student.config, model.teacher.config
-    t_fwd = encoder_flops(t_cfg, sequences, seq_len)
-    s_fwd = encoder_flops(s_cfg, sequences, seq_len)
-    if ("ce" in active or "mlm" in active) and mlm_head(model.teacher) is not None:
-        t_fwd += head_flops(t_cfg, head_positions)
-        s_fwd += head_flops(s_cfg, head_positions)
-    positions = sequences * seq_len
-    if model.projections is not None:
-        for proj in model.projections.values():
-            s_fwd += 2 * positions * proj.in_features * proj.out_features
-    n_rel = ("att" in active) + ("val" in active)
-    for _ in model.relation_pairs:  # [B, R, L, d] x [B, R, d, L] per relation: 2 L^2 D per sequence
-        t_fwd += n_rel * 2 * sequences * seq_len * seq_len * _dims(t_cfg)[0]
-        s_fwd += n_rel * 2 * sequences * seq_len * seq_len * _dims(s_cfg)[0]
-    return {"teacher_forward": t_fwd, "student_forward": s_fwd, "student_backward": 2 * s_fwd,
-            "total": t_fwd + 3 * s_fwd}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Peaks and memory
-
-
-def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of ``size x size`` matrix products on this process's torch threads (the CPU's practical peak).
-
-    Counted as ``2 size^3`` FLOPs per product; the fastest of ``repeats`` after one warm-up.
-    """
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best
-
-
-def datasheet_peak(device_name: str, precision: str) -> tuple[float | None, str]:
-    """(peak FLOP/s, source) from :data:`DATASHEET_PEAK_TFLOPS` for a CUDA device name; (None, why) if unknown."""
-    for key, peaks in DATASHEET_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return peaks[precision] * 1e12, f"datasheet {key} dense {precision}"
-    return None, f"no datasheet peak for {device_name!r}: give --peak-tflops"
-
+from pretrain.flops import datasheet_peak, device_name, measure_cpu_peak, step_flops, _dims
+from pretrain.runtime import KEEP_FREED_BYTES, set_malloc_thresholds
 
 class PeakMemory:
     """Peak memory of the steps between :meth:`reset` and :meth:`read` (bytes).
@@ -209,20 +109,6 @@ class PeakMemory:
                         return int(line.split()[1]) * 1024
         import resource
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def device_name(device: torch.device) -> str:
-    """The CUDA device name, or the CPU model name (``/proc/cpuinfo``) and its usable cores."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name} ({cores} cores)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +159,7 @@ def make_random_teacher(spec: str, folder: Path, seed: int = 0) -> Path:
     tokenizer of its vocabulary in ``folder`` (BERT ids: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103;
     RoBERTa-like ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> vocab-1). Returns ``folder``."""
     from transformers import AutoConfig, AutoModelForMaskedLM
-    from pretrain.trainer import PADDING_OFFSET_MODELS
+    from pretrain.teacher import PADDING_OFFSET_MODELS
     model_type, kwargs = parse_random_spec(spec)
     config = AutoConfig.for_model(model_type, **kwargs)
     v = int(config.vocab_size)
@@ -372,20 +258,16 @@ class ModeSwitch:
     optimizer is not torch's fused AdamW)."""
 
     def __init__(self, trainer, modes: list[Mode]):
-        from pretrain.student import base_model
-        from pretrain.trainer import teacher_dtype
+        from pretrain.teacher import teacher_dtype
         self.trainer = trainer
+        self.on_micro_batch = None  # host-sync mode: .item() of every loss part after each micro-batch
         self.model = trainer.model
         self.engine = trainer.engine
         self.attn = {m: m.config._attn_implementation for m in (self.model.student, self.model.teacher)}
         self.vocab_multiple = self.model.vocab_multiple
         # BERT / RoBERTa / ELECTRA / DistilBERT read their attention dropout from an nn.Dropout module's p too
         self.dropout_p = {m: m.p for m in self.model.student.modules() if isinstance(m, torch.nn.Dropout)}
-        self.compiled = {m: m._compiled_call_impl for m in (base_model(self.model.student),
-                                                            base_model(self.model.teacher))
-                         if getattr(m, "_compiled_call_impl", None) is not None}
         self.fast_teacher_dtype = teacher_dtype(trainer.cfg, trainer.cuda)
-        self.engine_forward = self.engine.forward
         self.allreduce = self.engine.enable_backward_allreduce
         opt = self.engine.optimizer
         self.torch_optimizer = getattr(opt, "optimizer", opt)
@@ -407,32 +289,26 @@ class ModeSwitch:
             if mode.no_dropout and not any(self.dropout_p.values()):
                 raise SystemExit("error: --ablate dropout: the student has no dropout to switch off")
 
-    def _synced_forward(self, *args, **kwargs):
-        loss, parts = self.engine_forward(*args, **kwargs)
+    @staticmethod
+    def _host_sync(parts: dict[str, torch.Tensor]) -> None:
         for v in parts.values():
             v.item()  # what a loop that logs host floats per micro-batch does
-        return loss, parts
 
     def set(self, mode: Mode) -> None:
         """Switch to ``mode`` (outside the timed region)."""
         model, engine = self.model, self.engine
-        model.naive = mode.full_logits
-        model.vocab_multiple = 1 if mode.unaligned_vocab else self.vocab_multiple
+        model.set_paths(naive=mode.full_logits, vocab_multiple=1 if mode.unaligned_vocab else self.vocab_multiple)
         for m, p in self.dropout_p.items():
             m.p = 0.0 if mode.no_dropout else p
         for m, impl in self.attn.items():
             want = "eager" if mode.eager else impl
             if m.config._attn_implementation != want:
                 m.set_attn_implementation(want)
-        for m, impl in self.compiled.items():  # the eager-attention modes run uncompiled
-            m._compiled_call_impl = None if mode.eager else impl
+        model.set_compiled(not mode.eager)  # the eager-attention modes run uncompiled
         dtype = torch.float32 if mode.teacher_fp32 else self.fast_teacher_dtype
         if next(model.teacher.parameters()).dtype != dtype:
             model.move_teacher(self.trainer.device, dtype)
-        if mode.host_sync:
-            engine.forward = self._synced_forward
-        elif "forward" in vars(engine):
-            del engine.forward
+        self.on_micro_batch = self._host_sync if mode.host_sync else None
         for g, fused in zip(self.torch_optimizer.param_groups, self.fused):
             if "fused" in g:  # torch's Adam / AdamW
                 g["fused"] = False if mode.unfused_optimizer else fused
@@ -509,19 +385,19 @@ def run_bench(args) -> list[dict]:
             trainer.close()
 
 
-def _one_step(trainer, cuda: bool) -> tuple[Any, list[dict], float, float, float]:
-    """One ``fit``-style step: (result, micro-batches, wall seconds, data-wait seconds, process CPU seconds)."""
+def _one_step(trainer, switch: "ModeSwitch", cuda: bool) -> tuple[Any, list[dict], float, float, float]:
+    """One ``fit``-style step (``Trainer.step_once``): (result, micro-batches, wall seconds, data-wait seconds,
+    process CPU seconds)."""
     dev = trainer.device
     if cuda:
         torch.cuda.synchronize(dev)
     c0, t0 = time.process_time(), time.perf_counter()
     batches = trainer.next_micro_batches()
     t1 = time.perf_counter()
-    res = trainer.train_step(batches)
+    res, batches = trainer.step_once(batches, on_micro_batch=switch.on_micro_batch)
     if cuda:
         torch.cuda.synchronize(dev)
     t2, c2 = time.perf_counter(), time.process_time()
-    trainer.step += 1
     return res, batches, t2 - t0, t1 - t0, c2 - c0
 
 
@@ -550,7 +426,7 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
     for i in range(args.warmup + args.steps):
         for mode in modes:  # interleaved: every mode sees the same machine load
             switch.set(mode)
-            res, batches, wall, wait, cpu = _one_step(trainer, cuda)
+            res, batches, wall, wait, cpu = _one_step(trainer, switch, cuda)
             first.setdefault(mode.name, wall)  # includes torch.compile's compilation (train.compile)
             if i < args.warmup:
                 continue
@@ -566,7 +442,7 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
     for mode in modes:  # one untimed step per mode, its peak memory from a clean start
         switch.set(mode)
         memory.reset()
-        _one_step(trainer, cuda)
+        _one_step(trainer, switch, cuda)
         peak_memory[mode.name] = memory.read()
     if args.profile:
         profile_step(trainer, switch, modes[0], Path(args.profile), rows=args.profile_rows)
@@ -623,7 +499,7 @@ def profile_step(trainer, switch: ModeSwitch, mode: Mode, path: Path, rows: int 
     cuda = trainer.device.type == "cuda"
     switch.set(mode)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        _one_step(trainer, cuda)
+        _one_step(trainer, switch, cuda)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -632,7 +508,6 @@ def profile_step(trainer, switch: ModeSwitch, mode: Mode, path: Path, rows: int 
 
 def _describe(trainer) -> dict:
     """The run's shape for the JSON lines."""
-    from pretrain.student import base_model
     cfg, model = trainer.cfg, trainer.model
     t, s = model.teacher.config, model.student.config
     th, tl, _, tv = _dims(t)
@@ -650,9 +525,7 @@ def _describe(trainer) -> dict:
             "gradient_allreduce": bool(trainer.engine.enable_backward_allreduce),
             "prefetch": cfg.data.prefetch, "compile": cfg.train.compile,
             "threads": torch.get_num_threads(), "loss_terms": sorted(cfg.loss.active()),
-            "compiled_modules": [n for n, m in (("student", base_model(model.student)),
-                                                ("teacher", base_model(model.teacher)))
-                                 if getattr(m, "_compiled_call_impl", None) is not None]}
+            "compiled_modules": model.compiled_modules()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,18 +16,19 @@ resume for the previous complete one, with a warning naming it (:meth:`Checkpoin
 """
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from data_prep.files import atomic_path, atomic_write_text, sha256_file
+from pretrain.rundir import RunDir
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "checkpoint.json"
@@ -38,41 +39,10 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """``torch.save`` to ``path`` atomically (:func:`data_prep.files.atomic_path`)."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -103,17 +73,24 @@ def list_tags(root: Path) -> list[tuple[int, str]]:
 def verify(tag_dir: Path) -> dict[str, Any]:
     """Check a tag directory against its ``checkpoint.json``; returns the manifest.
 
-    Raises ``ValueError`` saying what is wrong: no manifest (the save did not finish), a listed file missing, of
-    another size or with another sha256.
+    Raises ``ValueError`` saying what is wrong: no manifest (the save did not finish), a malformed manifest, a listed
+    file missing, of another size or with another sha256.
     """
     tag_dir = Path(tag_dir)
     try:
         manifest = json.loads((tag_dir / MANIFEST).read_text())
     except FileNotFoundError:
         raise ValueError(f"no {MANIFEST}: the save did not finish") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable {MANIFEST}: {e}") from None
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    well_formed = (isinstance(files, dict) and isinstance(manifest.get("step"), int)
+                   and isinstance(manifest.get("world_size"), int)
+                   and all(isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+                           for i in files.values()))
+    if not well_formed:
+        raise ValueError(f"malformed {MANIFEST} (expected step, world_size and files with bytes and sha256)")
+    for name, info in files.items():
         path = tag_dir / name
         if not path.is_file():
             raise ValueError(f"{name} is missing")
@@ -124,20 +101,47 @@ def verify(tag_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, an I/O error); the last complete checkpoint is intact."""
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """Whether an exception from a writer (``OSError``, torch's or safetensors' ``RuntimeError``) says the disk is
+    full or the write failed at the I/O level."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "no space", "quota", "iostream error", "failed writing", "unexpected pos", "i/o error"))
+
+
 class CheckpointManager:
-    """Saves and finds checkpoints of one run (see the module docstring).
+    """Saves, finds and exports the checkpoints of one run (see the module docstring); the run directory's layout
+    comes from :class:`pretrain.rundir.RunDir`.
 
     Args:
-        root: ``output_dir/checkpoints``.
+        run: the run directory.
         rank, world_size: this process in the data-parallel world.
         keep_last: complete checkpoints kept; older tags are deleted after a save.
-        barrier: a callable that blocks until every rank reached it (``torch.distributed.barrier``).
+        save_interval: steps between checkpoints (0: only at the end and on a stop signal).
+        all_ok: a collective ``(ok: bool) -> bool`` that is True when ``ok`` on every rank (an all-reduce MIN; it
+            doubles as the barrier between the phases of a save).
     """
 
-    def __init__(self, root: str | Path, *, rank: int, world_size: int, keep_last: int,
-                 barrier: Callable[[], None]):
-        self.root, self.rank, self.world_size, self.keep_last = Path(root), rank, world_size, keep_last
-        self.barrier = barrier
+    def __init__(self, run: RunDir, *, rank: int, world_size: int, keep_last: int, save_interval: int,
+                 all_ok: Callable[[bool], bool]):
+        self.run, self.root = run, run.checkpoints
+        self.rank, self.world_size, self.keep_last, self.save_interval = rank, world_size, keep_last, save_interval
+        self.all_ok = all_ok
+        self.last_saved: int | None = None
+
+    def should_save(self, step: int, *, last: bool, stopping: bool) -> bool:
+        """Whether to checkpoint after ``step``: at the interval, at the last step, and when the ranks stop."""
+        return stopping or last or bool(self.save_interval and step % self.save_interval == 0)
 
     def save(self, engine, step: int, client_state: dict[str, Any],
              write_extra: Callable[[Path], None] | None = None) -> Path:
@@ -146,17 +150,27 @@ class CheckpointManager:
         ``client_state`` goes into DeepSpeed's model-states file; each rank adds its RNG states; rank 0 runs
         ``write_extra(tag_dir)`` (the ``hf/`` folder), then, once every rank is done, writes ``checkpoint.json``
         and moves ``latest``, then deletes checkpoints beyond ``keep_last``. Returns the tag directory.
+
+        Raises :class:`CheckpointError` on every rank when a rank could not write (one line: the folder, the space
+        needed and free, and that the last complete checkpoint is intact); ``latest`` then still names that one.
         """
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.rank == 0 and tag_dir.exists():  # a cut-off save of the same step, or a re-save: start clean
             shutil.rmtree(tag_dir)
-        self.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        atomic_torch_save(rng_state(), tag_dir / f"rng_rank_{self.rank:05d}.pt")
-        if self.rank == 0 and write_extra is not None:
-            write_extra(tag_dir)
-        self.barrier()
+        self.all_ok(True)
+        error = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+            atomic_torch_save(rng_state(), tag_dir / f"rng_rank_{self.rank:05d}.pt")
+            if self.rank == 0 and write_extra is not None:
+                write_extra(tag_dir)
+        except (OSError, RuntimeError) as e:
+            if not _is_disk_full(e):
+                raise
+            error = e
+        if not self.all_ok(error is None):
+            raise self._save_failed(tag_dir, error)
         if self.rank == 0:
             files = {}
             for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -164,10 +178,26 @@ class CheckpointManager:
             manifest = {"step": step, "tag": tag, "world_size": self.world_size, "files": files,
                         "config": client_state.get("config")}
             atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-            atomic_write_text(self.root / "latest", tag)
+            atomic_write_text(self.run.latest_file, tag)
             self._prune(keep=tag)
-        self.barrier()
+        self.all_ok(True)
+        self.last_saved = step
         return tag_dir
+
+    def _save_failed(self, tag_dir: Path, error: BaseException | None) -> CheckpointError:
+        """The error of a failed save; rank 0 removes the partial tag (its space is needed, and it is not
+        resumable)."""
+        complete = [t for _, t in list_tags(self.root) if (self.root / t / MANIFEST).is_file() and t != tag_dir.name]
+        size = _folder_bytes(self.root / complete[0]) if complete else _folder_bytes(tag_dir)
+        if self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        free = shutil.disk_usage(self.root).free
+        intact = (f"the last complete checkpoint {self.root / complete[0]} is intact and a rerun resumes from it"
+                  if complete else "there is no complete checkpoint yet")
+        what = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "failed on another rank"
+        return CheckpointError(f"could not write checkpoint {tag_dir} ({what}); a checkpoint needs about "
+                               f"{size / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free on that file system; "
+                               f"{intact}. Free space (or lower train.keep_last) and run the same command again")
 
     def _prune(self, keep: str) -> None:
         complete = [t for s, t in list_tags(self.root) if (self.root / t / MANIFEST).is_file()]
@@ -180,7 +210,7 @@ class CheckpointManager:
         """The newest complete checkpoint: ``(tag, manifest, warnings)``; ``(None, None, [])`` when there is none.
 
         Checks tags newest first with :func:`verify`; each skipped tag gives a warning naming it and why. Call on one
-        rank and broadcast the answer (it reads and hashes every file). Raises ``RuntimeError`` when tags exist but
+        rank and broadcast the answer (it reads and hashes every file). Raises ``ValueError`` when tags exist but
         none is complete (never starts over silently).
         """
         notes = []
@@ -193,8 +223,8 @@ class CheckpointManager:
                 continue
             return tag, manifest, notes
         if tags:
-            raise RuntimeError(f"{self.root} holds checkpoints but none is complete ({'; '.join(notes)}); move the "
-                               f"directory away to start over, or restore a complete checkpoint")
+            raise ValueError(f"{self.root} holds checkpoints but none is complete ({'; '.join(notes)}); move the "
+                             f"directory away to start over, or restore a complete checkpoint")
         return None, None, notes
 
     def load_rng(self, tag: str) -> bool:
@@ -204,3 +234,28 @@ class CheckpointManager:
             return False
         set_rng_state(torch.load(path, weights_only=False))
         return True
+
+    # -- exports -----------------------------------------------------------------------------------------------
+
+    def export_final(self) -> tuple[Path, bool]:
+        """Rank 0 exports the latest checkpoint to ``student/`` unless it holds that export already; returns
+        ``(folder, exported now)``. Not collective (the caller adds the barrier)."""
+        from pretrain.export import export_checkpoint
+        tag = self.run.latest_tag()
+        if tag is None:
+            raise FileNotFoundError(f"{self.run.latest_file}: no checkpoint to export")
+        if self.run.finished():
+            return self.run.student, False
+        export_checkpoint(self.root, self.run.student, tag)
+        return self.run.student, True
+
+    def export_init(self, student: torch.nn.Module, write_meta: Callable[[Path], None], info: dict) -> Path | None:
+        """Save ``student`` (before training) to ``student_init/`` once (rank 0); None when it exists already."""
+        from pretrain.export import save_student
+        import tempfile
+        if self.run.student_init.is_dir():
+            return None
+        with tempfile.TemporaryDirectory(dir=self.run.root) as meta:
+            write_meta(Path(meta))
+            save_student(student, self.run.student_init, Path(meta), info)
+        return self.run.student_init

@@ -184,6 +184,26 @@ class DistillationModel(nn.Module):
         for module in (base_model(self.student), base_model(self._teacher)):
             module.compile()
         self._logit_losses = torch.compile(logit_losses, dynamic=True)
+        self._compiled = {m: m._compiled_call_impl for m in (base_model(self.student), base_model(self._teacher))}
+
+    def compiled_modules(self) -> list[str]:
+        """Which encoders run compiled now: a sublist of ``["student", "teacher"]``."""
+        on = getattr(self, "_compiled", {})
+        return [n for n, m in (("student", base_model(self.student)), ("teacher", base_model(self._teacher)))
+                if m in on and m._compiled_call_impl is not None]
+
+    def set_compiled(self, enabled: bool) -> None:
+        """Run the encoders compiled (after :meth:`compile_parts`) or eagerly, without recompiling (a benchmark's
+        eager-attention modes run uncompiled). ``nn.Module.compile`` keeps its compiled callable in
+        ``_compiled_call_impl``; this is the one place that switches it."""
+        for module, impl in getattr(self, "_compiled", {}).items():
+            module._compiled_call_impl = impl if enabled else None
+
+    def set_paths(self, *, naive: bool, vocab_multiple: int | None) -> None:
+        """Switch how the logit terms run: ``naive`` = full-vocabulary logits at every position, then select (the
+        reference path); ``vocab_multiple`` = pad the heads' vocabulary products to this multiple (None: 64 on CUDA,
+        unpadded on CPU; 1: never, :func:`aligned_vocab`). The losses' values are the same either way."""
+        self.naive, self.vocab_multiple = naive, vocab_multiple
 
     @property
     def teacher(self) -> nn.Module:

@@ -360,3 +360,14 @@ def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) 
         student = _new_like(type(teacher), config, like=base_model(teacher))
     return student, {"layer_map": layer_map, "copied": {}, "initialized": sorted(student.state_dict()),
                      "notes": [f"random init: {depth} layers, hidden {hidden}, {heads} heads, intermediate {inter}"]}
+
+
+def freeze_unused(student: nn.Module) -> list[str]:
+    """Freeze the student's parameters that no distillation loss reaches, so the optimizer does not carry them:
+    the pooler (``pooler.*``, copied from the teacher and exported as it is, so that ``pooler_output`` is the
+    teacher's). Returns the frozen parameter names."""
+    frozen = [n for n, p in student.named_parameters() if n.split(".")[0] == "pooler" or ".pooler." in n]
+    for name, param in student.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return frozen

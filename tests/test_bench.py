@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from pretrain import bench
+from pretrain import bench, flops
 from tests.test_train_common import REPO, saved_signal_handlers
 
 SMALL = REPO / "configs" / "bench-cpu-small.json"
@@ -44,8 +44,8 @@ def test_encoder_and_head_flops_match_a_hand_count():
     per_layer = sum([2 * h * h] * 4)  # Q, K, V, output projections: 4 x 2 H^2 per position
     per_layer += 2 * h * i + 2 * i * h  # feed-forward up and down
     per_layer += 2 * seq * h + 2 * seq * h  # Q K^T and A V: every query with every key
-    assert bench.encoder_flops(cfg, b, seq) == n * b * seq * per_layer == 18432
-    assert bench.head_flops(cfg, 3) == 3 * (2 * h * h + 2 * h * v) == 2784
+    assert flops.encoder_flops(cfg, b, seq) == n * b * seq * per_layer == 18432
+    assert flops.head_flops(cfg, 3) == 3 * (2 * h * h + 2 * h * v) == 2784
 
 
 @pytest.mark.parametrize("naive", [False, True], ids=["gathered", "naive"])
@@ -64,7 +64,7 @@ def test_step_flops_equal_pytorchs_count_of_a_real_step(naive):
         loss, _ = model(x, mask, labels)
         loss.backward()
     rows = b * seq if naive else int((labels != -100).sum())
-    expected = bench.step_flops(model, sequences=b, seq_len=seq, head_positions=rows)
+    expected = flops.step_flops(model, sequences=b, seq_len=seq, head_positions=rows)
     assert 0 < rows < b * seq or naive
     assert counter.get_total_flops() == expected["total"]
     assert expected["student_backward"] == 2 * expected["student_forward"]
@@ -89,18 +89,18 @@ def test_step_flops_count_projections_and_relations():
     with FlopCounterMode(display=False) as counter:
         loss, _ = model(ids, torch.ones_like(ids), torch.full_like(ids, -100))
         loss.backward()
-    assert counter.get_total_flops() == bench.step_flops(model, sequences=2, seq_len=6, head_positions=0)["total"]
+    assert counter.get_total_flops() == flops.step_flops(model, sequences=2, seq_len=6, head_positions=0)["total"]
 
 
 def test_datasheet_peaks_by_device_name():
-    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4e12
-    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "fp16")[0] == 989.4e12
-    assert bench.datasheet_peak("NVIDIA H100 PCIe", "bf16")[0] == 756.5e12
-    assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "fp16")[0] == 312e12
-    assert bench.datasheet_peak("NVIDIA H200", "fp16")[0] == 989.4e12
-    peak, why = bench.datasheet_peak("NVIDIA GeForce GTX 1080", "fp16")
+    assert flops.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4e12
+    assert flops.datasheet_peak("NVIDIA H100 80GB HBM3", "fp16")[0] == 989.4e12
+    assert flops.datasheet_peak("NVIDIA H100 PCIe", "bf16")[0] == 756.5e12
+    assert flops.datasheet_peak("NVIDIA A100-SXM4-80GB", "fp16")[0] == 312e12
+    assert flops.datasheet_peak("NVIDIA H200", "fp16")[0] == 989.4e12
+    peak, why = flops.datasheet_peak("NVIDIA GeForce GTX 1080", "fp16")
     assert peak is None and "--peak-tflops" in why
-    assert bench.measure_cpu_peak(128, repeats=1) > 0
+    assert flops.measure_cpu_peak(128, repeats=1) > 0
 
 
 @pytest.mark.parametrize("model_type,pad,mask", [("bert", 0, 103), ("roberta", 1, 299)])

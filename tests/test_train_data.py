@@ -171,17 +171,28 @@ def test_verify_detects_partial_truncated_and_corrupted(tmp_path):
 
 
 def test_find_resume_skips_bad_checkpoints_with_a_warning(tmp_path):
-    mgr = CheckpointManager(tmp_path, rank=0, world_size=2, keep_last=2, barrier=lambda: None)
+    from pretrain.rundir import RunDir
+    run = RunDir(tmp_path)
+    root = run.checkpoints
+    root.mkdir()
+    mgr = CheckpointManager(run, rank=0, world_size=2, keep_last=2, save_interval=0, all_ok=lambda ok: ok)
     assert mgr.find_resume() == (None, None, [])
-    fake_tag(tmp_path, 5)
-    fake_tag(tmp_path, 10)
-    fake_tag(tmp_path, 15, complete=False)  # cut off while saving
+    fake_tag(root, 5)
+    fake_tag(root, 10)
+    fake_tag(root, 15, complete=False)  # cut off while saving
     tag, manifest, notes = mgr.find_resume()
     assert tag == "step_00000010" and manifest["step"] == 10
     assert len(notes) == 1 and "step_00000015" in notes[0] and "did not finish" in notes[0]
-    (tmp_path / "step_00000010" / "hf" / "config.json").write_bytes(b"[]")  # same size, other bytes
+    (root / "step_00000010" / "hf" / "config.json").write_bytes(b"[]")  # same size, other bytes
     tag, _, notes = mgr.find_resume()
     assert tag == "step_00000005" and "step_00000010" in notes[1] and "sha256" in notes[1]
-    (tmp_path / "step_00000005" / MANIFEST).unlink()
-    with pytest.raises(RuntimeError, match="none is complete"):
+    fake_tag(root, 20)  # a manifest whose file entry lacks its size: skipped, not a KeyError
+    manifest = json.loads((root / "step_00000020" / MANIFEST).read_text())
+    del next(iter(manifest["files"].values()))["bytes"]
+    (root / "step_00000020" / MANIFEST).write_text(json.dumps(manifest))
+    tag, _, notes = mgr.find_resume()
+    assert tag == "step_00000005" and "step_00000020" in notes[0] and "malformed" in notes[0]
+    for t in ("step_00000005", "step_00000020"):
+        (root / t / MANIFEST).unlink()
+    with pytest.raises(ValueError, match="none is complete"):
         mgr.find_resume()

@@ -105,7 +105,7 @@ def test_exact_resume_and_a_corrupt_checkpoint(tmp_path, capfd):
     assert sorted(losses(a)) == [1, 2, 3, 4, 5, 6]
     assert_same_losses(losses(a), la, range(1, 7))
     assert (a / "checkpoints" / "latest").read_text() == "step_00000006"
-    with pytest.raises(ConfigError, match=r"holds checkpoints of another run \(student\.layers was 'every_other'"):
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another run \(step_00000006: student\.layers: 'every_other' -> \[0, 3\]"):
         train_in_process(load(TINY, tiny_overrides("roberta", a, steps=6, **common, **{"student.layers": [0, 3]})))
 
 

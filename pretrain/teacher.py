@@ -1,0 +1,137 @@
+"""The teacher: its config and tokenizer, the checks against the shards before any weights load, loading, dtype.
+
+:func:`preflight` checks a run's inputs without loading weights; :func:`load_teacher` loads the frozen teacher;
+:func:`has_mlm_head` and :func:`tokenizer_differences` are the one definition of "has an MLM head" and "was made with
+this tokenizer" for the trainer and ``python -m pretrain.evaluate`` alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from pretrain.schema import ConfigError
+
+# Models whose position ids start after the padding index (RoBERTa family): usable length = max_positions - pad - 1.
+PADDING_OFFSET_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                         "data2vec-text", "xmod"}
+SPECIAL_IDS = ("cls", "sep", "pad", "mask", "unk")
+
+
+def has_mlm_head(config) -> bool:
+    """Whether ``config.architectures`` names a class with an MLM head: ``*ForMaskedLM``, or ``BertForPreTraining``
+    (MLM + next-sentence heads; loaded with ``AutoModelForMaskedLM``, which keeps the MLM head)."""
+    return any(a.endswith("ForMaskedLM") or a == "BertForPreTraining"
+               for a in (getattr(config, "architectures", None) or []))
+
+
+def max_sequence_length(config) -> int:
+    """Longest sequence (tokens) the model's position embeddings allow."""
+    limit = int(config.max_position_embeddings)
+    if config.model_type in PADDING_OFFSET_MODELS:
+        limit -= int(config.pad_token_id or 0) + 1
+    return limit
+
+
+def tokenizer_differences(manifest: dict, tokenizer) -> dict[str, tuple[Any, Any]]:
+    """``{key: (shards' value, tokenizer's value)}`` for the vocabulary size and special token ids that differ between
+    the tokenizer the shards were made with (``manifest.json`` ``tokenizer``) and ``tokenizer``; empty when equal."""
+    tok = manifest.get("tokenizer", {})
+    mine = {"vocab_size": len(tokenizer), **{f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in SPECIAL_IDS}}
+    return {k: (tok.get(k), v) for k, v in mine.items() if tok.get(k) != v}
+
+
+@dataclasses.dataclass
+class Preflight:
+    """What :func:`preflight` found: the teacher's local path or hub name, its config and tokenizer, whether it has an
+    MLM head, and the shards' manifest."""
+
+    teacher_path: str
+    teacher_config: Any
+    tokenizer: Any
+    has_mlm_head: bool
+    manifest: dict
+
+
+def preflight(cfg) -> Preflight:
+    """Check a run's inputs (``cfg``: a validated :class:`pretrain.config.RunConfig`) without loading weights.
+
+    Checks: the teacher resolves (``data_prep.embedded.resolve_model``) and its config and tokenizer load; a teacher
+    without MLM head is not asked for ``loss.alpha_ce`` / ``loss.alpha_mlm``; the shards exist and were made with the
+    teacher's tokenizer; their ``max_seq_length`` (padded to ``data.pad_to_multiple_of``) fits the teacher's position
+    embeddings. Raises :class:`ConfigError` naming the key and what to do.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from data_prep.embedded import resolve_model
+    from data_prep.errors import DataPrepError
+    from data_prep.shards import load_manifest
+    name = cfg.teacher.name_or_path
+    try:
+        path = resolve_model(name)
+    except DataPrepError as e:  # an unknown embedded:NAME or a failed fetch
+        raise ConfigError(f"teacher.name_or_path: {name!r}: {e}") from None
+    try:
+        tconf = AutoConfig.from_pretrained(path, revision=cfg.teacher.revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.teacher.revision)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"teacher.name_or_path: {name!r} cannot be loaded: it is not a local model directory "
+                          f"(config.json and tokenizer files) nor a reachable Hugging Face hub model ({first}); check "
+                          f"the path or name") from None
+    has_mlm = has_mlm_head(tconf)
+    cfg.loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
+    try:
+        manifest = load_manifest(cfg.data.dir)
+    except DataPrepError as e:
+        raise ConfigError(f"data.dir: {e}; prepare shards with `python -m data_prep prepare --tokenizer {name} ... "
+                          f"--output {cfg.data.dir}`") from None
+    diff = tokenizer_differences(manifest, tokenizer)
+    if diff:
+        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        raise ConfigError(f"data.dir: the shards in {cfg.data.dir} were made with the tokenizer "
+                          f"{manifest.get('tokenizer', {}).get('name_or_path')!r}, which differs from the teacher "
+                          f"{name!r}'s ({details}: shards vs teacher); prepare the shards with `python -m data_prep "
+                          f"prepare --tokenizer {name} ...`")
+    if int(tconf.vocab_size) < len(tokenizer):
+        raise ConfigError(f"teacher.name_or_path: {name!r} has {tconf.vocab_size} embeddings but its tokenizer "
+                          f"{len(tokenizer)} ids")
+    _check_length(cfg, name, tconf, int(manifest["max_seq_length"]))
+    return Preflight(path, tconf, tokenizer, has_mlm, manifest)
+
+
+def _check_length(cfg, name: str, tconf, seq: int) -> None:
+    limit = max_sequence_length(tconf)
+    m = cfg.data.pad_to_multiple_of
+    padded = seq if tconf.model_type in PADDING_OFFSET_MODELS else -(-seq // m) * m
+    if padded > limit:
+        raise ConfigError(f"data.dir: the shards' max_seq_length {seq} (padded to {padded} with "
+                          f"data.pad_to_multiple_of={m}) exceeds the {limit} positions of the teacher {name!r}; "
+                          f"prepare shards with --max-seq-length {limit - limit % m if padded != seq else limit} "
+                          f"or less")
+
+
+def load_teacher(cfg, pf: Preflight) -> torch.nn.Module:
+    """The teacher model (fp32, eval mode): ``AutoModelForMaskedLM`` when :func:`has_mlm_head`, else ``AutoModel`` (a
+    bare encoder such as a sentence-transformers model).
+
+    A bare encoder keeps its pooler when its checkpoint has pooler weights (the student copies it, so the exported
+    student's ``pooler_output`` is the teacher's and loading it warns of nothing); when the checkpoint has none the
+    pooler is dropped instead of being left random."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+    cls = AutoModelForMaskedLM if pf.has_mlm_head else AutoModel
+    model, info = cls.from_pretrained(pf.teacher_path, revision=cfg.teacher.revision, dtype=torch.float32,
+                                      attn_implementation=cfg.teacher.attn_implementation, output_loading_info=True)
+    if getattr(model, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
+        model.pooler = None
+    return model.eval()
+
+
+def teacher_dtype(cfg, cuda: bool) -> torch.dtype:
+    """The teacher's precision (``teacher.dtype``; "auto": the run's half precision on GPU, fp32 on CPU)."""
+    from pretrain import ds_config as dsc
+    if cfg.teacher.dtype != "auto":
+        return getattr(torch, cfg.teacher.dtype)
+    if not cuda:
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dsc.precision(cfg.deepspeed), torch.float32)
