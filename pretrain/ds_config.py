@@ -1,9 +1,9 @@
 """The DeepSpeed config of a run, derived from the validated run config once the world size is known.
 
 The ``deepspeed`` section of a run config is an ordinary DeepSpeed config; :func:`build` fills in what it leaves out
-with the DistilBERT recipe (Sanh et al., 2019; Hugging Face ``research_projects/distillation/train.py``: AdamW, lr 5e-4,
-betas (0.9, 0.98), eps 1e-6, no weight decay, gradient clipping 5.0, linear warm-up over 5% of the steps then linear
-decay) and derives the batch arithmetic ``train_batch_size = micro x accumulation x world size`` (:func:`batch_sizes`),
+with the DistilBERT recipe (Sanh et al., 2019; Hugging Face ``research_projects/distillation``: AdamW with train.py's
+defaults lr 5e-4, eps 1e-6, no weight decay, gradient clipping 5.0, linear warm-up over 5% of the steps then linear
+decay, and the betas (0.9, 0.98) its distiller.py sets) and derives the batch arithmetic ``train_batch_size = micro x accumulation x world size`` (:func:`batch_sizes`),
 with one clear error when it cannot hold. :func:`check_static` checks what can be checked before launch.
 """
 from __future__ import annotations

@@ -1,10 +1,16 @@
 """Dynamic MLM masking per micro-batch, deterministic from (seed, step, rank, micro-step).
 
 Follows DistilBERT's distiller (Hugging Face ``examples/research_projects/distillation/distiller.py``,
-``prepare_batch_mlm``): per micro-batch exactly ``ceil(mlm_mask_prop * n)`` of the ``n`` real tokens are selected,
-sampled without replacement with probability ``p(token) ∝ max(count, 1) ** -mlm_smoothing`` (XLM's frequency smoothing,
-Lample & Conneau 2019; DistilBERT uses 0.7); of the selected, ``word_mask`` become the mask token, ``word_rand`` a random
-non-special token and ``word_keep`` stay (BERT's 80/10/10, Devlin et al. 2019).
+``prepare_batch_mlm``): per micro-batch exactly ``ceil(mlm_mask_prop * n)`` tokens are selected, where ``n`` counts the
+real tokens, the non-special, non-pad ones, which are also the only ones that can be selected; sampled without
+replacement with probability ``p(token) ∝ max(count, 1) ** -mlm_smoothing`` (XLM's frequency smoothing, Lample & Conneau
+2019; DistilBERT uses 0.7); of the selected, ``word_mask`` become the mask token, ``word_rand`` a random non-special
+token and ``word_keep`` stay (BERT's 80/10/10, Devlin et al. 2019).
+
+Where the reference differs: its ``n`` is every non-pad token, [CLS] / [SEP] included (``lengths.sum()``), while
+special tokens still cannot be selected (train.py gives them probability 0), so it selects about 0.15 x 2 = 0.3
+more tokens per sequence with two special tokens (+0.4% at 512 tokens); its random replacements are drawn from the
+whole vocabulary, special tokens included; and in fp16 it rounds the selected count down to a multiple of 8.
 
 Sampling without replacement is done with Gumbel top-k (Efraimidis & Spirakis 2006; Kool et al. 2019): the selected
 tokens are the ``n_tgt`` largest ``log p + Gumbel`` keys. That is the same distribution as ``torch.multinomial(p, n_tgt,
@@ -27,12 +33,15 @@ class MaskingConfig:
     """Dynamic masking of each micro-batch (BERT / DistilBERT MLM)."""
 
     mlm_mask_prop: float = param(
-        0.15, help="Fraction of the real (non-special, non-pad) tokens of a micro-batch selected for prediction; "
-                   "0.15 as in BERT and DistilBERT.")
+        0.15, help="Fraction of a micro-batch's non-special, non-pad tokens selected for prediction: ceil(0.15 x "
+                   "their number); special tokens are neither counted nor selected. 0.15 as in BERT and DistilBERT; "
+                   "DistilBERT's distiller.py counts [CLS] / [SEP] in that number (still selecting only non-special "
+                   "tokens): +0.4% selected at 512 tokens per sequence.")
     word_mask: float = param(0.8, help="Fraction of the selected tokens replaced by the mask token (BERT: 0.8).")
     word_keep: float = param(0.1, help="Fraction of the selected tokens left unchanged (BERT: 0.1).")
     word_rand: float = param(0.1, help="Fraction of the selected tokens replaced by a uniformly random non-special "
-                                       "token (BERT: 0.1).")
+                                       "token (BERT: 0.1; DistilBERT's distiller.py draws from the whole vocabulary, "
+                                       "special tokens included).")
     mlm_smoothing: float = param(
         0.7, help="Selection probability ∝ max(count, 1) ** -mlm_smoothing over the train split's token counts "
                   "(0.7 as in XLM and DistilBERT; 0 = uniform).")

@@ -334,3 +334,14 @@ def test_schema_errors_for_a_non_object_section_and_an_optional_type():
     with pytest.raises(ConfigError, match=r"^loss\.relation_heads: 'four' is not a valid int or null$"):
         from_dict(LossConfig, {"relation_heads": "four"}, "loss")
     assert from_dict(MaskingConfig, None, "masking") == MaskingConfig()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_comments_attribute_the_loss_weights_to_the_reference_command(path):
+    """alpha_ce 5 / alpha_mlm 2 / alpha_cos 1 are the flags of the training command in Hugging Face's
+    research_projects/distillation README; train.py's own defaults are 0.5 / 0.0 / 0.0 (alpha_clm 0.5)."""
+    cfg = C.load(path)
+    text = " ".join(cfg.comment if isinstance(cfg.comment, list) else [cfg.comment])
+    assert "train.py defaults" not in text and "train.py):" not in text
+    if (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos) == (5.0, 2.0, 1.0):
+        assert "README" in text, f"{path.name}: name the README command as the source of the loss weights"

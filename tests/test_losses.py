@@ -1,6 +1,8 @@
 """Each loss against an independent reference (torch.nn losses or a hand loop); zero for identical inputs; T^2; pads."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,14 @@ def test_components_trust_their_validated_sections(monkeypatch):
     student, record = build_student(teacher, StudentConfig())
     model = DistillationModel(student, teacher, L.LossConfig(), record["layer_map"])
     assert model.loss_cfg.active() == {"ce": 5.0, "mlm": 2.0, "cos": 1.0} and record["layer_map"] == [0]
+
+
+def test_restrict_ce_to_mask_help_says_what_the_reference_runs():
+    """The Hugging Face reference command leaves --restrict_ce_to_mask off (KL on every non-pad token); the help text
+    must not attribute the project's default (true) to DistilBERT, and must give the reason for it."""
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(L.LossConfig)}
+    text = helps["restrict_ce_to_mask"]
+    assert L.LossConfig().restrict_ce_to_mask is True
+    assert "(DistilBERT)" not in text and "--restrict_ce_to_mask" in text and "every non-pad position" in text
+    assert "README command does not pass it" in text and "FLOPs" in text
+    assert "train.py's own default is 0.5" in helps["alpha_ce"]  # 5.0 is the README command's, not train.py's

@@ -1,6 +1,7 @@
 """Dynamic masking: exact counts, 80/10/10 proportions, specials / pads, smoothing, whole words, determinism."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -190,3 +191,18 @@ def test_masker_trusts_its_validated_config(monkeypatch):
     ids, am = random_batch(0)
     masked, labels = make_masker()(ids, am, step=0, rank=0, micro_step=0)
     assert int((labels != -100).sum()) > 0
+
+
+def test_count_is_of_non_special_tokens_and_the_docs_say_how_the_reference_differs():
+    """15% of the non-special tokens, not of every non-pad token as DistilBERT's distiller.py counts (lengths.sum(),
+    [CLS] / [SEP] included); the help text and the module docstring say so."""
+    import pretrain.masking as M
+    ids = torch.full((1, 22), PAD)
+    ids[0, 0], ids[0, 21] = CLS, SEP
+    ids[0, 1:21] = torch.arange(20) + 10  # 20 ordinary tokens between CLS and SEP: ceil(0.15 * 20) = 3
+    am = torch.ones_like(ids)
+    _, labels = make_masker()(ids, am, step=0, rank=0, micro_step=0)
+    assert int((labels != -100).sum()) == 3 != math.ceil(0.15 * 22)  # the reference's count would be 4
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(MaskingConfig)}["mlm_mask_prop"]
+    assert "non-special" in help_text and "distiller.py counts [CLS] / [SEP]" in help_text
+    assert "[CLS] / [SEP] included (``lengths.sum()``)" in M.__doc__
