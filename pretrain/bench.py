@@ -49,7 +49,6 @@ import ctypes
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile

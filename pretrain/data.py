@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,16 +44,29 @@ class DataConfig:
         check(self.prefetch >= 0, "data.prefetch", f"{self.prefetch} must be >= 0")
 
 
-def open_split(cfg: DataConfig, split: str):
-    """``data_prep.shards.ShardedTokens(cfg.dir, split)``; raises :class:`ConfigError` naming ``data.dir`` when the
-    directory or split is missing or a shard file is incomplete."""
+def open_split(directory: str | Path, split: str, *, key: str = "data.dir"):
+    """``data_prep.shards.ShardedTokens(directory, split)`` (its ``manifest`` attribute holds manifest.json).
+
+    Raises :class:`ConfigError` naming ``key`` (the config key or command-line flag that gave ``directory``) when the
+    directory, its manifest or the split is missing, a shard file is incomplete, or the split has no sequence; the
+    message says how to prepare shards. The trainer and ``python -m pretrain.evaluate`` both open splits here.
+    """
     from data_prep.errors import DataPrepError
     from data_prep.shards import ShardedTokens
+    prepare = f"run `python -m data_prep prepare ... --output {directory}` first"
+    if not Path(directory).is_dir():
+        raise ConfigError(f"{key}: {directory!r}: no such directory; {prepare}")
+    if not (Path(directory) / "manifest.json").is_file():
+        raise ConfigError(f"{key}: {directory!r} has no manifest.json (not a prepared shard directory, or its "
+                          f"preparation did not finish); {prepare}")
     try:
-        return ShardedTokens(cfg.dir, split)
+        ds = ShardedTokens(directory, split)
     except DataPrepError as e:
-        raise ConfigError(f"data.dir: {cfg.dir!r}: no usable {split} split ({e}); run "
-                          f"`python -m data_prep prepare ... --output {cfg.dir}` first") from None
+        raise ConfigError(f"{key}: {directory!r}: no usable {split} split ({e}); {prepare}") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{key}: {directory!r}: manifest.json has no sequences in split {split!r}; {prepare} (with "
+                          f"a held-out fraction, --valid-fraction, for a valid split)")
+    return ds
 
 
 def collate(seqs: Sequence[np.ndarray], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:

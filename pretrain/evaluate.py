@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,14 +38,19 @@ import torch.nn.functional as F
 
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError
+from data_prep.files import atomic_write_bytes, atomic_write_text
+from pretrain.data import open_split
+from pretrain.losses import mean_pool
 from pretrain.masking import Masker, MaskingConfig
-from pretrain.report import plot_loss_curves, render_markdown, write_atomic
+from pretrain.report import plot_loss_curves, render_markdown
+from pretrain.schema import ConfigError
 from pretrain.student import mlm_head
+from pretrain.teacher import has_mlm_head, tokenizer_differences
+from pretrain.validate import IGNORE, mlm_sums, mlm_summary
 
 log = logging.getLogger("pretrain.evaluate")
 
 MASKING = MaskingConfig()  # BERT's 15% and 80/10/10 (token_counts=None below: uniform selection)
-IGNORE = -100  # label of positions that are not evaluated (the transformers / PyTorch cross-entropy convention)
 
 
 class EvalError(RuntimeError):
@@ -73,11 +77,6 @@ class Model:
         """Parameters of the encoder (embeddings + transformer layers; pooler and LM head excluded), as counted for
         DistilBERT's 66M vs BERT-base's 110M."""
         return sum(p.numel() for n, p in self.encoder.named_parameters() if not n.startswith("pooler."))
-
-
-def has_mlm_head(config) -> bool:
-    """True when the model's ``config.architectures`` names a ``...ForMaskedLM`` class."""
-    return any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or []))
 
 
 def _resolve(flag: str, name_or_path: str) -> str:
@@ -136,13 +135,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean")
     """Sentence embedding [b, hidden] from ``hidden`` [b, L, hidden] and ``attention_mask`` [b, L] (1 = token):
     ``mean`` over non-pad tokens (special tokens included, as sentence-transformers), ``cls`` (first token) or
     ``max`` over non-pad tokens."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "mean":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return mean_pool(hidden, attention_mask)
     if mode == "cls":
         return hidden[:, 0]
     if mode == "max":
-        return hidden.masked_fill(mask == 0, float("-inf")).max(1).values
+        return hidden.masked_fill(attention_mask.unsqueeze(-1) == 0, float("-inf")).max(1).values
     raise ValueError(f"pooling mode {mode!r}: expected mean, cls or max")
 
 
@@ -275,30 +273,22 @@ def mlm_metrics(models: list[Model], batches: list[tuple[torch.Tensor, torch.Ten
     """MLM metrics of every model on the same masked batches; ``models[0]`` is the teacher (the KL/agreement
     reference). Returns {name: {mlm_loss, perplexity, mlm_accuracy, kl_to_teacher, agreement}} (None values for a
     model without MLM head). Means are over all masked positions of all batches; loss and KL in nats."""
-    sums = {m.name: np.zeros(4) for m in models}  # nll, correct, kl, agree
-    count = 0
+    sums = {m.name: torch.zeros(5, dtype=torch.float64) for m in models}  # see pretrain.validate.mlm_sums
     for ids, attn, labels in batches:
         sel = labels != IGNORE
         target = labels[sel]
-        ref_logp = ref_p = ref_top = None
+        ref = None
         for m in models:
             if m.head is None and not has_mlm_head(m.config):
                 continue
-            logp = F.log_softmax(masked_logits(m, ids, attn, sel), dim=-1)
-            top = logp.argmax(-1)
-            if ref_logp is None:
-                ref_logp, ref_p, ref_top = logp, logp.exp(), top
-            sums[m.name] += [-logp.gather(1, target[:, None]).sum().item(), (top == target).sum().item(),
-                             (ref_p * (ref_logp - logp)).sum().item(), (top == ref_top).sum().item()]
-        count += int(target.numel())
+            logits = masked_logits(m, ids, attn, sel)
+            sums[m.name] += mlm_sums(logits, target, ref).cpu()
+            ref = logits if ref is None else ref
+    none = dict.fromkeys(("mlm_loss", "perplexity", "mlm_accuracy", "kl_to_teacher", "agreement"))
     out = {}
     for m in models:
-        if not has_mlm_head(m.config) or count == 0:
-            out[m.name] = dict.fromkeys(("mlm_loss", "perplexity", "mlm_accuracy", "kl_to_teacher", "agreement"))
-            continue
-        nll, correct, kl, agree = (float(v) for v in sums[m.name] / count)
-        out[m.name] = {"mlm_loss": nll, "perplexity": math.exp(min(nll, 700.0)), "mlm_accuracy": correct,
-                       "kl_to_teacher": kl, "agreement": agree}
+        summary = mlm_summary(sums[m.name]) if has_mlm_head(m.config) else None
+        out[m.name] = none if summary is None else {k: summary[k] for k in none}
     return out
 
 
@@ -332,38 +322,19 @@ def throughputs(models: list[Model], *, token_ids: np.ndarray, batch_size: int, 
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-def open_split(data: str | Path, split: str):
-    """(ShardedTokens of ``split``, manifest) of a prepared shard directory; :class:`EvalError` when the directory,
-    its manifest or the split is missing or empty."""
-    data = Path(data)
-    if not data.is_dir():
-        raise EvalError(f"--data {data}: no such directory; prepare shards with `python -m data_prep prepare ...`")
-    if not (data / "manifest.json").is_file():
-        raise EvalError(f"--data {data}: no manifest.json (not a prepared shard directory, or its preparation did not "
-                        "finish); prepare shards with `python -m data_prep prepare ...`")
-    from data_prep.shards import ShardedTokens, load_manifest
-    manifest = load_manifest(data)
-    splits = manifest.get("splits", {})
-    if not splits.get(split, {}).get("num_sequences"):
-        raise EvalError(f"--data {data}: manifest.json has no sequences in split {split!r} (splits: "
-                        f"{ {k: v.get('num_sequences') for k, v in splits.items()} }); prepare the shards with a "
-                        "held-out fraction (data_prep prepare --valid-fraction) or choose another --split")
-    return ShardedTokens(data, split), manifest
-
-
 def check_vocab(manifest: dict, data: Path, tokenizer, configs: dict[str, tuple[str, Any]]) -> None:
     """Raise :class:`EvalError` when the teacher's tokenizer or any model's vocabulary differs from the tokenizer the
     shards were made with (``manifest.json`` ``tokenizer``). ``configs``: {flag: (path, config)}."""
     tok = manifest.get("tokenizer", {})
     vocab, made_with = tok.get("vocab_size"), tok.get("name_or_path")
-    ids = {k: tok.get(f"{k}_token_id") for k in ("cls", "sep", "pad", "mask")}
-    ours = {k: getattr(tokenizer, f"{k}_token_id") for k in ids}
     teacher_path = configs["--teacher"][0]
-    if len(tokenizer) != vocab or any(ids[k] is not None and ids[k] != ours[k] for k in ids):
-        raise EvalError(f"--teacher {teacher_path}: its tokenizer ({len(tokenizer)} tokens, special ids {ours}) is not "
-                        f"the one the shards in {data} were made with ({made_with!r}: {vocab} tokens, special ids "
-                        f"{ids}, manifest.json 'tokenizer'); evaluate with that teacher, or prepare shards with "
-                        f"`python -m data_prep prepare --tokenizer {teacher_path} ...`")
+    diff = tokenizer_differences(manifest, tokenizer)
+    if diff:
+        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        raise EvalError(f"--teacher {teacher_path}: its tokenizer is not the one the shards in {data} were made with "
+                        f"({made_with!r}; {details}: shards vs teacher, manifest.json 'tokenizer'); evaluate with "
+                        f"that teacher, or prepare shards with `python -m data_prep prepare --tokenizer "
+                        f"{teacher_path} ...`")
     for flag, (path, config) in configs.items():
         if config.vocab_size < vocab or config.vocab_size != configs["--teacher"][1].vocab_size:
             raise EvalError(f"{flag} {path}: vocabulary of {config.vocab_size} tokens (config.json vocab_size), but "
@@ -401,7 +372,11 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     """
     t_start = time.perf_counter()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    ds, manifest = open_split(data, split)
+    try:
+        ds = open_split(data, split, key="--data")
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    manifest = ds.manifest
     data = Path(data)
     paths = {"teacher": _resolve("--teacher", teacher), "student": _resolve("--student", student)}
     run_dir = Path(paths["student"]).parent if Path(paths["student"]).is_dir() else None  # RUN of RUN/student
@@ -494,12 +469,12 @@ def write_report(report: dict, output: str | Path) -> None:
         png = "loss_curves.png"
     elif metrics_file:
         log.info("%s has no loss values: no loss curves", metrics_file)
-    write_atomic(output / "report.md", render_markdown(report, png))
+    atomic_write_text(output / "report.md", render_markdown(report, png))
     target = output / "report.json"
     if target.exists():
         log.warning("%s exists already: keeping the previous report as %s", target, output / "report.prev.json")
-        write_atomic(output / "report.prev.json", target.read_bytes())
-    write_atomic(target, json.dumps(report, indent=2) + "\n")
+        atomic_write_bytes(output / "report.prev.json", target.read_bytes())
+    atomic_write_text(target, json.dumps(report, indent=2) + "\n")
     log.info("wrote %s and %s", target, output / "report.md")
 
 

@@ -5,11 +5,12 @@ Kept apart from :mod:`pretrain.evaluate` (which computes the numbers) so that th
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from data_prep.files import atomic_write_bytes
+from pretrain.metrics import read_metrics
 
 MODELS = ("teacher", "student_init", "student")
 
@@ -26,43 +27,6 @@ ROWS = (
     ("kl_to_teacher", "KL to teacher (nats, T=1, masked tokens)", "{:.4g}"),
     ("agreement", "top-1 agreement with teacher", "{:.4f}"),
 )
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (atomic on POSIX).
-
-    A reader never sees a half-written file: either the old content or the new one. Returns ``path``.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (one JSON object per line; blank and torn last lines are skipped).
-
-    A run killed mid-write can leave a partial last line; it is ignored rather than failing the report.
-    """
-    records = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
 
 
 def _is_valid_record(rec: dict) -> bool:
@@ -150,7 +114,7 @@ def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    write_atomic(png_path, buf.getvalue())
+    atomic_write_bytes(png_path, buf.getvalue())
     return True
 
 

@@ -367,7 +367,7 @@ def freeze_unused(student: nn.Module) -> list[str]:
     the pooler (``pooler.*``, copied from the teacher and exported as it is, so that ``pooler_output`` is the
     teacher's). Returns the frozen parameter names."""
     frozen = [n for n, p in student.named_parameters() if n.split(".")[0] == "pooler" or ".pooler." in n]
-    for name, param in student.named_parameters():
+    for name, tensor in student.named_parameters():
         if name in frozen:
-            param.requires_grad_(False)
+            tensor.requires_grad_(False)
     return frozen

@@ -134,7 +134,7 @@ class Trainer:
         fix = (f"prepare the shards with a held-out split (python -m data_prep prepare ... --valid-fraction 0.01 "
                f"--output {self.cfg.data.dir}), or set train.evaluate=false to train without evaluation")
         try:
-            valid = open_split(self.cfg.data, "valid")
+            valid = open_split(self.cfg.data.dir, "valid")
         except ConfigError as e:
             raise ConfigError(f"{e}; {fix}") from None
         if len(valid) < self.world_size:
@@ -210,7 +210,7 @@ class Trainer:
         except DataPrepError as e:
             raise ConfigError(f"data.dir: {e}") from None
         self.masker = Masker.from_tokenizer(cfg.masking, self.tokenizer, token_counts=token_counts, seed=tc.seed)
-        train = open_split(cfg.data, "train")
+        train = open_split(cfg.data.dir, "train")
         order = DataOrder(len(train), micro_batch=self.plan.micro_batch, world_size=self.world_size, rank=self.rank,
                           seed=tc.seed, shuffle=cfg.data.shuffle)
         self.loader = BatchLoader(train, order, pad_id=self.tokenizer.pad_token_id,

@@ -17,7 +17,8 @@ from data_prep.prepare import PrepareConfig, prepare
 from data_prep.shards import ShardedTokens
 from pretrain import evaluate as ev
 from pretrain.masking import Masker
-from pretrain.report import curve_keys, plot_loss_curves, read_metrics
+from pretrain.metrics import read_metrics
+from pretrain.report import curve_keys, plot_loss_curves
 from pretrain.student import StudentConfig, build_student
 from tests import tiny
 
