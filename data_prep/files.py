@@ -52,6 +52,13 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     _fsync_dir(path.parent)
 
 
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished, fsynced file ``tmp`` over ``path`` and fsync the folder (the last step of
+    :func:`atomic_path`, for writers that keep their own temporary file, such as a shard being appended to)."""
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_path`); returns ``path``."""
     with atomic_path(path, mode) as tmp, open(tmp, "wb") as f:

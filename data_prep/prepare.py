@@ -36,6 +36,7 @@ import numpy as np
 
 from data_prep import shards
 from data_prep.errors import DataPrepError
+from data_prep.files import atomic_write_bytes, sha256_file
 from data_prep.shards import MANIFEST, SPLITS, TOKEN_COUNTS, ShardWriter
 from data_prep.sources import Source, parse_source
 from data_prep.tokenizer import (Encoder, backend_json, encode_in_worker, init_worker, load_tokenizer,
@@ -228,7 +229,7 @@ def _remove_ours(out: Path) -> None:
 def _save_state(out: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-    shards.atomic_write_bytes(out / STATE, buf.getvalue())
+    atomic_write_bytes(out / STATE, buf.getvalue())
 
 
 def _load_state(out: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
@@ -330,7 +331,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     stats = run.stats(time.perf_counter() - t_start)
     run.print_summary(manifest, stats)
     if cfg.stats_json:
-        shards.atomic_write_bytes(cfg.stats_json, json.dumps(stats, indent=1).encode())
+        atomic_write_bytes(cfg.stats_json, json.dumps(stats, indent=1).encode())
     return manifest
 
 
@@ -496,7 +497,7 @@ class _Run:
                        "max_seq_length-2 tokens, each stored as CLS chunk SEP (cls/sep_token_id); no padding",
             "splits": splits,
             "token_counts": {"file": TOKEN_COUNTS, "bytes": (self.out / TOKEN_COUNTS).stat().st_size,
-                             "sha256": shards.sha256_file(self.out / TOKEN_COUNTS)},
+                             "sha256": sha256_file(self.out / TOKEN_COUNTS)},
             "documents": {"read": read, "kept": splits["train"]["num_documents"] + splits["valid"]["num_documents"]},
             "dropped": self.dropped,
             "sources": [dict(s.describe(), **c) for s, c in zip(self.sources, self.per_source)],
@@ -509,7 +510,7 @@ class _Run:
             "config": self.config,
             "config_sha256": self.run_id,
         }
-        shards.atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
         (self.out / STATE).unlink(missing_ok=True)
         return manifest
 

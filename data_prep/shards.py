@@ -15,7 +15,6 @@ form one stream ``doc1 SEP doc2 SEP ...`` cut into chunks of ``max_seq_length - 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from data_prep.errors import DataPrepError
+from data_prep.files import atomic_path, replace_durably, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,47 +49,10 @@ def shard_files(split: str, k: int) -> tuple[str, str]:
     return f"{split}-{k:05d}.bin", f"{split}-{k:05d}.idx.npy"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    try:  # make the rename durable too
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary name in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_replace(tmp, path)
-
-
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """``np.save`` to ``path`` atomically (temporary name, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_replace(tmp, path)
 
 
 def load_manifest(directory: str | os.PathLike) -> dict:
@@ -310,7 +273,7 @@ class ShardWriter:
             "index_bytes": index_path.stat().st_size,
             "index_sha256": sha256_file(index_path),
         }
-        _fsync_replace(partial, tokens_path)
+        replace_durably(partial, tokens_path)
         self.done.append(record)
         self.finished_since_checkpoint = True
         self._tokens = 0

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.files import atomic_write_bytes
 from pretrain.flops import datasheet_peak, device_name, measure_cpu_peak, step_flops, _dims
 from pretrain.runtime import KEEP_FREED_BYTES, set_malloc_thresholds
 
@@ -205,7 +206,7 @@ def write_synthetic_shards(folder: Path, tokenizer, *, seq_len: int, num_sequenc
     manifest = {"format_version": shards.FORMAT_VERSION, "tokenizer": record, "max_seq_length": seq_len,
                 "dtype": dtype.name, "splits": splits, "dropped": {}, "sources": [{"synthetic": "uniform random ids"}],
                 "seed": seed, "valid_fraction": valid_sequences / (num_sequences + valid_sequences)}
-    shards.atomic_write_bytes(folder / shards.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write_bytes(folder / shards.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return folder
 
 
