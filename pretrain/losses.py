@@ -70,7 +70,8 @@ class LossConfig:
             check(value >= 0 and math.isfinite(value), f"loss.alpha_{name}", f"{value} must be a finite number >= 0")
         check(any(getattr(self, f"alpha_{n}") > 0 for n in TERMS), "loss.alpha_ce",
               "every loss weight is 0; set at least one of " + ", ".join(f"alpha_{n}" for n in TERMS) + " > 0")
-        check(self.temperature > 0, "loss.temperature", f"{self.temperature} must be > 0 (DistilBERT uses 2.0)")
+        check(0 < self.temperature < math.inf, "loss.temperature",
+              f"{self.temperature} must be a finite number > 0 (DistilBERT uses 2.0)")
         if self.layer_pairs is not None:
             for i, pair in enumerate(self.layer_pairs):
                 check(len(pair) == 2 and all(isinstance(v, int) and v >= 0 for v in pair), f"loss.layer_pairs[{i}]",

@@ -148,6 +148,8 @@ def test_loss_config_validation():
     bad = [({"alpha_ce": -1.0}, "loss.alpha_ce"),
            ({"alpha_ce": 0, "alpha_mlm": 0, "alpha_cos": 0}, "every loss weight is 0"),
            ({"temperature": 0}, "loss.temperature"),
+           ({"temperature": float("inf")}, r"loss.temperature: inf must be a finite number > 0"),
+           ({"temperature": float("nan")}, r"loss.temperature: nan"),
            ({"layer_pairs": [[1, 2, 3]]}, r"loss.layer_pairs\[0\]"),
            ({"cos_layers": "all"}, "loss.cos_layers"),
            ({"relation_heads": 0}, "loss.relation_heads")]

@@ -47,6 +47,11 @@ def test_config_validation():
         from_dict(MaskingConfig, {"mlm_mask_prop": 0.0}, "masking")
     with pytest.raises(ConfigError, match="masking.mlm_smoothing"):
         from_dict(MaskingConfig, {"mlm_smoothing": -1.0}, "masking")
+    with pytest.raises(ConfigError, match="masking.mlm_smoothing: inf must be a finite number >= 0"):
+        from_dict(MaskingConfig, {"mlm_smoothing": float("inf")}, "masking")
+    for key in ("mlm_mask_prop", "word_mask"):
+        with pytest.raises(ConfigError, match=f"masking.{key}: nan"):
+            from_dict(MaskingConfig, {key: float("nan")}, "masking")
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(MaskingConfig, {"mask_prob": 0.15}, "masking")
 
