@@ -3,7 +3,7 @@
 
     deepspeed [--num_gpus N] launch/pretrain.py --config configs/distilroberta.json [section.key=value ...]
     deepspeed --hostfile H launch/pretrain.py --config C ...           (multi-node, pdsh)
-    deepspeed --hostfile H --no_ssh --node_rank R --master_addr A launch/pretrain.py --config C   (one launcher per node)
+    deepspeed --hostfile H --no_ssh --node_rank R --master_addr A launch/pretrain.py --config C  (one launcher per node)
     torchrun --nproc_per_node N launch/pretrain.py --config C ...
     python launch/pretrain.py --config C ...                             (one process, no launcher)
 

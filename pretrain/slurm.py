@@ -19,8 +19,8 @@ Preemption: ``#SBATCH --signal=B:USR1@120`` sends USR1 to the batch script 120 s
 every rank; the ranks agree on a stop step, checkpoint together and exit 0; the script then runs
 ``scontrol requeue`` (unless ``python -m pretrain.rundir finished`` says the run is finished), and the requeued job
 runs the same command, which resumes from the latest checkpoint. Each task ignores USR1 until the trainer installs its
-handler (a signal during start-up is not fatal). SIGTERM (``scancel``, preemption by SLURM with ``PreemptMode=REQUEUE``) is forwarded the same way; whether
-the job comes back is then SLURM's decision.
+handler (a signal during start-up is not fatal). SIGTERM (``scancel``, preemption by SLURM with
+``PreemptMode=REQUEUE``) is forwarded the same way; whether the job comes back is then SLURM's decision.
 """
 from __future__ import annotations
 

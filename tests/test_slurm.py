@@ -1,6 +1,7 @@
-"""pretrain.slurm (``launch/slurm.py``, ``bert-distill-slurm``): node lists, hostfiles, the batch script, bad input (fast, no daemons); and on a real one-node
-SLURM cluster (tests/slurm_cluster.py, marked ``slurm`` and ``slow``): a submitted tiny run finishes with checkpoint
-and export, and a signalled run checkpoints, requeues and resumes with continuous steps.
+"""pretrain.slurm (``launch/slurm.py``, ``bert-distill-slurm``): node lists, hostfiles, the batch script, bad input
+(fast, no daemons); and on a real one-node SLURM cluster (tests/slurm_cluster.py, marked ``slurm`` and ``slow``): a
+submitted tiny run finishes with checkpoint and export, and a signalled run checkpoints, requeues and resumes with
+continuous steps.
 """
 from __future__ import annotations
 
