@@ -29,6 +29,7 @@ import torch
 
 from data_prep.files import atomic_path, atomic_write_text, sha256_file
 from pretrain.rundir import RunDir
+from pretrain.runtime import RunError
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "checkpoint.json"
@@ -101,7 +102,7 @@ def verify(tag_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint could not be written (a full disk, an I/O error); the last complete checkpoint is intact."""
 
 
@@ -196,8 +197,8 @@ class CheckpointManager:
                   if complete else "there is no complete checkpoint yet")
         what = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "failed on another rank"
         return CheckpointError(f"could not write checkpoint {tag_dir} ({what}); a checkpoint needs about "
-                               f"{size / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free on that file system; "
-                               f"{intact}. Free space (or lower train.keep_last) and run the same command again")
+                               f"{size / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free on that file system; "
+                               f"{intact}. Free space and run the same command again")
 
     def _prune(self, keep: str) -> None:
         complete = [t for s, t in list_tags(self.root) if (self.root / t / MANIFEST).is_file()]

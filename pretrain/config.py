@@ -65,6 +65,10 @@ class TrainConfig:
     seed: int = param(56, help="Seed of the data order, masking, dropout and any random init (56: the default of "
                                "Hugging Face's research_projects/distillation/train.py).")
     log_interval: int = param(10, help="Steps between metrics.jsonl / TensorBoard / console lines (rank 0).")
+    evaluate: bool = param(
+        True, help="Evaluate the student on the shards' valid split (every eval_interval steps and at the end); the "
+                   "run refuses to start when that split is missing, unreadable or has fewer sequences than ranks. "
+                   "false = no evaluation (shards prepared without a valid split).")
     eval_interval: int = param(500, help="Steps between evaluations on the valid split; 0 = only at the end.")
     eval_sequences: int = param(
         2048, help="Valid sequences per evaluation (the first ones of the split, shared out over the ranks); "

@@ -121,7 +121,7 @@ class DistillationModel(nn.Module):
     teacher_hidden)`` keyed ``"h<student index>"``, or None when widths agree or no hidden loss is on);
     ``layer_pairs``; ``relation_pairs`` ([student layer, teacher layer], 0-based, for the relation terms).
 
-    Raises :class:`ConfigError` for a logit term without MLM heads, different vocabularies, layer pairs out of range
+    Raises :class:`ConfigError` for different vocabularies, layer pairs out of range
     or relation heads that do not divide both widths.
     """
 
@@ -134,8 +134,6 @@ class DistillationModel(nn.Module):
         self.loss_cfg, self.layer_map, self.naive = loss_cfg, list(layer_map), naive
         active = loss_cfg.active()
         sc, tc = student.config, teacher.config
-        loss_cfg.check_models(teacher_has_mlm_head=mlm_head(teacher) is not None,
-                              student_has_mlm_head=mlm_head(student) is not None, teacher_name=type(teacher).__name__)
         if ("ce" in active or "mlm" in active) and sc.vocab_size != tc.vocab_size:
             raise ConfigError(f"loss.alpha_ce: student vocabulary {sc.vocab_size} != teacher's {tc.vocab_size}")
         n_s, n_t = sc.num_hidden_layers, tc.num_hidden_layers

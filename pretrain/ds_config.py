@@ -191,7 +191,7 @@ def check_static(ds: dict, max_steps: int) -> None:
     _check_scheduler_params((ds.get("scheduler") or {}).get("params", {}), max_steps)
 
 
-def build(ds_section, *legacy, max_steps: int | None = None, world_size: int | None = None, cuda: bool) -> dict:
+def build(ds_section: dict, *, max_steps: int, world_size: int, cuda: bool) -> dict:
     """The DeepSpeed config dict for ``deepspeed.initialize``.
 
     Args:
@@ -203,14 +203,7 @@ def build(ds_section, *legacy, max_steps: int | None = None, world_size: int | N
     Returns a new dict: the section with the batch sizes derived (:func:`batch_sizes`), the optimizer, scheduler and
     gradient clipping defaults of the DistilBERT recipe filled in, and DeepSpeed's own progress printing off.
     Raises :class:`ConfigError` for an impossible batch plan or fp16 without a GPU.
-
-    Deprecated form, kept until its callers switch: ``build(run_config, world_size, cuda=...)``.
     """
-    if not isinstance(ds_section, dict):  # deprecated: build(RunConfig, world_size, cuda=...)
-        (world_size,) = legacy
-        return build(ds_section.deepspeed, max_steps=ds_section.train.max_steps, world_size=world_size, cuda=cuda)
-    if legacy or max_steps is None or world_size is None:
-        raise TypeError("build(ds_section, *, max_steps, world_size, cuda): give max_steps and world_size by keyword")
     ds = copy.deepcopy(ds_section)
     plan = batch_sizes(ds, world_size)
     ds.update(zip(BATCH_KEYS, plan))

@@ -16,8 +16,9 @@ N CPU ranks (without --num_gpus, DeepSpeed starts one rank per NUMA node); each 
 threads unless OMP_NUM_THREADS is set. Running the same command again resumes from ``train.output_dir/checkpoints/
 latest``. SIGTERM or SIGUSR1 to the ranks: they finish the current step, checkpoint together and exit 0.
 
-Exit codes: 0 done or stopped by a signal after checkpointing; 1 training error (diverged); 2 configuration or input
-error (the message names the file / key and what to do).
+Exit codes: 0 done or stopped by a signal after checkpointing; 1 a run error with a one-line message
+(``pretrain.runtime.RunError``: diverged, a checkpoint that cannot be written, another rank failed, torch too old);
+2 configuration or input error (the message names the file / key and what to do).
 """
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         cfg = load(args.config, args.overrides)
-        from pretrain.trainer import TrainingError, run
+        from pretrain.runtime import RunError
+        from pretrain.trainer import run
         try:
             return run(cfg)
-        except TrainingError as e:
+        except RunError as e:  # diverged, a checkpoint that cannot be written, another rank failed, old torch
             print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
             return 1
     except ConfigError as e:

@@ -21,6 +21,11 @@ import torch
 MIN_TORCH = (2, 6)
 
 
+class RunError(RuntimeError):
+    """A failure the user can act on, reported as one line (exit code 1): training diverged, a checkpoint could
+    not be written, another rank failed, the installed torch is too old."""
+
+
 def console(msg: str) -> None:
     """One line to stdout, flushed (rank 0's progress lines)."""
     print(msg, flush=True)
@@ -32,12 +37,12 @@ def warn(msg: str) -> None:
 
 
 def check_torch(version: str = torch.__version__) -> None:
-    """Raise ``RuntimeError`` naming the installed and the required version when torch is older than
+    """Raise :class:`RunError` naming the installed and the required version when torch is older than
     :data:`MIN_TORCH` (so that the user sees it at start, not as an ``AttributeError`` mid-run)."""
     found = tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
     if found < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
-        raise RuntimeError(f"torch {version} is installed; this project needs torch >= {need} "
+        raise RunError(f"torch {version} is installed; this project needs torch >= {need} "
                            f"(torch.nn.utils.get_total_norm); install a newer build (README, 'On GPUs')")
 
 
@@ -162,7 +167,7 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum else "a signal on another rank"
 
 
-class RankFailed(RuntimeError):
+class RankFailed(RunError):
     """Work that one rank did for all of them failed there; every rank raises this with that rank's message."""
 
 

@@ -33,13 +33,13 @@ from pretrain.config import RunConfig
 from pretrain.data import BatchLoader, DataOrder, eval_batches, open_split
 from pretrain.metrics import IntervalMetrics, MetricsLogger, console_line, valid_line
 from pretrain.rundir import RunDir, RunLocked, write_config
-from pretrain.runtime import (StopFlag, check_torch, console, init_distributed, on_rank0, rank_seed, seed_everything,
+from pretrain.runtime import (RunError, StopFlag, check_torch, console, init_distributed, on_rank0, rank_seed, seed_everything,
                               warn)
 from pretrain.schema import ConfigError
 from pretrain.teacher import load_teacher, preflight, teacher_dtype
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
     """Training cannot go on (diverged: too many consecutive non-finite steps). Checkpoints already written are intact."""
 
 
@@ -91,7 +91,8 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         import torch.distributed as dist
         self.dist, self.cuda, self.is_main = dist, self.device.type == "cuda", self.rank == 0
-        self.ds_config = dsc.build(self.cfg, self.world_size, cuda=self.cuda)
+        self.ds_config = dsc.build(self.cfg.deepspeed, max_steps=self.cfg.train.max_steps, world_size=self.world_size,
+                                   cuda=self.cuda)
         self.plan = dsc.BatchPlan(*(self.ds_config[k] for k in dsc.BATCH_KEYS))
         self.precision, self.stage = dsc.precision(self.ds_config), dsc.zero_stage(self.ds_config)
         self.preflight = preflight(self.cfg)

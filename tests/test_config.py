@@ -305,9 +305,6 @@ def test_build_takes_plain_values(tmp_path):
     assert ds["scheduler"]["params"]["total_num_steps"] == 400 and ds["gradient_accumulation_steps"] == 4
     assert section == cfg.deepspeed  # not modified
     assert D.build(section, max_steps=30, world_size=1, cuda=False)["scheduler"]["params"]["total_num_steps"] == 30
-    assert D.build(cfg, 2, cuda=False) == ds  # the deprecated form, until its callers switch
-    with pytest.raises(TypeError, match="max_steps"):
-        D.build(section, 2, cuda=False)
     D.check_static(section, 400)
     with pytest.raises(ConfigError, match=r"warmup_num_steps: 50 must be an integer between 1 and the schedule's 40"):
         D.check_static({**section, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 50}}}, 40)

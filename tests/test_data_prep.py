@@ -270,7 +270,7 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path, capsys, wiki_texts
             "--shard-tokens", "8192", "--batch-chars", "16000", "--valid-fraction", "0.05", "--no-progress"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert run(capsys, *args, "--output", ref, "--num-proc", 0)[0] == 0
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--output", str(out), "--num-proc", "1"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -302,7 +302,7 @@ def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path, wiki_texts):
 
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:4000])
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "prepare", "--source", f"jsonl:{corpus}",
                              "--tokenizer", "embedded:minilm-l6", "--max-seq-length", "64", "--shard-tokens", "8192",
                              "--batch-chars", "16000", "--num-proc", "2", "--no-progress", "--output", str(out)],

@@ -66,7 +66,7 @@ def test_demo_config_is_the_representation_recipe():
     assert active["pool"] > 10 * max(active["cos"], active["mse"], active["att"])  # docs/demo.md: pooled MSE leads
     cfg.loss.check_models(teacher_has_mlm_head=False, student_has_mlm_head=False)
     for world in (1, 2):  # 2 CPU ranks (the demo) or one GPU: the batch arithmetic holds
-        built = ds_config.build(cfg, world, cuda=False)
+        built = ds_config.build(cfg.deepspeed, max_steps=cfg.train.max_steps, world_size=world, cuda=False)
         assert built["train_batch_size"] == cfg.deepspeed["train_batch_size"]
 
 

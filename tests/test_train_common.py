@@ -69,10 +69,9 @@ def assets() -> dict[str, Path]:
 
 
 def env(**extra) -> dict[str, str]:
-    """Environment for subprocesses: one torch thread per rank (2 shared cores), the repo importable."""
+    """Environment for subprocesses: one torch thread per rank (2 shared cores); the package is installed (make setup)."""
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=f"{REPO}{os.pathsep}{e.get('PYTHONPATH', '')}")
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)  # set in this process by in-process runs; launchers set their own
     e.update(extra)
@@ -97,11 +96,11 @@ def tiny_overrides(family: str, out: Path, *, steps: int, **extra) -> list[str]:
 
 def read_metrics(run: Path, split: str = "train") -> list[dict]:
     """metrics.jsonl records of one split, in file order."""
+    from pretrain.metrics import read_metrics as read_records
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in recs if r.get("split") == split]
+    return [r for r in read_records(path) if r.get("split") == split]
 
 
 def losses(run: Path) -> dict[int, dict[str, float]]:
@@ -130,14 +129,13 @@ def deepspeed_cmd(config: Path | str, overrides: list[str], *, ranks: int = 2, p
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the training ranks under a launcher (processes running launch/pretrain.py without a child runner)."""
+    """PIDs of the training ranks under a launcher (launch/pretrain.py hands each rank over to `python -m pretrain.main`)."""
     import psutil
     out = []
     for p in psutil.Process(launcher_pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             cmd = p.cmdline()
-            if any(c.endswith("launch/pretrain.py") for c in cmd) and "deepspeed.launcher.launch" not in cmd \
-                    and "-m" not in cmd[:3]:
+            if "pretrain.main" in cmd:
                 out.append(p.pid)
     return out
 
@@ -201,7 +199,7 @@ def train_in_process(cfg, *, before_fit=None):
 def test_deepspeed_arch_list_drops_architecture_suffixes_deepspeed_cannot_read():
     """DeepSpeed 0.19's op builder fails on TORCH_CUDA_ARCH_LIST="9.0a" (seen on an H100 image); the trainer rewrites
     it before DeepSpeed is imported and leaves plain lists alone."""
-    from pretrain.trainer import deepspeed_arch_list
+    from pretrain.runtime import deepspeed_arch_list
     assert deepspeed_arch_list("9.0a") == "9.0"
     assert deepspeed_arch_list("8.0;9.0a+PTX;10.0a") == "8.0;9.0+PTX;10.0"
     assert deepspeed_arch_list("7.0 8.6 9.0") == "7.0 8.6 9.0"
