@@ -30,6 +30,7 @@ import torch
 from data_prep.files import atomic_path, atomic_write_text, sha256_file
 from pretrain.rundir import RunDir
 from pretrain.runtime import RunError
+from pretrain.schema import ConfigError
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "checkpoint.json"
@@ -227,6 +228,33 @@ class CheckpointManager:
             raise ValueError(f"{self.root} holds checkpoints but none is complete ({'; '.join(notes)}); move the "
                              f"directory away to start over, or restore a complete checkpoint")
         return None, None, notes
+
+    def resume_point(self, mine: dict, *, stage: int, allow_world_size_change: bool) -> tuple[str, dict] | None:
+        """The newest complete checkpoint ``(tag, manifest)`` a run of resolved config ``mine`` can resume, or None
+        for a fresh run (call on one rank). Warnings name skipped checkpoints. Raises :class:`ConfigError` for
+        another run's checkpoints (:meth:`pretrain.rundir.RunDir.check_same_run`), another world size unless
+        allowed, or a ZeRO-3 checkpoint of another world size."""
+        from pretrain.runtime import warn
+        try:
+            tag, manifest, notes = self.find_resume()
+        except ValueError as e:
+            raise ConfigError(f"train.output_dir: {e}") from None
+        for note in notes:
+            warn(note)
+        if tag is None:
+            return None
+        try:
+            self.run.check_same_run(manifest, mine, self.world_size, allow_world_size_change)
+        except ValueError as e:
+            key = "train.allow_world_size_change" if "rank(s)" in str(e) else "train.output_dir"
+            raise ConfigError(f"{key}: {e}") from None
+        if manifest["world_size"] != self.world_size and stage == 3:
+            raise ConfigError(
+                f"train.allow_world_size_change: {self.root / tag} is a ZeRO-3 checkpoint of "
+                f"{manifest['world_size']} rank(s); its partitioned weights cannot be loaded by {self.world_size} "
+                f"rank(s) here. Resume with {manifest['world_size']} rank(s), or export it (python -m pretrain.export) "
+                f"and start a new run from the export")
+        return tag, manifest
 
     def load_rng(self, tag: str) -> bool:
         """Restore this rank's RNG states from ``tag``; False when the tag has none for this rank."""

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from pretrain.rundir import EXPORT_INFO as INFO, latest_tag_in
+
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 HF_DIR = "hf"
-INFO = "distill_export.json"
 
 
 def sentence_transformers_files(teacher: str) -> dict[str, Path]:
@@ -37,13 +38,12 @@ def sentence_transformers_files(teacher: str) -> dict[str, Path]:
         if Path(teacher).is_dir():
             p = Path(teacher) / rel
             return p if p.is_file() else None
-        try:
-            from transformers.utils import cached_file
-            p = cached_file(teacher, rel, _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
-            return Path(p) if p else None
-        except Exception:  # not on the hub, offline: the teacher simply has no such file
-            return None
+        from transformers.utils import cached_file
+        # None for a file the repository does not have, or when the hub is unreachable and the file is not cached;
+        # any other hub error (a gated or missing repository, a bad revision) surfaces
+        p = cached_file(teacher, rel, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+        return Path(p) if p else None
 
     modules = get("modules.json")
     if modules is None:
@@ -122,11 +122,10 @@ def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
     if (root / HF_DIR).is_dir() and tag is None:
         return root
     if tag is None:
-        latest = root / "latest"
-        if not latest.is_file():
+        tag = latest_tag_in(root)
+        if tag is None:
             raise FileNotFoundError(f"{root}: no 'latest' file and no {HF_DIR}/ folder; give a run's checkpoints/ "
                                     f"directory, one of its step_* directories, or --tag")
-        tag = latest.read_text().strip()
     tag_dir = root / tag
     if not (tag_dir / HF_DIR).is_dir():
         raise FileNotFoundError(f"{tag_dir}: not a checkpoint of this project (no {HF_DIR}/ folder)")

@@ -53,6 +53,17 @@ def identity_differences(saved: dict | None, mine: dict) -> list[str]:
     return out
 
 
+LATEST = "latest"
+
+
+def latest_tag_in(checkpoints: str | os.PathLike) -> str | None:
+    """The tag named by ``<checkpoints>/latest`` (None when there is none), for a run's ``checkpoints/`` folder."""
+    try:
+        return (Path(checkpoints) / LATEST).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 class RunDir:
     """Paths of one run directory (see the module docstring) and the checks on it.
 
@@ -64,7 +75,7 @@ class RunDir:
         self.root = Path(root)
 
     checkpoints = property(lambda self: self.root / "checkpoints", doc="``checkpoints/`` (tags and ``latest``)")
-    latest_file = property(lambda self: self.checkpoints / "latest", doc="``checkpoints/latest``: the newest tag")
+    latest_file = property(lambda self: self.checkpoints / LATEST, doc="``checkpoints/latest``: the newest tag")
     config_file = property(lambda self: self.root / "config.json")
     metrics_file = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
@@ -75,10 +86,7 @@ class RunDir:
 
     def latest_tag(self) -> str | None:
         """The tag named by ``checkpoints/latest`` (None when there is none)."""
-        try:
-            return self.latest_file.read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        return latest_tag_in(self.checkpoints)
 
     def exported_checkpoint(self, folder: Path | None = None) -> str | None:
         """The checkpoint directory an export (default ``student/``) was made from, from its ``distill_export.json``;

@@ -62,6 +62,30 @@ class StepResult:
         return self.nonfinite or not self.applied
 
 
+class DivergenceGuard:
+    """Stops a run that diverged: a non-finite step the optimizer applied, or ``max_bad_steps`` consecutive skipped
+    steps (non-finite loss or gradient, fp16 overflow). Raises :class:`TrainingError` naming the intact checkpoint."""
+
+    def __init__(self, max_bad_steps: int, precision: str, stage: int):
+        self.max_bad_steps, self.precision, self.stage = max_bad_steps, precision, stage
+        self.bad_steps = 0
+
+    def check(self, res: StepResult, step: int, *, last_saved: int | None) -> None:
+        """Count ``res`` (the result of optimizer step ``step``); raise when the run must stop."""
+        if res.nonfinite and res.applied:
+            raise TrainingError(
+                f"step {step}: a non-finite loss was applied by the optimizer ({self.precision}, ZeRO-{self.stage}); "
+                f"stopping without saving. The last checkpoint ({last_saved}) is intact; lower the learning rate or "
+                f"check the data")
+        self.bad_steps = self.bad_steps + 1 if res.bad else 0
+        if self.bad_steps >= self.max_bad_steps:
+            raise TrainingError(
+                f"step {step}: {self.bad_steps} consecutive steps with a non-finite loss or gradient "
+                f"(train.max_bad_steps={self.max_bad_steps}; skipped, weights unchanged); stopping. Checkpoints "
+                f"up to step {last_saved} are intact. Lower the learning rate, use bf16 instead of fp16, "
+                f"or check the data")
+
+
 class Trainer:
     """One rank of a distillation run (see the module docstring).
 
@@ -75,7 +99,6 @@ class Trainer:
         self.cfg = cfg
         self.stop = StopFlag()
         self.step = 0
-        self.bad_steps = 0
         self.run = RunDir(cfg.train.output_dir)
         self.logger: MetricsLogger | None = None
         self.loader: BatchLoader | None = None
@@ -102,9 +125,12 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run, rank=self.rank, world_size=self.world_size,
                                       keep_last=self.cfg.train.keep_last, save_interval=self.cfg.train.save_interval,
                                       all_ok=self._all_ok)
-        resume = on_rank0(self._resume_point, rank=self.rank, expected=(ConfigError,))
+        resume = on_rank0(lambda: self.ckpt.resume_point(self.cfg.to_dict(), stage=self.stage,
+                                                          allow_world_size_change=self.cfg.train.allow_world_size_change),
+                          rank=self.rank, expected=(ConfigError,))
         self._build_model(fresh=resume is None)
         self._build_engine()
+        self.guard = DivergenceGuard(self.cfg.train.max_bad_steps, self.precision, self.stage)
         self._build_data()
         seed_everything(rank_seed(self.cfg.train.seed, self.rank))  # dropout differs per rank
         if resume is not None:
@@ -142,32 +168,6 @@ class Trainer:
             raise ConfigError(f"data.dir: the valid split of {self.cfg.data.dir} has {len(valid)} sequence(s), fewer "
                               f"than the {self.world_size} ranks that share it out; {fix}")
         return valid
-
-    def _resume_point(self) -> tuple[str, dict] | None:
-        """Rank 0: the newest complete checkpoint (tag, manifest) this run can resume, or None for a fresh run.
-        Warnings name skipped checkpoints; raises :class:`ConfigError` for another run's checkpoints or (unless
-        allowed) another world size."""
-        try:
-            tag, manifest, notes = self.ckpt.find_resume()
-        except ValueError as e:
-            raise ConfigError(f"train.output_dir: {e}") from None
-        for note in notes:
-            warn(note)
-        if tag is None:
-            return None
-        try:
-            self.run.check_same_run(manifest, self.cfg.to_dict(), self.world_size,
-                                    self.cfg.train.allow_world_size_change)
-        except ValueError as e:
-            key = "train.allow_world_size_change" if "rank(s)" in str(e) else "train.output_dir"
-            raise ConfigError(f"{key}: {e}") from None
-        if manifest["world_size"] != self.world_size and self.stage == 3:
-            raise ConfigError(
-                f"train.allow_world_size_change: {self.ckpt.root / tag} is a ZeRO-3 checkpoint of "
-                f"{manifest['world_size']} rank(s); its partitioned weights cannot be loaded by {self.world_size} "
-                f"rank(s) here. Resume with {manifest['world_size']} rank(s), or export it (python -m pretrain.export) "
-                f"and start a new run from the export")
-        return tag, manifest
 
     def _build_model(self, fresh: bool) -> None:
         """Teacher, student (identical on every rank: seeded alike) and the DistillationModel; ``student_init/`` on a
@@ -374,7 +374,7 @@ class Trainer:
         while self.step < tc.max_steps:
             res, batches = self.step_once()
             self.metrics.add(res, [tuple(b["input_ids"].shape) for b in batches])
-            self._check_health(res)
+            self.guard.check(res, self.step, last_saved=self.ckpt.last_saved)
             last = self.step == tc.max_steps
             save = self.ckpt.should_save(self.step, last=last, stopping=res.stop)
             if save or self.metrics.should_log(self.step):
@@ -392,21 +392,6 @@ class Trainer:
             self.save()
         self.export_final()
         return 0
-
-    def _check_health(self, res: StepResult) -> None:
-        tc = self.cfg.train
-        if res.nonfinite and res.applied:
-            raise TrainingError(
-                f"step {self.step}: a non-finite loss was applied by the optimizer ({self.precision}, ZeRO-"
-                f"{self.stage}); stopping without saving. The last checkpoint ({self.ckpt.last_saved}) is intact; "
-                f"lower the learning rate or check the data")
-        self.bad_steps = self.bad_steps + 1 if res.bad else 0
-        if self.bad_steps >= tc.max_bad_steps:
-            raise TrainingError(
-                f"step {self.step}: {self.bad_steps} consecutive steps with a non-finite loss or gradient "
-                f"(train.max_bad_steps={tc.max_bad_steps}; skipped, weights unchanged); stopping. Checkpoints "
-                f"up to step {self.ckpt.last_saved} are intact. Lower the learning rate, use bf16 instead of fp16, "
-                f"or check the data")
 
     def should_validate(self, step: int) -> bool:
         """Whether to evaluate after ``step``: every ``train.eval_interval`` steps and at the last step."""
