@@ -152,6 +152,7 @@ def test_embedded_tasks_load_with_documented_counts():
 
 
 # ------------------------------------------------------------------------------------------------ finetune / probe
+@pytest.mark.slow
 def test_finetune_lowers_the_loss_and_beats_chance_on_real_data(bert_tiny, tmp_path):
     task = load_task("embedded:trec", split=SplitConfig(max_train=800, max_eval=300))
     spec = ds.check_model(ds.ModelSpec("bert-tiny", bert_tiny))
@@ -160,7 +161,7 @@ def test_finetune_lowers_the_loss_and_beats_chance_on_real_data(bert_tiny, tmp_p
     r = ds.finetune(spec, task, cfg, seed=0, device=torch.device("cpu"), save_dir=tmp_path / "saved")
     majority = np.bincount(task.splits["test"].labels).max() / len(task.splits["test"])
     assert r["loss_last"] < 0.8 * r["loss_first"], r
-    assert r["metrics"]["test"]["accuracy"] > majority + 0.15, (r, majority)  # measured 0.68 vs 0.23
+    assert r["metrics"]["test"]["accuracy"] > majority + 0.15, (r, majority)  # measured 0.76 vs 0.23
     assert r["epoch"] in (1, 2) and r["steps"] == 2 * 25 and r["train_examples_per_s"] > 0
     # the saved model is the selected one and reloads as a sequence classifier with the label names
     from transformers import AutoModelForSequenceClassification
@@ -173,7 +174,7 @@ def test_probe_beats_chance(bert_tiny):
     spec = ds.check_model(ds.ModelSpec("bert-tiny", bert_tiny))
     r = ds.probe(spec, task, ds.FinetuneConfig(max_length=32), device=torch.device("cpu"))
     majority = np.bincount(task.splits["test"].labels).max() / len(task.splits["test"])
-    assert r["metrics"]["test"]["accuracy"] > majority + 0.2, (r, majority)
+    assert r["metrics"]["test"]["accuracy"] > majority + 0.2, (r, majority)  # measured 0.70 vs 0.23
     assert r["c"] in ds.PROBE_C and r["embed_examples_per_s"] > 0
 
 
