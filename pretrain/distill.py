@@ -1,6 +1,6 @@
 """The distillation module: frozen teacher + student + losses in one ``nn.Module`` that DeepSpeed can wrap.
 
-Compute only what the losses read (DESIGN.md): the teacher runs under ``no_grad`` and returns hidden states only when an
+Compute only what the losses read (docs/performance.md): the teacher runs under ``no_grad`` and returns hidden states only when an
 intermediate loss needs them; the LM heads (transform + decoder) of teacher and student run only on the positions the
 KL / MLM terms read, gathered first (``naive=True`` keeps the plain way: full-vocabulary logits at every position, then
 select; for tests and benchmarks). MiniLM's relation terms read the queries / keys / values of the mapped layers through
