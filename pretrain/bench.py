@@ -512,7 +512,7 @@ def _describe(trainer) -> dict:
     t, s = model.teacher.config, model.student.config
     th, tl, _, tv = _dims(t)
     sh, sl, _, _ = _dims(s)
-    seq = int(trainer.preflight.manifest["max_seq_length"])
+    seq = int(trainer.recipe.info.manifest["max_seq_length"])
     return {"teacher": {"model_type": t.model_type, "hidden": th, "layers": tl, "vocab": tv,
                         "dtype": str(next(model.teacher.parameters()).dtype).replace("torch.", ""),
                         "attention": t._attn_implementation},

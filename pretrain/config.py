@@ -26,6 +26,7 @@ from pretrain.data import DataConfig
 from pretrain.losses import LossConfig
 from pretrain.masking import MaskingConfig
 from pretrain.schema import ConfigError, check, param
+from pretrain.stages import StageConfig, stage_losses
 from pretrain.student import StudentConfig
 
 COMMENT_KEYS = ("comment", "_source")  # documented top-level keys that hold prose (sources of hyperparameters)
@@ -87,6 +88,11 @@ class TrainConfig:
         True, help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
                    "before/after comparison); done once, on a fresh run.")
     tensorboard: bool = param(True, help="Write TensorBoard scalars to output_dir/tensorboard/ (rank 0).")
+    stages: list[StageConfig] | None = param(
+        None, help="Two-step distillation: a list of stages, each {\"steps\": N, \"name\": ..., \"loss\": {alpha_...}} "
+                   "run in order on this run directory; a stage's loss keys replace the loss section's for its steps "
+                   "(TinyBERT: intermediate layers first, then the prediction layer). The steps must add up to "
+                   "max_steps. null = one stage with the loss section.")
     compile: bool = param(
         False, help="torch.compile the student's and the teacher's encoders (in place: checkpoints and exports are "
                     "unchanged) and the logit losses; about 40 s of compilation at the start. Recommended on GPU "
@@ -134,6 +140,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-section rules (each section validated itself already). Raises :class:`ConfigError`."""
         from pretrain import ds_config
+        stage_losses(self)  # each stage's loss weights valid, the steps add up
         ds_config.check_static(self.deepspeed, self.train.max_steps)
         if self.loss.alpha_ce > 0 or self.loss.alpha_mlm > 0:
             check(self.masking.mlm_mask_prop > 0, "masking.mlm_mask_prop",

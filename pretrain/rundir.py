@@ -13,8 +13,8 @@ Layout of ``train.output_dir`` (every other module asks :class:`RunDir` for thes
 
 Identity (:func:`identity_differences`): a directory holds *the same run* when its checkpoint's config has the same
 values for the keys the checkpoint's tensors depend on: ``teacher.name_or_path``, ``teacher.revision`` and every
-``student`` key. Everything else (``teacher.dtype``, a longer schedule, other intervals, loss weights) may change
-between starts of one run. The trainer and ``launch/slurm.py submit`` both apply this rule.
+``student`` key (a key the checkpoint's config lacks, added to the project since, is not compared). Everything else (``teacher.dtype``, a longer schedule, other intervals, loss weights) may change
+between starts of one run. The trainer and ``pretrain.slurm submit`` both apply this rule.
 
 ``python -m pretrain.rundir finished RUN`` exits 0 when RUN's latest checkpoint is exported to ``student/`` (the run
 is done), 1 otherwise; the SLURM batch script asks it before requeueing.
@@ -48,7 +48,8 @@ def identity_differences(saved: dict | None, mine: dict) -> list[str]:
     out = []
     for section, key in IDENTITY_KEYS:
         old, new = saved.get(section) or {}, mine.get(section) or {}
-        keys = sorted(set(old) | set(new)) if key == "*" else [key]
+        # a key the saved config lacks was added to the project after that checkpoint was written: not a difference
+        keys = sorted(k for k in set(old) | set(new) if k in old) if key == "*" else [key]
         out += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return out
 

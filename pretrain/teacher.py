@@ -80,7 +80,9 @@ def preflight(cfg) -> Preflight:
                           f"(config.json and tokenizer files) nor a reachable Hugging Face hub model ({first}); check "
                           f"the path or name") from None
     has_mlm = has_mlm_head(tconf)
-    cfg.loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
+    from pretrain.stages import stage_losses
+    for loss in stage_losses(cfg):  # the loss section, or each stage's weights
+        loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
     try:
         manifest = load_manifest(cfg.data.dir)
     except DataPrepError as e:

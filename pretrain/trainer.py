@@ -30,13 +30,15 @@ import torch
 from pretrain import ds_config as dsc
 from pretrain.checkpoint import CheckpointManager, tag_for
 from pretrain.config import RunConfig
-from pretrain.data import BatchLoader, DataOrder, eval_batches, open_split
+from pretrain.data import BatchLoader
 from pretrain.metrics import IntervalMetrics, MetricsLogger, console_line, valid_line
 from pretrain.rundir import RunDir, RunLocked, write_config
 from pretrain.runtime import (RunError, StopFlag, check_torch, console, init_distributed, on_rank0, rank_seed, seed_everything,
                               warn)
 from pretrain.schema import ConfigError
-from pretrain.teacher import load_teacher, preflight, teacher_dtype
+from pretrain.recipes import make_recipe
+from pretrain.stages import Stages
+from pretrain.teacher import teacher_dtype
 
 
 class TrainingError(RunError):
@@ -90,7 +92,7 @@ class Trainer:
     """One rank of a distillation run (see the module docstring).
 
     Usage: ``t = Trainer(cfg); t.setup(); t.fit(); t.close()``. Attributes after ``setup()``: ``engine`` (the
-    DeepSpeed engine around ``model``, a ``pretrain.distill.DistillationModel``), ``masker``, ``loader``, ``plan``
+    DeepSpeed engine around ``model``, the recipe's module), ``recipe`` (:mod:`pretrain.recipes`), ``loader``, ``plan``
     (batch arithmetic), ``step`` (optimizer steps done), ``rank``, ``world_size``, ``device``, ``run`` (the run
     directory), ``ckpt`` (its checkpoints), ``metrics`` (the interval sums).
     """
@@ -100,6 +102,7 @@ class Trainer:
         self.stop = StopFlag()
         self.step = 0
         self.run = RunDir(cfg.train.output_dir)
+        self.stages = Stages(cfg)
         self.logger: MetricsLogger | None = None
         self.loader: BatchLoader | None = None
         self.lock = None
@@ -118,9 +121,9 @@ class Trainer:
                                    cuda=self.cuda)
         self.plan = dsc.BatchPlan(*(self.ds_config[k] for k in dsc.BATCH_KEYS))
         self.precision, self.stage = dsc.precision(self.ds_config), dsc.zero_stage(self.ds_config)
-        self.preflight = preflight(self.cfg)
-        self.tokenizer = self.preflight.tokenizer
-        self.valid = self._open_valid()
+        self.recipe = make_recipe(self.cfg)
+        self.recipe.preflight(self.world_size)
+        self.tokenizer = self.recipe.tokenizer
         on_rank0(self._take_lock, rank=self.rank, expected=(ConfigError,))
         self.ckpt = CheckpointManager(self.run, rank=self.rank, world_size=self.world_size,
                                       keep_last=self.cfg.train.keep_last, save_interval=self.cfg.train.save_interval,
@@ -153,37 +156,19 @@ class Trainer:
         self.dist.all_reduce(flag, op=self.dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
 
-    def _open_valid(self):
-        """The valid split when evaluation is configured (``train.evaluate``); refuses a missing, unreadable or too
-        small one at once, saying what to do."""
-        if not self.cfg.train.evaluate:
-            return None
-        fix = (f"prepare the shards with a held-out split (python -m data_prep prepare ... --valid-fraction 0.01 "
-               f"--output {self.cfg.data.dir}), or set train.evaluate=false to train without evaluation")
-        try:
-            valid = open_split(self.cfg.data.dir, "valid")
-        except ConfigError as e:
-            raise ConfigError(f"{e}; {fix}") from None
-        if len(valid) < self.world_size:
-            raise ConfigError(f"data.dir: the valid split of {self.cfg.data.dir} has {len(valid)} sequence(s), fewer "
-                              f"than the {self.world_size} ranks that share it out; {fix}")
-        return valid
-
     def _build_model(self, fresh: bool) -> None:
-        """Teacher, student (identical on every rank: seeded alike) and the DistillationModel; ``student_init/`` on a
-        fresh run."""
-        from pretrain.distill import DistillationModel
-        from pretrain.export import sentence_transformers_files
-        from pretrain.student import build_student, freeze_unused
+        """Teacher, student (identical on every rank: seeded alike) and the module DeepSpeed wraps (the recipe's);
+        ``student_init/`` on a fresh run."""
         seed_everything(self.cfg.train.seed)
-        teacher = load_teacher(self.cfg, self.preflight)
-        student, self.student_record = build_student(teacher, self.cfg.student)
-        freeze_unused(student)
-        self.model = DistillationModel(student, teacher, self.cfg.loss, self.student_record["layer_map"])
+        teacher = self.recipe.load_teacher()
+        from pretrain.prune import calibration_for  # student.init="prune": the seeded sample of the train shards
+        with calibration_for(self.cfg, device=self.device):
+            student, self.student_record = self.recipe.build_student(teacher)
+        self.model = self.recipe.build_model(student, teacher, self.student_record, self.stages.loss_union())
         self.model.move_teacher(self.device, teacher_dtype(self.cfg, self.cuda))
         if self.cfg.train.compile:
             self.model.compile_parts()
-        self._st_files = sentence_transformers_files(self.preflight.teacher_path) if self.is_main else {}
+        self.recipe.prepare_export(self.is_main)
         if fresh and self.cfg.train.export_init and self.is_main:
             record = {k: v for k, v in self.student_record.items() if k != "copied"}
             if self.ckpt.export_init(student, self._write_hf_meta,
@@ -200,42 +185,20 @@ class Trainer:
             self.engine.enable_backward_allreduce = False  # one rank: skip the flatten / all-reduce / copy-back
 
     def _build_data(self) -> None:
-        from data_prep.errors import DataPrepError
-        from data_prep.shards import load_token_counts
         from pretrain.flops import peak_flops, split_flops
-        from pretrain.masking import Masker
-        from pretrain.validate import Validator
-        cfg, tc = self.cfg, self.cfg.train
-        try:
-            token_counts = load_token_counts(cfg.data.dir)
-        except DataPrepError as e:
-            raise ConfigError(f"data.dir: {e}") from None
-        self.masker = Masker.from_tokenizer(cfg.masking, self.tokenizer, token_counts=token_counts, seed=tc.seed)
-        train = open_split(cfg.data.dir, "train")
-        order = DataOrder(len(train), micro_batch=self.plan.micro_batch, world_size=self.world_size, rank=self.rank,
-                          seed=tc.seed, shuffle=cfg.data.shuffle)
-        self.loader = BatchLoader(train, order, pad_id=self.tokenizer.pad_token_id,
-                                  multiple=cfg.data.pad_to_multiple_of, prefetch=cfg.data.prefetch,
-                                  pin_memory=self.cuda)
-        self.validator = None if self.valid is None else Validator(
-            self.model, self._eval_batches, self.masker, device=self.device, all_reduce=self.dist.all_reduce,
-            rank=self.rank)
+        self.loader = self.recipe.train_loader(self.plan, world_size=self.world_size, rank=self.rank,
+                                               pin_memory=self.cuda)
+        self.validator = self.recipe.validator(self.model, self.plan, world_size=self.world_size, rank=self.rank,
+                                               device=self.device, all_reduce=self.dist.all_reduce)
         per_batch, per_row = split_flops(self.model)
         peak, self.peak_source = peak_flops(self.device, self.precision)
         self.metrics = IntervalMetrics(device=self.device, all_reduce=self.dist.all_reduce, world_size=self.world_size,
-                                       log_interval=tc.log_interval, peak_flops=peak, flops_per_batch=per_batch,
-                                       flops_per_head_row=per_row,
-                                       head_rows_key="n_masked" if cfg.loss.restrict_ce_to_mask else "n_tokens")
-
-    def _eval_batches(self):
-        return eval_batches(self.valid, micro_batch=self.plan.micro_batch, world_size=self.world_size, rank=self.rank,
-                            max_sequences=self.cfg.train.eval_sequences, pad_id=self.tokenizer.pad_token_id,
-                            multiple=self.cfg.data.pad_to_multiple_of)
+                                       log_interval=self.cfg.train.log_interval, peak_flops=peak,
+                                       flops_per_batch=per_batch, flops_per_head_row=per_row,
+                                       head_rows_key=self.recipe.head_rows_key())
 
     def _write_hf_meta(self, folder) -> None:
-        from pretrain.export import write_hf_meta
-        student = self.model.student
-        write_hf_meta(folder, student.config, self.tokenizer, self._st_files, type(student).__name__)
+        self.recipe.write_meta(folder, self.model.student)
 
     def _load(self, tag: str, manifest: dict) -> None:
         """Load engine state, client state (step, cursor, counters) and this rank's RNG states from ``tag``."""
@@ -293,8 +256,9 @@ class Trainer:
                    on_micro_batch: Callable[[dict[str, torch.Tensor]], None] | None = None) -> StepResult:
         """One optimizer step (collective: every rank calls it with its own micro-batches).
 
-        Each micro-batch (``input_ids`` / ``attention_mask`` int64 [B, L]) is masked on the device
-        (deterministic from (seed, step, rank, micro-step)), run through teacher and student, and back-propagated;
+        Each micro-batch becomes the module's inputs through the recipe (task-agnostic: ``input_ids`` /
+        ``attention_mask`` int64 [B, L] masked on the device, deterministic from (seed, step, rank, micro-step)), runs
+        through teacher and student with the loss weights of the step's stage, and is back-propagated;
         DeepSpeed averages gradients over micro-batches and ranks and steps the optimizer at the last one. Before
         that step the ranks agree (one all-reduce) on stopping and on non-finite values; a non-finite step is
         skipped (DeepSpeed's overflow handling, or, for fp32 without ZeRO, dropped gradients). ``on_micro_batch``
@@ -304,11 +268,10 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         stop = nonfinite = False
         lr = float(engine.get_lr()[0]) if engine.get_lr() else 0.0
+        self.stages.apply(self.model, self.step)
         for m, batch in enumerate(micro_batches):
-            ids = batch["input_ids"].to(self.device, non_blocking=True)
-            mask = batch["attention_mask"].to(self.device, non_blocking=True)
-            masked, labels = self.masker(ids, mask, step=self.step, rank=self.rank, micro_step=m)
-            loss, parts = engine(masked, mask, labels)
+            loss, parts = engine(*self.recipe.inputs(batch, self.device, step=self.step, rank=self.rank,
+                                                     micro_step=m))
             engine.backward(loss)
             if on_micro_batch is not None:
                 on_micro_batch(parts)

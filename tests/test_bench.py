@@ -147,7 +147,7 @@ def test_mode_switch_gives_the_same_loss_and_restores_the_fast_step(tmp_path):
                      bench.ABLATION_MODES["dropout"]]
             switch = bench.ModeSwitch(trainer, modes)
             batch = next(trainer.loader)
-            x, labels = trainer.masker(batch["input_ids"], batch["attention_mask"], step=0, rank=0, micro_step=0)
+            x, labels = trainer.recipe.masker(batch["input_ids"], batch["attention_mask"], step=0, rank=0, micro_step=0)
             trainer.engine.eval()
             results = {}
             for mode in (bench.FAST, bench.NAIVE):
