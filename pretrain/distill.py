@@ -89,6 +89,29 @@ def aligned_vocab(linear: nn.Linear | None, multiple: int = VOCAB_MULTIPLE):
         del linear.forward
 
 
+@torch.no_grad()
+def init_from_channels(linear: nn.Linear, channels: list[int]) -> nn.Linear:
+    """Initialise a TinyBERT projection ``Linear(student_hidden, teacher_hidden)`` of a width-pruned student from
+    its channel selection: ``weight[channels[j], j] = 1`` for every student channel j, every other weight 0, bias 0.
+
+    ``channels``: the teacher hidden channel each student channel was cut from (``student_hidden`` distinct indices
+    in ``0..teacher_hidden-1``; :mod:`pretrain.prune` keeps them sorted). The rows of the kept channels then form
+    the identity and the rows of the pruned channels are zero: at initialisation the projection maps the pruned
+    student's hidden state back onto the teacher's kept channels and predicts zero for the pruned ones. Returns
+    ``linear`` (modified in place). Raises ``ValueError`` when the indices do not fit its shape.
+    """
+    out_f, in_f = linear.weight.shape
+    idx = [int(c) for c in channels]
+    if len(idx) != in_f or len(set(idx)) != len(idx) or not all(0 <= c < out_f for c in idx):
+        raise ValueError(f"hidden_channels: {len(idx)} indices (distinct, in 0..{out_f - 1}) expected for a "
+                         f"projection {in_f} -> {out_f}")
+    linear.weight.zero_()
+    linear.weight[torch.tensor(idx), torch.arange(in_f)] = 1.0
+    if linear.bias is not None:
+        linear.bias.zero_()
+    return linear
+
+
 def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                  temperature: float, ce: bool, mlm: bool) -> dict[str, torch.Tensor]:
     """The logit terms on the gathered rows: ``{"ce": kd_kl, "mlm": mlm_ce}`` (those asked for).
@@ -116,17 +139,27 @@ class DistillationModel(nn.Module):
         layer_map: student layer i was taken from teacher layer ``layer_map[i]`` (0-based; the ``layer_map`` of
             ``build_student``'s record); gives the default layer pairs.
         naive: full-vocabulary logits at every position, then select (reference path for tests / benchmarks).
+        hidden_channels: for a width-pruned student (``student.init="prune"``, the ``prune.hidden_channels`` of
+            ``build_student``'s record): the teacher hidden channel each student channel was cut from, in order
+            (``student_hidden`` sorted indices into ``0..teacher_hidden-1``). The projections then start from that
+            selection (:func:`init_from_channels`): weight ``[teacher_hidden, student_hidden]`` with
+            ``W[hidden_channels[j], j] = 1`` and zeros elsewhere, bias zero, so at initialisation a projection puts
+            each student channel back on the teacher channel it came from and zeros on the pruned ones. None: the
+            projections keep ``nn.Linear``'s random initialisation (TinyBERT; a random student), unless the student
+            carries ``pruned_hidden_channels`` (set by :func:`pretrain.prune.build_pruned`), which is then used.
 
     Attributes: ``student``; ``projections`` (``nn.ModuleDict`` of TinyBERT-style ``Linear(student_hidden,
-    teacher_hidden)`` keyed ``"h<student index>"``, or None when widths agree or no hidden loss is on);
+    teacher_hidden)`` keyed ``"h<student index>"``, or None when widths agree or no hidden loss is on; initialised
+    from ``hidden_channels`` when given);
     ``layer_pairs``; ``relation_pairs`` ([student layer, teacher layer], 0-based, for the relation terms).
 
     Raises :class:`ConfigError` for different vocabularies, layer pairs out of range
-    or relation heads that do not divide both widths.
+    or relation heads that do not divide both widths; ``ValueError`` for ``hidden_channels`` that do not fit the
+    widths.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, loss_cfg: L.LossConfig, layer_map: list[int], *,
-                 naive: bool = False):
+                 naive: bool = False, hidden_channels: list[int] | None = None):
         super().__init__()
         self.student = student
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: DeepSpeed must not train / save it
@@ -154,6 +187,11 @@ class DistillationModel(nn.Module):
         if used and sc.hidden_size != tc.hidden_size:
             self.projections = nn.ModuleDict({f"h{s}": nn.Linear(sc.hidden_size, tc.hidden_size)
                                               for s in sorted(used)})
+            if hidden_channels is None:
+                hidden_channels = getattr(student, "pruned_hidden_channels", None)
+            if hidden_channels is not None:
+                for proj in self.projections.values():
+                    init_from_channels(proj, hidden_channels)
         # MiniLM relations: layers and heads
         self.relation_pairs: list[list[int]] = []
         self._qkv_s, self._qkv_t = [], []  # plain lists of (q, k, v) Linear modules: not registered

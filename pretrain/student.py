@@ -7,7 +7,9 @@ are copied. Layers are found by structure (the encoder's ``nn.ModuleList`` of bl
 and other BERT-like encoders work, with or without an MLM head.
 
 ``init="random"`` builds a student of any depth / width from scratch (TinyBERT / MiniLM style); hidden-state losses then
-go through learned projections when the widths differ (see :mod:`pretrain.distill`).
+go through learned projections when the widths differ (see :mod:`pretrain.distill`). ``init="prune"`` builds a
+narrower student out of the teacher: the mapped layers, with the heads, feed-forward neurons and hidden channels that
+matter most on a calibration sample (Minitron, Muralidharan et al. 2024; :mod:`pretrain.prune`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import nn
 from pretrain.schema import ConfigError, check, param
 
 LAYER_SPECS = ("every_other", "distilbert")
+INITS = ("teacher", "random", "prune")
 
 
 @dataclasses.dataclass
@@ -43,15 +46,26 @@ class StudentConfig:
     init: str = param(
         "teacher",
         help='"teacher": copy embeddings, the chosen layers and the MLM head from the teacher (DistilBERT); "random": '
-             'a freshly initialised student of the sizes below (TinyBERT / MiniLM style).')
+             'a freshly initialised student of the sizes below (TinyBERT / MiniLM style); "prune": the chosen layers '
+             'narrowed to the sizes below by keeping the teacher\'s most important hidden channels, heads and '
+             'feed-forward neurons, scored by their activations on a calibration sample of the train shards (Minitron, '
+             'Muralidharan et al. 2024; docs/pruning.md).')
     num_hidden_layers: int | None = param(
         None, help='init="random" only: student depth in layers; null = the number of layers in student.layers.')
     hidden_size: int | None = param(
-        None, help='init="random" only: student width; null = the teacher\'s.')
+        None, help='init="random" or "prune": student width; null = the teacher\'s. "prune": at most the teacher\'s, '
+                   'and a multiple of the teacher\'s head size.')
     num_attention_heads: int | None = param(
-        None, help='init="random" only: attention heads; null = keep the teacher\'s head size (hidden / 64 for BERT).')
+        None, help='init="random" or "prune": attention heads; null = keep the teacher\'s head size (hidden / 64 for '
+                   'BERT). "prune" keeps whole teacher heads, so hidden_size / num_attention_heads must equal the '
+                   'teacher\'s head size.')
     intermediate_size: int | None = param(
-        None, help='init="random" only: feed-forward width; null = the teacher\'s ratio to hidden_size (4x for BERT).')
+        None, help='init="random" or "prune": feed-forward width; null = the teacher\'s ratio to hidden_size (4x for '
+                   'BERT). "prune": at most the teacher\'s.')
+    calibration_sequences: int = param(
+        256, help='init="prune" only: train sequences (drawn with train.seed) on which the teacher\'s activations '
+                  'score the heads, neurons and channels; a few hundred, as Minitron\'s 1,024 samples at a smaller '
+                  'scale.')
 
     def validate(self) -> None:
         """Check the section's values; raises :class:`ConfigError` naming ``student.<key>``."""
@@ -66,16 +80,24 @@ class StudentConfig:
                   f"{self.layers!r} repeats a layer; list each teacher layer at most once")
         check(self.architecture in ("same", "distilbert"), "student.architecture",
               f"{self.architecture!r} is not one of ['same', 'distilbert']")
-        check(self.init in ("teacher", "random"), "student.init", f"{self.init!r} is not one of ['teacher', 'random']")
+        check(self.init in INITS, "student.init", f"{self.init!r} is not one of {list(INITS)}")
         sizes = {k: getattr(self, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                "intermediate_size")}
         for key, value in sizes.items():
             if value is None:
                 continue
-            check(self.init == "random", f"student.{key}",
-                  f"{value} is only used with student.init='random' (a teacher-initialised student takes its sizes "
-                  f"from the teacher); remove it or set student.init='random'")
+            check(self.init in ("random", "prune"), f"student.{key}",
+                  f"{value} is only used with student.init='random' or 'prune' (a teacher-initialised student takes "
+                  f"its sizes from the teacher); remove it or set student.init='random'")
             check(isinstance(value, int) and value > 0, f"student.{key}", f"{value!r} must be a positive integer")
+        if self.init == "prune":
+            check(self.num_hidden_layers is None, "student.num_hidden_layers",
+                  f"{self.num_hidden_layers}: with student.init='prune' the depth is the layer map's; choose the "
+                  f"teacher layers with student.layers")
+            check(self.architecture == "same", "student.architecture",
+                  f"{self.architecture!r}: student.init='prune' keeps the teacher's class; use 'same'")
+        check(isinstance(self.calibration_sequences, int) and self.calibration_sequences > 0,
+              "student.calibration_sequences", f"{self.calibration_sequences!r} must be a positive integer")
         if self.hidden_size and self.num_attention_heads:
             check(self.hidden_size % self.num_attention_heads == 0, "student.num_attention_heads",
                   f"{self.num_attention_heads} does not divide student.hidden_size={self.hidden_size}")
@@ -184,7 +206,8 @@ def _new_like(cls: type, config, like: nn.Module | None = None) -> nn.Module:
 # Builders
 
 
-def build_student(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, dict[str, Any]]:
+def build_student(teacher: nn.Module, cfg: StudentConfig,
+                  calibration: list[dict[str, torch.Tensor]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build the student for ``teacher`` (a Hugging Face BERT-like encoder, with or without MLM head).
 
     Returns ``(student, record)``. The student is an fp32 Hugging Face ``PreTrainedModel`` in train mode, using SDPA
@@ -195,14 +218,23 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, di
     (student tensor name -> teacher tensor name or a formula), ``initialized`` (student tensors left random) and
     ``notes``.
 
-    Raises :class:`ConfigError` for a layer map that does not fit the teacher, or ``architecture="distilbert"`` with
-    a teacher that is not BERT-shaped (absolute positions, BERT block layout).
+    ``init="prune"`` (:func:`pretrain.prune.build_pruned`) reads ``calibration`` (micro-batches of
+    ``{"input_ids", "attention_mask"}`` int64 [B, L] from :func:`pretrain.prune.calibration_batches`; ignored by the
+    other inits) and adds ``prune`` to the record: the kept hidden channels, heads and neurons (teacher indices) and
+    the importance scores.
+
+    Raises :class:`ConfigError` for a layer map that does not fit the teacher, ``architecture="distilbert"`` with
+    a teacher that is not BERT-shaped (absolute positions, BERT block layout), and for ``init="prune"``: targets
+    larger than the teacher's, a head size other than the teacher's, an empty calibration sample (naming the key).
     ``cfg`` is trusted: it was validated when the run config was loaded (:func:`pretrain.schema.from_dict`).
     """
     n_teacher = teacher.config.num_hidden_layers
     layer_map = resolve_layer_map(cfg.layers, n_teacher)
     if cfg.init == "random":
         student, record = _build_random(teacher, cfg, layer_map)
+    elif cfg.init == "prune":
+        from pretrain.prune import build_pruned
+        student, record = build_pruned(teacher, cfg, layer_map, calibration)
     elif cfg.architecture == "distilbert":
         student, record = _build_distilbert(teacher, layer_map)
     else:

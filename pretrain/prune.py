@@ -1,0 +1,514 @@
+"""Width pruning of a teacher into a narrower student by activation importance (``student.init="prune"``).
+
+The method is Minitron's (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation",
+sec. 2.2 "Importance Analysis", activation-based, single shot): run the teacher on a small calibration sample of the
+run's own training shards and score
+
+- every attention head by the L2 norm of its attention output (per token, over the head's ``head_dim`` channels,
+  before the output projection: the input of ``attention.output.dense``);
+- every feed-forward neuron by its mean absolute activation after the activation function (the output of the
+  ``intermediate`` module, i.e. ``act(x W1^T + b1)``);
+- every hidden (embedding) channel by the magnitude of the LayerNorm outputs, accumulated over the LayerNorms the
+  student keeps (the embeddings' LayerNorm and both LayerNorms of every mapped layer).
+
+Aggregation over tokens and sequences: each per-token magnitude is averaged over the real (non-pad) tokens of its
+sequence (sequence aggregation: mean), then over the sequences of the sample (batch aggregation: mean). Minitron's
+formulas sum over batch and sequence (``sum_{B,S}``); for the packed shards, where nearly every sequence has the same
+length, the means rank exactly as the sums. Minitron sums the signed LayerNorm outputs for the embedding channels; we
+take their absolute value, so that a channel with large outputs of both signs does not cancel out (a zeroed channel
+still scores 0).
+
+Then the top heads / neurons / channels are kept, in their original order (sorted indices; ties go to the lower
+index), and every tensor is sliced consistently: the embeddings (word, position, token type), every LayerNorm, Q/K/V
+(rows of the kept heads, columns of the kept channels), the attention output (rows: channels; columns: heads), the
+feed-forward (neurons x channels), the MLM head's transform and LayerNorm, the tied decoder (its input dimension:
+the tie with the word embeddings stays) and the pooler. Depth and width combine: heads and neurons are scored and
+kept per mapped layer (``student.layers``).
+
+Why the slicing is done here rather than with transformers' ``prune_heads``: ``prune_heads`` (removed from the BERT
+models in transformers 5) kept the hidden size and stored the pruned heads in ``config.pruned_heads``, so a student
+with fewer channels could not be expressed with it, and the heads per layer would differ from
+``num_attention_heads``. Slicing whole heads uniformly gives a standard config (``hidden_size``,
+``num_attention_heads``, ``intermediate_size`` changed, the teacher's ``head_dim`` kept), so the exported student
+loads with ``from_pretrained`` without custom code.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain.schema import ConfigError
+
+BLOCK_PARTS = {  # BERT block layout (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA with embedding_size == hidden_size)
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "attn_ln": "attention.output.LayerNorm",
+    "intermediate": "intermediate", "ff_in": "intermediate.dense", "ff_out": "output.dense",
+    "out_ln": "output.LayerNorm",
+}
+METHOD = ("Minitron activation importance (Muralidharan et al. 2024, sec. 2.2): heads by the L2 norm of their "
+          "attention output, neurons by mean |activation| after the activation function, channels by mean "
+          "|LayerNorm output| summed over the embeddings' and the mapped layers' LayerNorms; per-token values "
+          "averaged over each sequence's real tokens, then over the sequences")
+
+# Axis roles of each tensor, by name (first match wins). H: hidden channels; A: attention channels (kept heads x
+# head_dim) of the tensor's layer; F: feed-forward neurons of the tensor's layer; None: kept whole (vocabulary,
+# positions, token types).
+RULES: tuple[tuple[re.Pattern, tuple], ...] = tuple((re.compile(p), roles) for p, roles in (
+    (r"\.attention\.self\.(query|key|value)\.weight$", ("A", "H")),
+    (r"\.attention\.self\.(query|key|value)\.bias$", ("A",)),
+    (r"\.attention\.output\.dense\.weight$", ("H", "A")),
+    (r"\.attention\.output\.dense\.bias$", ("H",)),
+    (r"\.intermediate\.dense\.weight$", ("F", "H")),
+    (r"\.intermediate\.dense\.bias$", ("F",)),
+    (r"\.output\.dense\.weight$", ("H", "F")),
+    (r"\.output\.dense\.bias$", ("H",)),
+    (r"(LayerNorm|layer_norm)\.(weight|bias)$", ("H",)),
+    (r"_embeddings\.weight$", (None, "H")),
+    (r"(^|\.)pooler\.dense\.weight$", ("H", "H")),
+    (r"(^|\.)pooler\.dense\.bias$", ("H",)),
+    (r"(transform\.dense|lm_head\.dense)\.weight$", ("H", "H")),
+    (r"(transform\.dense|lm_head\.dense)\.bias$", ("H",)),
+    (r"decoder\.weight$", (None, "H")),
+    (r"(decoder\.bias|predictions\.bias|lm_head\.bias)$", (None,)),
+))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration sample
+
+
+def calibration_batches(data_dir: str | Path, *, n: int, seed: int, pad_id: int | None = None, batch_size: int = 32,
+                        multiple: int = 8, device: torch.device | str | None = None) -> list[dict[str, torch.Tensor]]:
+    """The calibration sample: ``n`` sequences of the train split of ``data_dir``, drawn without replacement from
+    ``seed`` (``numpy.random.default_rng(seed)``; all of them when the split has fewer), in shard order, collated
+    into micro-batches of ``batch_size`` (right-padded with ``pad_id``, by default the shards' tokenizer's pad id from
+    manifest.json, to a multiple of ``multiple``).
+
+    The same on every rank (seeded and read from the shards). Returns a list of ``{"input_ids": int64 [B, L],
+    "attention_mask": int64 [B, L]}`` on ``device`` (CPU by default). Raises :class:`ConfigError`:
+    ``student.calibration_sequences`` when ``n < 1``, ``data.dir`` (with what to do) when the directory, its
+    manifest or its train split is missing or empty.
+    """
+    from pretrain.data import collate, open_split
+    if n < 1:
+        raise ConfigError(f"student.calibration_sequences: {n} must be >= 1 (the pruning importance needs a sample)")
+    try:
+        train = open_split(data_dir, "train")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (student.init='prune' draws its calibration sample of student.calibration_sequences "
+                          f"sequences from this split)") from None
+    if pad_id is None:
+        pad_id = train.manifest.get("tokenizer", {}).get("pad_token_id")
+        pad_id = 0 if pad_id is None else int(pad_id)  # padding is masked out either way
+    total = len(train)
+    rng = np.random.default_rng(seed)
+    pick = np.arange(total) if n >= total else np.sort(rng.choice(total, size=n, replace=False))
+    seqs = [train[int(i)] for i in pick]
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        batch = collate(seqs[start:start + batch_size], pad_id, multiple)
+        out.append({k: v.to(device) if device is not None else v for k, v in batch.items()})
+    return out
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("calibration", default=None)
+
+
+@contextlib.contextmanager
+def calibration_for(cfg, *, device: torch.device | str | None = None):
+    """While active, :func:`pretrain.student.build_student` called without ``calibration`` (as the trainer's recipe
+    calls it) prunes with the run's calibration sample: :func:`calibration_batches` of ``cfg.data.dir`` with
+    ``n=cfg.student.calibration_sequences``, ``seed=cfg.train.seed``, on ``device``. A no-op unless
+    ``cfg.student.init == "prune"``. The sample is the same on every rank (seeded, read from the shards), so every
+    rank computes the same importance and selection. Yields the batches (or None). Raises :class:`ConfigError` as
+    :func:`calibration_batches` does."""
+    if cfg.student.init != "prune":
+        yield None
+        return
+    batches = calibration_batches(cfg.data.dir, n=cfg.student.calibration_sequences, seed=cfg.train.seed,
+                                  device=device)
+    token = _ACTIVE.set(batches)
+    try:
+        yield batches
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _sample_digest(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int, str]:
+    """(sequences, real tokens, sha256 of the real token ids in order) of a calibration sample."""
+    h, n_seq, n_tok = hashlib.sha256(), 0, 0
+    for b in batches:
+        ids, mask = b["input_ids"].cpu(), b["attention_mask"].cpu().bool()
+        for row, m in zip(ids, mask):
+            h.update(row[m].numpy().astype(np.int64).tobytes())
+        n_seq += ids.shape[0]
+        n_tok += int(mask.sum())
+    return n_seq, n_tok, h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structure
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def block_parts(layer: nn.Module) -> dict[str, nn.Module]:
+    """The modules of one transformer block that pruning reads (:data:`BLOCK_PARTS`, BERT's layout). Raises
+    :class:`ConfigError` (``student.init``) when the block has another layout."""
+    parts = {k: _get(layer, p) for k, p in BLOCK_PARTS.items()}
+    missing = [BLOCK_PARTS[k] for k, v in parts.items() if v is None]
+    if missing:
+        raise ConfigError(f"student.init: 'prune' needs BERT's block layout (attention.self.query/key/value, "
+                          f"attention.output.dense/LayerNorm, intermediate.dense, output.dense/LayerNorm); "
+                          f"{type(layer).__name__} has no {missing}. Use student.init='random' for this teacher")
+    return parts
+
+
+def resolve_targets(teacher_config, hidden_size: int | None, num_attention_heads: int | None,
+                    intermediate_size: int | None) -> tuple[int, int, int]:
+    """The student's ``(hidden_size, num_attention_heads, intermediate_size)`` for pruning a teacher with
+    ``teacher_config``; None = the teacher's hidden size / ``hidden_size // head_dim`` / the teacher's ratio of
+    intermediate to hidden size.
+
+    Pruning keeps whole teacher heads, and a standard Hugging Face config has ``head_dim = hidden_size /
+    num_attention_heads``, so the student's head size must equal the teacher's. Raises :class:`ConfigError` naming
+    the key, before any work: a target larger than the teacher's (``student.hidden_size``,
+    ``student.num_attention_heads``, ``student.intermediate_size``), a hidden size not divisible by the heads, a head
+    size different from the teacher's, a teacher with ``embedding_size != hidden_size`` (ELECTRA-small style) or with
+    heads already pruned (``config.pruned_heads``).
+    """
+    tc = teacher_config
+    t_hidden, t_heads, t_inter = tc.hidden_size, tc.num_attention_heads, tc.intermediate_size
+    head_dim = t_hidden // t_heads
+    if getattr(tc, "embedding_size", t_hidden) not in (None, t_hidden):
+        raise ConfigError(f"student.init: 'prune' needs embedding_size == hidden_size; the teacher has "
+                          f"embedding_size {tc.embedding_size}, hidden_size {t_hidden}. Use student.init='random'")
+    if any(getattr(tc, "pruned_heads", None) or {}):
+        raise ConfigError("student.init: the teacher already has pruned heads (config.pruned_heads): its layers have "
+                          "different head counts, which 'prune' does not read. Use student.init='random'")
+    hidden = hidden_size or t_hidden
+    if hidden > t_hidden:
+        raise ConfigError(f"student.hidden_size: {hidden} is larger than the teacher's {t_hidden}; pruning can only "
+                          f"remove channels")
+    if num_attention_heads is None:
+        if hidden % head_dim:
+            raise ConfigError(f"student.hidden_size: {hidden} is not a multiple of the teacher's head size "
+                              f"{head_dim} ({t_hidden} / {t_heads} heads); pruning keeps whole heads of that size, so "
+                              f"the student's hidden size must be a multiple of it")
+        heads = hidden // head_dim
+    else:
+        heads = num_attention_heads
+    if heads > t_heads:
+        raise ConfigError(f"student.num_attention_heads: {heads} is more than the teacher's {t_heads} heads; pruning "
+                          f"can only remove heads")
+    if hidden % heads:
+        raise ConfigError(f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}")
+    if hidden // heads != head_dim:
+        raise ConfigError(
+            f"student.num_attention_heads: {heads} heads of {hidden} channels make a head size of {hidden // heads}, "
+            f"the teacher's is {head_dim}; pruning keeps whole teacher heads and a standard config has head size = "
+            f"hidden_size / num_attention_heads, so set student.num_attention_heads={hidden // head_dim} "
+            f"(student.hidden_size / {head_dim})" + ("" if hidden % head_dim == 0 else
+                                                      f" with a student.hidden_size that is a multiple of {head_dim}"))
+    inter = intermediate_size or int(round(t_inter * hidden / t_hidden))
+    if inter > t_inter:
+        raise ConfigError(f"student.intermediate_size: {inter} is larger than the teacher's {t_inter}; pruning can "
+                          f"only remove neurons")
+    return hidden, heads, inter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Importance
+
+
+@dataclasses.dataclass
+class Importance:
+    """Activation importance of a teacher on a calibration sample (fp32 CPU tensors, larger = more important).
+
+    ``heads[t]``: [num_attention_heads] of teacher layer t (0-based); ``neurons[t]``: [intermediate_size];
+    ``channels``: [hidden_size], summed over the LayerNorms read; ``sequences`` / ``tokens``: the sample's size
+    (real tokens); ``sha256``: of the sample's token ids (the record names the sample it came from).
+    """
+
+    heads: dict[int, torch.Tensor]
+    neurons: dict[int, torch.Tensor]
+    channels: torch.Tensor
+    sequences: int
+    tokens: int
+    sha256: str
+
+
+def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean over real tokens: x [B, L, ...], mask float [B, L] -> [B, ...] (fp32)."""
+    m = mask.reshape(*mask.shape, *([1] * (x.dim() - 2)))
+    return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def compute_importance(teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                       layers: Sequence[int]) -> Importance:
+    """Score the heads, neurons (of teacher ``layers``, 0-based) and hidden channels of ``teacher`` on ``batches``.
+
+    Args:
+        teacher: a Hugging Face BERT-like encoder (any head) with BERT's block layout (:func:`block_parts`). It runs
+            in eval mode (dropout off) under ``no_grad``, on the device of the batches (moved there for the forwards
+            and back afterwards); its training mode is restored.
+        batches: ``{"input_ids", "attention_mask"}`` int64 [B, L] (:func:`calibration_batches`).
+        layers: the teacher layers whose heads and neurons are scored and whose LayerNorms count for the channels
+            (the student's layer map).
+
+    Returns :class:`Importance` (see the module docstring for the measures and the aggregation: mean over each
+    sequence's real tokens, then mean over sequences). Deterministic for a given sample on a given device. Raises
+    :class:`ConfigError` (``student.calibration_sequences``) for an empty sample, (``student.init``) for a teacher
+    without BERT's block layout.
+    """
+    from pretrain.student import base_model, find_layer_list
+    if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
+        raise ConfigError("student.calibration_sequences: the calibration sample is empty (no sequence with a real "
+                          "token); pruning needs at least one")
+    tc = teacher.config
+    n_heads, head_dim = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
+    _, blocks = find_layer_list(teacher)
+    emb_ln = _get(base_model(teacher), "embeddings.LayerNorm")
+    if emb_ln is None:
+        raise ConfigError(f"student.init: 'prune' needs the embeddings' LayerNorm (embeddings.LayerNorm); "
+                          f"{type(teacher).__name__} has none. Use student.init='random'")
+    parts = {t: block_parts(blocks[t]) for t in layers}
+    heads = {t: torch.zeros(n_heads) for t in layers}
+    neurons = {t: torch.zeros(tc.intermediate_size) for t in layers}
+    channels = torch.zeros(tc.hidden_size)
+    state: dict[str, torch.Tensor] = {}
+
+    def add(target: torch.Tensor, value: torch.Tensor) -> None:  # value [B, ...] -> summed over the sequences
+        target += value.sum(0).cpu()
+
+    def on_heads(t):
+        def hook(_m, args):
+            x = args[0]  # [B, L, heads * head_dim]: the heads' outputs, concatenated, before the projection
+            norms = x.float().reshape(*x.shape[:2], n_heads, head_dim).norm(dim=-1)  # [B, L, heads]
+            add(heads[t], _seq_mean(norms, state["mask"]))
+        return hook
+
+    def on_neurons(t):
+        def hook(_m, _args, out):  # [B, L, intermediate] after the activation function
+            add(neurons[t], _seq_mean(out.abs(), state["mask"]))
+        return hook
+
+    def on_ln(_m, _args, out):  # [B, L, hidden]
+        add(channels, _seq_mean(out.abs(), state["mask"]))
+
+    handles = [emb_ln.register_forward_hook(on_ln)]
+    for t, p in parts.items():
+        handles.append(p["attn_out"].register_forward_pre_hook(on_heads(t)))
+        handles.append(p["intermediate"].register_forward_hook(on_neurons(t)))
+        handles.append(p["attn_ln"].register_forward_hook(on_ln))
+        handles.append(p["out_ln"].register_forward_hook(on_ln))
+    was_training = teacher.training
+    home = next(teacher.parameters()).device
+    device = batches[0]["input_ids"].device
+    teacher.eval().to(device)
+    try:
+        encoder = base_model(teacher)
+        for b in batches:
+            state["mask"] = b["attention_mask"].to(device).float()
+            encoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.to(home).train(was_training)
+    n_seq, n_tok, digest = _sample_digest(batches)
+    scale = 1.0 / n_seq
+    return Importance(heads={t: v * scale for t, v in heads.items()},
+                      neurons={t: v * scale for t, v in neurons.items()},
+                      channels=channels * scale, sequences=n_seq, tokens=n_tok, sha256=digest)
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` largest ``scores`` (1-D), in ascending index order (the original order); ties go to the
+    lower index (stable sort), so the choice is deterministic."""
+    order = torch.argsort(-scores.double(), stable=True)
+    return sorted(int(i) for i in order[:k])
+
+
+@dataclasses.dataclass
+class Selection:
+    """What a pruned student keeps, as teacher indices in the original order: ``channels`` (hidden); per student
+    layer i (teacher layer ``layer_map[i]``): ``heads[i]`` and ``neurons[i]``."""
+
+    layer_map: list[int]
+    channels: list[int]
+    heads: list[list[int]]
+    neurons: list[list[int]]
+
+    def attention_channels(self, i: int, head_dim: int) -> list[int]:
+        """The Q/K/V output channels of student layer i: the kept heads' ``head_dim`` channels each, in order."""
+        return [h * head_dim + j for h in self.heads[i] for j in range(head_dim)]
+
+
+def select(importance: Importance, layer_map: Sequence[int], *, hidden_size: int, num_attention_heads: int,
+           intermediate_size: int) -> Selection:
+    """Keep the top ``hidden_size`` channels, and in each mapped layer the top ``num_attention_heads`` heads and
+    ``intermediate_size`` neurons (:func:`top_k`: sorted indices, deterministic)."""
+    return Selection(layer_map=list(layer_map), channels=top_k(importance.channels, hidden_size),
+                     heads=[top_k(importance.heads[t], num_attention_heads) for t in layer_map],
+                     neurons=[top_k(importance.neurons[t], intermediate_size) for t in layer_map])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slicing
+
+
+def roles_of(key: str) -> tuple | None:
+    """The axis roles of a state-dict tensor (:data:`RULES`), or None when no rule names it."""
+    for pattern, roles in RULES:
+        if pattern.search(key):
+            return roles
+    return None
+
+
+def slice_state(teacher_state: dict[str, torch.Tensor], student_shapes: dict[str, tuple[int, ...]],
+                layer_prefix: str, sel: Selection, head_dim: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The student's state dict cut out of the teacher's.
+
+    Args:
+        teacher_state: the teacher's ``state_dict()``.
+        student_shapes: student tensor name -> shape (of the freshly built student).
+        layer_prefix: the layer list's name (``bert.encoder.layer``); student layer i reads teacher layer
+            ``sel.layer_map[i]``.
+        sel: the kept indices; head_dim: the teacher's head size.
+
+    Returns ``(state, copied)``: fp32 tensors for every student name (contiguous copies), and student name ->
+    ``"teacher name[index sets]"``. Tensors no rule names are copied whole when the shapes agree (buffers such as
+    ``position_ids``). Raises ``ValueError`` for a tensor without teacher counterpart or whose slice does not have the
+    student's shape.
+    """
+    prefix = layer_prefix + "."
+    channels = torch.tensor(sel.channels)
+    state, copied = {}, {}
+    for key, shape in student_shapes.items():
+        src, layer = key, None
+        if key.startswith(prefix):
+            idx, rest = key[len(prefix):].split(".", 1)
+            layer = int(idx)
+            src = f"{prefix}{sel.layer_map[layer]}.{rest}"
+        if src not in teacher_state:
+            raise ValueError(f"student tensor {key} has no teacher counterpart {src}")
+        value = teacher_state[src].detach().to(torch.float32)
+        roles = roles_of(key)
+        if roles is None or len(roles) != value.dim():
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"student tensor {key} {tuple(shape)}: no slicing rule and the teacher's {src} is "
+                                 f"{tuple(value.shape)}")
+            state[key], copied[key] = value.clone(), src
+            continue
+        names = []
+        for axis, role in enumerate(roles):
+            if role is None:
+                names.append(":")
+                continue
+            if role == "H":
+                index, label = channels, "channels"
+            elif layer is None:
+                raise ValueError(f"{key}: role {role} outside a layer")
+            elif role == "A":
+                index, label = torch.tensor(sel.attention_channels(layer, head_dim)), f"heads{sel.heads[layer]}"
+            else:
+                index, label = torch.tensor(sel.neurons[layer]), "neurons"
+            value = value.index_select(axis, index)
+            names.append(label)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"student tensor {key}: the slice of {src} is {tuple(value.shape)}, the student's "
+                             f"{tuple(shape)}")
+        state[key], copied[key] = value.contiguous(), f"{src}[{', '.join(names)}]"
+    return state, copied
+
+
+def _scores(t: torch.Tensor) -> list[float]:
+    return [float(f"{v:.6g}") for v in t.tolist()]
+
+
+def build_pruned(teacher: nn.Module, cfg, layer_map: list[int],
+                 calibration: Sequence[dict[str, torch.Tensor]] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The pruned student (``student.init="prune"``; called by :func:`pretrain.student.build_student`).
+
+    ``type(teacher)`` with ``len(layer_map)`` layers and the target sizes of ``cfg`` (:func:`resolve_targets`),
+    every tensor sliced from the teacher (:func:`slice_state`) after :func:`compute_importance` on ``calibration`` and
+    :func:`select`. Returns ``(student, record)``: record has ``layer_map``, ``copied``, ``initialized`` (empty),
+    ``notes`` and ``prune`` (JSON-serialisable: the method, the calibration sample's size and sha256, the sizes
+    [teacher, student], the kept ``hidden_channels``, ``heads`` and ``neurons`` per student layer as teacher
+    indices, and the importance ``scores`` of every channel, head and neuron of the mapped layers).
+
+    ``calibration``: micro-batches (:func:`calibration_batches`); None = the sample of the enclosing
+    :func:`calibration_for`. The student also gets a plain attribute ``pruned_hidden_channels`` (the kept channels;
+    not saved) from which :class:`pretrain.distill.DistillationModel` initialises its hidden-state projections.
+
+    Raises :class:`ConfigError` for bad targets (before the calibration forwards), an empty or missing calibration
+    sample (``student.calibration_sequences``) or a teacher without BERT's layout (``student.init``).
+    """
+    from pretrain.student import _new_like, base_model, find_layer_list
+    hidden, heads, inter = resolve_targets(teacher.config, cfg.hidden_size, cfg.num_attention_heads,
+                                           cfg.intermediate_size)
+    t_name, blocks = find_layer_list(teacher)
+    for t in layer_map:
+        block_parts(blocks[t])
+    calibration = _ACTIVE.get() if calibration is None else calibration
+    if not calibration:
+        raise ConfigError("student.calibration_sequences: student.init='prune' needs a calibration sample (none "
+                          "given: pass calibration batches from the train split, pretrain.prune.calibration_batches, "
+                          "or build inside pretrain.prune.calibration_for(cfg))")
+    imp = compute_importance(teacher, calibration, layer_map)
+    sel = select(imp, layer_map, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter)
+    tc = teacher.config
+    config = copy.deepcopy(tc)
+    config.hidden_size, config.num_attention_heads = hidden, heads
+    config.intermediate_size, config.num_hidden_layers = inter, len(layer_map)
+    if getattr(config, "embedding_size", None) == tc.hidden_size:
+        config.embedding_size = hidden
+    student = _new_like(type(teacher), config, like=base_model(teacher))
+    s_name, _ = find_layer_list(student)
+    if s_name != t_name:
+        raise ValueError(f"layer list found at {s_name!r} in the student but {t_name!r} in the teacher")
+    shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    state, copied = slice_state(teacher.state_dict(), shapes, t_name, sel, tc.hidden_size // tc.num_attention_heads)
+    student.load_state_dict(state, strict=True)
+    t_out, s_out = teacher.get_output_embeddings(), student.get_output_embeddings()
+    if t_out is not None and t_out.weight is teacher.get_input_embeddings().weight:
+        if s_out.weight is not student.get_input_embeddings().weight:
+            raise ValueError("the pruned student lost the tie between the decoder and the word embeddings")
+    # a plain attribute (not saved, not in the config): DistillationModel starts its projections from it
+    student.pruned_hidden_channels = list(sel.channels)
+    record = {
+        "layer_map": list(layer_map), "copied": copied, "initialized": [],
+        "notes": [f"pruned (Minitron): {len(layer_map)} of {tc.num_hidden_layers} layers, hidden {tc.hidden_size} -> "
+                  f"{hidden}, heads {tc.num_attention_heads} -> {heads} (head size "
+                  f"{tc.hidden_size // tc.num_attention_heads}), intermediate {tc.intermediate_size} -> {inter}; "
+                  f"importance on {imp.sequences} calibration sequences ({imp.tokens:,} tokens)"],
+        "prune": {
+            "method": METHOD,
+            "calibration": {"sequences": imp.sequences, "tokens": imp.tokens, "sha256": imp.sha256,
+                            "source": "train split of data.dir, drawn with train.seed"},
+            "hidden_size": [tc.hidden_size, hidden], "num_attention_heads": [tc.num_attention_heads, heads],
+            "intermediate_size": [tc.intermediate_size, inter],
+            "hidden_channels": sel.channels, "heads": sel.heads, "neurons": sel.neurons,
+            "scores": {"hidden_channels": _scores(imp.channels),
+                       "heads": [_scores(imp.heads[t]) for t in layer_map],
+                       "neurons": [_scores(imp.neurons[t]) for t in layer_map]},
+        },
+    }
+    return student, record
