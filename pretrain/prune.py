@@ -462,11 +462,11 @@ def build_pruned(teacher: nn.Module, cfg, layer_map: list[int],
     sample (``student.calibration_sequences``) or a teacher without BERT's layout (``student.init``).
     """
     from pretrain.student import _new_like, base_model, find_layer_list
-    hidden, heads, inter = resolve_targets(teacher.config, cfg.hidden_size, cfg.num_attention_heads,
-                                           cfg.intermediate_size)
     t_name, blocks = find_layer_list(teacher)
     for t in layer_map:
         block_parts(blocks[t])
+    hidden, heads, inter = resolve_targets(teacher.config, cfg.hidden_size, cfg.num_attention_heads,
+                                           cfg.intermediate_size)
     calibration = _ACTIVE.get() if calibration is None else calibration
     if not calibration:
         raise ConfigError("student.calibration_sequences: student.init='prune' needs a calibration sample (none "
