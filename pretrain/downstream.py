@@ -84,11 +84,11 @@ class FinetuneConfig:
 # GLUE: the recipe of transformers' examples/pytorch/text-classification (run_glue.py README: batch 32, lr 2e-5,
 # 3 epochs, 128 tokens, no warmup or weight decay), the usual way DistilBERT-style models are fine-tuned on GLUE.
 GLUE_DEFAULTS = FinetuneConfig()
-# Embedded and local tasks: CPU-sized (a 6-layer teacher and three 3-layer models x 2 seeds in about 8 minutes on
-# 2 cores): 2,000 train examples, 2 epochs, lr 1e-4 (small data, few steps: a higher rate than GLUE's 2e-5),
-# 6% warmup, weight decay 0.01; dev and test capped at 1,000 examples.
+# Embedded and local tasks: CPU-sized (the demo's 6-layer teacher and three 3-layer models x 2 seeds in about
+# 8 minutes on 2 quiet cores; docs/downstream.md): 1,200 train examples, 2 epochs, lr 1e-4 (small data, few steps:
+# a higher rate than GLUE's 2e-5), 6% warmup, weight decay 0.01; dev and test capped at 1,000 examples.
 CPU_DEFAULTS = FinetuneConfig(epochs=2, lr=1e-4, batch_size=32, max_length=128, weight_decay=0.01, warmup_ratio=0.06,
-                              max_train=2000, max_eval=1000)
+                              max_train=1200, max_eval=1000)
 PROBE_C = (0.1, 1.0, 10.0, 100.0)  # LogisticRegression inverse regularisation grid, chosen on dev
 PROBE_ALPHA = (0.1, 1.0, 10.0, 100.0)  # Ridge regularisation grid, chosen on dev
 
@@ -577,7 +577,7 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
                    fields: LocalFields | None = None, overrides: dict[str, Any] | None = None,
                    teacher: str | None = None, student: str | None = None, device: str = "auto",
                    save_model: str | os.PathLike | None = None, plot: bool = True,
-                   progress=print) -> dict[str, Any]:
+                   progress=None) -> dict[str, Any]:
     """Fine-tune (or probe) every model on every task with one protocol; write ``downstream.json``, ``downstream.md``
     and ``downstream.png`` into ``output`` (atomically, the JSON last) and return the result dict.
 
@@ -591,6 +591,7 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
         overrides: FinetuneConfig fields replacing the family defaults (e.g. ``{"epochs": 1}``).
         teacher / student: names of the reference model (shares) and the distilled student (gains); default
             ``teacher`` / ``student`` when present, else the first / last model.
+        progress: called with one line per finished run (default: print to stdout).
         save_model: folder: the seed-0 fine-tuned model of each model and task is saved to
             ``save_model/<model>/<task>`` (e.g. a fine-tuned teacher for task distillation).
 
@@ -607,6 +608,7 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
         once the inputs check out.
     """
     t_start = time.perf_counter()
+    progress = progress or (lambda msg: print(msg, flush=True))
     if mode not in ("finetune", "probe"):
         raise DownstreamError(f"--mode {mode!r}: choose finetune or probe")
     if not isinstance(seeds, int) or seeds < 1:
