@@ -904,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output is None and args.run is None:
             raise DownstreamError("--output DIR is required without --run")
+        if args.seeds < 1:  # before building anything
+            raise DownstreamError(f"--seeds {args.seeds}: give at least 1 (fine-tuning runs per model and task)")
         output = Path(args.output or Path(args.run) / "downstream")
         models: list[ModelSpec] = []
         if args.run:
