@@ -590,7 +590,8 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
             (:func:`defaults_for`) when None.
         overrides: FinetuneConfig fields replacing the family defaults (e.g. ``{"epochs": 1}``).
         teacher / student: names of the reference model (shares) and the distilled student (gains); default
-            ``teacher`` / ``student`` when present, else the first / last model.
+            ``teacher`` / ``student`` when present, else the first model / the last one unless it is a run's
+            ``teacher``, ``student_init`` or ``truncation`` (then no gains are computed).
         progress: called with one line per finished run (default: print to stdout).
         save_model: folder: the seed-0 fine-tuned model of each model and task is saved to
             ``save_model/<model>/<task>`` (e.g. a fine-tuned teacher for task distillation).
@@ -648,9 +649,11 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
     for spec in specs:
         check_model(spec)
     teacher = teacher or ("teacher" if "teacher" in names else names[0])
-    student = student or ("student" if "student" in names else names[-1])
+    if student is None:  # a run without student/ has no distilled model: no gains then
+        student = "student" if "student" in names else (
+            names[-1] if len(names) > 1 and names[-1] not in RUN_ROLES else None)
     for flag, v in (("--teacher", teacher), ("--student", student)):
-        if v not in names:
+        if v is not None and v not in names:
             raise DownstreamError(f"{flag} {v}: not one of the models {names}")
 
     out = Path(output)
@@ -724,8 +727,8 @@ def render_downstream_markdown(result: dict[str, Any], png_name: str | None = No
     what = (f"fine-tuned, {seeds} seed(s), mean ± std" if mode == "finetune"
             else "linear probe of frozen mean-pooled embeddings")
     lines = [f"## Downstream evaluation ({what})", ""]
-    lines.append(f"Scores in percent (accuracy, F1, correlations x 100). Teacher (share = 100%): `{teacher}`; "
-                 f"distilled student: `{student}`.")
+    lines.append(f"Scores in percent (accuracy, F1, correlations x 100). Teacher (share = 100%): `{teacher}`"
+                 + (f"; distilled student: `{student}`." if student else "."))
     lines.append("")
     models = result["models"]
     for tname, t in result["tasks"].items():
