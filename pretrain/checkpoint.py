@@ -229,11 +229,11 @@ class CheckpointManager:
                              f"directory away to start over, or restore a complete checkpoint")
         return None, None, notes
 
-    def resume_point(self, mine: dict, *, stage: int, allow_world_size_change: bool) -> tuple[str, dict] | None:
+    def resume_point(self, mine: dict, *, allow_world_size_change: bool) -> tuple[str, dict] | None:
         """The newest complete checkpoint ``(tag, manifest)`` a run of resolved config ``mine`` can resume, or None
         for a fresh run (call on one rank). Warnings name skipped checkpoints. Raises :class:`ConfigError` for
         another run's checkpoints (:meth:`pretrain.rundir.RunDir.check_same_run`), another world size unless
-        allowed, or a ZeRO-3 checkpoint of another world size."""
+        allowed (another world size then loads through :mod:`pretrain.reshard`)."""
         from pretrain.runtime import warn
         try:
             tag, manifest, notes = self.find_resume()
@@ -248,12 +248,6 @@ class CheckpointManager:
         except ValueError as e:
             key = "train.allow_world_size_change" if "rank(s)" in str(e) else "train.output_dir"
             raise ConfigError(f"{key}: {e}") from None
-        if manifest["world_size"] != self.world_size and stage == 3:
-            raise ConfigError(
-                f"train.allow_world_size_change: {self.root / tag} is a ZeRO-3 checkpoint of "
-                f"{manifest['world_size']} rank(s); its partitioned weights cannot be loaded by {self.world_size} "
-                f"rank(s) here. Resume with {manifest['world_size']} rank(s), or export it (python -m pretrain.export) "
-                f"and start a new run from the export")
         return tag, manifest
 
     def load_rng(self, tag: str) -> bool:

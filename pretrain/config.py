@@ -27,6 +27,7 @@ from pretrain.losses import LossConfig
 from pretrain.masking import MaskingConfig
 from pretrain.schema import ConfigError, check, param
 from pretrain.stages import StageConfig, stage_losses
+from pretrain.taskmode import TaskConfig, check_run_config
 from pretrain.student import StudentConfig
 
 COMMENT_KEYS = ("comment", "_source")  # documented top-level keys that hold prose (sources of hyperparameters)
@@ -81,9 +82,10 @@ class TrainConfig:
         25, help="Stop with an error after this many consecutive steps with a non-finite loss or gradient (skipped "
                  "steps: fp16 loss-scale overflows included; the last checkpoint stays intact).")
     allow_world_size_change: bool = param(
-        False, help="Resume a checkpoint written with another number of ranks. The data order continues at the "
-                    "nearest position of the new layout (up to one global micro-batch repeated or skipped); with "
-                    "ZeRO-1/2 the AdamW moments restart (DeepSpeed does not re-shard them); ZeRO-3 is refused.")
+        False, help="Resume a checkpoint written with another number of ranks (a SLURM job requeued on fewer nodes). "
+                    "The data order continues at the nearest position of the new layout (up to one global micro-"
+                    "batch repeated or skipped); with ZeRO-1/2/3 the weights and the AdamW moments are re-sharded "
+                    "through DeepSpeed's universal checkpoint (docs/cluster.md, 'Changing the number of ranks').")
     export_init: bool = param(
         True, help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
                    "before/after comparison); done once, on a fresh run.")
@@ -111,9 +113,9 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {
     "teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig, "masking": MaskingConfig,
-    "loss": LossConfig, "train": TrainConfig,
+    "loss": LossConfig, "train": TrainConfig, "task": TaskConfig,
 }
-REQUIRED_SECTIONS = ("teacher", "data", "train")
+REQUIRED_SECTIONS = ("teacher", "train")
 
 
 @dataclasses.dataclass
@@ -126,6 +128,7 @@ class RunConfig:
     masking: MaskingConfig
     loss: LossConfig
     train: TrainConfig
+    task: TaskConfig
     deepspeed: dict
     comment: Any = None
 
@@ -141,6 +144,7 @@ class RunConfig:
         """Cross-section rules (each section validated itself already). Raises :class:`ConfigError`."""
         from pretrain import ds_config
         stage_losses(self)  # each stage's loss weights valid, the steps add up
+        check_run_config(self)  # task mode or shards: the terms and keys each needs
         ds_config.check_static(self.deepspeed, self.train.max_steps)
         if self.loss.alpha_ce > 0 or self.loss.alpha_mlm > 0:
             check(self.masking.mlm_mask_prop > 0, "masking.mlm_mask_prop",

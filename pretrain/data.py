@@ -29,8 +29,9 @@ from pretrain.schema import ConfigError, check, param
 class DataConfig:
     """The prepared shards and how batches are read from them."""
 
-    dir: str = param(help="Directory of shards made by `python -m data_prep prepare` (manifest.json, shard files, "
-                          "token_counts.npy); train and valid splits.")
+    dir: str = param("", help="Directory of shards made by `python -m data_prep prepare` (manifest.json, shard "
+                              "files, token_counts.npy); train and valid splits. Required unless task.name is set "
+                              "(task distillation reads labeled examples instead).")
     shuffle: bool = param(True, help="Reshuffle the train sequences every epoch from (train.seed, epoch); false = "
                                      "shard order (for debugging).")
     pad_to_multiple_of: int = param(
@@ -39,7 +40,6 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming ``data.<key>``."""
-        check(bool(self.dir.strip()), "data.dir", "is empty; give the shard directory of `python -m data_prep prepare`")
         check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", f"{self.pad_to_multiple_of} must be >= 1")
         check(self.prefetch >= 0, "data.prefetch", f"{self.prefetch} must be >= 0")
 
@@ -180,19 +180,21 @@ class BatchLoader:
         pad_id, multiple: see :func:`collate`.
         prefetch: micro-batches prepared ahead in one background thread (0 = read on demand).
         pin_memory: pin the batches (for asynchronous host-to-GPU copies).
+        collate_fn: ``[dataset items] -> {name: tensor}`` (default: :func:`collate` of token arrays).
 
     ``next(loader)`` returns ``{"input_ids": int64 [B, L], "attention_mask": int64 [B, L]}`` (CPU tensors).
     """
 
     def __init__(self, dataset, order: DataOrder, *, pad_id: int, multiple: int = 8, prefetch: int = 2,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, collate_fn=None):
         self.dataset, self.order, self.pad_id, self.multiple = dataset, order, int(pad_id), int(multiple)
+        self.collate_fn = collate_fn or (lambda items: collate(items, self.pad_id, self.multiple))
         self.prefetch, self.pin_memory = int(prefetch), pin_memory
         self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.prefetch else None
         self._pending: collections.deque = collections.deque()  # (position, future) in order
 
     def _make(self, epoch: int, batch: int) -> dict[str, torch.Tensor]:
-        out = collate([self.dataset[int(i)] for i in self.order.indices(epoch, batch)], self.pad_id, self.multiple)
+        out = self.collate_fn([self.dataset[int(i)] for i in self.order.indices(epoch, batch)])
         if self.pin_memory:
             out = {k: v.pin_memory() for k, v in out.items()}
         return out

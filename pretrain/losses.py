@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from pretrain.schema import ConfigError, check, param
 
-TERMS = ("ce", "mlm", "cos", "mse", "att", "val", "pool")
+TERMS = ("ce", "mlm", "cos", "mse", "att", "val", "pool", "label", "prob_cos")
+TASK_TERMS = ("label", "prob_cos")  # only in task distillation (the task section); "mlm" never there
 _NEG = -1e9  # finite "minus infinity" for masked keys: exp() is exactly 0 and 0 * finite stays 0 in the KL
 
 
@@ -27,7 +28,9 @@ class LossConfig:
 
     alpha_ce: float = param(5.0, help="Weight of the soft-target KL to the teacher's MLM distribution x T^2. 5.0: "
                                       "the --alpha_ce of the training command in Hugging Face's research_projects/"
-                                      "distillation README (train.py's own default is 0.5). Needs an MLM head.")
+                                      "distillation README (train.py's own default is 0.5). Needs an MLM head. In task "
+                                      "distillation: the KL between the class distributions (MSE between the "
+                                      "outputs for regression).")
     alpha_mlm: float = param(2.0, help="Weight of the student's MLM cross-entropy on the masked tokens. 2.0: that "
                                        "command's --alpha_mlm (train.py's default 0.0). Needs an MLM head.")
     alpha_cos: float = param(1.0, help="Weight of 1 - cosine between student and teacher hidden states over non-pad "
@@ -40,6 +43,12 @@ class LossConfig:
     alpha_val: float = param(0.0, help="Weight of the KL between teacher and student value relations (MiniLM).")
     alpha_pool: float = param(0.0, help="Weight of the MSE between mean-pooled sentence embeddings (Reimers & "
                                         "Gurevych 2020), for sentence-encoder teachers.")
+    alpha_label: float = param(0.0, help="Task distillation only: weight of the student's loss on the gold labels "
+                                         "(cross-entropy; MSE for regression tasks).")
+    alpha_prob_cos: float = param(
+        0.0, help="Task distillation only: weight of 1 - cosine between the teacher's and the student's class-"
+                  "probability distributions at temperature T (the cosine term of the Distillator recipe, "
+                  "docs/task-distillation.md).")
     temperature: float = param(2.0, help="Softmax temperature T of the KL term, which is scaled by T^2 "
                                          "(2.0: train.py's default, not changed by the README command).")
     restrict_ce_to_mask: bool = param(
@@ -101,6 +110,24 @@ class LossConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output (logit) losses
+
+
+def label_loss(student_logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """The student's loss on the gold labels of a task: cross-entropy of class logits [B, C] against int64 labels
+    [B], or, for ``regression``, the MSE between the single output [B, 1] and float labels [B]. 0-dim fp32, mean
+    over the batch."""
+    if regression:
+        return F.mse_loss(student_logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(student_logits.float(), labels)
+
+
+def prob_cosine(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """1 - cosine between the class-probability distributions ``softmax(s / T)`` and ``softmax(t / T)`` ([B, C]),
+    mean over the batch (0-dim fp32): the cosine term of the Distillator recipe (``CosineEmbeddingLoss`` with target 1
+    between the teacher's and the student's softened outputs)."""
+    ps = F.softmax(student_logits.float() / temperature, dim=-1)
+    pt = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,

@@ -13,7 +13,7 @@ Layout of ``train.output_dir`` (every other module asks :class:`RunDir` for thes
 
 Identity (:func:`identity_differences`): a directory holds *the same run* when its checkpoint's config has the same
 values for the keys the checkpoint's tensors depend on: ``teacher.name_or_path``, ``teacher.revision`` and every
-``student`` key (a key the checkpoint's config lacks, added to the project since, is not compared). Everything else (``teacher.dtype``, a longer schedule, other intervals, loss weights) may change
+``student`` key, and in task distillation ``task.name``, ``task.student`` and ``task.head`` (a key the checkpoint's config lacks, added to the project since, is not compared). Everything else (``teacher.dtype``, a longer schedule, other intervals, loss weights) may change
 between starts of one run. The trainer and ``pretrain.slurm submit`` both apply this rule.
 
 ``python -m pretrain.rundir finished RUN`` exits 0 when RUN's latest checkpoint is exported to ``student/`` (the run
@@ -33,7 +33,8 @@ from typing import Any
 
 from data_prep.files import atomic_write_text
 
-IDENTITY_KEYS = (("teacher", "name_or_path"), ("teacher", "revision"), ("student", "*"))
+IDENTITY_KEYS = (("teacher", "name_or_path"), ("teacher", "revision"), ("student", "*"), ("task", "name"),
+                 ("task", "student"), ("task", "head"))
 EXPORT_INFO = "distill_export.json"
 
 

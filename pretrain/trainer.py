@@ -28,13 +28,14 @@ from typing import Any, Callable
 import torch
 
 from pretrain import ds_config as dsc
+from pretrain import reshard
 from pretrain.checkpoint import CheckpointManager, tag_for
 from pretrain.config import RunConfig
 from pretrain.data import BatchLoader
 from pretrain.metrics import IntervalMetrics, MetricsLogger, console_line, valid_line
 from pretrain.rundir import RunDir, RunLocked, write_config
-from pretrain.runtime import (RunError, StopFlag, check_torch, console, init_distributed, on_rank0, rank_seed, seed_everything,
-                              warn)
+from pretrain.runtime import (RunError, StopFlag, check_torch, console, init_distributed, on_rank0, rank_seed,
+                              seed_everything)
 from pretrain.schema import ConfigError
 from pretrain.recipes import make_recipe
 from pretrain.stages import Stages
@@ -128,9 +129,13 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run, rank=self.rank, world_size=self.world_size,
                                       keep_last=self.cfg.train.keep_last, save_interval=self.cfg.train.save_interval,
                                       all_ok=self._all_ok)
-        resume = on_rank0(lambda: self.ckpt.resume_point(self.cfg.to_dict(), stage=self.stage,
+        resume = on_rank0(lambda: self.ckpt.resume_point(self.cfg.to_dict(),
                                                           allow_world_size_change=self.cfg.train.allow_world_size_change),
                           rank=self.rank, expected=(ConfigError,))
+        self._universal = resume is not None and reshard.needs_universal(self.stage, resume[1]["world_size"],
+                                                                         self.world_size)
+        if self._universal:  # ZeRO-1/2/3 on another world size: load through DeepSpeed's universal checkpoint
+            self.ds_config = reshard.with_universal_load(self.ds_config)
         self._build_model(fresh=resume is None)
         self._build_engine()
         self.guard = DivergenceGuard(self.cfg.train.max_bad_steps, self.precision, self.stage)
@@ -203,14 +208,18 @@ class Trainer:
     def _load(self, tag: str, manifest: dict) -> None:
         """Load engine state, client state (step, cursor, counters) and this rank's RNG states from ``tag``."""
         same_world = manifest["world_size"] == self.world_size
-        # ZeRO-1/2 optimizer partitions do not re-shard (DeepSpeed 0.19): load the weights and the schedule, restart
-        # the Adam moments. ZeRO-0 keeps everything.
-        keep_optimizer = same_world or self.stage == 0
-        load_path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=tag,
-                                                        load_optimizer_states=keep_optimizer)
-        if not keep_optimizer and self.is_main:
-            warn(f"world size {manifest['world_size']} -> {self.world_size} with ZeRO-{self.stage}: weights, step and "
-                 f"learning-rate schedule resumed; the AdamW moments restart from zero")
+        root = self.ckpt.root
+        if self._universal:  # weights and AdamW moments re-sharded for this world size (pretrain/reshard.py)
+            uroot, utag = on_rank0(lambda: reshard.to_universal(root, tag), rank=self.rank)
+            load_path, client = self.engine.load_checkpoint(str(uroot), tag=utag)
+            reshard.restore_frozen(self.engine, uroot, utag)  # collective under ZeRO-3
+            self.dist.barrier()
+            if self.is_main:
+                reshard.discard(root)
+                console(f"[pretrain] world size {manifest['world_size']} -> {self.world_size} with ZeRO-{self.stage}: "
+                        f"weights, AdamW moments, step and schedule resumed (universal checkpoint)")
+        else:  # the same world size, or ZeRO-0 (its optimizer state is saved whole)
+            load_path, client = self.engine.load_checkpoint(str(root), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt.root / tag}")
         self.step = int(client["step"])

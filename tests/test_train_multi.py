@@ -165,13 +165,20 @@ def test_zero3_run_and_export_cli(two_nodes, tmp_path):
     assert all(p.abs().sum() > 0 for p in model.parameters())  # consolidated, not empty ZeRO-3 placeholders
 
 
-def test_other_world_size_is_refused_unless_allowed(one_node, tmp_path):
+def test_other_world_size_is_refused_unless_allowed(one_node, tmp_path, capfd):
+    """2 ranks -> 1 rank: refused unless allowed; allowed, the ZeRO-2 checkpoint loads through DeepSpeed's universal
+    checkpoint (weights and AdamW moments re-sharded; tests/test_reshard.py compares the moments), which is removed
+    once loaded."""
     run = tmp_path / "run"
     shutil.copytree(one_node[0], run)
     with pytest.raises(ConfigError, match=r"written by 2 rank\(s\), this run has 1.*allow_world_size_change"):
         train_in_process(load(TINY, overrides(run, steps=STEPS + 2)))
     cfg = load(TINY, overrides(run, steps=STEPS + 2, **{"train.allow_world_size_change": True,
                                                         "deepspeed.scheduler.params.total_num_steps": STEPS + 2}))
+    capfd.readouterr()
     train_in_process(cfg)
+    out = capfd.readouterr().out
+    assert "world size 2 -> 1 with ZeRO-2: weights, AdamW moments, step and schedule resumed" in out, out[-3000:]
+    assert "moments restart" not in out and not (run / "checkpoints" / "universal").exists()
     recs = read_metrics(run)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 3)) and math.isfinite(recs[-1]["loss"])
