@@ -172,6 +172,16 @@ def test_submit_refuses_a_batch_size_the_world_size_cannot_hold(workdir, capsys)
                     "world size 3", "train_batch_size")
 
 
+def test_dry_run_of_a_task_distillation_run(workdir, capsys):
+    """A task run (configs/task-demo.json: labeled examples, no shards) submits like a pretraining run."""
+    config = REPO / "configs" / "task-demo.json"
+    assert slurm.main(["submit", "--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--gres", "none",
+                       "--dry-run", "train.output_dir=runs/task"]) == 0
+    script = capsys.readouterr().out
+    assert f'TRAIN_CMD=("$PYTHON" -m pretrain.main --config {config} train.output_dir=runs/task)' in script
+    assert not (workdir / "runs").exists()
+
+
 def test_submit_refuses_missing_shards(workdir, capsys):
     _assert_refused(workdir, capsys, _submit_args("data.dir=nowhere"), "data.dir", "manifest.json")
 
