@@ -92,8 +92,8 @@ class IntervalMetrics:
 
     Args:
         device: where the sums live; all_reduce: ``torch.distributed.all_reduce`` (sum); world_size: ranks;
-        log_interval: steps between records (``train.log_interval``); peak_flops: the device's peak FLOP/s (None:
-        no MFU); flops_per_batch: ``(sequences, seq_len) -> FLOPs`` of one micro-batch without the LM heads;
+        log_interval: steps between records (``train.log_interval``); peak_flops: one rank's device peak FLOP/s
+        (None: no MFU; the interval's FLOPs are summed over the ranks, so MFU divides by world_size x this); flops_per_batch: ``(sequences, seq_len) -> FLOPs`` of one micro-batch without the LM heads;
         flops_per_head_row: FLOPs of the LM heads per gathered row (0 without logit terms); head_rows_key:
         ``"n_masked"`` or ``"n_tokens"`` (the rows the heads run on).
     """
@@ -178,7 +178,7 @@ class IntervalMetrics:
                 "lr": lr, "grad_norm": grad_norm, "loss_scale": loss_scale,
                 "tokens_per_s": synced["tokens"] / elapsed if elapsed > 0 else 0.0,
                 "seconds_per_step": elapsed / steps, "model_flops_per_s": flops_per_s,
-                "mfu": flops_per_s / self.peak_flops if self.peak_flops else None,
+                "mfu": flops_per_s / (self.peak_flops * self.world_size) if self.peak_flops else None,
                 "skipped_steps": skipped, "time": time.time()}
 
     def restart_clock(self) -> None:
@@ -193,7 +193,7 @@ class IntervalMetrics:
 
 def console_line(rec: dict[str, Any], max_steps: int) -> str:
     """The console line of a train record."""
-    terms = " ".join(f"{k[5:]} {_fmt(v)}" for k, v in rec.items() if k.startswith("loss_"))
+    terms = " ".join(f"{k[5:]} {_fmt(v)}" for k, v in rec.items() if k.startswith("loss_") and k != "loss_scale")
     eta = (max_steps - rec["step"]) * rec["seconds_per_step"]
     mfu = f" | MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
     return (f"step {rec['step']}/{max_steps} | loss {_fmt(rec.get('loss'))} ({terms}) | lr {rec['lr']:.2e} | "
