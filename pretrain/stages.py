@@ -35,8 +35,10 @@ def stage_losses(cfg) -> list:
     from pretrain import schema
     from pretrain.losses import LossConfig
     stages = cfg.train.stages
-    if not stages:
+    if stages is None:
         return [cfg.loss]
+    check(len(stages) > 0, "train.stages", "the list is empty; give at least one stage, or null for one stage with "
+                                           "the loss section")
     total = sum(s.steps for s in stages)
     check(total == cfg.train.max_steps, "train.stages",
           f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), train.max_steps is "

@@ -195,6 +195,7 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
     ("vocab", r"task\.student: .* has a vocabulary of 50 tokens, the teacher \d+"),
     ("steps", r"train\.stages: the stages' steps add up to 3 \(1 \+ 2\), train\.max_steps is 4"),
     ("mlm", r"loss\.alpha_mlm: 2\.0: task distillation has no masked tokens"),
+    ("stages_empty", r"train\.stages: the list is empty"),
 ])
 def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
     from transformers import AutoConfig, BertConfig, BertModel
@@ -218,6 +219,8 @@ def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
         extra = {"task.student": str(other), "student.layers": [0]}
     elif case == "steps":
         extra = {"train.stages": [{"steps": 1}, {"steps": 2}]}
+    elif case == "stages_empty":
+        extra = {"train.stages": []}
     elif case == "mlm":
         extra = {"loss.alpha_mlm": 2.0}
     conf.save_pretrained(bad)
