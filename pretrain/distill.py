@@ -280,6 +280,34 @@ class DistillationModel(nn.Module):
     def _proj(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.projections is None else self.projections[f"h{index}"](hidden)
 
+    def _representation_terms(self, active, s_last, t_last, s_hs, t_hs, attention_mask,
+                              qkv) -> dict[str, torch.Tensor]:
+        """The hidden-state and relation terms that are active: ``cos`` (last layer or the layer pairs), ``mse`` (layer
+        pairs), ``pool`` (mean-pooled last layer), ``att`` / ``val`` (MiniLM relations from the captured Q / K / V).
+        ``s_last`` / ``t_last`` [B, L, H]; ``s_hs`` / ``t_hs`` the hidden-state tuples (None unless a pair term needs
+        them); the student's go through the TinyBERT projections when the widths differ."""
+        cfg, n_s, parts = self.loss_cfg, self.student.config.num_hidden_layers, {}
+        if "cos" in active:
+            if cfg.cos_layers == "last":
+                parts["cos"] = L.hidden_cosine(self._proj(n_s, s_last), t_last, attention_mask)
+            else:
+                parts["cos"] = torch.stack([L.hidden_cosine(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
+                                            for s, t in self.layer_pairs]).mean()
+        if "mse" in active:
+            parts["mse"] = torch.stack([L.hidden_mse(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
+                                        for s, t in self.layer_pairs]).mean()
+        if "pool" in active:
+            parts["pool"] = L.pooled_mse(self._proj(n_s, s_last), t_last, attention_mask)
+        r = self.relation_heads
+        if "att" in active:
+            parts["att"] = torch.stack([
+                L.attention_kl(qkv["s", i, 0], qkv["s", i, 1], qkv["t", i, 0], qkv["t", i, 1], attention_mask, r)
+                for i in range(len(self.relation_pairs))]).mean()
+        if "val" in active:
+            parts["val"] = torch.stack([L.value_relation_kl(qkv["s", i, 2], qkv["t", i, 2], attention_mask, r)
+                                        for i in range(len(self.relation_pairs))]).mean()
+        return parts
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One distillation forward.
@@ -302,7 +330,6 @@ class DistillationModel(nn.Module):
             with torch.no_grad():
                 t_last, t_hs, t_logits = self._run(self._teacher, input_ids, attention_mask, need_all, full)
             s_last, s_hs, s_logits = self._run(self.student, input_ids, attention_mask, need_all, full)
-        n_s = self.student.config.num_hidden_layers
         parts: dict[str, torch.Tensor] = {}
         if need_logits:
             pos = labels != -100
@@ -324,25 +351,7 @@ class DistillationModel(nn.Module):
                     s_sel = s_head(rows(s_last))
             parts.update(self._logit_losses(s_sel, t_sel, labels.flatten().index_select(0, idx), cfg.temperature,
                                             "ce" in active, "mlm" in active))
-        if "cos" in active:
-            if cfg.cos_layers == "last":
-                parts["cos"] = L.hidden_cosine(self._proj(n_s, s_last), t_last, attention_mask)
-            else:
-                parts["cos"] = torch.stack([L.hidden_cosine(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
-                                            for s, t in self.layer_pairs]).mean()
-        if "mse" in active:
-            parts["mse"] = torch.stack([L.hidden_mse(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
-                                        for s, t in self.layer_pairs]).mean()
-        if "pool" in active:
-            parts["pool"] = L.pooled_mse(self._proj(n_s, s_last), t_last, attention_mask)
-        r = self.relation_heads
-        if "att" in active:
-            parts["att"] = torch.stack([
-                L.attention_kl(qkv["s", i, 0], qkv["s", i, 1], qkv["t", i, 0], qkv["t", i, 1], attention_mask, r)
-                for i in range(len(self.relation_pairs))]).mean()
-        if "val" in active:
-            parts["val"] = torch.stack([L.value_relation_kl(qkv["s", i, 2], qkv["t", i, 2], attention_mask, r)
-                                        for i in range(len(self.relation_pairs))]).mean()
+        parts.update(self._representation_terms(active, s_last, t_last, s_hs, t_hs, attention_mask, qkv))
         loss, logs = L.combine_losses(cfg, parts)
         logs["n_masked"] = (labels != -100).sum().detach()
         logs["n_tokens"] = attention_mask.sum().detach()

@@ -160,33 +160,11 @@ class TaskDistillationModel(DistillationModel):
         if "prob_cos" in active:
             parts["prob_cos"] = L.prob_cosine(s_logits, teacher_logits, cfg.temperature)
         if need_hidden:
-            parts.update(self._hidden_terms(active, s_hs, t_hs, attention_mask, qkv))
+            parts.update(self._representation_terms(active, s_hs[-1], t_hs[-1], s_hs, t_hs, attention_mask, qkv))
         loss, logs = L.combine_losses(cfg, parts)
         logs["n_masked"] = torch.tensor(float(input_ids.shape[0]), device=input_ids.device)
         logs["n_tokens"] = attention_mask.sum().detach()
         return loss, logs
-
-    def _hidden_terms(self, active, s_hs, t_hs, attention_mask, qkv) -> dict[str, torch.Tensor]:
-        """The representation terms (as in the pretraining recipe) on the hidden states [0 .. n] of both models."""
-        cfg, n_s, parts = self.loss_cfg, len(s_hs) - 1, {}
-        if "cos" in active:
-            pairs = self.layer_pairs if cfg.cos_layers == "pairs" else [[n_s, len(t_hs) - 1]]
-            parts["cos"] = torch.stack([L.hidden_cosine(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
-                                        for s, t in pairs]).mean()
-        if "mse" in active:
-            parts["mse"] = torch.stack([L.hidden_mse(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
-                                        for s, t in self.layer_pairs]).mean()
-        if "pool" in active:
-            parts["pool"] = L.pooled_mse(self._proj(n_s, s_hs[-1]), t_hs[-1], attention_mask)
-        r = self.relation_heads
-        if "att" in active:
-            parts["att"] = torch.stack([
-                L.attention_kl(qkv["s", i, 0], qkv["s", i, 1], qkv["t", i, 0], qkv["t", i, 1], attention_mask, r)
-                for i in range(len(self.relation_pairs))]).mean()
-        if "val" in active:
-            parts["val"] = torch.stack([L.value_relation_kl(qkv["s", i, 2], qkv["t", i, 2], attention_mask, r)
-                                        for i in range(len(self.relation_pairs))]).mean()
-        return parts
 
 
 # -------------------------------------------------------------------------------------------------------- the data
