@@ -361,14 +361,18 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
              split: str = "valid", metrics: str | Path | None = None, max_sequences: int = 512,
              max_documents: int = 1000, min_doc_tokens: int = 16, batch_size: int = 32, bench_batch: int = 32,
              bench_length: int = 128, bench_warmup: int = 2, bench_iters: int = 5, seed: int = 0,
-             device: str = "auto") -> dict:
+             device: str = "auto", downstream: list[str] | None = None, downstream_seeds: int = 2,
+             downstream_mode: str = "finetune") -> dict:
     """Evaluate teacher, student at initialisation and distilled student on the held-out ``split`` of the shards in
     ``data``; write report.json, report.md and loss_curves.png into ``output``; return the report dict.
 
     ``student_init`` defaults to ``STUDENT/../student_init`` when that exists (else that column is null); ``metrics``
     to ``STUDENT/../metrics.jsonl``. ``max_sequences`` caps the MLM evaluation (sequences), ``max_documents`` the
-    retrieval (documents of at least ``min_doc_tokens`` tokens, sampled with ``seed``). Raises :class:`EvalError` on
-    missing inputs, a data directory without that split, or a vocabulary that differs from the shards'.
+    retrieval (documents of at least ``min_doc_tokens`` tokens, sampled with ``seed``). ``downstream``: labeled tasks
+    (pretrain.tasks specs) on which the run's teacher, student_init, top-layer truncation and student are fine-tuned
+    (``downstream_mode``: or probed) with ``downstream_seeds`` seeds by :func:`pretrain.downstream.run_downstream`
+    into ``output/downstream/``; the report then carries its table. Raises :class:`EvalError` on missing inputs, a
+    data directory without that split, or a vocabulary that differs from the shards'.
     """
     t_start = time.perf_counter()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -450,12 +454,33 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     else:
         log.info("the teacher has no MLM head (%s): no MLM metrics", configs["teacher"].architectures)
 
+    downstream_result = None
+    if downstream:
+        downstream_result = _downstream(run_dir, output, downstream, downstream_seeds, downstream_mode, device)
     meta["metrics_file"] = str(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     report = {"teacher": results["teacher"], "student_init": results.get("student_init"),
               "student": results["student"], "meta": meta}
+    if downstream_result is not None:
+        report["downstream"] = downstream_result
     write_report(report, output)
     return report
+
+
+def _downstream(run_dir: Path | None, output, tasks: list[str], seeds: int, mode: str, device: str) -> dict:
+    """Fine-tune (probe) the run's models on ``tasks`` (:func:`pretrain.downstream.run_downstream` with
+    :func:`pretrain.downstream.run_models`) into ``output/downstream``; returns its result with ``png`` (the chart's
+    path relative to ``output``, or None). Raises :class:`EvalError` without a run directory or for a bad task."""
+    from pretrain.downstream import DownstreamError, run_downstream, run_models
+    if run_dir is None:
+        raise EvalError("--downstream needs the student of a run directory (RUN/student) to find the run's models")
+    out = Path(output) / "downstream"
+    try:
+        result = run_downstream(tasks, run_models(run_dir, out), out, mode=mode, seeds=seeds, device=device)
+    except DownstreamError as e:
+        raise EvalError(f"--downstream: {e}") from e
+    result["png"] = "downstream/downstream.png" if (out / "downstream.png").is_file() else None
+    return result
 
 
 def write_report(report: dict, output: str | Path) -> None:
@@ -507,8 +532,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed forwards per model, fastest taken (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling, benchmark batch (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--downstream", action="append", metavar="TASK",
+                   help="also fine-tune teacher, student_init, the top-layer truncation and the student on this "
+                        "labeled task (repeatable; e.g. embedded:rotten-tomatoes, glue:sst2; docs/downstream.md) and "
+                        "put the table in the report")
+    p.add_argument("--downstream-seeds", type=int, default=2, metavar="N", help="seeds per model (default 2)")
+    p.add_argument("--downstream-mode", choices=("finetune", "probe"), default="finetune")
     args = p.parse_args(argv)
-    for name in ("max_sequences", "max_documents", "batch_size", "bench_batch", "bench_length", "bench_iters"):
+    for name in ("max_sequences", "max_documents", "batch_size", "bench_batch", "bench_length", "bench_iters",
+                 "downstream_seeds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args

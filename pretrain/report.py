@@ -156,6 +156,11 @@ def render_markdown(report: dict, png_name: str | None) -> str:
         lines.append(f"- MLM: {mlm.get('num_sequences')} held-out sequences, {mlm.get('num_masked')} masked tokens "
                      f"({mlm.get('masking')}); the same masked batches for every model.")
     lines.append("")
+    if report.get("downstream"):
+        from pretrain.downstream import render_downstream_markdown
+        png = report["downstream"].get("png")
+        table = render_downstream_markdown(report["downstream"], png)
+        lines += ["#" + table if table.startswith("# ") else table, ""]  # a section of this report
     if png_name:
         lines += ["## Loss curves", "", f"![loss curves]({png_name})", ""]
     elif meta.get("metrics_file") is None:

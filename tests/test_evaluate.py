@@ -235,3 +235,31 @@ def test_pooling_mode_from_sentence_transformers_files(tmp_path):
     assert ev.pool(hidden, attn, "mean").tolist() == [[2.0, 2.0]]
     assert ev.pool(hidden, attn, "cls").tolist() == [[1.0, 0.0]]
     assert ev.pool(hidden, attn, "max").tolist() == [[3.0, 4.0]]
+
+
+def test_report_includes_the_downstream_table(setup, tmp_path):
+    """--downstream: the run's teacher, student_init, truncation baseline and student are scored on a labeled task by
+    pretrain.downstream (a linear probe here, fast) and report.md carries the table."""
+    import csv
+    run = setup["run"]
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(setup["dirs"]["teacher"])},
+                                                 "student": {"layers": [0, 2]}}))
+    words = sorted({w.strip(".,:;'").lower() for line in tiny.TEXT for w in line.split()} - {""})
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "task.csv", "w", newline="") as f:  # label: does the text hold the word "teacher"?
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(240):
+            bag = list(rng.choice(words, 6))
+            w.writerow([" ".join(bag + (["teacher"] if i % 2 else [])), "yes" if i % 2 else "no"])
+    try:
+        report = ev.evaluate(str(setup["dirs"]["student"]), str(setup["dirs"]["teacher"]), setup["data"],
+                             tmp_path / "out", downstream=[f"csv:{tmp_path / 'task.csv'}"], downstream_seeds=1,
+                             downstream_mode="probe", **KW)
+    finally:
+        (run / "config.json").unlink()
+    task = next(iter(report["downstream"]["tasks"].values()))
+    assert list(task["results"]) == ["teacher", "student_init", "truncation", "student"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Downstream evaluation" in md and "truncation" in md and "| student " in md
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["downstream"]["complete"] is True
