@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint demo reference clean
+.PHONY: setup test test-fast lint demo prune-demo reference clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-fast: setup
 
 demo: setup
 	scripts/demo.sh $(PY)
+
+prune-demo: setup
+	scripts/prune_demo.sh $(PY)
 
 reference: setup
 	$(PY) scripts/update_readme_reference.py
