@@ -66,7 +66,10 @@ class FinetuneConfig:
 
     ``lr`` peak learning rate of AdamW (linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0);
     ``batch_size`` training examples per step; ``max_length`` tokens per example (truncated); ``max_train`` /
-    ``max_eval`` stratified caps on the train split and on each evaluation split (None = all).
+    ``max_eval`` stratified caps on the train split and on each evaluation split (None = all); ``head``: ``cls``
+    (``AutoModelForSequenceClassification``: the model's own head on the [CLS] token, through BERT's pooler) or
+    ``mean`` (:class:`MeanPoolClassifier`: a linear head on the mean-pooled last hidden states, the pooling
+    sentence-transformers models are trained with).
     """
 
     epochs: int = 3
@@ -79,6 +82,7 @@ class FinetuneConfig:
     max_train: int | None = None
     max_eval: int | None = None
     eval_batch_size: int = 128
+    head: str = "cls"
 
 
 # GLUE: the recipe of transformers' examples/pytorch/text-classification (run_glue.py README: batch 32, lr 2e-5,
@@ -337,6 +341,36 @@ def predict(model, data: Encoded, *, pad_id: int, batch_size: int, device: torch
     return preds, len(data.ids) / max(time.perf_counter() - t0, 1e-9)
 
 
+class MeanPoolClassifier(torch.nn.Module):
+    """A sequence classifier on mean-pooled last hidden states: ``encoder`` (a bare ``AutoModel``) ->
+    :func:`pretrain.losses.mean_pool` [b, hidden] -> dropout (the encoder's hidden dropout) -> ``Linear(hidden,
+    num_labels)`` (normal init, std ``initializer_range``). Loss: cross-entropy, or MSE on ``logits[:, 0]`` for
+    regression. For sentence encoders trained with mean pooling (all-MiniLM-L6-v2, the demo's teacher), whose [CLS]
+    state is not a sentence summary: in its first layers it barely varies between inputs, so BERT's [CLS] pooler
+    head cannot learn from a model truncated there (docs/downstream.md)."""
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int, regression: bool):
+        super().__init__()
+        self.encoder, self.config, self.regression = encoder, encoder.config, regression
+        cfg = encoder.config
+        self.dropout = torch.nn.Dropout(getattr(cfg, "hidden_dropout_prob", getattr(cfg, "dropout", 0.1)))
+        self.classifier = torch.nn.Linear(cfg.hidden_size, num_labels)
+        torch.nn.init.normal_(self.classifier.weight, std=getattr(cfg, "initializer_range", 0.02))
+        torch.nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        """logits [b, num_labels] fp32 (and ``loss`` when ``labels`` [b] are given), as a namespace."""
+        import types as _types
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = (torch.nn.functional.mse_loss(logits[:, 0], labels.float()) if self.regression
+                    else torch.nn.functional.cross_entropy(logits, labels))
+        return _types.SimpleNamespace(loss=loss, logits=logits)
+
+
 def _state_copy(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -370,8 +404,12 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
     with _quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(spec.path, **kwargs).to(device=device,
-                                                                                            dtype=torch.float32)
+        if cfg.head == "mean":
+            from transformers import AutoModel
+            model = MeanPoolClassifier(AutoModel.from_pretrained(spec.path), task.num_labels, regression)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(spec.path, **kwargs)
+    model = model.to(device=device, dtype=torch.float32)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     train = encoded["train"]
     types = uses_token_types(model)
@@ -421,7 +459,8 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
         speeds.append(speed)
     if save_dir is not None:
         _save_model(model, tok, Path(save_dir), {"task": task.name, "seed": seed, "model": spec.name,
-                                                  "source": spec.path, "metrics": metrics})
+                                                  "source": spec.path, "metrics": metrics, "head": cfg.head,
+                                                  "label_names": task.label_names})
     k = max(1, len(losses) // 10)
     return {"seed": seed, "metrics": metrics, "score": score(metrics),
             "dev_score": None if select is None else best[0], "epoch": best[1] if select is not None else cfg.epochs,
@@ -431,12 +470,20 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
 
 
 def _save_model(model, tokenizer, out: Path, info: dict) -> None:
-    """Save a fine-tuned model folder atomically (temporary sibling folder, then rename over ``out``)."""
+    """Save a fine-tuned model folder atomically (temporary sibling folder, then rename over ``out``). A
+    :class:`MeanPoolClassifier` is saved as its encoder's folder plus ``downstream_head.safetensors``
+    (``classifier.weight`` [num_labels, hidden], ``classifier.bias``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         with _quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
+            if isinstance(model, MeanPoolClassifier):
+                from safetensors.torch import save_file
+                model.encoder.save_pretrained(tmp, safe_serialization=True)
+                save_file({f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
+                          str(tmp / "downstream_head.safetensors"))
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         (tmp / "downstream_finetune.json").write_text(json.dumps(info, indent=1, default=str))
         if out.exists():
@@ -629,6 +676,8 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
     for key in ("epochs", "batch_size", "max_length", "eval_batch_size"):
         if key in overrides and (not isinstance(overrides[key], int) or overrides[key] < 1):
             raise DownstreamError(f"--{key.replace('_', '-')} {overrides[key]}: give a positive integer")
+    if overrides.get("head", "cls") not in ("cls", "mean"):
+        raise DownstreamError(f"--head {overrides['head']!r}: choose cls or mean")
     if "lr" in overrides and not overrides["lr"] > 0:
         raise DownstreamError(f"--lr {overrides['lr']}: give a positive learning rate")
     split = split or SplitConfig()
@@ -739,7 +788,7 @@ def render_downstream_markdown(result: dict[str, Any], png_name: str | None = No
         lines.append(f"### {tname} ({t['kind']}; reported on {split_note}; {counts})")
         lines.append("")
         if mode == "finetune":
-            lines.append(f"Settings: {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}, "
+            lines.append(f"Settings: {s.get('head', 'cls')} head, {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}, "
                          f"max length {s['max_length']}, warmup {s['warmup_ratio']:g}, weight decay "
                          f"{s['weight_decay']:g}" + ("; epoch chosen on dev" if t["select_split"] not in
                                                     t["report_splits"] else "") + ".")
@@ -878,6 +927,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--max-train", type=int, help="cap on train examples (stratified); 0 = all")
     g.add_argument("--max-eval", type=int, help="cap on each evaluation split (stratified); 0 = all")
+    g.add_argument("--head", choices=("cls", "mean"),
+                   help="cls (default): AutoModelForSequenceClassification; mean: a linear head on mean-pooled "
+                        "states (for sentence encoders such as the demo's teacher)")
     s = p.add_argument_group("splits and local files")
     s.add_argument("--split-seed", type=int, default=0, help="seed of the deterministic splits and caps")
     s.add_argument("--text-field", default="text")
@@ -919,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DownstreamError(f"--model {item!r}: expected NAME=PATH")
             models.append(ModelSpec(name, path))
         overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "max_length", "warmup_ratio",
-                                                   "weight_decay") if getattr(args, k) is not None}
+                                                   "weight_decay", "head") if getattr(args, k) is not None}
         split = SplitConfig(seed=args.split_seed,
                             max_train=None if args.max_train is None else (args.max_train or 10 ** 12),
                             max_eval=None if args.max_eval is None else (args.max_eval or 10 ** 12))

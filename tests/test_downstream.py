@@ -197,6 +197,14 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
                             overrides={"epochs": 2, "lr": 1e-3, "batch_size": 16}, plot=False, progress=lambda s: None)
     m = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]["metrics"]["test"]
     assert set(m) == {"pearson", "spearmanr"} and all(np.isfinite(v) for v in m.values())
+    # the mean-pooled head (for sentence encoders) on the same task; --save-model keeps encoder + head
+    res = ds.run_downstream([f"csv:{folder}"], {"a": str(tiny_dir)}, out, seeds=1, fields=fields, plot=False,
+                            overrides={"epochs": 1, "lr": 1e-3, "batch_size": 16, "head": "mean"},
+                            save_model=tmp_path / "saved", progress=lambda s: None)
+    run = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]
+    assert np.isfinite(run["score"]) and run["loss_last"] < run["loss_first"]
+    saved = tmp_path / "saved" / "a" / ds._slug(f"csv:{folder}")
+    assert (saved / "downstream_head.safetensors").is_file() and (saved / "config.json").is_file()
     # the pair reaches the model: token type 1 appears in the encoded pair
     from transformers import AutoTokenizer
     enc = ds.encode(AutoTokenizer.from_pretrained(tiny_dir), task.splits["test"], 64)
