@@ -602,7 +602,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                 s, o = t["results"].get(student), t["results"].get(b)
                 if s and o:
                     g[tname] = _gain(s["score_mean"], s["score_std"], o["score_mean"], o["score_std"])
-            if student in macro and b in macro:
+            if student in macro and b in macro and len(result["tasks"]) > 1:
                 g["macro"] = _gain(macro[student]["mean"], macro[student]["std"], macro[b]["mean"], macro[b]["std"])
             gains[b] = g
     result["gains"] = gains
