@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint demo prune-demo reference clean
+.PHONY: setup test test-fast lint demo downstream task-demo prune-demo reference clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test-fast: setup
 
 demo: setup
 	scripts/demo.sh $(PY)
+
+# every embedded labeled task, 3 seeds, on the demo's run (make demo first): docs/demo.md has its table and time
+downstream: setup
+	$(PY) -m pretrain.downstream --run runs/demo --output runs/demo/downstream-all --seeds 3 \
+		--task embedded:rotten-tomatoes --task embedded:wiki-topic --task embedded:trec \
+		--task embedded:movie-sentiment-score
+
+task-demo: setup
+	scripts/task_demo.sh $(PY)
 
 prune-demo: setup
 	scripts/prune_demo.sh $(PY)

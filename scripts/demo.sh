@@ -8,11 +8,15 @@
 # 3. train   configs/demo.json with DeepSpeed on $DEMO_RANKS ranks (2; CPU ranks without CUDA); resumes from
 #            RUN/checkpoints/latest, exits at once when train.max_steps is reached; exports RUN/student
 # 4. report  python -m pretrain.evaluate -> RUN/report.json, report.md, loss_curves.png (skipped when the report is
-#            newer than the student's export; a replaced report is kept as report.prev.json)
+#            newer than the student's export and holds the downstream table; a replaced report is kept as
+#            report.prev.json), with --downstream: teacher, student at initialisation, the top-layer truncation and
+#            the distilled student fine-tuned on embedded:rotten-tomatoes ($DEMO_DOWNSTREAM_SEEDS seeds, 2) ->
+#            RUN/downstream/ (downstream.md, .json, .png) and a section of report.md
 #
 # Every step reuses what a previous run finished, so running the demo again continues where it stopped.
 # Overrides go to the trainer, e.g. `scripts/demo.sh .venv/bin/python train.max_steps=50` (a shorter run).
-# Environment: DEMO_CONFIG (configs/demo.json), DEMO_RANKS (2), BERT_DISTILL_CACHE (~/.cache/bert-distill).
+# Environment: DEMO_CONFIG (configs/demo.json), DEMO_RANKS (2), BERT_DISTILL_CACHE (~/.cache/bert-distill),
+# DEMO_DOWNSTREAM_SEEDS (2; 0 = no downstream fine-tuning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +26,8 @@ CONFIG=${DEMO_CONFIG:-configs/demo.json}
 RANKS=${DEMO_RANKS:-2}
 SEQ=128              # tokens per training sequence (the shards' max_seq_length)
 VALID_FRACTION=0.1   # about 1,090 held-out documents for the retrieval evaluation
+DOWNSTREAM_TASK=embedded:rotten-tomatoes
+DOWNSTREAM_SEEDS=${DEMO_DOWNSTREAM_SEEDS:-2}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 
 T0=$SECONDS
@@ -77,13 +83,16 @@ say "3/4 train: $CONFIG, $MAX_STEPS steps on $RANKS DeepSpeed rank(s) -> $RUN ($
   launch/pretrain.py --config "$CONFIG" "$@" \
   || fail "3 (train)" "See the error above; $RUN keeps its checkpoints: running the demo again resumes from the last one." 5
 
-say "4/4 report: teacher vs student at initialisation vs distilled student on the held-out documents -> $RUN"
-if [[ -f $RUN/report.json && $RUN/report.json -nt $RUN/student/model.safetensors ]]; then
+DOWNSTREAM=()
+[[ $DOWNSTREAM_SEEDS -gt 0 ]] && DOWNSTREAM=(--downstream "$DOWNSTREAM_TASK" --downstream-seeds "$DOWNSTREAM_SEEDS")
+say "4/4 report: teacher vs student at initialisation vs distilled student on the held-out documents$([[ $DOWNSTREAM_SEEDS -gt 0 ]] && echo ", and fine-tuned on $DOWNSTREAM_TASK with the top-layer truncation ($DOWNSTREAM_SEEDS seeds)") -> $RUN"
+has_downstream() { [[ $DOWNSTREAM_SEEDS -eq 0 ]] || grep -q '"downstream"' "$RUN/report.json"; }
+if [[ -f $RUN/report.json && $RUN/report.json -nt $RUN/student/model.safetensors ]] && has_downstream; then
   echo "[demo] $RUN/report.json is newer than the student's export: not evaluated again (delete it to re-evaluate)"
 else
-  [[ -f $RUN/report.json ]] && echo "[demo] the student changed since $RUN/report.json: evaluating again (the old report is kept as report.prev.json)"
+  [[ -f $RUN/report.json ]] && echo "[demo] evaluating again (the old report is kept as report.prev.json)"
   "$PY" -m pretrain.evaluate --student "$RUN/student" --student-init "$RUN/student_init" --teacher "$TEACHER" \
-    --data "$DATA" --output "$RUN" --max-documents 1000 >/dev/null \
+    --data "$DATA" --output "$RUN" --max-documents 1000 "${DOWNSTREAM[@]}" >/dev/null \
     || fail "4 (report)" "See the error above; the trained student is in $RUN/student." 6
 fi
 
@@ -97,4 +106,8 @@ for name, m in rows:
     print(f"{name:<14}{m['params'] / 1e6:>9.1f}M{m['tokens_per_s']:>11,.0f}{m.get('speedup', 1.0):>9.2f}x"
           f"{m['recall_at_1']:>10.3f}{'-' if cos is None else format(cos, '.3f'):>16}")
 EOF
-say "done in $(elapsed): $RUN/report.md (report.json, loss_curves.png); the student is in $RUN/student"
+if [[ $DOWNSTREAM_SEEDS -gt 0 && -f $RUN/downstream/downstream.md ]]; then
+  echo
+  cat "$RUN/downstream/downstream.md"
+fi
+say "done in $(elapsed): $RUN/report.md (report.json, loss_curves.png, downstream/); the student is in $RUN/student"
