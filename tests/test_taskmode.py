@@ -228,3 +228,21 @@ def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
     with pytest.raises(ConfigError, match=pattern):
         train_in_process(load(TINY, task_overrides(str(bad), out, steps=4, **extra)))
     assert not (out / "checkpoints").exists() and not (out / "student_init").exists()
+
+
+def test_shipped_task_config_runs_two_steps(teacher, tmp_path):
+    """configs/task-demo.json as shipped (precomputed teacher logits, its loss, batch and schedule keys) with the tiny
+    TREC teacher in place of the fine-tuned MiniLM: two steps, evaluation, export."""
+    from transformers import AutoModelForSequenceClassification
+    out = tmp_path / "run"
+    cfg = load(REPO / "configs" / "task-demo.json", [
+        f"teacher.name_or_path={teacher}", f"task.name={TASK}", "task.max_train_examples=600",
+        "task.max_eval_examples=100", "task.max_length=32", f"train.output_dir={out}", "train.max_steps=2",
+        "train.eval_interval=2", "train.save_interval=2", "train.log_interval=1",
+        "deepspeed.scheduler.params.warmup_num_steps=1",
+        "student.layers=[0, 2]"])
+    train_in_process(cfg)
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2] and all(r["loss_ce"] >= 0 for r in recs)
+    assert read_metrics(out, "valid")[-1]["step"] == 2
+    assert AutoModelForSequenceClassification.from_pretrained(out / "student").config.num_hidden_layers == 2

@@ -21,7 +21,8 @@ from tests.test_train_common import (PY, REPO, assert_same_losses, assets, env, 
                                      tiny_overrides, train_in_process, wait_for_step)
 
 TINY = REPO / "configs" / "tiny-cpu.json"
-CONFIGS = sorted((REPO / "configs").glob("*.json"))
+# task-distillation configs need a fine-tuned classifier teacher: tests/test_taskmode.py runs them
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.json") if not load(p).task.name)
 
 
 def shipped_overrides(path: Path, out: Path) -> list[str]:
@@ -39,9 +40,11 @@ def shipped_overrides(path: Path, out: Path) -> list[str]:
         extra["student.layers"] = "every_other"
     if cfg.loss.relation_heads:
         extra["loss.relation_heads"] = 4
-    if cfg.student.hidden_size:
+    if cfg.student.hidden_size:  # the tiny teachers: hidden 32, 4 heads of 8, feed-forward 128
         extra["student.hidden_size"] = 16
-        extra["student.num_attention_heads"] = 4 if not cfg.student.num_attention_heads else 4
+        extra["student.num_attention_heads"] = 2 if cfg.student.init == "prune" else 4  # pruning keeps head size 8
+        if cfg.student.intermediate_size:
+            extra["student.intermediate_size"] = 64
     return tiny_overrides(family, out, steps=2, **extra)
 
 
@@ -58,7 +61,9 @@ def test_shipped_config_runs_two_steps_with_a_tiny_teacher(path, tmp_path):
         assert math.isfinite(r["loss"]) and all(math.isfinite(r[k]) for k in active), r
         assert r["tokens_seen"] > 0 and r["masked_tokens_seen"] > 0 and r["lr"] >= 0
     valid = read_metrics(out, "valid")
-    assert valid and valid[-1]["step"] == 2 and 0 < valid[-1]["hidden_cosine"] <= 1 + 1e-6
+    assert valid and valid[-1]["step"] == 2
+    if trainer.model.student.config.hidden_size == trainer.model.teacher.config.hidden_size:  # else no cosine
+        assert 0 < valid[-1]["hidden_cosine"] <= 1 + 1e-6
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
     n_layers = len(trainer.student_record["layer_map"])
     loader = AutoModelForMaskedLM if "mlm_loss" in valid[-1] else AutoModel
