@@ -13,6 +13,7 @@
 #             undefined when the widths differ) -> runs/prune-demo/similarity.json
 # 6. downstream python -m pretrain.downstream: fine-tuning on embedded:rotten-tomatoes, $PRUNE_DEMO_SEEDS seeds (2),
 #             600 train examples ($PRUNE_DEMO_MAX_TRAIN), dev / test capped at 500 ($PRUNE_DEMO_MAX_EVAL)
+#             and a linear probe of the frozen embeddings (--mode probe) of the same models -> runs/prune-demo/probe
 # 7. table    runs/prune-demo/comparison.md
 #
 # Every step reuses what a previous run finished. Overrides go to both trainings (e.g. train.max_steps=50).
@@ -62,7 +63,9 @@ for name in pruned random; do
   fi
 done
 
+newer() { [[ -f $1 && $1 -nt $OUT/random/student/model.safetensors && $1 -nt $OUT/pruned/student/model.safetensors ]]; }
 say "5/7 similarity: linear CKA of the sentence embeddings to the teacher's -> $OUT/similarity.json"
+if newer "$OUT/similarity.json"; then echo "[prune-demo] $OUT/similarity.json is newer than both students: kept"; else
 "$PY" - "$OUT" "$TEACHER" "$DATA" <<'EOF' || fail "5 (similarity)" "See the error above." 6
 import json, sys
 from pathlib import Path
@@ -98,12 +101,12 @@ res["meta"] = {"documents": len(halves), "texts": len(texts), "pooling": pooling
 (out / "similarity.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res))
 EOF
+fi
 
 say "6/7 downstream: fine-tuning on $TASK, $SEEDS seeds -> $OUT/downstream (students), $OUT/downstream-teacher"
 # CPU-sized: 600 train examples, dev and test capped at 500 (pretrain.downstream's CPU defaults are 1,200 / 1,000);
 # the teacher in its own invocation (the same protocol per model and seed), so the two can also run side by side.
 FT=(--task "$TASK" --seeds "$SEEDS" --max-train "${PRUNE_DEMO_MAX_TRAIN:-600}" --max-eval "${PRUNE_DEMO_MAX_EVAL:-500}" --no-plot)
-newer() { [[ -f $1 && $1 -nt $OUT/random/student/model.safetensors && $1 -nt $OUT/pruned/student/model.safetensors ]]; }
 if newer "$OUT/downstream/downstream.json"; then
   echo "[prune-demo] $OUT/downstream/downstream.json is newer than both students: kept"
 else
@@ -119,6 +122,16 @@ else
     || fail "6 (downstream teacher)" "See the error above." 6
 fi
 
+if [[ -f $OUT/probe/downstream.json ]] && newer "$OUT/probe/downstream.json"; then
+  echo "[prune-demo] $OUT/probe/downstream.json is newer than both students: kept"
+else  # frozen mean-pooled embeddings + logistic regression: deterministic, one seed is enough
+  "$PY" -m pretrain.downstream --mode probe --task "$TASK" --seeds 1 --max-train "${PRUNE_DEMO_MAX_TRAIN:-600}" \
+    --max-eval "${PRUNE_DEMO_MAX_EVAL:-500}" --no-plot --output "$OUT/probe" --model "teacher=$TEACHER" \
+    --model "pruned_init=$OUT/pruned/student_init" --model "random_init=$OUT/random/student_init" \
+    --model "random=$OUT/random/student" --model "pruned=$OUT/pruned/student" --student pruned \
+    || fail "6 (probe)" "See the error above." 6
+fi
+
 say "7/7 table -> $OUT/comparison.md"
 "$PY" - "$OUT" <<'EOF'
 import json, sys
@@ -130,19 +143,23 @@ down = json.loads((out / "downstream" / "downstream.json").read_text())
 task = next(iter(down["tasks"].values()))
 teacher_down = json.loads((out / "downstream-teacher" / "downstream.json").read_text())
 task["results"].update(next(iter(teacher_down["tasks"].values()))["results"])
+probe = next(iter(json.loads((out / "probe" / "downstream.json").read_text())["tasks"].values()))["results"]
 rows = [("teacher", rep["pruned"]["teacher"], "teacher"),
         ("random, at initialisation", rep["random"]["student_init"], "random_init"),
         ("pruned, at initialisation", rep["pruned"]["student_init"], "pruned_init"),
         ("random, distilled", rep["random"]["student"], "random"),
         ("pruned, distilled", rep["pruned"]["student"], "pruned")]
+name = next(iter(down["tasks"]))
 lines = ["| model | parameters (encoder) | speed-up vs teacher | recall@1 | CKA to teacher | "
-         f"{next(iter(down['tasks']))} (mean ± std, {down['seeds']} seeds) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+         f"{name} fine-tuned, test accuracy (mean ± std, {down['seeds']} seeds) | {name} linear probe, test accuracy |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 for label, r, key in rows:
     d = task["results"].get(key, {})
     mean, std = d.get("score_mean"), d.get("score_std")
     ds = "-" if mean is None else f"{mean:.3f} ± {std or 0:.3f}"
+    pm = probe.get(key, {}).get("score_mean")
     lines.append(f"| {label} | {r['params']:,} | {r['speedup']:.2f}x | {r['recall_at_1']:.3f} | "
-                 f"{sim[key]['cka_to_teacher']:.3f} | {ds} |")
+                 f"{sim[key]['cka_to_teacher']:.3f} | {ds} | {'-' if pm is None else format(pm, '.3f')} |")
 text = "\n".join(lines) + "\n"
 (out / "comparison.md").write_text(text)
 print("\n" + text)
