@@ -12,13 +12,13 @@
 #    distillator the Distillator loss as written: label CE + soft CE + probability cosine, averaged, T = 1
 # 4. every model scored on the test split as it is (python -m pretrain.taskmode evaluate); the table -> $OUT/table.md
 #
-# Every step reuses what a previous run finished. Environment: SEEDS (3), TRAIN (6000 examples), OUT (runs/task).
+# Every step reuses what a previous run finished. Environment: SEEDS (3), TRAIN (2000 examples), OUT (runs/task).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ $# -gt 0 ]]; then PY=$1; shift; fi
 SEEDS=${SEEDS:-3}
-TRAIN=${TRAIN:-6000}
+TRAIN=${TRAIN:-2000}
 OUT=${OUT:-runs/task}
 TASK=embedded:rotten-tomatoes
 TEACHER=$OUT/ft/teacher/embedded_rotten-tomatoes
