@@ -88,10 +88,12 @@ def test_pruned_tensors_are_the_kept_slices_of_the_teacher(bert_tok):
             assert torch.equal(s[pre_s + f"attention.self.{qkv}.bias"], t[pre_t + f"attention.self.{qkv}.bias"][att])
         assert torch.equal(s[pre_s + "attention.output.dense.weight"],
                            t[pre_t + "attention.output.dense.weight"][ch][:, att])
-        assert torch.equal(s[pre_s + "intermediate.dense.weight"], t[pre_t + "intermediate.dense.weight"][neurons][:, ch])
+        assert torch.equal(s[pre_s + "intermediate.dense.weight"],
+                           t[pre_t + "intermediate.dense.weight"][neurons][:, ch])
         assert torch.equal(s[pre_s + "output.dense.weight"], t[pre_t + "output.dense.weight"][ch][:, neurons])
         assert torch.equal(s[pre_s + "output.LayerNorm.bias"], t[pre_t + "output.LayerNorm.bias"][ch])
-    assert torch.equal(s["cls.predictions.transform.dense.weight"], t["cls.predictions.transform.dense.weight"][ch][:, ch])
+    assert torch.equal(s["cls.predictions.transform.dense.weight"],
+                       t["cls.predictions.transform.dense.weight"][ch][:, ch])
     assert torch.equal(s["cls.predictions.bias"], t["cls.predictions.bias"])
     # the decoder stays tied to the word embeddings
     assert student.cls.predictions.decoder.weight is student.bert.embeddings.word_embeddings.weight
@@ -117,7 +119,8 @@ def test_importance_ranks_a_silenced_head_neuron_and_channel_last(bert_tok):
     assert int(imp.heads[1].argmin()) == 2 and float(imp.heads[1][2]) == 0.0
     assert all(int(imp.neurons[t].argmin()) == 5 and float(imp.neurons[t][5]) == 0.0 for t in (0, 1))
     assert int(imp.channels.argmin()) == 7 and float(imp.channels[7]) == 0.0
-    assert imp.sequences == sum(len(b["input_ids"]) for b in cal) and imp.tokens == sum(int(b["attention_mask"].sum()) for b in cal)
+    assert imp.sequences == sum(len(b["input_ids"]) for b in cal)
+    assert imp.tokens == sum(int(b["attention_mask"].sum()) for b in cal)
     # pruning away the silenced neuron leaves the outputs unchanged (up to the order of the sums)
     student, record = build_student(teacher, cfg(layers=[0, 1], intermediate_size=127), cal)
     assert all(5 not in kept for kept in record["prune"]["neurons"])
