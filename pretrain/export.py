@@ -67,7 +67,8 @@ def sentence_transformers_files(teacher: str) -> dict[str, Path]:
 
 def write_hf_meta(folder: Path, config, tokenizer, st_files: dict[str, Path], architecture: str) -> None:
     """Write the student's ``config.json`` (with ``architectures = [architecture]``), the tokenizer files and the
-    sentence-transformers files into ``folder`` (created)."""
+    sentence-transformers files into ``folder`` (created); a Pooling module's ``word_embedding_dimension`` becomes the
+    student's width."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = config.__class__.from_dict(config.to_dict())
@@ -78,6 +79,12 @@ def write_hf_meta(folder: Path, config, tokenizer, st_files: dict[str, Path], ar
         dst = folder / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
+        if dst.name == "config.json" and dst.parent != folder:  # a sentence-transformers module's config
+            module = json.loads(dst.read_text())
+            width = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+            if "word_embedding_dimension" in module and width:  # a narrower (pruned / random) student's width
+                module["word_embedding_dimension"] = int(width)
+                dst.write_text(json.dumps(module, indent=2))
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -107,6 +107,9 @@ def check_run_config(cfg) -> None:
     if task_mode:
         check(cfg.student.architecture == "same", "student.architecture",
               f"{cfg.student.architecture!r}: task distillation keeps the teacher's class ('same')")
+        check(cfg.student.init != "prune", "student.init",
+              "'prune' measures importance on data.dir's shards, which task distillation does not read; prune in a "
+              "task-agnostic run and give its student/ as task.student, or use 'teacher' or 'random'")
     else:
         check(bool(cfg.data.dir.strip()), "data.dir", "is empty; give the shard directory of `python -m data_prep "
                                                       "prepare` (or set task.name for task distillation)")

@@ -216,3 +216,16 @@ def test_train_records_carry_model_flops_and_mfu(tmp_path):
     masked = r["masked_tokens_seen"] - recs[-2]["masked_tokens_seen"]
     expected = 2 * per_batch + masked * head
     assert r["model_flops_per_s"] * r["seconds_per_step"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_narrow_students_sentence_transformers_pooling_has_the_students_width(tmp_path):
+    from pretrain.export import write_hf_meta
+    from transformers import BertConfig
+    teacher = assets()["bert-nohead"]
+    files = {"modules.json": teacher / "modules.json", "1_Pooling/config.json": teacher / "1_Pooling" / "config.json"}
+    assert json.loads(files["1_Pooling/config.json"].read_text())["word_embedding_dimension"] == 32
+    narrow = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    from tests import tiny
+    write_hf_meta(tmp_path / "out", narrow, tiny.bert_tokenizer(), files, "BertModel")
+    assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 16
+    assert json.loads(files["1_Pooling/config.json"].read_text())["word_embedding_dimension"] == 32  # source intact

@@ -196,6 +196,7 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
     ("steps", r"train\.stages: the stages' steps add up to 3 \(1 \+ 2\), train\.max_steps is 4"),
     ("mlm", r"loss\.alpha_mlm: 2\.0: task distillation has no masked tokens"),
     ("stages_empty", r"train\.stages: the list is empty"),
+    ("prune", r"student\.init: 'prune' measures importance on data\.dir's shards"),
 ])
 def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
     from transformers import AutoConfig, BertConfig, BertModel
@@ -219,6 +220,8 @@ def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
         extra = {"task.student": str(other), "student.layers": [0]}
     elif case == "steps":
         extra = {"train.stages": [{"steps": 1}, {"steps": 2}]}
+    elif case == "prune":
+        extra = {"student.init": "prune", "student.hidden_size": 16}
     elif case == "stages_empty":
         extra = {"train.stages": []}
     elif case == "mlm":
