@@ -362,7 +362,8 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
              max_documents: int = 1000, min_doc_tokens: int = 16, batch_size: int = 32, bench_batch: int = 32,
              bench_length: int = 128, bench_warmup: int = 2, bench_iters: int = 5, seed: int = 0,
              device: str = "auto", downstream: list[str] | None = None, downstream_seeds: int = 2,
-             downstream_mode: str = "finetune") -> dict:
+             downstream_mode: str = "finetune", downstream_head: str | None = None,
+             downstream_max_train: int | None = None) -> dict:
     """Evaluate teacher, student at initialisation and distilled student on the held-out ``split`` of the shards in
     ``data``; write report.json, report.md and loss_curves.png into ``output``; return the report dict.
 
@@ -370,7 +371,9 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     to ``STUDENT/../metrics.jsonl``. ``max_sequences`` caps the MLM evaluation (sequences), ``max_documents`` the
     retrieval (documents of at least ``min_doc_tokens`` tokens, sampled with ``seed``). ``downstream``: labeled tasks
     (pretrain.tasks specs) on which the run's teacher, student_init, top-layer truncation and student are fine-tuned
-    (``downstream_mode``: or probed) with ``downstream_seeds`` seeds by :func:`pretrain.downstream.run_downstream`
+    (``downstream_mode``: or probed) with ``downstream_seeds`` seeds (``downstream_head``: the classification head,
+    ``downstream_max_train``: a cap on the train examples; default: the task family's) by
+    :func:`pretrain.downstream.run_downstream`
     into ``output/downstream/``; the report then carries its table. Raises :class:`EvalError` on missing inputs, a
     data directory without that split, or a vocabulary that differs from the shards'.
     """
@@ -456,7 +459,8 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
 
     downstream_result = None
     if downstream:
-        downstream_result = _downstream(run_dir, output, downstream, downstream_seeds, downstream_mode, device)
+        downstream_result = _downstream(run_dir, output, downstream, device, seeds=downstream_seeds,
+                                        mode=downstream_mode, head=downstream_head, max_train=downstream_max_train)
     meta["metrics_file"] = str(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     report = {"teacher": results["teacher"], "student_init": results.get("student_init"),
@@ -467,16 +471,20 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     return report
 
 
-def _downstream(run_dir: Path | None, output, tasks: list[str], seeds: int, mode: str, device: str) -> dict:
+def _downstream(run_dir: Path | None, output, tasks: list[str], device: str, *, seeds: int, mode: str,
+                head: str | None, max_train: int | None) -> dict:
     """Fine-tune (probe) the run's models on ``tasks`` (:func:`pretrain.downstream.run_downstream` with
     :func:`pretrain.downstream.run_models`) into ``output/downstream``; returns its result with ``png`` (the chart's
     path relative to ``output``, or None). Raises :class:`EvalError` without a run directory or for a bad task."""
     from pretrain.downstream import DownstreamError, run_downstream, run_models
+    from pretrain.tasks import SplitConfig
     if run_dir is None:
         raise EvalError("--downstream needs the student of a run directory (RUN/student) to find the run's models")
     out = Path(output) / "downstream"
     try:
-        result = run_downstream(tasks, run_models(run_dir, out), out, mode=mode, seeds=seeds, device=device)
+        result = run_downstream(tasks, run_models(run_dir, out), out, mode=mode, seeds=seeds, device=device,
+                                overrides={"head": head} if head else None,
+                                split=SplitConfig(max_train=max_train) if max_train else None)
     except DownstreamError as e:
         raise EvalError(f"--downstream: {e}") from e
     result["png"] = "downstream/downstream.png" if (out / "downstream.png").is_file() else None
@@ -538,6 +546,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "put the table in the report")
     p.add_argument("--downstream-seeds", type=int, default=2, metavar="N", help="seeds per model (default 2)")
     p.add_argument("--downstream-mode", choices=("finetune", "probe"), default="finetune")
+    p.add_argument("--downstream-head", choices=("cls", "mean"), default=None,
+                   help="classification head for --downstream fine-tuning (default: the downstream command's)")
+    p.add_argument("--downstream-max-train", type=int, default=None, metavar="N",
+                   help="cap on --downstream train examples (stratified; default: the task family's)")
     args = p.parse_args(argv)
     for name in ("max_sequences", "max_documents", "batch_size", "bench_batch", "bench_length", "bench_iters",
                  "downstream_seeds"):

@@ -28,6 +28,7 @@ SEQ=128              # tokens per training sequence (the shards' max_seq_length)
 VALID_FRACTION=0.1   # about 1,090 held-out documents for the retrieval evaluation
 DOWNSTREAM_TASK=embedded:rotten-tomatoes
 DOWNSTREAM_SEEDS=${DEMO_DOWNSTREAM_SEEDS:-2}
+DOWNSTREAM_TRAIN=600  # training examples per fine-tuning (2 epochs, mean-pooled head: docs/downstream.md)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 
 T0=$SECONDS
@@ -84,7 +85,8 @@ say "3/4 train: $CONFIG, $MAX_STEPS steps on $RANKS DeepSpeed rank(s) -> $RUN ($
   || fail "3 (train)" "See the error above; $RUN keeps its checkpoints: running the demo again resumes from the last one." 5
 
 DOWNSTREAM=()
-[[ $DOWNSTREAM_SEEDS -gt 0 ]] && DOWNSTREAM=(--downstream "$DOWNSTREAM_TASK" --downstream-seeds "$DOWNSTREAM_SEEDS")
+[[ $DOWNSTREAM_SEEDS -gt 0 ]] && DOWNSTREAM=(--downstream "$DOWNSTREAM_TASK" --downstream-seeds "$DOWNSTREAM_SEEDS"
+                                             --downstream-head mean --downstream-max-train "$DOWNSTREAM_TRAIN")
 say "4/4 report: teacher vs student at initialisation vs distilled student on the held-out documents$([[ $DOWNSTREAM_SEEDS -gt 0 ]] && echo ", and fine-tuned on $DOWNSTREAM_TASK with the top-layer truncation ($DOWNSTREAM_SEEDS seeds)") -> $RUN"
 has_downstream() { [[ $DOWNSTREAM_SEEDS -eq 0 ]] || grep -q '"downstream"' "$RUN/report.json"; }
 if [[ -f $RUN/report.json && $RUN/report.json -nt $RUN/student/model.safetensors ]] && has_downstream; then
