@@ -59,6 +59,21 @@ def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     _fsync_dir(Path(path).parent)
 
 
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``out`` with renames only, replacing an older ``out`` (moved aside first,
+    then deleted): a reader sees the old folder or the new one. Returns ``out``."""
+    import shutil
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_path`); returns ``path``."""
     with atomic_path(path, mode) as tmp, open(tmp, "wb") as f:

@@ -45,9 +45,9 @@ import torch
 
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError
-from data_prep.files import atomic_path, atomic_write_text
+from data_prep.files import atomic_path, atomic_write_text, replace_dir
 from pretrain.losses import mean_pool
-from pretrain.tasks import (CLASSIFICATION, DEFAULT_TASK, OFFLINE_TASKS, REGRESSION, LocalFields, SplitConfig, Task,
+from pretrain.tasks import (DEFAULT_TASK, OFFLINE_TASKS, REGRESSION, LocalFields, SplitConfig, Task,
                             TaskError, compute_metrics, known_tasks, load_task, score)
 
 log = logging.getLogger("pretrain.downstream")
@@ -194,9 +194,7 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
             tok.save_pretrained(tmp)
         (tmp / "truncation.json").write_text(json.dumps({"teacher": str(teacher_path), "layers": list(range(k)),
                                                          "built_with": "pretrain.student.build_student"}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -486,9 +484,7 @@ def _save_model(model, tokenizer, out: Path, info: dict) -> None:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         (tmp / "downstream_finetune.json").write_text(json.dumps(info, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -45,7 +45,7 @@ from pretrain.masking import Masker, MaskingConfig
 from pretrain.report import plot_loss_curves, render_markdown
 from pretrain.schema import ConfigError
 from pretrain.student import mlm_head
-from pretrain.teacher import has_mlm_head, tokenizer_differences
+from pretrain.teacher import describe_differences, has_mlm_head, tokenizer_differences
 from pretrain.validate import IGNORE, mlm_sums, mlm_summary
 
 log = logging.getLogger("pretrain.evaluate")
@@ -330,7 +330,7 @@ def check_vocab(manifest: dict, data: Path, tokenizer, configs: dict[str, tuple[
     teacher_path = configs["--teacher"][0]
     diff = tokenizer_differences(manifest, tokenizer)
     if diff:
-        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        details = describe_differences(diff)
         raise EvalError(f"--teacher {teacher_path}: its tokenizer is not the one the shards in {data} were made with "
                         f"({made_with!r}; {details}: shards vs teacher, manifest.json 'tokenizer'); evaluate with "
                         f"that teacher, or prepare shards with `python -m data_prep prepare --tokenizer "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from data_prep.files import replace_dir
 from pretrain.rundir import EXPORT_INFO as INFO, latest_tag_in
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -87,17 +87,6 @@ def write_hf_meta(folder: Path, config, tokenizer, st_files: dict[str, Path], ar
                 dst.write_text(json.dumps(module, indent=2))
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory to ``out`` (replacing an older ``out``) with renames only."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_student(model: torch.nn.Module, out: str | Path, meta_dir: Path, info: dict[str, Any]) -> Path:
     """Save ``model`` (fp32 safetensors) with the files of ``meta_dir`` (see :func:`write_hf_meta`) to ``out``.
 
@@ -115,7 +104,7 @@ def save_student(model: torch.nn.Module, out: str | Path, meta_dir: Path, info: 
                 shutil.copyfile(src, dst)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / INFO).write_text(json.dumps(info, indent=1))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,6 +42,11 @@ def tokenizer_differences(manifest: dict, tokenizer) -> dict[str, tuple[Any, Any
     return {k: (tok.get(k), v) for k, v in mine.items() if tok.get(k) != v}
 
 
+def describe_differences(diff: dict[str, tuple[Any, Any]]) -> str:
+    """``"vocab_size 598 vs 360, ..."`` of :func:`tokenizer_differences` (shards' value vs the tokenizer's)."""
+    return ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+
+
 @dataclasses.dataclass
 class Preflight:
     """What :func:`preflight` found: the teacher's local path or hub name, its config and tokenizer, whether it has an
@@ -90,7 +95,7 @@ def preflight(cfg) -> Preflight:
                           f"--output {cfg.data.dir}`") from None
     diff = tokenizer_differences(manifest, tokenizer)
     if diff:
-        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        details = describe_differences(diff)
         raise ConfigError(f"data.dir: the shards in {cfg.data.dir} were made with the tokenizer "
                           f"{manifest.get('tokenizer', {}).get('name_or_path')!r}, which differs from the teacher "
                           f"{name!r}'s ({details}: shards vs teacher); prepare the shards with `python -m data_prep "
