@@ -18,7 +18,6 @@ from typing import Any, Callable
 import torch
 
 from data_prep.files import atomic_write_text
-from pretrain.runtime import console
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -208,5 +207,3 @@ def valid_line(rec: dict[str, Any]) -> str:
                                                       "agreement", "hidden_cosine", "pooled_cosine") if k in rec)
     return f"valid @ step {rec['step']} | {shown}"
 
-
-__all__ = ["read_metrics", "MetricsLogger", "IntervalMetrics", "console_line", "valid_line", "console"]

@@ -38,8 +38,6 @@ class PretrainRecipe:
     (the valid split, or None when ``train.evaluate`` is false).
     """
 
-    head_rows_key_default = "n_masked"
-
     def __init__(self, cfg):
         self.cfg = cfg
         self.masker = None

@@ -19,11 +19,6 @@ REPR_TERMS = dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0, alpha_mse=1.0, alp
                   alpha_pool=1.0)
 
 
-@pytest.fixture(scope="module")
-def bert_tok():
-    return tiny.bert_tokenizer()
-
-
 def masked_batch(tok, seed=0, mlm_mask_prop=0.3):
     enc = tok(tiny.corpus(1)[:6], padding=True, return_tensors="pt")
     masker = Masker.from_tokenizer(MaskingConfig(mlm_mask_prop=mlm_mask_prop), tok, seed=seed)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretrain import downstream as ds
-from pretrain.tasks import (LocalFields, SplitConfig, TaskError, compute_metrics, deduplicate, load_task,
+from pretrain.tasks import (LocalFields, SplitConfig, compute_metrics, deduplicate, load_task,
                             make_splits, normalise, score)
 from tests import tiny
 

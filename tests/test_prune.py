@@ -13,16 +13,6 @@ from pretrain.student import StudentConfig, build_student, find_layer_list
 from tests import tiny
 
 
-@pytest.fixture(scope="module")
-def bert_tok():
-    return tiny.bert_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def roberta_tok():
-    return tiny.roberta_tokenizer()
-
-
 def batches(tokenizer, n: int = 12, length: int = 24, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Two micro-batches of real text (the tiny corpus), with some padding."""
     lines = tiny.corpus(1)

@@ -12,16 +12,6 @@ TEXTS = ["the quick brown fox jumps over the lazy dog.", "to be, or not to be",
          "knowledge distillation trains a small student to match a large teacher network."]
 
 
-@pytest.fixture(scope="module")
-def bert_tok():
-    return tiny.bert_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def roberta_tok():
-    return tiny.roberta_tokenizer()
-
-
 def batch(tok):
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
