@@ -27,6 +27,15 @@ def _fsync_dir(folder: Path) -> None:
         pass
 
 
+TEMP_MARK = ".tmp-"  # a temporary file of ``NAME`` is ``.NAME.tmp-XXXXXXXX`` in the same folder
+
+
+def leftover_temps(folder: str | os.PathLike, names) -> list[Path]:
+    """Temporary files that :func:`atomic_path` left in ``folder`` for targets whose names start with one of
+    ``names`` (a process killed mid-write): what a resuming writer removes."""
+    return [p for p in Path(folder).glob(f".*{TEMP_MARK}*") if p.name[1:].startswith(tuple(names))]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; when the block ends without error, rename it over ``path``.
@@ -36,7 +45,7 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:

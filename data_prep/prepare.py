@@ -36,7 +36,7 @@ import numpy as np
 
 from data_prep import shards
 from data_prep.errors import DataPrepError
-from data_prep.files import atomic_write_bytes, sha256_file
+from data_prep.files import atomic_write_bytes, leftover_temps, sha256_file
 from data_prep.shards import MANIFEST, SPLITS, TOKEN_COUNTS, ShardWriter
 from data_prep.sources import Source, parse_source
 from data_prep.tokenizer import (Encoder, backend_json, encode_in_worker, init_worker, load_tokenizer,
@@ -217,7 +217,7 @@ def _our_files(out: Path) -> list[Path]:
     names = [MANIFEST, TOKEN_COUNTS, STATE]
     found = [out / n for n in names if (out / n).exists()]
     found += [p for p in out.iterdir() if shards.SHARD_FILE.match(p.name)]
-    found += [p for p in out.glob(".*.tmp-*") if p.name[1:].startswith((MANIFEST, TOKEN_COUNTS, STATE, *SPLITS))]
+    found += leftover_temps(out, (MANIFEST, TOKEN_COUNTS, STATE, *SPLITS))
     return found
 
 

@@ -488,3 +488,13 @@ def test_writer_resumes_after_a_rename_that_missed_its_checkpoint(tmp_path):
     w.write(rows[20:])
     assert w.close() == ref.done and len(ref.done) == 5
     assert file_hashes(tmp_path / "run") == file_hashes(tmp_path / "ref")
+
+
+def test_a_killed_atomic_write_leaves_a_temp_file_that_prepare_finds(tmp_path):
+    """atomic_path's temporary name is what prepare's resume removes (a SIGKILL mid-write leaves it behind)."""
+    from data_prep.files import atomic_path, leftover_temps
+    with atomic_path(tmp_path / STATE) as tmp:
+        tmp.write_bytes(b"half")
+        assert leftover_temps(tmp_path, (STATE,)) == [tmp]  # what a kill here would leave
+        assert leftover_temps(tmp_path, ("manifest.json",)) == []
+    assert (tmp_path / STATE).read_bytes() == b"half" and leftover_temps(tmp_path, (STATE,)) == []
