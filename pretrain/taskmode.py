@@ -239,6 +239,7 @@ class TaskRecipe:
     def __init__(self, cfg):
         self.cfg = cfg
         self.tc = cfg.task
+        self.model: TaskDistillationModel | None = None  # build_model's; its teacher computes precomputed logits
 
     # -- before any weights ------------------------------------------------------------------------------------
     def preflight(self, world_size: int) -> None:
@@ -364,8 +365,10 @@ class TaskRecipe:
                                          type(student).__name__}
 
     def build_model(self, student, teacher, record: dict, loss_cfg) -> TaskDistillationModel:
-        """The module DeepSpeed wraps: :class:`TaskDistillationModel`."""
-        return TaskDistillationModel(student, teacher, loss_cfg, record["layer_map"], regression=self.regression)
+        """The module DeepSpeed wraps: :class:`TaskDistillationModel` (kept: its teacher computes the precomputed
+        logits, on the device and in the dtype the trainer gave it)."""
+        self.model = TaskDistillationModel(student, teacher, loss_cfg, record["layer_map"], regression=self.regression)
+        return self.model
 
     def head_rows_key(self) -> str:
         return "n_masked"
@@ -394,7 +397,8 @@ class TaskRecipe:
 
     def _teacher_logits_cache(self) -> np.ndarray:
         """The teacher's logits for every train example [n, C] float32, from ``RUN/teacher_logits.pt`` when its key
-        (teacher weights + tokenized examples + dtype) matches, else computed and saved (rank 0; other ranks wait)."""
+        (teacher weights + tokenized examples + the teacher's dtype) matches, else computed by the trainer's teacher
+        and saved (rank 0; other ranks wait)."""
         import torch.distributed as dist
         from data_prep.files import atomic_path, sha256_file
         from pretrain.rundir import RunDir
@@ -402,7 +406,8 @@ class TaskRecipe:
         path = RunDir(self.cfg.train.output_dir).root / "teacher_logits.pt"
         weights = sorted(Path(self.teacher_path).glob("*.safetensors")) + sorted(Path(self.teacher_path).glob("*.bin"))
         key = hashlib.sha256(json.dumps({"teacher": [sha256_file(w) for w in weights] or self.teacher_path,
-                                         "examples": self.train.digest(), "dtype": "float32"}).encode()).hexdigest()
+                                         "examples": self.train.digest(),
+                                         "dtype": str(self.model.teacher.dtype)}).encode()).hexdigest()
 
         def compute() -> None:
             if path.is_file() and torch.load(path, weights_only=True)["key"] == key:
@@ -421,9 +426,10 @@ class TaskRecipe:
 
     @torch.no_grad()
     def _run_teacher(self, data: TaskExamples, batch_size: int = 64) -> np.ndarray:
-        """The teacher's logits [n, C] float32 for ``data`` (fp32, on this rank's GPU when there is one)."""
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        teacher = self.load_teacher().to(device)
+        """The teacher's logits [n, C] float32 for ``data``, by the trainer's teacher (on its device, in its dtype:
+        fp32 on CPU, half precision on GPU)."""
+        teacher = self.model.teacher
+        device = next(teacher.parameters()).device
         order = np.argsort([-len(x) for x in data.ids], kind="stable")
         out = np.zeros((len(data), teacher.config.num_labels), dtype=np.float32)
         for s in range(0, len(order), batch_size):

@@ -180,6 +180,17 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
     assert "teacher logits: computed for 600 examples" in capfd.readouterr().out
     cache = torch.load(out / "teacher_logits.pt", weights_only=True)
     assert cache["logits"].shape == (600, 6)
+    # the cached rows are the teacher's logits of those examples, each computed alone (no padding, no batching)
+    from transformers import AutoModelForSequenceClassification
+    from pretrain.taskmode import TaskRecipe
+    recipe = TaskRecipe(load(TINY, over))
+    recipe.preflight(1)
+    train = recipe._examples("train")
+    ref = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    with torch.no_grad():
+        for i in (0, 17, 599):
+            logits = ref(input_ids=torch.from_numpy(train.ids[i])[None]).logits[0]
+            torch.testing.assert_close(cache["logits"][i], logits, rtol=1e-4, atol=1e-5)
     train_in_process(load(TINY, over + ["train.max_steps=3"]))
     assert "teacher logits: reusing" in capfd.readouterr().out
     with pytest.raises(ConfigError, match=r"task\.teacher_logits: 'precompute' needs a loss on the logits only"):
