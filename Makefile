@@ -28,7 +28,7 @@ test-fast: setup
 demo: setup
 	scripts/demo.sh $(PY)
 
-# the demo trained 10 times longer (configs/showcase.json, about 45 min), its report with 3 downstream seeds
+# the demo trained 10 times longer (configs/showcase.json, about 27 min on 2 cores), its report with 3 downstream seeds
 showcase: setup
 	DEMO_CONFIG=configs/showcase.json DEMO_DOWNSTREAM_SEEDS=3 scripts/demo.sh $(PY)
 

@@ -7,8 +7,11 @@
 # 2. baselines fine-tuned directly, $SEEDS seeds: the 3-layer student (teacher layers 0, 2, 4 of the sentence encoder)
 #    and the top-layer truncation (its first 3 layers), with the teacher's protocol
 # 3. task distillation from the fine-tuned teacher, $SEEDS seeds each (configs/task-demo.json):
-#    kd          the teacher's layers 0, 2, 4 and its head, KL on the class distributions
-#    two-step    the demo's task-agnostic student (runs/demo/student, `make demo`), then the same task distillation
+#    kd          the fine-tuned teacher's layers 0, 2, 4 and its head, KL on the class distributions
+#    kd-general  the same KD from the untuned layers 0, 2, 4 of row 1 with the teacher's head (task.student): the
+#                starting point of the two-step rows, without their general distillation
+#    two-step    the demo's task-agnostic student (runs/demo/student, `make demo`), then the same task distillation;
+#                also from the showcase's student (runs/showcase/student, `make showcase`) when it is there
 #    distillator the Distillator loss as written: label CE + soft CE + probability cosine, averaged, T = 1
 # 4. every model scored on the test split as it is (python -m pretrain.taskmode evaluate); the table -> $OUT/table.md
 #
@@ -69,48 +72,64 @@ run() {  # name seed overrides...
 }
 for s in $(seq 0 $(( SEEDS - 1 ))); do
   run kd "$s"
+  run kd-general "$s" "task.student=$OUT/models/layers024" task.head=teacher
   if [[ -f runs/demo/student/config.json ]]; then run two-step "$s" task.student=runs/demo/student task.head=teacher; fi
+  if [[ -f runs/showcase/student/config.json ]]; then
+    run two-step-showcase "$s" task.student=runs/showcase/student task.head=teacher
+  fi
   run distillator "$s" loss.alpha_label=0.3333333333 loss.alpha_ce=0.3333333333 loss.alpha_prob_cos=0.3333333333 \
     loss.temperature=1.0
 done
 
 say "4/4 the test split: every model as it is -> $OUT/table.md"
-"$PY" - "$OUT" "$TASK" "$SEEDS" <<'EOF_PY'
+"$PY" - "$OUT" "$TASK" <<'EOF_PY'
 import glob, json, statistics, sys
 from pathlib import Path
 from pretrain.tasks import SplitConfig, load_task
 from pretrain.taskmode import evaluate_classifier
-out, task_name, seeds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+from data_prep.files import atomic_write_text
+out, task_name = Path(sys.argv[1]), sys.argv[2]
 task = load_task(task_name, split=SplitConfig(max_eval=1000))
-rows = {"teacher (fine-tuned)": [str(out / "ft/teacher/embedded_rotten-tomatoes")]}
-base = json.loads((out / "baselines/downstream.json").read_text())
-def ft_scores(model):  # the downstream command's test scores per seed
-    runs = base["tasks"][task_name]["results"][model]["runs"]
-    return [r["score"] for r in runs]
-table = []
-t = evaluate_classifier(rows["teacher (fine-tuned)"][0], task, "test")
-teacher_speed = t["examples_per_s"]
-table.append(("teacher (fine-tuned)", [t["score"]], t["params"], 1.0, None))
+slug = task_name.replace(":", "_")
+teacher = evaluate_classifier(str(out / "ft/teacher" / slug), task, "test")
+teacher_ft = json.loads((out / "teacher-ft/downstream.json").read_text())["tasks"][task_name]["results"]["teacher"]
+rows = [("teacher (fine-tuned)", [teacher["score"]], [r.get("dev_score") for r in teacher_ft["runs"]], 1.0,
+         statistics.mean(r["seconds"] for r in teacher_ft["runs"]))]
+base = json.loads((out / "baselines/downstream.json").read_text())["tasks"][task_name]["results"]
 for model, label in (("layers024", "1. layers 0,2,4 fine-tuned"), ("truncation", "2. truncation fine-tuned")):
-    table.append((label, ft_scores(model), None, None, None))
-for name, label in (("kd", "3. task-distilled (KD)"), ("two-step", "4. two-step (demo student, then KD)"),
+    runs = base[model]["runs"]  # the downstream command's scores; the speed of its saved seed-0 model, measured alike
+    speed = evaluate_classifier(str(out / "baselines/models" / model / slug), task, "test")["examples_per_s"]
+    rows.append((label, [r["score"] for r in runs], [r.get("dev_score") for r in runs], speed / teacher["examples_per_s"],
+                 statistics.mean(r["seconds"] for r in runs)))
+for name, label in (("kd", "3. task-distilled (KD)"), ("kd-general", "3b. KD from the untuned layers 0,2,4"),
+                    ("two-step", "4. two-step (demo student, then KD)"),
+                    ("two-step-showcase", "4b. two-step (showcase student, then KD)"),
                     ("distillator", "5. Distillator loss")):
-    dirs = sorted(glob.glob(str(out / f"{name}-*/student")))
+    dirs = sorted(glob.glob(str(out / f"{name}-[0-9]*/student")))
     if not dirs:
         continue
     res = [evaluate_classifier(d, task, "test") for d in dirs]
-    walls = [float((Path(d).parent / "wall_seconds").read_text()) for d in dirs if (Path(d).parent / "wall_seconds").is_file()]
-    table.append((label, [r["score"] for r in res], res[0]["params"], statistics.mean(r["examples_per_s"] for r in res) / teacher_speed,
-                  statistics.mean(walls) if walls else None))
-tscore = table[0][1][0]
-lines = ["| model | test accuracy (mean ± std) | seeds | share of teacher | speed-up | wall time per run |",
-         "| --- | --- | --- | --- | --- | --- |"]
-for label, scores, params, speed, wall in table:
-    m = statistics.mean(scores); sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
-    lines.append(f"| {label} | {m:.4f} ± {sd:.4f} | {len(scores)} | {m / tscore:.1%} | "
-                 f"{'-' if speed is None else f'{speed:.2f}x'} | {'-' if wall is None else f'{wall:.0f} s'} |")
+    dev = []
+    for d in dirs:  # the dev metric of the run's last in-run evaluation
+        evals = [json.loads(x) for x in (Path(d).parent / "metrics.jsonl").read_text().splitlines() if '"eval_split"' in x]
+        dev.append(evals[-1]["task_score"] if evals else None)
+    walls = [float(w.read_text()) for d in dirs if (w := Path(d).parent / "wall_seconds").is_file()]
+    rows.append((label, [r["score"] for r in res], dev,
+                 statistics.mean(r["examples_per_s"] for r in res) / teacher["examples_per_s"],
+                 statistics.mean(walls) if walls else None))
+def ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+tscore = rows[0][1][0]
+lines = ["| model | test accuracy (mean ± std) | dev accuracy | seeds | share of teacher | speed-up | wall time per run |",
+         "| --- | --- | --- | --- | --- | --- | --- |"]
+for label, scores, dev, speed, wall in rows:
+    lines.append(f"| {label} | {ms(scores)} | {ms(dev)} | {len(scores)} | {statistics.mean(scores) / tscore:.1%} | "
+                 f"{speed:.2f}x | {'-' if wall is None else f'{wall:.0f} s'} |")
 text = "\n".join(lines) + "\n"
-(out / "table.md").write_text(text)
+atomic_write_text(out / "table.md", text)
 print(text)
 EOF_PY
 say "done in $(( (SECONDS - T0) / 60 )) min: $OUT/table.md"
