@@ -83,6 +83,23 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``out`` (``.NAME.tmp-XXXXXXXX``); when the block ends without error, move it
+    over ``out`` (:func:`replace_dir`: a reader sees the old folder or the new one). On any error the temporary
+    folder is removed and ``out`` is left as it was."""
+    import shutil
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{TEMP_MARK}"))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_path`); returns ``path``."""
     with atomic_path(path, mode) as tmp, open(tmp, "wb") as f:

@@ -33,9 +33,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,7 +43,7 @@ import torch
 
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError
-from data_prep.files import atomic_path, atomic_write_text, replace_dir
+from data_prep.files import atomic_dir, atomic_path, atomic_write_text
 from pretrain.losses import mean_pool
 from pretrain.tasks import (DEFAULT_TASK, OFFLINE_TASKS, REGRESSION, LocalFields, SplitConfig, Task,
                             TaskError, compute_metrics, known_tasks, load_task, score)
@@ -186,18 +184,12 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
     if not 0 < k <= n:
         raise DownstreamError(f"truncation baseline: k={k} layers, but the teacher {teacher_path} has {n}")
     student, _ = build_student(teacher, StudentConfig(layers=list(range(k))))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         with _quiet_transformers():
             student.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         (tmp / "truncation.json").write_text(json.dumps({"teacher": str(teacher_path), "layers": list(range(k)),
                                                          "built_with": "pretrain.student.build_student"}, indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -471,9 +463,7 @@ def _save_model(model, tokenizer, out: Path, info: dict) -> None:
     """Save a fine-tuned model folder atomically (temporary sibling folder, then rename over ``out``). A
     :class:`MeanPoolClassifier` is saved as its encoder's folder plus ``downstream_head.safetensors``
     (``classifier.weight`` [num_labels, hidden], ``classifier.bias``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         with _quiet_transformers():
             if isinstance(model, MeanPoolClassifier):
                 from safetensors.torch import save_file
@@ -484,10 +474,6 @@ def _save_model(model, tokenizer, out: Path, info: dict) -> None:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         (tmp / "downstream_finetune.json").write_text(json.dumps(info, indent=1, default=str))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------------ probe

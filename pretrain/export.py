@@ -14,13 +14,12 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_prep.files import replace_dir
+from data_prep.files import atomic_dir
 from pretrain.rundir import EXPORT_INFO as INFO, latest_tag_in
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -94,9 +93,7 @@ def save_student(model: torch.nn.Module, out: str | Path, meta_dir: Path, info: 
     ``distill_export.json`` (provenance: checkpoint, step). Returns ``out``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         for src in Path(meta_dir).rglob("*"):
             if src.is_file():  # config.json too: save_pretrained rewrites it
                 dst = tmp / src.relative_to(meta_dir)
@@ -104,10 +101,6 @@ def save_student(model: torch.nn.Module, out: str | Path, meta_dir: Path, info: 
                 shutil.copyfile(src, dst)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / INFO).write_text(json.dumps(info, indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
