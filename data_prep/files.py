@@ -6,14 +6,15 @@
 - :func:`atomic_write_bytes` / :func:`atomic_write_text`: the same for bytes / text.
 - :func:`sha256_file`: a file's hex sha256, read in 4 MiB blocks.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -72,6 +73,7 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Move the finished folder ``tmp`` to ``out`` with renames only, replacing an older ``out`` (moved aside first,
     then deleted): a reader sees the old folder or the new one. Returns ``out``."""
     import shutil
+
     tmp, out = Path(tmp), Path(out)
     old = None
     if out.exists():
@@ -89,6 +91,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     over ``out`` (:func:`replace_dir`: a reader sees the old folder or the new one). On any error the temporary
     folder is removed and ``out`` is left as it was."""
     import shutil
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{TEMP_MARK}"))

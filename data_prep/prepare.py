@@ -15,6 +15,7 @@ Data flow (one pass, streaming, memory flat in corpus size):
    counts, statistics) is saved atomically to ``prepare-state.npz``; a run started again with the same arguments
    continues from there and writes byte-identical output. ``token_counts.npy`` and ``manifest.json`` come last.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,10 +28,10 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -39,8 +40,15 @@ from data_prep.errors import DataPrepError
 from data_prep.files import atomic_write_bytes, leftover_temps, sha256_file
 from data_prep.shards import MANIFEST, SPLITS, TOKEN_COUNTS, ShardWriter
 from data_prep.sources import Source, parse_source
-from data_prep.tokenizer import (Encoder, backend_json, encode_in_worker, init_worker, load_tokenizer,
-                                 token_dtype, tokenizer_record)
+from data_prep.tokenizer import (
+    Encoder,
+    backend_json,
+    encode_in_worker,
+    init_worker,
+    load_tokenizer,
+    token_dtype,
+    tokenizer_record,
+)
 
 STATE = "prepare-state.npz"
 
@@ -81,8 +89,9 @@ class PrepareConfig:
         if not 0.0 <= self.valid_fraction < 1.0:
             raise DataPrepError(f"--valid-fraction {self.valid_fraction}: must be in [0, 1)")
         if self.shard_tokens < self.max_seq_length:
-            raise DataPrepError(f"--shard-tokens {self.shard_tokens}: must be >= --max-seq-length "
-                                f"{self.max_seq_length}")
+            raise DataPrepError(
+                f"--shard-tokens {self.shard_tokens}: must be >= --max-seq-length {self.max_seq_length}"
+            )
         if self.num_proc < 0:
             raise DataPrepError(f"--num-proc {self.num_proc}: must be >= 0 (0 = tokenize in the main process)")
         if self.min_doc_tokens < 1:
@@ -132,8 +141,8 @@ class Packer:
         if not len(lengths):
             return
         stream = np.empty(len(self.carry) + len(ids) + len(lengths), self.writer.dtype)
-        stream[:len(self.carry)] = self.carry
-        body = stream[len(self.carry):]
+        stream[: len(self.carry)] = self.carry
+        body = stream[len(self.carry) :]
         seps = np.cumsum(lengths + 1) - 1
         is_text = np.ones(len(body), bool)
         is_text[seps] = False
@@ -146,9 +155,9 @@ class Packer:
             rows = np.empty((full, self.length), self.writer.dtype)
             rows[:, 0] = self.cls
             rows[:, -1] = self.sep
-            rows[:, 1:-1] = stream[:full * chunk].reshape(full, chunk)
+            rows[:, 1:-1] = stream[: full * chunk].reshape(full, chunk)
             self._emit(rows)
-        self.carry = stream[full * chunk:].copy()
+        self.carry = stream[full * chunk :].copy()
 
     def finish(self) -> None:
         """Write the last, shorter sequence (unless the carry is only a document separator)."""
@@ -192,8 +201,10 @@ def _ordered_map(executor, batches, window: int):
             b, fut = pending.popleft()
             yield b, fut.result()
     except BrokenProcessPool:
-        raise DataPrepError("a tokenizer worker process died (killed, or out of memory: lower --num-proc or "
-                            "--batch-chars); finished shards are kept: run the same command again to resume") from None
+        raise DataPrepError(
+            "a tokenizer worker process died (killed, or out of memory: lower --num-proc or "
+            "--batch-chars); finished shards are kept: run the same command again to resume"
+        ) from None
 
 
 def _fingerprint(cfg: PrepareConfig, sources: list[Source], tok_record: dict) -> tuple[dict, str]:
@@ -301,14 +312,18 @@ def prepare(cfg: PrepareConfig) -> dict:
             _say(f"{out}: already complete for these arguments (manifest.json); nothing to do")
             return old
         if not cfg.overwrite:
-            raise DataPrepError(f"{out / MANIFEST}: the folder holds the output of a different run "
-                                f"(its config: {json.dumps(old.get('config'))}); pass --overwrite to replace it, "
-                                "or choose another --output")
+            raise DataPrepError(
+                f"{out / MANIFEST}: the folder holds the output of a different run "
+                f"(its config: {json.dumps(old.get('config'))}); pass --overwrite to replace it, "
+                "or choose another --output"
+            )
     state = None if cfg.overwrite else _load_state(out) if out.is_dir() else None
     if state is not None and state[0].get("run_id") != run_id:
-        raise DataPrepError(f"{out / STATE}: the folder holds an unfinished run with different arguments or "
-                            f"inputs (its config: {json.dumps(state[0].get('config'))}); run that command again "
-                            "to finish it, or pass --overwrite to start this one")
+        raise DataPrepError(
+            f"{out / STATE}: the folder holds an unfinished run with different arguments or "
+            f"inputs (its config: {json.dumps(state[0].get('config'))}); run that command again "
+            "to finish it, or pass --overwrite to start this one"
+        )
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
@@ -345,8 +360,10 @@ class _Run:
         self.cls, self.sep = record["cls_token_id"], record["sep_token_id"]
         self.counts = np.zeros(record["vocab_size"], np.int64)
         self.writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens) for s in SPLITS}
-        self.packers = {s: Packer(self.writers[s], self.cls, self.sep, cfg.max_seq_length,
-                                  self.counts if s == "train" else None) for s in SPLITS}
+        self.packers = {
+            s: Packer(self.writers[s], self.cls, self.sep, cfg.max_seq_length, self.counts if s == "train" else None)
+            for s in SPLITS
+        }
         self.cursor = 0  # documents consumed (all effects of documents < cursor are in the state)
         self.per_source = [{"documents": 0, "tokens": 0} for _ in sources]
         self.dropped = {"empty": {"documents": 0, "tokens": 0}, "short": {"documents": 0, "tokens": 0}}
@@ -361,16 +378,21 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        meta = {"run_id": self.run_id, "config": self.config, "cursor": self.cursor,
-                "per_source": self.per_source, "dropped": self.dropped, "special_in_text": self.special_in_text,
-                "splits": {}}
+        meta = {
+            "run_id": self.run_id,
+            "config": self.config,
+            "cursor": self.cursor,
+            "per_source": self.per_source,
+            "dropped": self.dropped,
+            "special_in_text": self.special_in_text,
+            "splits": {},
+        }
         arrays = {"token_counts": self.counts}
         for s in SPLITS:
             self.writers[s].sync()
             wstate, offsets = self.writers[s].state()
             p = self.packers[s]
-            meta["splits"][s] = {"writer": wstate, "num_documents": p.num_documents,
-                                 "num_sequences": p.num_sequences}
+            meta["splits"][s] = {"writer": wstate, "num_documents": p.num_documents, "num_sequences": p.num_sequences}
             arrays[f"{s}_offsets"] = offsets
             arrays[f"{s}_carry"] = p.carry
         _save_state(self.out, meta, arrays)
@@ -387,8 +409,10 @@ class _Run:
             p = self.packers[s]
             p.num_documents, p.num_sequences = int(m["num_documents"]), int(m["num_sequences"])
             p.carry = arrays[f"{s}_carry"].astype(self.dtype)
-        _say(f"{self.out}: resuming an interrupted run at document {self.cursor:,} "
-             f"({sum(len(w.done) for w in self.writers.values())} finished shards kept)")
+        _say(
+            f"{self.out}: resuming an interrupted run at document {self.cursor:,} "
+            f"({sum(len(w.done) for w in self.writers.values())} finished shards kept)"
+        )
 
     def abandon(self) -> None:
         for w in self.writers.values():
@@ -431,12 +455,24 @@ class _Run:
             next(docs, None)
         batches = _batches(docs, cfg.batch_chars)
         tty = sys.stderr.isatty()
-        bar = tqdm(desc="prepare", unit=" docs", unit_scale=True, initial=self.cursor, disable=not cfg.progress,
-                   mininterval=0.5 if tty else 30.0, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            desc="prepare",
+            unit=" docs",
+            unit_scale=True,
+            initial=self.cursor,
+            disable=not cfg.progress,
+            mininterval=0.5 if tty else 30.0,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         executor = None
         if cfg.num_proc > 0:
-            executor = ProcessPoolExecutor(cfg.num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=init_worker, initargs=(self.tokenizer_json, self.dtype.str, True))
+            executor = ProcessPoolExecutor(
+                cfg.num_proc,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.tokenizer_json, self.dtype.str, True),
+            )
             results = _ordered_map(executor, batches, 2 * cfg.num_proc + 2)
         else:
             encoder = Encoder(self.tokenizer_json, self.dtype)
@@ -451,8 +487,10 @@ class _Run:
                 now = time.perf_counter()
                 if now - last_post > 1.0:
                     last_post = now
-                    bar.set_postfix_str(f"{self.new_tokens / 1e6:.1f}M tokens, "
-                                        f"{self.new_tokens / (now - t0) / 1e3:.0f}k tokens/s", refresh=False)
+                    bar.set_postfix_str(
+                        f"{self.new_tokens / 1e6:.1f}M tokens, {self.new_tokens / (now - t0) / 1e3:.0f}k tokens/s",
+                        refresh=False,
+                    )
             if executor is not None:
                 # The executor has no public list of its workers; _processes exists since Python 3.2.
                 workers = list(getattr(executor, "_processes", {}) or {})
@@ -482,10 +520,13 @@ class _Run:
                 f"the corpus is empty: {read} documents read from {[s.spec for s in self.sources]}, "
                 f"{splits['valid']['num_documents']} went to the valid split, dropped: "
                 f"{self.dropped['empty']['documents']} empty and {self.dropped['short']['documents']} shorter than "
-                f"--min-doc-tokens {cfg.min_doc_tokens}; nothing was written")
+                f"--min-doc-tokens {cfg.min_doc_tokens}; nothing was written"
+            )
         if cfg.valid_fraction > 0 and splits["valid"]["num_sequences"] == 0:
-            _say(f"warning: the valid split is empty ({read} documents, --valid-fraction {cfg.valid_fraction}); "
-                 "raise --valid-fraction for evaluation data")
+            _say(
+                f"warning: the valid split is empty ({read} documents, --valid-fraction {cfg.valid_fraction}); "
+                "raise --valid-fraction for evaluation data"
+            )
         shards.atomic_save_npy(self.out / TOKEN_COUNTS, self.counts)
         self.dropped["short"]["min_doc_tokens"] = cfg.min_doc_tokens
         manifest = {
@@ -494,13 +535,16 @@ class _Run:
             "max_seq_length": cfg.max_seq_length,
             "dtype": self.dtype.name,
             "packing": "full-sentences: the split's documents as one stream doc1 SEP doc2 SEP ..., cut into "
-                       "max_seq_length-2 tokens, each stored as CLS chunk SEP (cls/sep_token_id); no padding",
+            "max_seq_length-2 tokens, each stored as CLS chunk SEP (cls/sep_token_id); no padding",
             "splits": splits,
-            "token_counts": {"file": TOKEN_COUNTS, "bytes": (self.out / TOKEN_COUNTS).stat().st_size,
-                             "sha256": sha256_file(self.out / TOKEN_COUNTS)},
+            "token_counts": {
+                "file": TOKEN_COUNTS,
+                "bytes": (self.out / TOKEN_COUNTS).stat().st_size,
+                "sha256": sha256_file(self.out / TOKEN_COUNTS),
+            },
             "documents": {"read": read, "kept": splits["train"]["num_documents"] + splits["valid"]["num_documents"]},
             "dropped": self.dropped,
-            "sources": [dict(s.describe(), **c) for s, c in zip(self.sources, self.per_source)],
+            "sources": [dict(s.describe(), **c) for s, c in zip(self.sources, self.per_source, strict=False)],
             "special_tokens_in_text": self.special_in_text,
             "seed": cfg.seed,
             "valid_fraction": cfg.valid_fraction,
@@ -534,17 +578,25 @@ class _Run:
     def print_summary(self, manifest: dict, stats: dict) -> None:
         sp = manifest["splits"]
         d = manifest["dropped"]
-        print(f"prepared {self.out} in {stats['elapsed_s']:.1f} s "
-              f"({stats['tokens_per_s'] / 1e3:,.0f}k document tokens/s over {stats['pipeline_s']:.1f} s of "
-              f"pipeline, {self.cfg.num_proc} worker processes)")
-        print(f"  documents: {manifest['documents']['read']:,} read, {sp['train']['num_documents']:,} train, "
-              f"{sp['valid']['num_documents']:,} valid, dropped {d['empty']['documents']:,} empty and "
-              f"{d['short']['documents']:,} short ({d['short']['tokens']:,} tokens)")
+        print(
+            f"prepared {self.out} in {stats['elapsed_s']:.1f} s "
+            f"({stats['tokens_per_s'] / 1e3:,.0f}k document tokens/s over {stats['pipeline_s']:.1f} s of "
+            f"pipeline, {self.cfg.num_proc} worker processes)"
+        )
+        print(
+            f"  documents: {manifest['documents']['read']:,} read, {sp['train']['num_documents']:,} train, "
+            f"{sp['valid']['num_documents']:,} valid, dropped {d['empty']['documents']:,} empty and "
+            f"{d['short']['documents']:,} short ({d['short']['tokens']:,} tokens)"
+        )
         for s in SPLITS:
-            print(f"  {s}: {sp[s]['num_sequences']:,} sequences, {sp[s]['num_tokens']:,} tokens "
-                  f"({manifest['dtype']}, max_seq_length {manifest['max_seq_length']}) in {len(sp[s]['shards'])} "
-                  "shard(s)")
-        print(f"  CPU: main {stats['cpu_s_main']:.1f} s, workers {stats['cpu_s_workers']:.1f} s; peak RSS: main "
-              f"{stats['peak_rss_main_mib']:.0f} MiB, largest worker {stats['peak_rss_worker_mib']:.0f} MiB")
+            print(
+                f"  {s}: {sp[s]['num_sequences']:,} sequences, {sp[s]['num_tokens']:,} tokens "
+                f"({manifest['dtype']}, max_seq_length {manifest['max_seq_length']}) in {len(sp[s]['shards'])} "
+                "shard(s)"
+            )
+        print(
+            f"  CPU: main {stats['cpu_s_main']:.1f} s, workers {stats['cpu_s_workers']:.1f} s; peak RSS: main "
+            f"{stats['peak_rss_main_mib']:.0f} MiB, largest worker {stats['peak_rss_worker_mib']:.0f} MiB"
+        )
         if manifest["special_tokens_in_text"]:
             print(f"  note: {manifest['special_tokens_in_text']} cls/sep ids came from the text itself")

@@ -13,13 +13,14 @@ form one stream ``doc1 SEP doc2 SEP ...`` cut into chunks of ``max_seq_length - 
 ``CLS chunk SEP`` (BERT ``[CLS] ... [SEP]``, RoBERTa ``<s> ... </s>``); every sequence has exactly
 ``max_seq_length`` tokens except possibly the split's last one. No padding is stored.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -39,9 +40,12 @@ SHARD_FILE = re.compile(r"^(train|valid)-(\d{5})\.(bin|idx\.npy|bin\.partial)$")
 def split_summary(records: list[dict], num_documents: int) -> dict:
     """A split's manifest entry: sequences and tokens summed over its shard records (:meth:`ShardWriter.close`), the
     documents packed into it, and the records."""
-    return {"num_sequences": sum(r["num_sequences"] for r in records),
-            "num_tokens": sum(r["num_tokens"] for r in records),
-            "num_documents": num_documents, "shards": records}
+    return {
+        "num_sequences": sum(r["num_sequences"] for r in records),
+        "num_tokens": sum(r["num_tokens"] for r in records),
+        "num_documents": num_documents,
+        "shards": records,
+    }
 
 
 def shard_files(split: str, k: int) -> tuple[str, str]:
@@ -66,13 +70,17 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise DataPrepError(f"{path}: not found; {directory} is not a finished `python -m data_prep prepare` "
-                            "output (run prepare, or finish an interrupted run by starting it again)") from None
+        raise DataPrepError(
+            f"{path}: not found; {directory} is not a finished `python -m data_prep prepare` "
+            "output (run prepare, or finish an interrupted run by starting it again)"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataPrepError(f"{path}: cannot read ({e})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataPrepError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
-                            f"{FORMAT_VERSION}; prepare the data again")
+        raise DataPrepError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}; prepare the data again"
+        )
     return manifest
 
 
@@ -115,8 +123,10 @@ class ShardedTokens:
         for s in self._shards:
             path = self.directory / s["file"]
             if not path.is_file() or path.stat().st_size != s["bytes"]:
-                raise DataPrepError(f"{path}: missing or not {s['bytes']} bytes as the manifest says; "
-                                    f"run `python -m data_prep verify {self.directory}`")
+                raise DataPrepError(
+                    f"{path}: missing or not {s['bytes']} bytes as the manifest says; "
+                    f"run `python -m data_prep verify {self.directory}`"
+                )
         self._index: list[np.ndarray | None] = [None] * len(self._shards)
         self._tokens: list[np.ndarray | None] = [None] * len(self._shards)
         self._lengths: np.ndarray | None = None
@@ -130,11 +140,14 @@ class ShardedTokens:
             try:
                 idx = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
-                raise DataPrepError(f"{path}: cannot read the index ({e}); run `python -m data_prep verify "
-                                    f"{self.directory}`") from None
+                raise DataPrepError(
+                    f"{path}: cannot read the index ({e}); run `python -m data_prep verify {self.directory}`"
+                ) from None
             if idx.shape != (self._shards[s]["num_sequences"] + 1,):
-                raise DataPrepError(f"{path}: index shape {idx.shape} does not match the manifest's "
-                                    f"{self._shards[s]['num_sequences']} sequences")
+                raise DataPrepError(
+                    f"{path}: index shape {idx.shape} does not match the manifest's "
+                    f"{self._shards[s]['num_sequences']} sequences"
+                )
             self._index[s] = idx
         return self._index[s]
 
@@ -153,7 +166,7 @@ class ShardedTokens:
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
         j = i - int(self._starts[s])
         idx = self._idx(s)
-        return np.array(self._tok(s)[int(idx[j]):int(idx[j + 1])])
+        return np.array(self._tok(s)[int(idx[j]) : int(idx[j + 1])])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -177,10 +190,10 @@ class ShardedTokens:
             for j0 in range(0, len(idx) - 1, block_sequences):
                 j1 = min(j0 + block_sequences, len(idx) - 1)
                 base = int(idx[j0])
-                block = np.array(tokens[base:int(idx[j1])])
+                block = np.array(tokens[base : int(idx[j1])])
                 keep = np.ones(len(block), dtype=bool)
                 keep[idx[j0:j1] - base] = False  # CLS
-                keep[idx[j0 + 1:j1 + 1] - base - 1] = False  # wrapper SEP
+                keep[idx[j0 + 1 : j1 + 1] - base - 1] = False  # wrapper SEP
                 content = block[keep]
                 cuts = np.flatnonzero(content == sep)
                 start = 0
@@ -245,7 +258,7 @@ class ShardWriter:
         while i < n:
             room = -(-(self.shard_tokens - self._tokens) // length)  # rows until the shard is full (ceil)
             take = min(n - i, max(room, 1))
-            chunk = rows[i:i + take]
+            chunk = rows[i : i + take]
             self._open().write(chunk.tobytes())
             self._offsets.append(self._tokens + length * np.arange(1, take + 1, dtype=np.int64))
             self._tokens += take * length
@@ -322,9 +335,11 @@ class ShardWriter:
         if index_path.exists():
             index_path.unlink()
         if want and (not partial.exists() or partial.stat().st_size < want):
-            raise DataPrepError(f"{partial}: expected at least {want} bytes to resume from, found "
-                                f"{partial.stat().st_size if partial.exists() else 'no file'}; the output folder "
-                                "was modified: start again with --overwrite")
+            raise DataPrepError(
+                f"{partial}: expected at least {want} bytes to resume from, found "
+                f"{partial.stat().st_size if partial.exists() else 'no file'}; the output folder "
+                "was modified: start again with --overwrite"
+            )
         if partial.exists():
             with open(partial, "r+b") as f:
                 f.truncate(want)
@@ -370,19 +385,26 @@ def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
             ok = check(s["file"], s["bytes"], s["sha256"])
             ok = check(s["index_file"], s["index_bytes"], s["index_sha256"]) and ok
             if s["bytes"] != s["num_tokens"] * itemsize:
-                problems.append(f"{directory / s['file']}: manifest says {s['num_tokens']} tokens but "
-                                f"{s['bytes']} bytes")
+                problems.append(
+                    f"{directory / s['file']}: manifest says {s['num_tokens']} tokens but {s['bytes']} bytes"
+                )
             elif ok:
                 idx = np.load(directory / s["index_file"], allow_pickle=False)
-                if (idx.shape != (s["num_sequences"] + 1,) or idx[0] != 0 or idx[-1] != s["num_tokens"]
-                        or np.any(np.diff(idx) <= 0)):
+                if (
+                    idx.shape != (s["num_sequences"] + 1,)
+                    or idx[0] != 0
+                    or idx[-1] != s["num_tokens"]
+                    or np.any(np.diff(idx) <= 0)
+                ):
                     problems.append(f"{directory / s['index_file']}: offsets inconsistent with the manifest")
             totals["shards"] += 1
             seqs += s["num_sequences"]
             toks += s["num_tokens"]
         if (seqs, toks) != (entry["num_sequences"], entry["num_tokens"]):
-            problems.append(f"{directory / MANIFEST}: split {split!r} totals ({entry['num_sequences']} sequences, "
-                            f"{entry['num_tokens']} tokens) differ from its shards' ({seqs}, {toks})")
+            problems.append(
+                f"{directory / MANIFEST}: split {split!r} totals ({entry['num_sequences']} sequences, "
+                f"{entry['num_tokens']} tokens) differ from its shards' ({seqs}, {toks})"
+            )
         totals["sequences"] += seqs
         totals["tokens"] += toks
     tc = manifest.get("token_counts")
@@ -390,6 +412,8 @@ def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
         counts = np.load(directory / tc["file"], allow_pickle=False)
         train_tokens = manifest["splits"].get("train", {}).get("num_tokens", 0)
         if counts.shape != (manifest["tokenizer"]["vocab_size"],) or int(counts.sum()) != train_tokens:
-            problems.append(f"{directory / tc['file']}: shape {counts.shape} / sum {int(counts.sum())} does not "
-                            f"match vocab_size {manifest['tokenizer']['vocab_size']} / train tokens {train_tokens}")
+            problems.append(
+                f"{directory / tc['file']}: shape {counts.shape} / sum {int(counts.sum())} does not "
+                f"match vocab_size {manifest['tokenizer']['vocab_size']} / train tokens {train_tokens}"
+            )
     return problems, totals

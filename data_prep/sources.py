@@ -21,6 +21,7 @@ For ``jsonl`` and ``parquet`` the part after the last ``:`` is the field when th
 expanded with ``glob.glob(recursive=True)`` after ``~`` expansion and sorted, so the order is deterministic.
 Undecodable bytes stop the run with the file and byte offset, unless ``errors="replace"`` (U+FFFD is substituted).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,8 @@ import glob
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from data_prep.errors import DataPrepError
 
@@ -101,9 +102,11 @@ def parse_source(spec: str) -> Source:
     """
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
-        raise DataPrepError(f"--source {spec!r}: unknown source kind {kind!r}; use one of "
-                            "embedded, wikipedia[:CONFIG], bookcorpus, text:GLOB, jsonl:GLOB[:FIELD], "
-                            "parquet:GLOB[:FIELD], hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
+        raise DataPrepError(
+            f"--source {spec!r}: unknown source kind {kind!r}; use one of "
+            "embedded, wikipedia[:CONFIG], bookcorpus, text:GLOB, jsonl:GLOB[:FIELD], "
+            "parquet:GLOB[:FIELD], hf:NAME[:CONFIG[:SPLIT[:FIELD]]]"
+        )
     if kind == "embedded":
         if rest:
             raise DataPrepError(f"--source {spec!r}: 'embedded' takes no arguments")
@@ -141,8 +144,9 @@ def expand_glob(pattern: str, spec: str) -> list[Path]:
         return [path]
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
-        raise DataPrepError(f"--source {spec!r}: the glob {pattern!r} matches no files "
-                            f"(working directory {os.getcwd()})")
+        raise DataPrepError(
+            f"--source {spec!r}: the glob {pattern!r} matches no files (working directory {os.getcwd()})"
+        )
     return files
 
 
@@ -157,8 +161,9 @@ def _decoded_lines(path: Path, errors: str) -> Iterator[tuple[int, str]]:
                 if errors != "replace":
                     raise DataPrepError(
                         f"{path}: undecodable bytes at byte offset {offset + e.start} (line {number}): {e.reason} "
-                        f"(byte {raw[e.start:e.start + 1]!r}); the file must be UTF-8: fix it, or pass "
-                        "--errors replace to substitute U+FFFD and go on") from None
+                        f"(byte {raw[e.start : e.start + 1]!r}); the file must be UTF-8: fix it, or pass "
+                        "--errors replace to substitute U+FFFD and go on"
+                    ) from None
                 line = raw.decode("utf-8", "replace")
             if number == 1 and line.startswith("\ufeff"):
                 line = line[1:]
@@ -202,8 +207,10 @@ def jsonl_documents(path: Path, field: str = "text", errors: str = "strict") -> 
         if not isinstance(obj, dict):
             raise DataPrepError(f"{path}: line {number}: expected a JSON object, got {type(obj).__name__}")
         if field not in obj:
-            raise DataPrepError(f"{path}: line {number}: no field {field!r} (fields: {sorted(obj)[:20]}); "
-                                f"name the text field as jsonl:GLOB:FIELD")
+            raise DataPrepError(
+                f"{path}: line {number}: no field {field!r} (fields: {sorted(obj)[:20]}); "
+                f"name the text field as jsonl:GLOB:FIELD"
+            )
         value = obj[field]
         if value is None:
             value = ""
@@ -248,12 +255,15 @@ def hf_documents(name: str, config: str | None, split: str, field: str = "text")
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError, ...)
-        raise DataPrepError(f"cannot open {what}: {type(e).__name__}: {e}. Check the name, the network / HF_TOKEN, "
-                            "or prepare from local files with text:, jsonl: or parquet: sources") from None
+        raise DataPrepError(
+            f"cannot open {what}: {type(e).__name__}: {e}. Check the name, the network / HF_TOKEN, "
+            "or prepare from local files with text:, jsonl: or parquet: sources"
+        ) from None
     for i, row in enumerate(ds):
         if field not in row:
-            raise DataPrepError(f"{what}: row {i} has no field {field!r} (fields: {sorted(row)[:20]}); "
-                                "use hf:NAME:CONFIG:SPLIT:FIELD")
+            raise DataPrepError(
+                f"{what}: row {i} has no field {field!r} (fields: {sorted(row)[:20]}); use hf:NAME:CONFIG:SPLIT:FIELD"
+            )
         value = row[field]
         yield "" if value is None else str(value)
 

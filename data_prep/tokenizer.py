@@ -6,6 +6,7 @@ exactly as ``tokenizer(texts, add_special_tokens=False, split_special_tokens=Tru
 (e.g. a literal ``[SEP]`` or ``</s>``) are tokenized as text, so the only control tokens in the shards are the
 ones packing adds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,20 +32,26 @@ def load_tokenizer(name_or_path: str) -> Any:
 
     path = resolve_model(name_or_path)
     if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise DataPrepError(f"--tokenizer {name_or_path!r}: no such file or directory {path!r}; give a local "
-                            "tokenizer/model folder, a Hugging Face hub name, or embedded:minilm-l6")
+        raise DataPrepError(
+            f"--tokenizer {name_or_path!r}: no such file or directory {path!r}; give a local "
+            "tokenizer/model folder, a Hugging Face hub name, or embedded:minilm-l6"
+        )
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... depending on what is missing
-        raise DataPrepError(f"--tokenizer {name_or_path!r}: cannot load a tokenizer from {path!r} "
-                            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
-                            "give a folder with tokenizer.json (or vocab files), a Hugging Face hub name, or "
-                            "embedded:minilm-l6") from None
+        raise DataPrepError(
+            f"--tokenizer {name_or_path!r}: cannot load a tokenizer from {path!r} "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+            "give a folder with tokenizer.json (or vocab files), a Hugging Face hub name, or "
+            "embedded:minilm-l6"
+        ) from None
     if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
-        raise DataPrepError(f"--tokenizer {name_or_path!r}: {type(tok).__name__} has no fast (Rust) tokenizer; "
-                            "data_prep needs one (save it with tokenizer.json)")
+        raise DataPrepError(
+            f"--tokenizer {name_or_path!r}: {type(tok).__name__} has no fast (Rust) tokenizer; "
+            "data_prep needs one (save it with tokenizer.json)"
+        )
     return tok
 
 
@@ -56,9 +63,11 @@ def wrap_ids(tok: Any, name: str = "the tokenizer") -> tuple[int, int]:
     cls = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
     sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
     if cls is None or sep is None:
-        raise DataPrepError(f"{name}: needs a cls/sep (or bos/eos) token to pack sequences as CLS ... SEP, but "
-                            f"cls={tok.cls_token!r} sep={tok.sep_token!r} bos={tok.bos_token!r} "
-                            f"eos={tok.eos_token!r}; use a BERT/RoBERTa-style tokenizer or add these tokens")
+        raise DataPrepError(
+            f"{name}: needs a cls/sep (or bos/eos) token to pack sequences as CLS ... SEP, but "
+            f"cls={tok.cls_token!r} sep={tok.sep_token!r} bos={tok.bos_token!r} "
+            f"eos={tok.eos_token!r}; use a BERT/RoBERTa-style tokenizer or add these tokens"
+        )
     return int(cls), int(sep)
 
 

@@ -16,6 +16,7 @@ passed on (``-u``, which the DeepSpeed launcher gives, ``-X``, ``-W``, ...). The
 about 50 ms. ``-m`` puts the working directory first on ``sys.path``, as any ``python -m`` does: run from a checkout's
 root, that checkout's code is the one used. Process listings show ``python -m MODULE`` instead of the script.
 """
+
 import importlib.machinery
 import importlib.metadata
 import os
@@ -38,15 +39,19 @@ def problem(module: str) -> str | None:
     try:
         importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        return (f"the {DISTRIBUTION} package is not installed for {sys.executable}: run `make setup` (a .venv with "
-                f"everything), or `{sys.executable} -m pip install -e .` in the repository root")
+        return (
+            f"the {DISTRIBUTION} package is not installed for {sys.executable}: run `make setup` (a .venv with "
+            f"everything), or `{sys.executable} -m pip install -e .` in the repository root"
+        )
     if getattr(sys.flags, "safe_path", False):  # -P (Python >= 3.11): the working directory is not searched
         return None
     package = module.split(".")[0]
     spec = importlib.machinery.PathFinder.find_spec(package, [os.getcwd()])  # finds, imports nothing
     if spec is not None and spec.submodule_search_locations is None:
-        return (f"{spec.origin} in the working directory would hide the {package} package from `python -m "
-                f"{module}`; run the command from another directory (the repository root)")
+        return (
+            f"{spec.origin} in the working directory would hide the {package} package from `python -m "
+            f"{module}`; run the command from another directory (the repository root)"
+        )
     return None
 
 

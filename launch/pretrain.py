@@ -18,6 +18,7 @@ exec avoids that without touching ``sys.path``, and keeps what the launchers rel
 wait for it), environment and ignored signals (the SLURM tasks ignore USR1 until the trainer's handler is installed),
 and the interpreter's options (``-u`` from the DeepSpeed launcher). Process listings show ``python -m pretrain.main``.
 """
+
 import sys
 
 from handover import run_module  # launch/handover.py: launch/ is first on sys.path when Python runs this file

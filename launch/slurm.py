@@ -10,6 +10,7 @@ Options and behaviour: ``pretrain/slurm.py`` and docs/cluster.md. Needs the pack
 ``launch/handover.py`` (``launch/`` is first on ``sys.path`` here, so ``import pretrain`` would find
 ``launch/pretrain.py``).
 """
+
 import sys
 
 from handover import run_module  # launch/handover.py: launch/ is first on sys.path when Python runs this file

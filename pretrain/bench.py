@@ -41,6 +41,7 @@ one extra untimed step per mode after the timed ones, from a clean start: CPU th
 reset through ``/proc/self/clear_refs`` after ``malloc_trim``); GPU ``torch.cuda.max_memory_allocated``. Results and
 commands: docs/performance.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ import numpy as np
 import torch
 
 from data_prep.files import atomic_write_bytes
-from pretrain.flops import datasheet_peak, device_name, measure_cpu_peak, step_flops, _dims
+from pretrain.flops import _dims, datasheet_peak, device_name, measure_cpu_peak, step_flops
 from pretrain.runtime import KEEP_FREED_BYTES, set_malloc_thresholds
+
 
 class PeakMemory:
     """Peak memory of the steps between :meth:`reset` and :meth:`read` (bytes).
@@ -108,6 +110,7 @@ class PeakMemory:
                     if line.startswith("VmHWM:"):
                         return int(line.split()[1]) * 1024
         import resource
+
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -139,8 +142,11 @@ def word_level_tokenizer(vocab_size: int, specials: dict[str, int]):
     optionally bos/eos) at their ids, ``t<id>`` elsewhere. Enough for shards, masking and the trainer's checks."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    names = {"bert": {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"},
-             "roberta": {"cls": "<s>", "sep": "</s>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}}
+
+    names = {
+        "bert": {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"},
+        "roberta": {"cls": "<s>", "sep": "</s>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"},
+    }
     style = names["roberta" if specials.get("bos") is not None else "bert"]
     vocab = {f"t{i}": i for i in range(vocab_size)}
     for role, token in style.items():
@@ -159,7 +165,9 @@ def make_random_teacher(spec: str, folder: Path, seed: int = 0) -> Path:
     tokenizer of its vocabulary in ``folder`` (BERT ids: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103;
     RoBERTa-like ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> vocab-1). Returns ``folder``."""
     from transformers import AutoConfig, AutoModelForMaskedLM
+
     from pretrain.teacher import PADDING_OFFSET_MODELS
+
     model_type, kwargs = parse_random_spec(spec)
     config = AutoConfig.for_model(model_type, **kwargs)
     v = int(config.vocab_size)
@@ -177,14 +185,16 @@ def make_random_teacher(spec: str, folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def write_synthetic_shards(folder: Path, tokenizer, *, seq_len: int, num_sequences: int, valid_sequences: int = 16,
-                           seed: int = 0) -> Path:
+def write_synthetic_shards(
+    folder: Path, tokenizer, *, seq_len: int, num_sequences: int, valid_sequences: int = 16, seed: int = 0
+) -> Path:
     """Shards in the ``data_prep`` format (manifest, ``.bin`` + index per split, ``token_counts.npy``) of
     ``num_sequences`` train and ``valid_sequences`` valid sequences of ``seq_len`` tokens: documents of 50-500
     uniformly random non-special ids packed FULL-SENTENCES by ``data_prep.prepare.Packer``. Returns ``folder``."""
     from data_prep import shards
     from data_prep.prepare import Packer
     from data_prep.tokenizer import token_dtype, tokenizer_record
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = tokenizer_record(tokenizer, "synthetic")
@@ -196,16 +206,25 @@ def write_synthetic_shards(folder: Path, tokenizer, *, seq_len: int, num_sequenc
     splits = {}
     for split, n in (("train", num_sequences), ("valid", valid_sequences)):
         writer = shards.ShardWriter(folder, split, dtype, shard_tokens=1 << 25)
-        packer = Packer(writer, record["cls_token_id"], record["sep_token_id"], seq_len,
-                        counts if split == "train" else None)
+        packer = Packer(
+            writer, record["cls_token_id"], record["sep_token_id"], seq_len, counts if split == "train" else None
+        )
         while packer.num_sequences < n:
             lengths = rng.integers(50, 501, size=64).astype(np.int64)
             packer.add(allowed[rng.integers(0, len(allowed), int(lengths.sum()))].astype(dtype), lengths)
         splits[split] = shards.split_summary(writer.close(), packer.num_documents)
     shards.atomic_save_npy(folder / shards.TOKEN_COUNTS, counts)
-    manifest = {"format_version": shards.FORMAT_VERSION, "tokenizer": record, "max_seq_length": seq_len,
-                "dtype": dtype.name, "splits": splits, "dropped": {}, "sources": [{"synthetic": "uniform random ids"}],
-                "seed": seed, "valid_fraction": valid_sequences / (num_sequences + valid_sequences)}
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "tokenizer": record,
+        "max_seq_length": seq_len,
+        "dtype": dtype.name,
+        "splits": splits,
+        "dropped": {},
+        "sources": [{"synthetic": "uniform random ids"}],
+        "seed": seed,
+        "valid_fraction": valid_sequences / (num_sequences + valid_sequences),
+    }
     atomic_write_bytes(folder / shards.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return folder
 
@@ -239,15 +258,17 @@ class Mode:
 
 FAST = Mode("fast")
 NAIVE = Mode("naive", full_logits=True, eager=True, teacher_fp32=True)
-ABLATION_MODES = {"head": Mode("fast-full-logits", full_logits=True),
-                  "attention": Mode("fast-eager-attention", eager=True),
-                  "teacher-fp32": Mode("fast-teacher-fp32", teacher_fp32=True),
-                  "host-sync": Mode("fast-host-sync", host_sync=True),
-                  "optimizer": Mode("fast-unfused-adamw", unfused_optimizer=True),
-                  "allreduce": Mode("fast-allreduce", allreduce=True),
-                  "malloc": Mode("fast-default-malloc", default_malloc=True),
-                  "vocab-align": Mode("fast-unaligned-vocab", unaligned_vocab=True),
-                  "dropout": Mode("fast-no-dropout", no_dropout=True)}
+ABLATION_MODES = {
+    "head": Mode("fast-full-logits", full_logits=True),
+    "attention": Mode("fast-eager-attention", eager=True),
+    "teacher-fp32": Mode("fast-teacher-fp32", teacher_fp32=True),
+    "host-sync": Mode("fast-host-sync", host_sync=True),
+    "optimizer": Mode("fast-unfused-adamw", unfused_optimizer=True),
+    "allreduce": Mode("fast-allreduce", allreduce=True),
+    "malloc": Mode("fast-default-malloc", default_malloc=True),
+    "vocab-align": Mode("fast-unaligned-vocab", unaligned_vocab=True),
+    "dropout": Mode("fast-no-dropout", no_dropout=True),
+}
 ABLATIONS = tuple(ABLATION_MODES)
 
 
@@ -259,6 +280,7 @@ class ModeSwitch:
 
     def __init__(self, trainer, modes: list[Mode]):
         from pretrain.teacher import teacher_dtype
+
         self.trainer = trainer
         self.on_micro_batch = None  # host-sync mode: .item() of every loss part after each micro-batch
         self.model = trainer.model
@@ -273,15 +295,21 @@ class ModeSwitch:
         self.torch_optimizer = getattr(opt, "optimizer", opt)
         self.fused = [g.get("fused") for g in self.torch_optimizer.param_groups]
         # the trainer tuned glibc (keep_freed_memory); setting the same values again says whether glibc is there
-        self.malloc = (not trainer.cuda and "MALLOC_MMAP_THRESHOLD_" not in os.environ
-                       and set_malloc_thresholds(KEEP_FREED_BYTES, KEEP_FREED_BYTES))
+        self.malloc = (
+            not trainer.cuda
+            and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+            and set_malloc_thresholds(KEEP_FREED_BYTES, KEEP_FREED_BYTES)
+        )
         for mode in modes:
             if mode.unfused_optimizer and not all(self.fused):
-                raise SystemExit(f"error: --ablate optimizer: the optimizer ({type(self.torch_optimizer).__name__}) "
-                                 f"is not torch's fused AdamW")
+                raise SystemExit(
+                    f"error: --ablate optimizer: the optimizer ({type(self.torch_optimizer).__name__}) "
+                    f"is not torch's fused AdamW"
+                )
             if mode.allreduce and self.allreduce:
-                raise SystemExit("error: --ablate allreduce: the trainer all-reduces already (more than one rank "
-                                 "or ZeRO)")
+                raise SystemExit(
+                    "error: --ablate allreduce: the trainer all-reduces already (more than one rank or ZeRO)"
+                )
             if mode.unaligned_vocab and not trainer.cuda:
                 raise SystemExit("error: --ablate vocab-align: CUDA only (on CPU the heads run unpadded)")
             if mode.default_malloc and not self.malloc:
@@ -309,7 +337,7 @@ class ModeSwitch:
         if next(model.teacher.parameters()).dtype != dtype:
             model.move_teacher(self.trainer.device, dtype)
         self.on_micro_batch = self._host_sync if mode.host_sync else None
-        for g, fused in zip(self.torch_optimizer.param_groups, self.fused):
+        for g, fused in zip(self.torch_optimizer.param_groups, self.fused, strict=False):
             if "fused" in g:  # torch's Adam / AdamW
                 g["fused"] = False if mode.unfused_optimizer else fused
         engine.enable_backward_allreduce = True if mode.allreduce else self.allreduce
@@ -337,6 +365,7 @@ def prepare_run(args, tmp: Path):
     """Load the config with the bench's overrides, writing the random teacher / synthetic shards into ``tmp``."""
     from pretrain.config import load
     from pretrain.schema import ConfigError
+
     try:
         cfg = load(args.config, args.overrides)
     except ConfigError as e:
@@ -351,14 +380,19 @@ def prepare_run(args, tmp: Path):
     seq_len = _spec_seq_len(cfg.data.dir)
     if args.synthetic or seq_len is not None:
         from transformers import AutoTokenizer
+
         from data_prep.embedded import resolve_model
+
         tok = AutoTokenizer.from_pretrained(extra.get("teacher.name_or_path") or resolve_model(teacher))
         seq_len = args.seq_len or seq_len or 128
         modes = 1 + args.both + len(args.ablate)
         micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu") or cfg.deepspeed.get("train_batch_size"))
         need = (args.warmup + args.steps) * modes * micro * int(cfg.deepspeed.get("gradient_accumulation_steps") or 1)
-        extra["data.dir"] = str(write_synthetic_shards(tmp / "shards", tok, seq_len=seq_len,
-                                                       num_sequences=max(64, min(need, 4096)), seed=cfg.train.seed))
+        extra["data.dir"] = str(
+            write_synthetic_shards(
+                tmp / "shards", tok, seq_len=seq_len, num_sequences=max(64, min(need, 4096)), seed=cfg.train.seed
+            )
+        )
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in extra.items()]
     try:
         return load(args.config, overrides)
@@ -373,6 +407,7 @@ def _median(xs: list[float]) -> float:
 def run_bench(args) -> list[dict]:
     """Set up the trainer, time the modes interleaved, return (and print) the JSON records."""
     from pretrain.trainer import Trainer
+
     modes = [NAIVE] if args.naive and not args.both else [FAST] + ([NAIVE] if args.both else [])
     modes += [ABLATION_MODES[a] for a in args.ablate]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -385,7 +420,7 @@ def run_bench(args) -> list[dict]:
             trainer.close()
 
 
-def _one_step(trainer, switch: "ModeSwitch", cuda: bool) -> tuple[Any, list[dict], float, float, float]:
+def _one_step(trainer, switch: ModeSwitch, cuda: bool) -> tuple[Any, list[dict], float, float, float]:
     """One ``fit``-style step (``Trainer.step_once``): (result, micro-batches, wall seconds, data-wait seconds,
     process CPU seconds)."""
     dev = trainer.device
@@ -408,9 +443,15 @@ def _step_model_flops(trainer, model, mode: Mode, res, batches) -> int:
         head = positions
     else:
         head = float(res.parts["n_masked" if trainer.cfg.loss.restrict_ce_to_mask else "n_tokens"])
-    return sum(step_flops(model, sequences=b["input_ids"].shape[0], seq_len=b["input_ids"].shape[1],
-                          head_positions=round(head * b["input_ids"].numel() / positions))["total"]
-               for b in batches)  # a micro-batch's head rows: its share of the step's gathered rows
+    return sum(
+        step_flops(
+            model,
+            sequences=b["input_ids"].shape[0],
+            seq_len=b["input_ids"].shape[1],
+            head_positions=round(head * b["input_ids"].numel() / positions),
+        )["total"]
+        for b in batches
+    )  # a micro-batch's head rows: its share of the step's gathered rows
 
 
 def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
@@ -431,9 +472,19 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
             if i < args.warmup:
                 continue
             st = stats[mode.name]
-            for k, v in zip(keys, (wall, wait, cpu, _step_model_flops(trainer, switch.model, mode, res, batches),
-                                   float(res.parts["n_tokens"]), sum(b["input_ids"].shape[0] for b in batches),
-                                   float(res.bad))):
+            for k, v in zip(
+                keys,
+                (
+                    wall,
+                    wait,
+                    cpu,
+                    _step_model_flops(trainer, switch.model, mode, res, batches),
+                    float(res.parts["n_tokens"]),
+                    sum(b["input_ids"].shape[0] for b in batches),
+                    float(res.bad),
+                ),
+                strict=False,
+            ):
                 st[k].append(v)
     if hasattr(os, "getloadavg"):
         load.append(os.getloadavg()[0])
@@ -455,36 +506,58 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
     else:
         peak_after = measure_cpu_peak(args.peak_size)
         peak = max(peak_before, peak_after)
-        peak_source = (f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul on {torch.get_num_threads()} "
-                       f"thread(s) (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f} GFLOP/s)")
+        peak_source = (
+            f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul on {torch.get_num_threads()} "
+            f"thread(s) (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f} GFLOP/s)"
+        )
     out = []
     config = _describe(trainer)
     for mode in modes:
         st = {k: _median(v) for k, v in stats[mode.name].items()}
         step_s, tok = st["step_s"], st["tokens"]
         achieved = st["flops"] / step_s
-        rec = {"benchmark": "distill_train_step", "mode": mode.name, "device": dev.type, "device_name": name,
-               "precision": precision, "steps": len(stats[mode.name]["step_s"]), "warmup": args.warmup,
-               "step_s": round(step_s, 4), "step_s_min": round(min(stats[mode.name]["step_s"]), 4),
-               "step_s_max": round(max(stats[mode.name]["step_s"]), 4), "first_step_s": round(first[mode.name], 3),
-               "cpu_s": round(st["cpu_s"], 4),
-               "data_wait_s": round(st["data_wait_s"], 5), "skipped_steps": int(sum(stats[mode.name]["skipped"])),
-               "tokens_per_step": int(tok),
-               "sequences_per_step": int(st["sequences"]), "tokens_per_s": round(tok / step_s, 1),
-               "sequences_per_s": round(st["sequences"] / step_s, 3), "flops_per_token": round(st["flops"] / tok),
-               "flops_per_step": int(st["flops"]), "achieved_flops_per_s": round(achieved),
-               "peak_flops_per_s": None if peak is None else round(peak), "peak_source": peak_source,
-               "mfu": None if peak is None else float(f"{achieved / peak:.4g}"),
-               "peak_memory_mib": round(peak_memory[mode.name] / 2 ** 20, 1), "memory_kind": memory.kind,
-               "load_average": [round(x, 2) for x in load],
-               "mode_detail": {k: v for k, v in dataclasses.asdict(mode).items() if k != "name"}, "config": config}
+        rec = {
+            "benchmark": "distill_train_step",
+            "mode": mode.name,
+            "device": dev.type,
+            "device_name": name,
+            "precision": precision,
+            "steps": len(stats[mode.name]["step_s"]),
+            "warmup": args.warmup,
+            "step_s": round(step_s, 4),
+            "step_s_min": round(min(stats[mode.name]["step_s"]), 4),
+            "step_s_max": round(max(stats[mode.name]["step_s"]), 4),
+            "first_step_s": round(first[mode.name], 3),
+            "cpu_s": round(st["cpu_s"], 4),
+            "data_wait_s": round(st["data_wait_s"], 5),
+            "skipped_steps": int(sum(stats[mode.name]["skipped"])),
+            "tokens_per_step": int(tok),
+            "sequences_per_step": int(st["sequences"]),
+            "tokens_per_s": round(tok / step_s, 1),
+            "sequences_per_s": round(st["sequences"] / step_s, 3),
+            "flops_per_token": round(st["flops"] / tok),
+            "flops_per_step": int(st["flops"]),
+            "achieved_flops_per_s": round(achieved),
+            "peak_flops_per_s": None if peak is None else round(peak),
+            "peak_source": peak_source,
+            "mfu": None if peak is None else float(f"{achieved / peak:.4g}"),
+            "peak_memory_mib": round(peak_memory[mode.name] / 2**20, 1),
+            "memory_kind": memory.kind,
+            "load_average": [round(x, 2) for x in load],
+            "mode_detail": {k: v for k, v in dataclasses.asdict(mode).items() if k != "name"},
+            "config": config,
+        }
         out.append(rec)
         print(json.dumps(rec), flush=True)
     if len(modes) > 1:
         base = out[0]
-        cmp = {"benchmark": "distill_train_step", "mode": "comparison", "reference": base["mode"],
-               "tokens_per_s": {r["mode"]: r["tokens_per_s"] for r in out},
-               "speedup_over": {r["mode"]: round(base["tokens_per_s"] / r["tokens_per_s"], 3) for r in out[1:]}}
+        cmp = {
+            "benchmark": "distill_train_step",
+            "mode": "comparison",
+            "reference": base["mode"],
+            "tokens_per_s": {r["mode"]: r["tokens_per_s"] for r in out},
+            "speedup_over": {r["mode"]: round(base["tokens_per_s"] / r["tokens_per_s"], 3) for r in out[1:]},
+        }
         if any(r["mode"] == "naive" for r in out):
             cmp["speedup"] = cmp["speedup_over"]["naive"]
         out.append(cmp)
@@ -496,6 +569,7 @@ def profile_step(trainer, switch: ModeSwitch, mode: Mode, path: Path, rows: int 
     """Profile one more step of ``mode`` with ``torch.profiler`` (CPU, and CUDA kernels on GPU) and write the
     operator table, sorted by self device time (CPU: self CPU time), to ``path`` (text)."""
     from torch.profiler import ProfilerActivity, profile
+
     cuda = trainer.device.type == "cuda"
     switch.set(mode)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -513,45 +587,84 @@ def _describe(trainer) -> dict:
     th, tl, _, tv = _dims(t)
     sh, sl, _, _ = _dims(s)
     seq = int(trainer.recipe.info.manifest["max_seq_length"])
-    return {"teacher": {"model_type": t.model_type, "hidden": th, "layers": tl, "vocab": tv,
-                        "dtype": str(next(model.teacher.parameters()).dtype).replace("torch.", ""),
-                        "attention": t._attn_implementation},
-            "student": {"hidden": sh, "layers": sl, "attention": s._attn_implementation,
-                        "parameters": sum(p.numel() for p in model.parameters())},
-            "seq_len": seq, "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
-            "micro_batch": trainer.plan.micro_batch, "accumulation": trainer.plan.accumulation,
-            "world_size": trainer.world_size, "zero_stage": trainer.stage, "precision": trainer.precision,
-            "optimizer": type(getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)).__name__,
-            "gradient_allreduce": bool(trainer.engine.enable_backward_allreduce),
-            "prefetch": cfg.data.prefetch, "compile": cfg.train.compile,
-            "threads": torch.get_num_threads(), "loss_terms": sorted(cfg.loss.active()),
-            "compiled_modules": model.compiled_modules()}
+    return {
+        "teacher": {
+            "model_type": t.model_type,
+            "hidden": th,
+            "layers": tl,
+            "vocab": tv,
+            "dtype": str(next(model.teacher.parameters()).dtype).replace("torch.", ""),
+            "attention": t._attn_implementation,
+        },
+        "student": {
+            "hidden": sh,
+            "layers": sl,
+            "attention": s._attn_implementation,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "seq_len": seq,
+        "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
+        "micro_batch": trainer.plan.micro_batch,
+        "accumulation": trainer.plan.accumulation,
+        "world_size": trainer.world_size,
+        "zero_stage": trainer.stage,
+        "precision": trainer.precision,
+        "optimizer": type(getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)).__name__,
+        "gradient_allreduce": bool(trainer.engine.enable_backward_allreduce),
+        "prefetch": cfg.data.prefetch,
+        "compile": cfg.train.compile,
+        "threads": torch.get_num_threads(),
+        "loss_terms": sorted(cfg.loss.active()),
+        "compiled_modules": model.compiled_modules(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="a run config (JSON), e.g. configs/bench-cpu-small.json")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--naive", action="store_true", help="time only the naive step")
-    g.add_argument("--both", action="store_true", help="time the fast and the naive step, interleaved; print the "
-                                                       "speed-up")
-    p.add_argument("--ablate", action="append", default=[], choices=ABLATIONS,
-                   help="also time the fast step with one optimisation undone, or (dropout) with the student's "
-                        "dropout off (repeatable)")
-    p.add_argument("--synthetic", action="store_true", help="synthetic shards (random ids of the teacher's "
-                                                            "vocabulary) instead of data.dir")
-    p.add_argument("--seq-len", type=int, default=None, metavar="L",
-                   help="tokens per synthetic sequence (default: data.dir's synthetic:L, else 128)")
+    g.add_argument(
+        "--both", action="store_true", help="time the fast and the naive step, interleaved; print the speed-up"
+    )
+    p.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        choices=ABLATIONS,
+        help="also time the fast step with one optimisation undone, or (dropout) with the student's "
+        "dropout off (repeatable)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="synthetic shards (random ids of the teacher's vocabulary) instead of data.dir",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="L",
+        help="tokens per synthetic sequence (default: data.dir's synthetic:L, else 128)",
+    )
     p.add_argument("--peak-size", type=int, default=2048, metavar="N", help="CPU peak: N x N fp32 matmul")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (overrides the measured / "
-                                                                  "datasheet peak)")
-    p.add_argument("--profile", default=None, metavar="FILE",
-                   help="after the timed steps, profile one step of the first mode (torch.profiler) and write its "
-                        "operator table to FILE")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (overrides the measured / datasheet peak)"
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="after the timed steps, profile one step of the first mode (torch.profiler) and write its "
+        "operator table to FILE",
+    )
     p.add_argument("--profile-rows", type=int, default=40, metavar="N", help="rows of the --profile table")
     args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0:

@@ -7,6 +7,7 @@ losses) through :class:`pretrain.distill.DistillationModel` with ``naive=False``
 both see the same machine load. Prints one JSON line: tokens/s of each path (non-pad tokens per second) and the ratio.
 The full training step (optimizer, DeepSpeed) is measured by ``pretrain.bench``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,25 @@ def build(args):
     from pretrain.student import StudentConfig, build_student
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                     num_attention_heads=args.hidden // 64, intermediate_size=4 * args.hidden,
-                     max_position_embeddings=max(512, args.seq), attn_implementation="sdpa")
+    cfg = BertConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(512, args.seq),
+        attn_implementation="sdpa",
+    )
     teacher = BertForMaskedLM(cfg).eval()
-    student, record = build_student(teacher, StudentConfig(layers=list(range(0, args.layers, 2))[:args.student_layers]))
+    student, record = build_student(
+        teacher, StudentConfig(layers=list(range(0, args.layers, 2))[: args.student_layers])
+    )
     loss_cfg = LossConfig()  # DistilBERT: alpha_ce 5, alpha_mlm 2, alpha_cos 1, T = 2
     fast = DistillationModel(student, teacher, loss_cfg, record["layer_map"])
     naive = DistillationModel(student, teacher, loss_cfg, record["layer_map"], naive=True)
-    masker = Masker(MaskingConfig(), vocab_size=args.vocab, special_ids=[0, 100, 101, 102, 103], mask_token_id=103,
-                    pad_token_id=0)
+    masker = Masker(
+        MaskingConfig(), vocab_size=args.vocab, special_ids=[0, 100, 101, 102, 103], mask_token_id=103, pad_token_id=0
+    )
     return fast, naive, masker
 
 
@@ -73,10 +83,18 @@ def main(argv=None) -> dict:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     tokens = int(mask.sum())
-    out = {"benchmark": "distill_core_step", "device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "batch": args.batch, "seq": args.seq,
-           "teacher": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
-           "student_layers": args.student_layers, "steps": args.steps}
+    out = {
+        "benchmark": "distill_core_step",
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "teacher": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
+        "student_layers": args.student_layers,
+        "steps": args.steps,
+    }
     for name, ts in times.items():
         med = sorted(ts)[len(ts) // 2]
         out[f"{name}_step_s"] = round(med, 4)

@@ -14,6 +14,7 @@ Layout of ``output_dir/checkpoints/``::
 A tag without a valid ``checkpoint.json`` (a save cut off by preemption, a truncated or altered file) is skipped at
 resume for the previous complete one, with a warning naming it (:meth:`CheckpointManager.find_resume`).
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,8 +22,9 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,10 +88,15 @@ def verify(tag_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable {MANIFEST}: {e}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    well_formed = (isinstance(files, dict) and isinstance(manifest.get("step"), int)
-                   and isinstance(manifest.get("world_size"), int)
-                   and all(isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
-                           for i in files.values()))
+    well_formed = (
+        isinstance(files, dict)
+        and isinstance(manifest.get("step"), int)
+        and isinstance(manifest.get("world_size"), int)
+        and all(
+            isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+            for i in files.values()
+        )
+    )
     if not well_formed:
         raise ValueError(f"malformed {MANIFEST} (expected step, world_size and files with bytes and sha256)")
     for name, info in files.items():
@@ -117,8 +124,9 @@ def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "no space", "quota", "iostream error", "failed writing", "unexpected pos", "i/o error"))
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("no space", "quota", "iostream error", "failed writing", "unexpected pos", "i/o error")
+    )
 
 
 class CheckpointManager:
@@ -134,8 +142,16 @@ class CheckpointManager:
             doubles as the barrier between the phases of a save).
     """
 
-    def __init__(self, run: RunDir, *, rank: int, world_size: int, keep_last: int, save_interval: int,
-                 all_ok: Callable[[bool], bool]):
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        save_interval: int,
+        all_ok: Callable[[bool], bool],
+    ):
         self.run, self.root = run, run.checkpoints
         self.rank, self.world_size, self.keep_last, self.save_interval = rank, world_size, keep_last, save_interval
         self.all_ok = all_ok
@@ -145,8 +161,9 @@ class CheckpointManager:
         """Whether to checkpoint after ``step``: at the interval, at the last step, and when the ranks stop."""
         return stopping or last or bool(self.save_interval and step % self.save_interval == 0)
 
-    def save(self, engine, step: int, client_state: dict[str, Any],
-             write_extra: Callable[[Path], None] | None = None) -> Path:
+    def save(
+        self, engine, step: int, client_state: dict[str, Any], write_extra: Callable[[Path], None] | None = None
+    ) -> Path:
         """Save a checkpoint on every rank (collective: all ranks must call it at the same step).
 
         ``client_state`` goes into DeepSpeed's model-states file; each rank adds its RNG states; rank 0 runs
@@ -177,8 +194,13 @@ class CheckpointManager:
             files = {}
             for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
                 files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            manifest = {"step": step, "tag": tag, "world_size": self.world_size, "files": files,
-                        "config": client_state.get("config")}
+            manifest = {
+                "step": step,
+                "tag": tag,
+                "world_size": self.world_size,
+                "files": files,
+                "config": client_state.get("config"),
+            }
             atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
             atomic_write_text(self.run.latest_file, tag)
             self._prune(keep=tag)
@@ -194,16 +216,21 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         free = shutil.disk_usage(self.root).free
-        intact = (f"the last complete checkpoint {self.root / complete[0]} is intact and a rerun resumes from it"
-                  if complete else "there is no complete checkpoint yet")
+        intact = (
+            f"the last complete checkpoint {self.root / complete[0]} is intact and a rerun resumes from it"
+            if complete
+            else "there is no complete checkpoint yet"
+        )
         what = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "failed on another rank"
-        return CheckpointError(f"could not write checkpoint {tag_dir} ({what}); a checkpoint needs about "
-                               f"{size / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free on that file system; "
-                               f"{intact}. Free space and run the same command again")
+        return CheckpointError(
+            f"could not write checkpoint {tag_dir} ({what}); a checkpoint needs about "
+            f"{size / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free on that file system; "
+            f"{intact}. Free space and run the same command again"
+        )
 
     def _prune(self, keep: str) -> None:
         complete = [t for s, t in list_tags(self.root) if (self.root / t / MANIFEST).is_file()]
-        keep_set = set(complete[:self.keep_last]) | {keep}
+        keep_set = set(complete[: self.keep_last]) | {keep}
         for _, tag in list_tags(self.root):  # older complete ones and incomplete leftovers
             if tag not in keep_set:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
@@ -217,7 +244,7 @@ class CheckpointManager:
         """
         notes = []
         tags = list_tags(self.root)
-        for step, tag in tags:
+        for _step, tag in tags:
             try:
                 manifest = verify(self.root / tag)
             except ValueError as e:
@@ -225,8 +252,10 @@ class CheckpointManager:
                 continue
             return tag, manifest, notes
         if tags:
-            raise ValueError(f"{self.root} holds checkpoints but none is complete ({'; '.join(notes)}); move the "
-                             f"directory away to start over, or restore a complete checkpoint")
+            raise ValueError(
+                f"{self.root} holds checkpoints but none is complete ({'; '.join(notes)}); move the "
+                f"directory away to start over, or restore a complete checkpoint"
+            )
         return None, None, notes
 
     def resume_point(self, mine: dict, *, allow_world_size_change: bool) -> tuple[str, dict] | None:
@@ -235,6 +264,7 @@ class CheckpointManager:
         another run's checkpoints (:meth:`pretrain.rundir.RunDir.check_same_run`), another world size unless
         allowed (another world size then loads through :mod:`pretrain.reshard`)."""
         from pretrain.runtime import warn
+
         try:
             tag, manifest, notes = self.find_resume()
         except ValueError as e:
@@ -264,6 +294,7 @@ class CheckpointManager:
         """Rank 0 exports the latest checkpoint to ``student/`` unless it holds that export already; returns
         ``(folder, exported now)``. Not collective (the caller adds the barrier)."""
         from pretrain.export import export_checkpoint
+
         tag = self.run.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"{self.run.latest_file}: no checkpoint to export")
@@ -274,8 +305,10 @@ class CheckpointManager:
 
     def export_init(self, student: torch.nn.Module, write_meta: Callable[[Path], None], info: dict) -> Path | None:
         """Save ``student`` (before training) to ``student_init/`` once (rank 0); None when it exists already."""
-        from pretrain.export import save_student
         import tempfile
+
+        from pretrain.export import save_student
+
         if self.run.student_init.is_dir():
             return None
         with tempfile.TemporaryDirectory(dir=self.run.root) as meta:

@@ -12,6 +12,7 @@ from the command line are applied before validation. ``python -m pretrain.config
 reference of every field; ``python -m pretrain.config CONFIG [overrides]`` validates a file and prints the resolved
 config.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ from pretrain.losses import LossConfig
 from pretrain.masking import MaskingConfig
 from pretrain.schema import ConfigError, check, param
 from pretrain.stages import StageConfig, stage_losses
-from pretrain.taskmode import TaskConfig, check_run_config
 from pretrain.student import StudentConfig
+from pretrain.taskmode import TaskConfig, check_run_config
 
 COMMENT_KEYS = ("comment", "_source")  # documented top-level keys that hold prose (sources of hyperparameters)
 
@@ -39,19 +40,26 @@ class TeacherConfig:
 
     name_or_path: str = param(
         help='Hugging Face hub name (e.g. "roberta-base"), local model directory, or "embedded:minilm-l6" / '
-             '"embedded:bert-tiny-mlm" (offline assets, see data_prep). A model whose config lists a *ForMaskedLM '
-             'architecture is loaded with its MLM head; any other as a bare encoder.')
+        '"embedded:bert-tiny-mlm" (offline assets, see data_prep). A model whose config lists a *ForMaskedLM '
+        "architecture is loaded with its MLM head; any other as a bare encoder."
+    )
     revision: str | None = param(None, help="Hub revision (branch, tag or commit) of name_or_path; null = default.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = param(
-        "auto", help='Precision of the teacher, which only runs forward: "auto" = the run\'s half precision on GPU '
-                     '(deepspeed.fp16 -> float16, deepspeed.bf16 -> bfloat16, else float32) and float32 on CPU.')
+        "auto",
+        help='Precision of the teacher, which only runs forward: "auto" = the run\'s half precision on GPU '
+        "(deepspeed.fp16 -> float16, deepspeed.bf16 -> bfloat16, else float32) and float32 on CPU.",
+    )
     attn_implementation: Literal["sdpa", "eager"] = param(
-        "sdpa", help='Attention kernel of the teacher: "sdpa" (PyTorch scaled_dot_product_attention, fast) or "eager".')
+        "sdpa", help='Attention kernel of the teacher: "sdpa" (PyTorch scaled_dot_product_attention, fast) or "eager".'
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming ``teacher.<key>``."""
-        check(bool(self.name_or_path.strip()), "teacher.name_or_path",
-              "is empty; give a hub name, a local model directory or embedded:NAME")
+        check(
+            bool(self.name_or_path.strip()),
+            "teacher.name_or_path",
+            "is empty; give a hub name, a local model directory or embedded:NAME",
+        )
 
 
 @dataclasses.dataclass
@@ -60,45 +68,63 @@ class TrainConfig:
 
     output_dir: str = param(
         help="Run directory: config.json, metrics.jsonl, tensorboard/, checkpoints/, student_init/, student/. "
-             "Running the same command again resumes from its checkpoints/latest.")
+        "Running the same command again resumes from its checkpoints/latest."
+    )
     max_steps: int = param(
         help="Optimizer steps to train (each step = deepspeed.train_batch_size sequences). Also the length of the "
-             "learning-rate schedule unless deepspeed.scheduler.params.total_num_steps is given.")
-    seed: int = param(56, help="Seed of the data order, masking, dropout and any random init (56: the default of "
-                               "Hugging Face's research_projects/distillation/train.py).")
+        "learning-rate schedule unless deepspeed.scheduler.params.total_num_steps is given."
+    )
+    seed: int = param(
+        56,
+        help="Seed of the data order, masking, dropout and any random init (56: the default of "
+        "Hugging Face's research_projects/distillation/train.py).",
+    )
     log_interval: int = param(10, help="Steps between metrics.jsonl / TensorBoard / console lines (rank 0).")
     evaluate: bool = param(
-        True, help="Evaluate the student on the shards' valid split (every eval_interval steps and at the end); the "
-                   "run refuses to start when that split is missing, unreadable or has fewer sequences than ranks. "
-                   "false = no evaluation (shards prepared without a valid split).")
+        True,
+        help="Evaluate the student on the shards' valid split (every eval_interval steps and at the end); the "
+        "run refuses to start when that split is missing, unreadable or has fewer sequences than ranks. "
+        "false = no evaluation (shards prepared without a valid split).",
+    )
     eval_interval: int = param(500, help="Steps between evaluations on the valid split; 0 = only at the end.")
     eval_sequences: int = param(
-        2048, help="Valid sequences per evaluation (the first ones of the split, shared out over the ranks); "
-                   "0 = the whole split.")
-    save_interval: int = param(
-        500, help="Steps between checkpoints; 0 = only at the end and on SIGTERM / SIGUSR1.")
+        2048,
+        help="Valid sequences per evaluation (the first ones of the split, shared out over the ranks); "
+        "0 = the whole split.",
+    )
+    save_interval: int = param(500, help="Steps between checkpoints; 0 = only at the end and on SIGTERM / SIGUSR1.")
     keep_last: int = param(3, help="Checkpoints kept in checkpoints/ (older ones are deleted after a save).")
     max_bad_steps: int = param(
-        25, help="Stop with an error after this many consecutive steps with a non-finite loss or gradient (skipped "
-                 "steps: fp16 loss-scale overflows included; the last checkpoint stays intact).")
+        25,
+        help="Stop with an error after this many consecutive steps with a non-finite loss or gradient (skipped "
+        "steps: fp16 loss-scale overflows included; the last checkpoint stays intact).",
+    )
     allow_world_size_change: bool = param(
-        False, help="Resume a checkpoint written with another number of ranks (a SLURM job requeued on fewer nodes). "
-                    "The data order continues at the nearest position of the new layout (up to one global micro-"
-                    "batch repeated or skipped); with ZeRO-1/2/3 the weights and the AdamW moments are re-sharded "
-                    "through DeepSpeed's universal checkpoint (docs/cluster.md, 'Changing the number of ranks').")
+        False,
+        help="Resume a checkpoint written with another number of ranks (a SLURM job requeued on fewer nodes). "
+        "The data order continues at the nearest position of the new layout (up to one global micro-"
+        "batch repeated or skipped); with ZeRO-1/2/3 the weights and the AdamW moments are re-sharded "
+        "through DeepSpeed's universal checkpoint (docs/cluster.md, 'Changing the number of ranks').",
+    )
     export_init: bool = param(
-        True, help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
-                   "before/after comparison); done once, on a fresh run.")
+        True,
+        help="Export the student before training to output_dir/student_init/ (for the evaluation report's "
+        "before/after comparison); done once, on a fresh run.",
+    )
     tensorboard: bool = param(True, help="Write TensorBoard scalars to output_dir/tensorboard/ (rank 0).")
     stages: list[StageConfig] | None = param(
-        None, help="Two-step distillation: a list of stages, each {\"steps\": N, \"name\": ..., \"loss\": {alpha_...}} "
-                   "run in order on this run directory; a stage's loss keys replace the loss section's for its steps "
-                   "(TinyBERT: intermediate layers first, then the prediction layer). The steps must add up to "
-                   "max_steps. null = one stage with the loss section.")
+        None,
+        help='Two-step distillation: a list of stages, each {"steps": N, "name": ..., "loss": {alpha_...}} '
+        "run in order on this run directory; a stage's loss keys replace the loss section's for its steps "
+        "(TinyBERT: intermediate layers first, then the prediction layer). The steps must add up to "
+        "max_steps. null = one stage with the loss section.",
+    )
     compile: bool = param(
-        False, help="torch.compile the student's and the teacher's encoders (in place: checkpoints and exports are "
-                    "unchanged) and the logit losses; about 40 s of compilation at the start. Recommended on GPU "
-                    "(H100, roberta-base -> 6 layers: 1.13x tokens/s); slower on CPU (docs/performance.md).")
+        False,
+        help="torch.compile the student's and the teacher's encoders (in place: checkpoints and exports are "
+        "unchanged) and the logit losses; about 40 s of compilation at the start. Recommended on GPU "
+        "(H100, roberta-base -> 6 layers: 1.13x tokens/s); slower on CPU (docs/performance.md).",
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming ``train.<key>``."""
@@ -112,8 +138,13 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig, "masking": MaskingConfig,
-    "loss": LossConfig, "train": TrainConfig, "task": TaskConfig,
+    "teacher": TeacherConfig,
+    "student": StudentConfig,
+    "data": DataConfig,
+    "masking": MaskingConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "task": TaskConfig,
 }
 REQUIRED_SECTIONS = ("teacher", "train")
 
@@ -143,19 +174,23 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-section rules (each section validated itself already). Raises :class:`ConfigError`."""
         from pretrain import ds_config
+
         stage_losses(self)  # each stage's loss weights valid, the steps add up
         check_run_config(self)  # task mode or shards: the terms and keys each needs
         ds_config.check_static(self.deepspeed, self.train.max_steps)
         if self.loss.alpha_ce > 0 or self.loss.alpha_mlm > 0:
-            check(self.masking.mlm_mask_prop > 0, "masking.mlm_mask_prop",
-                  "must be > 0 when loss.alpha_ce or loss.alpha_mlm is on")
+            check(
+                self.masking.mlm_mask_prop > 0,
+                "masking.mlm_mask_prop",
+                "must be > 0 when loss.alpha_ce or loss.alpha_mlm is on",
+            )
 
 
 def from_dict(raw: dict, where: str = "config") -> RunConfig:
     """Build and validate a :class:`RunConfig` from a raw dict; ``where`` (the file name) prefixes every error."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a JSON object with sections {list(SECTIONS) + ['deepspeed']}")
-    valid = list(SECTIONS) + ["deepspeed"] + list(COMMENT_KEYS)
+        raise ConfigError(f"{where}: expected a JSON object with sections {[*list(SECTIONS), 'deepspeed']}")
+    valid = [*list(SECTIONS), "deepspeed", *list(COMMENT_KEYS)]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; valid top-level keys are {valid}")
@@ -225,9 +260,11 @@ An ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/), passe
 
 def reference_markdown() -> str:
     """The configuration reference (markdown) of every section, from the dataclasses' field docs."""
-    top = ("Top-level keys: the sections below, and an optional `comment` (or `_source`): free text (string or list "
-           "of strings) naming the source of the hyperparameters; it is kept in the resolved config and otherwise "
-           "ignored.\n\n")
+    top = (
+        "Top-level keys: the sections below, and an optional `comment` (or `_source`): free text (string or list "
+        "of strings) naming the source of the hyperparameters; it is kept in the resolved config and otherwise "
+        "ignored.\n\n"
+    )
     return top + schema.reference_markdown(SECTIONS) + "\n" + DEEPSPEED_REFERENCE
 
 

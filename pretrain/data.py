@@ -11,13 +11,15 @@ batches it would have read.
 :class:`BatchLoader` turns the order into collated micro-batches (``input_ids``, ``attention_mask``) padded to a
 multiple of 8 and prepares the next ones in a background thread while the current step runs.
 """
+
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +31,19 @@ from pretrain.schema import ConfigError, check, param
 class DataConfig:
     """The prepared shards and how batches are read from them."""
 
-    dir: str = param("", help="Directory of shards made by `python -m data_prep prepare` (manifest.json, shard "
-                              "files, token_counts.npy); train and valid splits. Required unless task.name is set "
-                              "(task distillation reads labeled examples instead).")
-    shuffle: bool = param(True, help="Reshuffle the train sequences every epoch from (train.seed, epoch); false = "
-                                     "shard order (for debugging).")
+    dir: str = param(
+        "",
+        help="Directory of shards made by `python -m data_prep prepare` (manifest.json, shard "
+        "files, token_counts.npy); train and valid splits. Required unless task.name is set "
+        "(task distillation reads labeled examples instead).",
+    )
+    shuffle: bool = param(
+        True,
+        help="Reshuffle the train sequences every epoch from (train.seed, epoch); false = shard order (for debugging).",
+    )
     pad_to_multiple_of: int = param(
-        8, help="Pad each micro-batch to the next multiple of this many tokens (8: tensor-core friendly shapes).")
+        8, help="Pad each micro-batch to the next multiple of this many tokens (8: tensor-core friendly shapes)."
+    )
     prefetch: int = param(2, help="Micro-batches prepared ahead in a background thread (0 = none).")
 
     def validate(self) -> None:
@@ -53,19 +61,24 @@ def open_split(directory: str | Path, split: str, *, key: str = "data.dir"):
     """
     from data_prep.errors import DataPrepError
     from data_prep.shards import ShardedTokens
+
     prepare = f"run `python -m data_prep prepare ... --output {directory}` first"
     if not Path(directory).is_dir():
         raise ConfigError(f"{key}: {directory!r}: no such directory; {prepare}")
     if not (Path(directory) / "manifest.json").is_file():
-        raise ConfigError(f"{key}: {directory!r} has no manifest.json (not a prepared shard directory, or its "
-                          f"preparation did not finish); {prepare}")
+        raise ConfigError(
+            f"{key}: {directory!r} has no manifest.json (not a prepared shard directory, or its "
+            f"preparation did not finish); {prepare}"
+        )
     try:
         ds = ShardedTokens(directory, split)
     except DataPrepError as e:
         raise ConfigError(f"{key}: {directory!r}: no usable {split} split ({e}); {prepare}") from None
     if len(ds) == 0:
-        raise ConfigError(f"{key}: {directory!r}: manifest.json has no sequences in split {split!r}; {prepare} (with "
-                          f"a held-out fraction, --valid-fraction, for a valid split)")
+        raise ConfigError(
+            f"{key}: {directory!r}: manifest.json has no sequences in split {split!r}; {prepare} (with "
+            f"a held-out fraction, --valid-fraction, for a valid split)"
+        )
     return ds
 
 
@@ -85,8 +98,8 @@ def collate(seqs: Sequence[np.ndarray], pad_id: int, multiple: int = 8) -> dict[
     ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), length), dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
@@ -103,30 +116,36 @@ class DataOrder:
     Raises :class:`ConfigError` when N < B x world_size (not one global micro-batch).
     """
 
-    def __init__(self, num_sequences: int, *, micro_batch: int, world_size: int, rank: int, seed: int,
-                 shuffle: bool = True):
+    def __init__(
+        self, num_sequences: int, *, micro_batch: int, world_size: int, rank: int, seed: int, shuffle: bool = True
+    ):
         self.n, self.micro, self.world, self.rank = int(num_sequences), int(micro_batch), int(world_size), int(rank)
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.batches_per_epoch = self.n // (self.micro * self.world)
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"data.dir: the train split has {self.n} sequences, fewer than one global micro-batch "
-                              f"({self.micro} x {self.world} ranks); prepare more data or lower "
-                              f"deepspeed.train_micro_batch_size_per_gpu")
+            raise ConfigError(
+                f"data.dir: the train split has {self.n} sequences, fewer than one global micro-batch "
+                f"({self.micro} x {self.world} ranks); prepare more data or lower "
+                f"deepspeed.train_micro_batch_size_per_gpu"
+            )
         self.epoch, self.batch = 0, 0
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The epoch's order of sequence indices (int64 [N])."""
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                    else np.arange(self.n, dtype=np.int64))
+            perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                if self.shuffle
+                else np.arange(self.n, dtype=np.int64)
+            )
             self._perm_cache = (epoch, perm)
         return self._perm_cache[1]
 
     def indices(self, epoch: int, batch: int) -> np.ndarray:
         """Sequence indices of this rank's micro-batch ``batch`` of ``epoch`` (int64 [B])."""
         start = batch * self.micro * self.world
-        return self.permutation(epoch)[start + self.rank:start + self.micro * self.world:self.world]
+        return self.permutation(epoch)[start + self.rank : start + self.micro * self.world : self.world]
 
     def next(self) -> tuple[int, int]:
         """Advance the cursor; returns the (epoch, batch) handed out."""
@@ -138,8 +157,15 @@ class DataOrder:
 
     def state_dict(self) -> dict[str, Any]:
         """The cursor and the layout it belongs to (JSON-serialisable; the same on every rank)."""
-        return {"epoch": self.epoch, "batch": self.batch, "num_sequences": self.n, "micro_batch": self.micro,
-                "world_size": self.world, "seed": self.seed, "shuffle": self.shuffle}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "num_sequences": self.n,
+            "micro_batch": self.micro,
+            "world_size": self.world,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict[str, Any], *, allow_layout_change: bool = False) -> None:
         """Restore the cursor.
@@ -151,16 +177,22 @@ class DataOrder:
         Raises :class:`ConfigError` when the split, seed or shuffle differ, or the layout differs and is not allowed.
         """
         if state["num_sequences"] != self.n:
-            raise ConfigError(f"data.dir: the checkpoint was trained on a train split of {state['num_sequences']} "
-                              f"sequences, these shards have {self.n}; resume with the same shards")
+            raise ConfigError(
+                f"data.dir: the checkpoint was trained on a train split of {state['num_sequences']} "
+                f"sequences, these shards have {self.n}; resume with the same shards"
+            )
         if state["seed"] != self.seed or state["shuffle"] != self.shuffle:
-            raise ConfigError(f"train.seed / data.shuffle: the checkpoint used seed {state['seed']} shuffle "
-                              f"{state['shuffle']}, the config {self.seed} / {self.shuffle}; keep them for a resume")
+            raise ConfigError(
+                f"train.seed / data.shuffle: the checkpoint used seed {state['seed']} shuffle "
+                f"{state['shuffle']}, the config {self.seed} / {self.shuffle}; keep them for a resume"
+            )
         same = state["world_size"] == self.world and state["micro_batch"] == self.micro
         if not same and not allow_layout_change:
-            raise ConfigError(f"the checkpoint's data layout is {state['world_size']} ranks x micro-batch "
-                              f"{state['micro_batch']}, this run's {self.world} x {self.micro}; set "
-                              f"train.allow_world_size_change=true to resume anyway")
+            raise ConfigError(
+                f"the checkpoint's data layout is {state['world_size']} ranks x micro-batch "
+                f"{state['micro_batch']}, this run's {self.world} x {self.micro}; set "
+                f"train.allow_world_size_change=true to resume anyway"
+            )
         self.epoch = int(state["epoch"])
         if same:
             self.batch = int(state["batch"])
@@ -185,8 +217,17 @@ class BatchLoader:
     ``next(loader)`` returns ``{"input_ids": int64 [B, L], "attention_mask": int64 [B, L]}`` (CPU tensors).
     """
 
-    def __init__(self, dataset, order: DataOrder, *, pad_id: int, multiple: int = 8, prefetch: int = 2,
-                 pin_memory: bool = False, collate_fn=None):
+    def __init__(
+        self,
+        dataset,
+        order: DataOrder,
+        *,
+        pad_id: int,
+        multiple: int = 8,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+        collate_fn=None,
+    ):
         self.dataset, self.order, self.pad_id, self.multiple = dataset, order, int(pad_id), int(multiple)
         self.collate_fn = collate_fn or (lambda items: collate(items, self.pad_id, self.multiple))
         self.prefetch, self.pin_memory = int(prefetch), pin_memory
@@ -238,8 +279,9 @@ class BatchLoader:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def eval_batches(dataset, *, micro_batch: int, world_size: int, rank: int, max_sequences: int, pad_id: int,
-                 multiple: int = 8):
+def eval_batches(
+    dataset, *, micro_batch: int, world_size: int, rank: int, max_sequences: int, pad_id: int, multiple: int = 8
+):
     """This rank's evaluation micro-batches (a generator of collated batches, see :func:`collate`).
 
     The first ``max_sequences`` sequences of the split (0 = all), rank-strided; each rank gets ``n // world_size``
@@ -251,4 +293,4 @@ def eval_batches(dataset, *, micro_batch: int, world_size: int, rank: int, max_s
     per_rank = n // world_size
     idx = np.arange(rank, per_rank * world_size, world_size)
     for start in range(0, per_rank, micro_batch):
-        yield collate([dataset[int(i)] for i in idx[start:start + micro_batch]], pad_id, multiple)
+        yield collate([dataset[int(i)] for i in idx[start : start + micro_batch]], pad_id, multiple)

@@ -6,6 +6,7 @@ KL / MLM terms read, gathered first (``naive=True`` keeps the plain way: full-vo
 select; for tests and benchmarks). MiniLM's relation terms read the queries / keys / values of the mapped layers through
 forward hooks on the self-attention projections, so SDPA attention (which returns no probabilities) can stay on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,10 @@ def find_qkv(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
             found = [getattr(mod, n, None) for n in names]
             if all(isinstance(f, nn.Linear) for f in found):
                 return tuple(found)
-    raise ValueError(f"{type(layer).__name__}: no separate query/key/value Linear modules found; the attention and "
-                     f"value relation losses (loss.alpha_att, loss.alpha_val) need them: set those weights to 0")
+    raise ValueError(
+        f"{type(layer).__name__}: no separate query/key/value Linear modules found; the attention and "
+        f"value relation losses (loss.alpha_att, loss.alpha_val) need them: set those weights to 0"
+    )
 
 
 def vocab_projection(head, vocab_size: int) -> nn.Linear | None:
@@ -55,7 +58,7 @@ def vocab_projection(head, vocab_size: int) -> nn.Linear | None:
     found = None
     parts = getattr(head, "mods", None) or [head]  # pretrain.student._Chain keeps its (unregistered) parts in .mods
     for part in parts:
-        for module in (part.modules() if isinstance(part, nn.Module) else ()):
+        for module in part.modules() if isinstance(part, nn.Module) else ():
             if isinstance(module, nn.Linear) and module.out_features == vocab_size:
                 found = module
     return found
@@ -80,7 +83,7 @@ def aligned_vocab(linear: nn.Linear | None, multiple: int = VOCAB_MULTIPLE):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = F.pad(linear.weight, (0, 0, 0, pad))
         b = None if linear.bias is None else F.pad(linear.bias, (0, pad))
-        return F.linear(x, w, b)[..., :linear.out_features]
+        return F.linear(x, w, b)[..., : linear.out_features]
 
     linear.forward = forward  # the instance attribute shadows the class's forward; hooks still run
     try:
@@ -103,8 +106,10 @@ def init_from_channels(linear: nn.Linear, channels: list[int]) -> nn.Linear:
     out_f, in_f = linear.weight.shape
     idx = [int(c) for c in channels]
     if len(idx) != in_f or len(set(idx)) != len(idx) or not all(0 <= c < out_f for c in idx):
-        raise ValueError(f"hidden_channels: {len(idx)} indices (distinct, in 0..{out_f - 1}) expected for a "
-                         f"projection {in_f} -> {out_f}")
+        raise ValueError(
+            f"hidden_channels: {len(idx)} indices (distinct, in 0..{out_f - 1}) expected for a "
+            f"projection {in_f} -> {out_f}"
+        )
     linear.weight.zero_()
     linear.weight[torch.tensor(idx), torch.arange(in_f)] = 1.0
     if linear.bias is not None:
@@ -112,8 +117,14 @@ def init_from_channels(linear: nn.Linear, channels: list[int]) -> nn.Linear:
     return linear
 
 
-def logit_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 temperature: float, ce: bool, mlm: bool) -> dict[str, torch.Tensor]:
+def logit_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ce: bool,
+    mlm: bool,
+) -> dict[str, torch.Tensor]:
     """The logit terms on the gathered rows: ``{"ce": kd_kl, "mlm": mlm_ce}`` (those asked for).
 
     Args: student_logits, teacher_logits [N, V] (any float dtype; the losses compute in fp32); labels Long [N].
@@ -158,8 +169,16 @@ class DistillationModel(nn.Module):
     widths.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss_cfg: L.LossConfig, layer_map: list[int], *,
-                 naive: bool = False, hidden_channels: list[int] | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss_cfg: L.LossConfig,
+        layer_map: list[int],
+        *,
+        naive: bool = False,
+        hidden_channels: list[int] | None = None,
+    ):
         super().__init__()
         self.student = student
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: DeepSpeed must not train / save it
@@ -173,8 +192,10 @@ class DistillationModel(nn.Module):
         self.layer_pairs = [list(p) for p in (loss_cfg.layer_pairs or default_layer_pairs(self.layer_map, n_t))]
         for s, t in self.layer_pairs:
             if not (0 <= s <= n_s and 0 <= t <= n_t):
-                raise ConfigError(f"loss.layer_pairs: [{s}, {t}] out of range: the student has hidden states 0..{n_s},"
-                                  f" the teacher 0..{n_t}")
+                raise ConfigError(
+                    f"loss.layer_pairs: [{s}, {t}] out of range: the student has hidden states 0..{n_s},"
+                    f" the teacher 0..{n_t}"
+                )
         # TinyBERT projections for the hidden-state losses when widths differ
         used = set()
         if "cos" in active:
@@ -185,8 +206,7 @@ class DistillationModel(nn.Module):
             used.add(n_s)
         self.projections = None
         if used and sc.hidden_size != tc.hidden_size:
-            self.projections = nn.ModuleDict({f"h{s}": nn.Linear(sc.hidden_size, tc.hidden_size)
-                                              for s in sorted(used)})
+            self.projections = nn.ModuleDict({f"h{s}": nn.Linear(sc.hidden_size, tc.hidden_size) for s in sorted(used)})
             if hidden_channels is None:
                 hidden_channels = getattr(student, "pruned_hidden_channels", None)
             if hidden_channels is not None:
@@ -203,8 +223,10 @@ class DistillationModel(nn.Module):
                 self.relation_pairs = [[s - 1, t - 1] for s, t in self.layer_pairs if s > 0 and t > 0]
             for width, who in ((sc.hidden_size, "student"), (tc.hidden_size, "teacher")):
                 if width % self.relation_heads:
-                    raise ConfigError(f"loss.relation_heads: {self.relation_heads} does not divide the {who} width "
-                                      f"{width}; set loss.relation_heads to a common divisor of both widths")
+                    raise ConfigError(
+                        f"loss.relation_heads: {self.relation_heads} does not divide the {who} width "
+                        f"{width}; set loss.relation_heads to a common divisor of both widths"
+                    )
             self._qkv_s = [find_qkv(find_layer_list(student)[1][s]) for s, _ in self.relation_pairs]
             self._qkv_t = [find_qkv(find_layer_list(teacher)[1][t]) for _, t in self.relation_pairs]
         self._heads = (mlm_head(teacher), mlm_head(student))
@@ -225,8 +247,11 @@ class DistillationModel(nn.Module):
     def compiled_modules(self) -> list[str]:
         """Which encoders run compiled now: a sublist of ``["student", "teacher"]``."""
         on = getattr(self, "_compiled", {})
-        return [n for n, m in (("student", base_model(self.student)), ("teacher", base_model(self._teacher)))
-                if m in on and m._compiled_call_impl is not None]
+        return [
+            n
+            for n, m in (("student", base_model(self.student)), ("teacher", base_model(self._teacher)))
+            if m in on and m._compiled_call_impl is not None
+        ]
 
     def set_compiled(self, enabled: bool) -> None:
         """Run the encoders compiled (after :meth:`compile_parts`) or eagerly, without recompiling (a benchmark's
@@ -259,8 +284,10 @@ class DistillationModel(nn.Module):
             for who, mods in (("s", self._qkv_s), ("t", self._qkv_t)):
                 for i, qkv in enumerate(mods):
                     for j, lin in enumerate(qkv):
+
                         def hook(_m, _inp, out, key=(who, i, j)):
                             store[key] = out
+
                         handles.append(lin.register_forward_hook(hook))
         try:
             yield store
@@ -273,15 +300,13 @@ class DistillationModel(nn.Module):
         if full_logits:
             out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             return out.hidden_states[-1], out.hidden_states, out.logits
-        out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                output_hidden_states=hidden_states)
+        out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states)
         return out.last_hidden_state, (out.hidden_states if hidden_states else None), None
 
     def _proj(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.projections is None else self.projections[f"h{index}"](hidden)
 
-    def _representation_terms(self, active, s_last, t_last, s_hs, t_hs, attention_mask,
-                              qkv) -> dict[str, torch.Tensor]:
+    def _representation_terms(self, active, s_last, t_last, s_hs, t_hs, attention_mask, qkv) -> dict[str, torch.Tensor]:
         """The hidden-state and relation terms that are active: ``cos`` (last layer or the layer pairs), ``mse`` (layer
         pairs), ``pool`` (mean-pooled last layer), ``att`` / ``val`` (MiniLM relations from the captured Q / K / V).
         ``s_last`` / ``t_last`` [B, L, H]; ``s_hs`` / ``t_hs`` the hidden-state tuples (None unless a pair term needs
@@ -291,25 +316,35 @@ class DistillationModel(nn.Module):
             if cfg.cos_layers == "last":
                 parts["cos"] = L.hidden_cosine(self._proj(n_s, s_last), t_last, attention_mask)
             else:
-                parts["cos"] = torch.stack([L.hidden_cosine(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
-                                            for s, t in self.layer_pairs]).mean()
+                parts["cos"] = torch.stack(
+                    [L.hidden_cosine(self._proj(s, s_hs[s]), t_hs[t], attention_mask) for s, t in self.layer_pairs]
+                ).mean()
         if "mse" in active:
-            parts["mse"] = torch.stack([L.hidden_mse(self._proj(s, s_hs[s]), t_hs[t], attention_mask)
-                                        for s, t in self.layer_pairs]).mean()
+            parts["mse"] = torch.stack(
+                [L.hidden_mse(self._proj(s, s_hs[s]), t_hs[t], attention_mask) for s, t in self.layer_pairs]
+            ).mean()
         if "pool" in active:
             parts["pool"] = L.pooled_mse(self._proj(n_s, s_last), t_last, attention_mask)
         r = self.relation_heads
         if "att" in active:
-            parts["att"] = torch.stack([
-                L.attention_kl(qkv["s", i, 0], qkv["s", i, 1], qkv["t", i, 0], qkv["t", i, 1], attention_mask, r)
-                for i in range(len(self.relation_pairs))]).mean()
+            parts["att"] = torch.stack(
+                [
+                    L.attention_kl(qkv["s", i, 0], qkv["s", i, 1], qkv["t", i, 0], qkv["t", i, 1], attention_mask, r)
+                    for i in range(len(self.relation_pairs))
+                ]
+            ).mean()
         if "val" in active:
-            parts["val"] = torch.stack([L.value_relation_kl(qkv["s", i, 2], qkv["t", i, 2], attention_mask, r)
-                                        for i in range(len(self.relation_pairs))]).mean()
+            parts["val"] = torch.stack(
+                [
+                    L.value_relation_kl(qkv["s", i, 2], qkv["t", i, 2], attention_mask, r)
+                    for i in range(len(self.relation_pairs))
+                ]
+            ).mean()
         return parts
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One distillation forward.
 
         Args:
@@ -349,8 +384,16 @@ class DistillationModel(nn.Module):
                     t_sel = t_head(rows(t_last))
                 with aligned_vocab(s_proj, multiple):
                     s_sel = s_head(rows(s_last))
-            parts.update(self._logit_losses(s_sel, t_sel, labels.flatten().index_select(0, idx), cfg.temperature,
-                                            "ce" in active, "mlm" in active))
+            parts.update(
+                self._logit_losses(
+                    s_sel,
+                    t_sel,
+                    labels.flatten().index_select(0, idx),
+                    cfg.temperature,
+                    "ce" in active,
+                    "mlm" in active,
+                )
+            )
         parts.update(self._representation_terms(active, s_last, t_last, s_hs, t_hs, attention_mask, qkv))
         loss, logs = L.combine_losses(cfg, parts)
         logs["n_masked"] = (labels != -100).sum().detach()

@@ -23,6 +23,7 @@ Modes:
 Library calls: :func:`run_downstream` (returns the result dict) and :func:`render_downstream_markdown` (the tables,
 for the run report).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,26 +36,40 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from data_prep.embedded import resolve_model
-from data_prep.errors import DataPrepError
+from data_prep.errors import DataPrepError, DistillError
 from data_prep.files import atomic_dir, atomic_path, atomic_write_text
 from pretrain.losses import mean_pool
-from pretrain.tasks import (DEFAULT_TASK, OFFLINE_TASKS, REGRESSION, LocalFields, SplitConfig, Task,
-                            TaskError, compute_metrics, known_tasks, load_task, score)
+from pretrain.tasks import (
+    DEFAULT_TASK,
+    OFFLINE_TASKS,
+    REGRESSION,
+    LocalFields,
+    SplitConfig,
+    Task,
+    TaskError,
+    compute_metrics,
+    known_tasks,
+    load_task,
+    score,
+)
 
 log = logging.getLogger("pretrain.downstream")
 RESULT_VERSION = 1
 RUN_ROLES = ("teacher", "student_init", "truncation", "student")
 
 
-class DownstreamError(ValueError):
+class DownstreamError(DistillError, ValueError):
     """A user-facing error of the downstream evaluation (bad task, model, flag): the message says what to do."""
+
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------------------------------------- settings
@@ -89,8 +104,16 @@ GLUE_DEFAULTS = FinetuneConfig()
 # Embedded and local tasks: CPU-sized (the demo's 6-layer teacher and three 3-layer models x 2 seeds in about
 # 8 minutes on 2 quiet cores; docs/downstream.md): 1,200 train examples, 2 epochs, lr 1e-4 (small data, few steps:
 # a higher rate than GLUE's 2e-5), 6% warmup, weight decay 0.01; dev and test capped at 1,000 examples.
-CPU_DEFAULTS = FinetuneConfig(epochs=2, lr=1e-4, batch_size=32, max_length=128, weight_decay=0.01, warmup_ratio=0.06,
-                              max_train=1200, max_eval=1000)
+CPU_DEFAULTS = FinetuneConfig(
+    epochs=2,
+    lr=1e-4,
+    batch_size=32,
+    max_length=128,
+    weight_decay=0.01,
+    warmup_ratio=0.06,
+    max_train=1200,
+    max_eval=1000,
+)
 PROBE_C = (0.1, 1.0, 10.0, 100.0)  # LogisticRegression inverse regularisation grid, chosen on dev
 PROBE_ALPHA = (0.1, 1.0, 10.0, 100.0)  # Ridge regularisation grid, chosen on dev
 
@@ -117,6 +140,7 @@ class ModelSpec:
 def _quiet_transformers():
     """Silence transformers' load reports (newly initialised heads are expected here)."""
     from transformers.utils import logging as hf_logging
+
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -135,23 +159,28 @@ def check_model(spec: ModelSpec) -> ModelSpec:
         DownstreamError: the path is not a loadable Hugging Face model (names the model and what failed).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+
     try:
         spec.path = resolve_model(spec.path)
     except DataPrepError as e:
         raise DownstreamError(f"model {spec.name}={spec.path}: {e}") from None
     p = Path(spec.path).expanduser()
     if p.exists() and not (p / "config.json").is_file():
-        raise DownstreamError(f"model {spec.name}={spec.path}: no config.json; give a Hugging Face model directory "
-                              "(RUN/student, RUN/student_init) or a hub name")
+        raise DownstreamError(
+            f"model {spec.name}={spec.path}: no config.json; give a Hugging Face model directory "
+            "(RUN/student, RUN/student_init) or a hub name"
+        )
     try:
         with _quiet_transformers():
             AutoConfig.from_pretrained(spec.path)
             AutoTokenizer.from_pretrained(spec.path)
             model = AutoModel.from_pretrained(spec.path)
-    except Exception as e:  # noqa: BLE001 - any load failure is the same user error
-        raise DownstreamError(f"model {spec.name}={spec.path} does not load ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else ''}); give a Hugging Face model "
-                              "directory with config.json, weights and tokenizer files, or a reachable hub name") from None
+    except Exception as e:
+        raise DownstreamError(
+            f"model {spec.name}={spec.path} does not load ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}); give a Hugging Face model "
+            "directory with config.json, weights and tokenizer files, or a reachable hub name"
+        ) from None
     spec.params = sum(t.numel() for n, t in model.named_parameters() if not n.startswith("pooler."))
     spec.layers = int(model.config.num_hidden_layers)
     spec.hidden = int(model.config.hidden_size)
@@ -171,6 +200,7 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
         DownstreamError: the teacher does not load or has fewer than ``k`` layers.
     """
     from transformers import AutoModel, AutoTokenizer
+
     from pretrain.student import StudentConfig, build_student
 
     out = Path(out)
@@ -178,7 +208,7 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
         with _quiet_transformers():
             teacher = AutoModel.from_pretrained(teacher_path)
             tok = AutoTokenizer.from_pretrained(teacher_path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DownstreamError(f"truncation baseline: the teacher {teacher_path} does not load ({e})") from None
     n = teacher.config.num_hidden_layers
     if not 0 < k <= n:
@@ -188,8 +218,16 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
         with _quiet_transformers():
             student.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-        (tmp / "truncation.json").write_text(json.dumps({"teacher": str(teacher_path), "layers": list(range(k)),
-                                                         "built_with": "pretrain.student.build_student"}, indent=1))
+        (tmp / "truncation.json").write_text(
+            json.dumps(
+                {
+                    "teacher": str(teacher_path),
+                    "layers": list(range(k)),
+                    "built_with": "pretrain.student.build_student",
+                },
+                indent=1,
+            )
+        )
     return out
 
 
@@ -202,13 +240,16 @@ def run_models(run_dir: str | os.PathLike, output: str | os.PathLike) -> list[Mo
         DownstreamError: ``run_dir`` has no ``config.json`` or neither ``student/`` nor ``student_init/``.
     """
     from transformers import AutoConfig
+
     run = Path(run_dir)
     try:
         cfg = json.loads((run / "config.json").read_text())
         teacher = cfg["teacher"]["name_or_path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DownstreamError(f"--run {run}: cannot read teacher.name_or_path from {run / 'config.json'} ({e}); "
-                              "give the output_dir of a distillation run") from None
+        raise DownstreamError(
+            f"--run {run}: cannot read teacher.name_or_path from {run / 'config.json'} ({e}); "
+            "give the output_dir of a distillation run"
+        ) from None
     try:
         teacher_path = resolve_model(teacher)
     except DataPrepError as e:
@@ -256,15 +297,20 @@ def encode(tokenizer, split, max_length: int) -> Encoded:
     """Tokenise a :class:`pretrain.tasks.Split` (text, or text pair) with truncation to ``max_length`` tokens."""
     enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length, return_token_type_ids=True)
     types = enc.get("token_type_ids")
-    return Encoded([np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
-                   None if types is None else [np.asarray(x, dtype=np.int64) for x in types], split.labels)
+    return Encoded(
+        [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
+        None if types is None else [np.asarray(x, dtype=np.int64) for x in types],
+        split.labels,
+    )
 
 
 def uses_token_types(model) -> bool:
     """True when ``model`` takes segment ids (BERT-style ``token_type_ids`` with ``type_vocab_size`` > 1)."""
     import inspect
+
     return (getattr(model.config, "type_vocab_size", 0) or 0) > 1 and (
-        "token_type_ids" in inspect.signature(model.forward).parameters)
+        "token_type_ids" in inspect.signature(model.forward).parameters
+    )
 
 
 def collate(data: Encoded, index: Sequence[int], pad_id: int, types: bool = True) -> dict[str, torch.Tensor]:
@@ -286,24 +332,25 @@ def collate(data: Encoded, index: Sequence[int], pad_id: int, types: bool = True
     return out
 
 
-def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                           mega: int = 50) -> list[np.ndarray]:
+def length_grouped_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, mega: int = 50
+) -> list[np.ndarray]:
     """Training batches grouped by length (the ``group_by_length`` sampler of transformers): a random permutation is
     cut into mega-batches of ``mega * batch_size``, each sorted by length, cut into batches, and the batch order is
     shuffled. Every example appears exactly once; padding waste is small while the order stays random."""
     perm = rng.permutation(len(lengths))
     batches = []
     for s in range(0, len(perm), mega * batch_size):
-        chunk = perm[s:s + mega * batch_size]
+        chunk = perm[s : s + mega * batch_size]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Evaluation batches over examples sorted by length (longest first): least padding."""
     order = np.argsort(-lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------------------------------------- finetune
@@ -314,8 +361,9 @@ def _device(name: str) -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model, data: Encoded, *, pad_id: int, batch_size: int, device: torch.device,
-            regression: bool) -> tuple[np.ndarray, float]:
+def predict(
+    model, data: Encoded, *, pad_id: int, batch_size: int, device: torch.device, regression: bool
+) -> tuple[np.ndarray, float]:
     """Predictions [n] (class ids int64, or float scores) of a sequence-classification ``model`` in eval mode, and
     the forward throughput in examples/s (length-sorted batches, ``torch.inference_mode``)."""
     model.eval()
@@ -351,13 +399,17 @@ class MeanPoolClassifier(torch.nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
         """logits [b, num_labels] fp32 (and ``loss`` when ``labels`` [b] are given), as a namespace."""
         import types as _types
+
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
         loss = None
         if labels is not None:
-            loss = (torch.nn.functional.mse_loss(logits[:, 0], labels.float()) if self.regression
-                    else torch.nn.functional.cross_entropy(logits, labels))
+            loss = (
+                torch.nn.functional.mse_loss(logits[:, 0], labels.float())
+                if self.regression
+                else torch.nn.functional.cross_entropy(logits, labels)
+            )
         return _types.SimpleNamespace(loss=loss, logits=logits)
 
 
@@ -365,8 +417,16 @@ def _state_copy(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, device: torch.device,
-             encoded: dict[str, Encoded] | None = None, save_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def finetune(
+    spec: ModelSpec,
+    task: Task,
+    cfg: FinetuneConfig,
+    seed: int,
+    *,
+    device: torch.device,
+    encoded: dict[str, Encoded] | None = None,
+    save_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``spec`` on ``task`` once (seed ``seed``) and evaluate it.
 
     ``AutoModelForSequenceClassification`` with ``num_labels`` = the task's classes (1 and MSE for regression), fp32,
@@ -388,14 +448,17 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
         encoded = {n: encode(tok, sp, cfg.max_length) for n, sp in task.splits.items()}
     regression = task.kind == REGRESSION
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"num_labels": task.num_labels,
-                              "problem_type": "regression" if regression else "single_label_classification"}
+    kwargs: dict[str, Any] = {
+        "num_labels": task.num_labels,
+        "problem_type": "regression" if regression else "single_label_classification",
+    }
     if not regression:
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
     with _quiet_transformers():
         if cfg.head == "mean":
             from transformers import AutoModel
+
             model = MeanPoolClassifier(AutoModel.from_pretrained(spec.path), task.num_labels, regression)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(spec.path, **kwargs)
@@ -408,12 +471,15 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n and "layer_norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n
-                                                               and "layer_norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n and "layer_norm" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
     select = task.select_split if task.select_split not in task.report_splits else None
     losses: list[float] = []
     best = (-math.inf, 0, None)
@@ -434,8 +500,14 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
             seen += len(idx)
         train_time += time.perf_counter() - t0
         if select is not None:
-            preds, _ = predict(model, encoded[select], pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device,
-                               regression=regression)
+            preds, _ = predict(
+                model,
+                encoded[select],
+                pad_id=pad_id,
+                batch_size=cfg.eval_batch_size,
+                device=device,
+                regression=regression,
+            )
             dev = score({select: compute_metrics(task.metrics, preds, encoded[select].labels)})
             if dev > best[0]:
                 best = (dev, epoch, _state_copy(model) if epoch < cfg.epochs else None)
@@ -443,20 +515,40 @@ def finetune(spec: ModelSpec, task: Task, cfg: FinetuneConfig, seed: int, *, dev
         model.load_state_dict(best[2])
     metrics, speeds = {}, []
     for split in task.report_splits:
-        preds, speed = predict(model, encoded[split], pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device,
-                               regression=regression)
+        preds, speed = predict(
+            model, encoded[split], pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, regression=regression
+        )
         metrics[split] = compute_metrics(task.metrics, preds, encoded[split].labels)
         speeds.append(speed)
     if save_dir is not None:
-        _save_model(model, tok, Path(save_dir), {"task": task.name, "seed": seed, "model": spec.name,
-                                                  "source": spec.path, "metrics": metrics, "head": cfg.head,
-                                                  "label_names": task.label_names})
+        _save_model(
+            model,
+            tok,
+            Path(save_dir),
+            {
+                "task": task.name,
+                "seed": seed,
+                "model": spec.name,
+                "source": spec.path,
+                "metrics": metrics,
+                "head": cfg.head,
+                "label_names": task.label_names,
+            },
+        )
     k = max(1, len(losses) // 10)
-    return {"seed": seed, "metrics": metrics, "score": score(metrics),
-            "dev_score": None if select is None else best[0], "epoch": best[1] if select is not None else cfg.epochs,
-            "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])), "steps": len(losses),
-            "train_examples_per_s": seen / max(train_time, 1e-9), "train_seconds": train_time,
-            "inference_examples_per_s": float(np.mean(speeds))}
+    return {
+        "seed": seed,
+        "metrics": metrics,
+        "score": score(metrics),
+        "dev_score": None if select is None else best[0],
+        "epoch": best[1] if select is not None else cfg.epochs,
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "steps": len(losses),
+        "train_examples_per_s": seen / max(train_time, 1e-9),
+        "train_seconds": train_time,
+        "inference_examples_per_s": float(np.mean(speeds)),
+    }
 
 
 def _save_model(model, tokenizer, out: Path, info: dict) -> None:
@@ -467,9 +559,12 @@ def _save_model(model, tokenizer, out: Path, info: dict) -> None:
         with _quiet_transformers():
             if isinstance(model, MeanPoolClassifier):
                 from safetensors.torch import save_file
+
                 model.encoder.save_pretrained(tmp, safe_serialization=True)
-                save_file({f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
-                          str(tmp / "downstream_head.safetensors"))
+                save_file(
+                    {f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
+                    str(tmp / "downstream_head.safetensors"),
+                )
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -523,18 +618,29 @@ def probe(spec: ModelSpec, task: Task, cfg: FinetuneConfig, *, device: torch.dev
     grid = PROBE_ALPHA if regression else PROBE_C
     t0 = time.perf_counter()
     best = None
-    for value in (grid if select is not None else (1.0,)):
+    for value in grid if select is not None else (1.0,):
         clf = Ridge(alpha=value) if regression else LogisticRegression(C=value, max_iter=1000)
         clf.fit(feats["train"], labels["train"])
-        dev = (score({select: compute_metrics(task.metrics, clf.predict(feats[select]), labels[select])})
-               if select is not None else 0.0)
+        dev = (
+            score({select: compute_metrics(task.metrics, clf.predict(feats[select]), labels[select])})
+            if select is not None
+            else 0.0
+        )
         if best is None or dev > best[0]:
             best = (dev, value, clf)
     dev, value, clf = best
     metrics = {s: compute_metrics(task.metrics, clf.predict(feats[s]), labels[s]) for s in task.report_splits}
-    return {"seed": None, "metrics": metrics, "score": score(metrics), "dev_score": dev if select else None,
-            "epoch": None, ("alpha" if regression else "c"): value, "fit_seconds": time.perf_counter() - t0,
-            "embed_examples_per_s": n_embedded / max(t_embed, 1e-9), "inference_examples_per_s": float(np.mean(speeds))}
+    return {
+        "seed": None,
+        "metrics": metrics,
+        "score": score(metrics),
+        "dev_score": dev if select else None,
+        "epoch": None,
+        ("alpha" if regression else "c"): value,
+        "fit_seconds": time.perf_counter() - t0,
+        "embed_examples_per_s": n_embedded / max(t_embed, 1e-9),
+        "inference_examples_per_s": float(np.mean(speeds)),
+    }
 
 
 # -------------------------------------------------------------------------------------------------------- the run
@@ -556,10 +662,16 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         for m, r in t["results"].items():
             runs = r["runs"]
             r["score_mean"], r["score_std"] = _mean_std([x["score"] for x in runs])
-            r["metrics_mean"] = {f"{s}/{k}": _mean_std([x["metrics"][s][k] for x in runs])[0]
-                                 for s in runs[0]["metrics"] for k in runs[0]["metrics"][s]}
-            r["metrics_std"] = {f"{s}/{k}": _mean_std([x["metrics"][s][k] for x in runs])[1]
-                                for s in runs[0]["metrics"] for k in runs[0]["metrics"][s]}
+            r["metrics_mean"] = {
+                f"{s}/{k}": _mean_std([x["metrics"][s][k] for x in runs])[0]
+                for s in runs[0]["metrics"]
+                for k in runs[0]["metrics"][s]
+            }
+            r["metrics_std"] = {
+                f"{s}/{k}": _mean_std([x["metrics"][s][k] for x in runs])[1]
+                for s in runs[0]["metrics"]
+                for k in runs[0]["metrics"][s]
+            }
             per_seed[m].append([x["score"] for x in runs])
         ref = t["results"].get(teacher, {}).get("score_mean")
         for m, r in t["results"].items():
@@ -569,7 +681,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         if not per_seed[m] or any(len(s) != len(per_seed[m][0]) for s in per_seed[m]):
             continue
         by_seed = np.mean(np.asarray(per_seed[m]), axis=0)
-        macro[m] = dict(zip(("mean", "std"), _mean_std(by_seed)))
+        macro[m] = dict(zip(("mean", "std"), _mean_std(by_seed), strict=False))
     ref = macro.get(teacher, {}).get("mean")
     for m in macro:
         macro[m]["share_of_teacher"] = macro[m]["mean"] / ref if ref else None
@@ -589,24 +701,38 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             gains[b] = g
     result["gains"] = gains
     for m in models:
-        speeds = [x["inference_examples_per_s"] for t in result["tasks"].values()
-                  for x in t["results"].get(m, {}).get("runs", [])]
+        speeds = [
+            x["inference_examples_per_s"]
+            for t in result["tasks"].values()
+            for x in t["results"].get(m, {}).get("runs", [])
+        ]
         result["models"][m]["inference_examples_per_s"] = float(np.mean(speeds)) if speeds else None
     return result
 
 
 def _gain(s_mean: float, s_std: float, b_mean: float, b_std: float) -> dict[str, Any]:
-    spread = math.sqrt(s_std ** 2 + b_std ** 2)
+    spread = math.sqrt(s_std**2 + b_std**2)
     gain = s_mean - b_mean
     return {"gain": gain, "spread": spread, "beats_by_more_than_spread": bool(gain > spread)}
 
 
-def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str, str], output: str | os.PathLike, *,
-                   mode: str = "finetune", seeds: int = 3, split: SplitConfig | None = None,
-                   fields: LocalFields | None = None, overrides: dict[str, Any] | None = None,
-                   teacher: str | None = None, student: str | None = None, device: str = "auto",
-                   save_model: str | os.PathLike | None = None, plot: bool = True,
-                   progress=None) -> dict[str, Any]:
+def run_downstream(
+    tasks: Sequence[str],
+    models: Sequence[ModelSpec] | dict[str, str],
+    output: str | os.PathLike,
+    *,
+    mode: str = "finetune",
+    seeds: int = 3,
+    split: SplitConfig | None = None,
+    fields: LocalFields | None = None,
+    overrides: dict[str, Any] | None = None,
+    teacher: str | None = None,
+    student: str | None = None,
+    device: str = "auto",
+    save_model: str | os.PathLike | None = None,
+    plot: bool = True,
+    progress=None,
+) -> dict[str, Any]:
     """Fine-tune (or probe) every model on every task with one protocol; write ``downstream.json``, ``downstream.md``
     and ``downstream.png`` into ``output`` (atomically, the JSON last) and return the result dict.
 
@@ -670,8 +796,11 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
         cfg = defaults_for("glue" if family == "glue" else "other")
         for k2, v in overrides.items():
             setattr(cfg, k2, v)
-        sc = dataclasses.replace(split, max_train=split.max_train if split.max_train is not None else cfg.max_train,
-                                 max_eval=split.max_eval if split.max_eval is not None else cfg.max_eval)
+        sc = dataclasses.replace(
+            split,
+            max_train=split.max_train if split.max_train is not None else cfg.max_train,
+            max_eval=split.max_eval if split.max_eval is not None else cfg.max_eval,
+        )
         cfg.max_train, cfg.max_eval = sc.max_train, sc.max_eval
         task = load_task(spec, split=sc, fields=fields)
         if task.name in [t.name for t, _ in loaded]:
@@ -681,8 +810,9 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
         check_model(spec)
     teacher = teacher or ("teacher" if "teacher" in names else names[0])
     if student is None:  # a run without student/ has no distilled model: no gains then
-        student = "student" if "student" in names else (
-            names[-1] if len(names) > 1 and names[-1] not in RUN_ROLES else None)
+        student = (
+            "student" if "student" in names else (names[-1] if len(names) > 1 and names[-1] not in RUN_ROLES else None)
+        )
     for flag, v in (("--teacher", teacher), ("--student", student)):
         if v is not None and v not in names:
             raise DownstreamError(f"{flag} {v}: not one of the models {names}")
@@ -692,20 +822,37 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
     if (out / "downstream.json").exists():
         os.replace(out / "downstream.json", out / "downstream.prev.json")
     result: dict[str, Any] = {
-        "version": RESULT_VERSION, "complete": False, "mode": mode, "seeds": seeds if mode == "finetune" else 1,
-        "teacher": teacher, "student": student, "device": str(dev_), "torch_threads": torch.get_num_threads(),
-        "models": {s.name: {"path": s.path, "params": s.params, "layers": s.layers, "hidden": s.hidden}
-                   for s in specs},
-        "tasks": {}, "notes": []}
+        "version": RESULT_VERSION,
+        "complete": False,
+        "mode": mode,
+        "seeds": seeds if mode == "finetune" else 1,
+        "teacher": teacher,
+        "student": student,
+        "device": str(dev_),
+        "torch_threads": torch.get_num_threads(),
+        "models": {s.name: {"path": s.path, "params": s.params, "layers": s.layers, "hidden": s.hidden} for s in specs},
+        "tasks": {},
+        "notes": [],
+    }
     n_seeds = seeds if mode == "finetune" else 1
     for task, cfg in loaded:
-        entry = {"kind": task.kind, "metrics": list(task.metrics), "report_splits": list(task.report_splits),
-                 "select_split": task.select_split, "family": task.family, "label_names": task.label_names,
-                 "settings": dataclasses.asdict(cfg), "manifest": task.manifest, "results": {}}
+        entry = {
+            "kind": task.kind,
+            "metrics": list(task.metrics),
+            "report_splits": list(task.report_splits),
+            "select_split": task.select_split,
+            "family": task.family,
+            "label_names": task.label_names,
+            "settings": dataclasses.asdict(cfg),
+            "manifest": task.manifest,
+            "results": {},
+        }
         result["tasks"][task.name] = entry
         if task.name == "embedded:wiki-topic":
-            result["notes"].append("embedded:wiki-topic: the demo distils on these same Wikipedia texts without "
-                                   "labels; its test split is the documents held out of the demo's distillation")
+            result["notes"].append(
+                "embedded:wiki-topic: the demo distils on these same Wikipedia texts without "
+                "labels; its test split is the documents held out of the demo's distillation"
+            )
         for spec in specs:
             runs = []
             for seed in range(n_seeds):
@@ -717,8 +864,10 @@ def run_downstream(tasks: Sequence[str], models: Sequence[ModelSpec] | dict[str,
                     r = probe(spec, task, cfg, device=dev_)
                 r["seconds"] = time.perf_counter() - t0
                 runs.append(r)
-                progress(f"[downstream] {task.name} {spec.name} seed {seed}: score {r['score']:.4f} "
-                         f"({_fmt_metrics(r['metrics'])}; {r['seconds']:.0f} s)")
+                progress(
+                    f"[downstream] {task.name} {spec.name} seed {seed}: score {r['score']:.4f} "
+                    f"({_fmt_metrics(r['metrics'])}; {r['seconds']:.0f} s)"
+                )
             entry["results"][spec.name] = {"runs": runs}
     summarise(result)
     result["timing"] = {"seconds": time.perf_counter() - t_start}
@@ -755,11 +904,16 @@ def render_downstream_markdown(result: dict[str, Any], png_name: str | None = No
     link. Pure function of ``result`` (the run report includes it)."""
     mode, seeds = result["mode"], result["seeds"]
     teacher, student = result.get("teacher"), result.get("student")
-    what = (f"fine-tuned, {seeds} seed(s), mean ± std" if mode == "finetune"
-            else "linear probe of frozen mean-pooled embeddings")
+    what = (
+        f"fine-tuned, {seeds} seed(s), mean ± std"
+        if mode == "finetune"
+        else "linear probe of frozen mean-pooled embeddings"
+    )
     lines = [f"## Downstream evaluation ({what})", ""]
-    lines.append(f"Scores in percent (accuracy, F1, correlations x 100). Teacher (share = 100%): `{teacher}`"
-                 + (f"; distilled student: `{student}`." if student else "."))
+    lines.append(
+        f"Scores in percent (accuracy, F1, correlations x 100). Teacher (share = 100%): `{teacher}`"
+        + (f"; distilled student: `{student}`." if student else ".")
+    )
     lines.append("")
     models = result["models"]
     for tname, t in result["tasks"].items():
@@ -770,21 +924,25 @@ def render_downstream_markdown(result: dict[str, Any], png_name: str | None = No
         lines.append(f"### {tname} ({t['kind']}; reported on {split_note}; {counts})")
         lines.append("")
         if mode == "finetune":
-            lines.append(f"Settings: {s.get('head', 'cls')} head, {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}, "
-                         f"max length {s['max_length']}, warmup {s['warmup_ratio']:g}, weight decay "
-                         f"{s['weight_decay']:g}" + ("; epoch chosen on dev" if t["select_split"] not in
-                                                    t["report_splits"] else "") + ".")
+            lines.append(
+                f"Settings: {s.get('head', 'cls')} head, {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}, "
+                f"max length {s['max_length']}, warmup {s['warmup_ratio']:g}, weight decay "
+                f"{s['weight_decay']:g}"
+                + ("; epoch chosen on dev" if t["select_split"] not in t["report_splits"] else "")
+                + "."
+            )
             lines.append("")
         first = next(iter(t["results"].values()))
         mkeys = list(first["metrics_mean"])
-        header = ["model", "params", "inference ex/s"] + mkeys + (["score"] if len(mkeys) > 1 else []) + [
-            "share of teacher"]
+        header = (
+            ["model", "params", "inference ex/s"] + mkeys + (["score"] if len(mkeys) > 1 else []) + ["share of teacher"]
+        )
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|")
         for m, r in t["results"].items():
             n = len(r["runs"])
             speed = np.mean([x["inference_examples_per_s"] for x in r["runs"]])
-            row = [f"`{m}`", _params(models[m]['params']), f"{speed:,.0f}"]
+            row = [f"`{m}`", _params(models[m]["params"]), f"{speed:,.0f}"]
             row += [_pm(r["metrics_mean"][k], r["metrics_std"][k], n) for k in mkeys]
             if len(mkeys) > 1:
                 row.append(_pm(r["score_mean"], r["score_std"], n))
@@ -793,29 +951,47 @@ def render_downstream_markdown(result: dict[str, Any], png_name: str | None = No
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if result.get("macro") and len(result["tasks"]) > 1:
-        lines += ["### Macro average over tasks", "", "| model | params | macro score | share of teacher |",
-                  "| --- | ---: | ---: | ---: |"]
+        lines += [
+            "### Macro average over tasks",
+            "",
+            "| model | params | macro score | share of teacher |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for m, r in result["macro"].items():
             share = r.get("share_of_teacher")
-            lines.append(f"| `{m}` | {_params(models[m]['params'])} | {_pm(r['mean'], r['std'], seeds)} | "
-                         + ("-" if share is None else f"{100 * share:.1f}%") + " |")
+            lines.append(
+                f"| `{m}` | {_params(models[m]['params'])} | {_pm(r['mean'], r['std'], seeds)} | "
+                + ("-" if share is None else f"{100 * share:.1f}%")
+                + " |"
+            )
         lines.append("")
     if result.get("gains"):
-        lines += [f"### Gain of `{student}` over each baseline (points; spread = sqrt(std_student² + "
-                  "std_baseline²) over seeds)", "", "| baseline | task | gain | spread | beats by more than the spread |",
-                  "| --- | --- | ---: | ---: | --- |"]
+        lines += [
+            f"### Gain of `{student}` over each baseline (points; spread = sqrt(std_student² + "
+            "std_baseline²) over seeds)",
+            "",
+            "| baseline | task | gain | spread | beats by more than the spread |",
+            "| --- | --- | ---: | ---: | --- |",
+        ]
         for b, g in result["gains"].items():
             for tname, x in g.items():
-                lines.append(f"| `{b}` | {tname} | {100 * x['gain']:+.1f} | {100 * x['spread']:.1f} | "
-                             f"{'yes' if x['beats_by_more_than_spread'] else 'no'} |")
+                lines.append(
+                    f"| `{b}` | {tname} | {100 * x['gain']:+.1f} | {100 * x['spread']:.1f} | "
+                    f"{'yes' if x['beats_by_more_than_spread'] else 'no'} |"
+                )
         lines.append("")
     if mode == "finetune":
-        rows = [(m, np.mean([x["train_examples_per_s"] for t in result["tasks"].values()
-                             for x in t["results"][m]["runs"]])) for m in models if any(
-            m in t["results"] for t in result["tasks"].values())]
-        lines.append("Fine-tuning throughput (examples/s): " + ", ".join(f"`{m}` {v:,.0f}" for m, v in rows)
-                     + f"; total {result.get('timing', {}).get('seconds', 0):.0f} s on {result.get('device')} "
-                     f"({result.get('torch_threads')} threads).")
+        rows = [
+            (m, np.mean([x["train_examples_per_s"] for t in result["tasks"].values() for x in t["results"][m]["runs"]]))
+            for m in models
+            if any(m in t["results"] for t in result["tasks"].values())
+        ]
+        lines.append(
+            "Fine-tuning throughput (examples/s): "
+            + ", ".join(f"`{m}` {v:,.0f}" for m, v in rows)
+            + f"; total {result.get('timing', {}).get('seconds', 0):.0f} s on {result.get('device')} "
+            f"({result.get('torch_threads')} threads)."
+        )
         lines.append("")
     for note in result.get("notes", []):
         lines.append(f"Note: {note}.")
@@ -831,6 +1007,7 @@ def plot_downstream(result: dict[str, Any], path: str | os.PathLike) -> bool:
     model; error bars = std over seeds) written atomically as PNG to ``path``. False when matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
@@ -888,13 +1065,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.downstream",
         description="Fine-tune (or probe) models on labeled tasks and write downstream.json / .md / .png. "
-                    f"Tasks: {', '.join(known_tasks())}.")
-    p.add_argument("--task", action="append", default=None, metavar="SPEC",
-                   help=f"task (repeatable); default {DEFAULT_TASK}. Offline: {', '.join(OFFLINE_TASKS)}")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="a model folder, hub name or embedded:NAME under a display name (repeatable)")
-    p.add_argument("--run", metavar="RUNDIR",
-                   help="a distillation run: teacher, student_init, truncation baseline (built), student")
+        f"Tasks: {', '.join(known_tasks())}.",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help=f"task (repeatable); default {DEFAULT_TASK}. Offline: {', '.join(OFFLINE_TASKS)}",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a model folder, hub name or embedded:NAME under a display name (repeatable)",
+    )
+    p.add_argument(
+        "--run",
+        metavar="RUNDIR",
+        help="a distillation run: teacher, student_init, truncation baseline (built), student",
+    )
     p.add_argument("--output", metavar="DIR", help="where to write downstream.*; default RUNDIR/downstream")
     p.add_argument("--mode", choices=("finetune", "probe"), default="finetune")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning runs per model and task (seeds 0..N-1)")
@@ -909,9 +1100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--max-train", type=int, help="cap on train examples (stratified); 0 = all")
     g.add_argument("--max-eval", type=int, help="cap on each evaluation split (stratified); 0 = all")
-    g.add_argument("--head", choices=("cls", "mean"),
-                   help="cls (default): AutoModelForSequenceClassification; mean: a linear head on mean-pooled "
-                        "states (for sentence encoders such as the demo's teacher)")
+    g.add_argument(
+        "--head",
+        choices=("cls", "mean"),
+        help="cls (default): AutoModelForSequenceClassification; mean: a linear head on mean-pooled "
+        "states (for sentence encoders such as the demo's teacher)",
+    )
     s = p.add_argument_group("splits and local files")
     s.add_argument("--split-seed", type=int, default=0, help="seed of the deterministic splits and caps")
     s.add_argument("--text-field", default="text")
@@ -932,6 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.list_tasks:
         from pretrain.tasks import EMBEDDED, GLUE
+
         for t in GLUE:
             print(f"glue:{t}\t{', '.join(GLUE[t][2])} (hub)")
         for t, what in EMBEDDED.items():
@@ -952,16 +1147,32 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not name or not path:
                 raise DownstreamError(f"--model {item!r}: expected NAME=PATH")
             models.append(ModelSpec(name, path))
-        overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "max_length", "warmup_ratio",
-                                                   "weight_decay", "head") if getattr(args, k) is not None}
-        split = SplitConfig(seed=args.split_seed,
-                            max_train=None if args.max_train is None else (args.max_train or 10 ** 12),
-                            max_eval=None if args.max_eval is None else (args.max_eval or 10 ** 12))
+        overrides = {
+            k: getattr(args, k)
+            for k in ("epochs", "lr", "batch_size", "max_length", "warmup_ratio", "weight_decay", "head")
+            if getattr(args, k) is not None
+        }
+        split = SplitConfig(
+            seed=args.split_seed,
+            max_train=None if args.max_train is None else (args.max_train or 10**12),
+            max_eval=None if args.max_eval is None else (args.max_eval or 10**12),
+        )
         fields = LocalFields(text=args.text_field, pair=args.pair_field, label=args.label_field, kind=args.task_type)
-        result = run_downstream(args.task or [DEFAULT_TASK], models, output, mode=args.mode, seeds=args.seeds,
-                                split=split, fields=fields, overrides=overrides, teacher=args.teacher,
-                                student=args.student, device=args.device, save_model=args.save_model,
-                                plot=not args.no_plot)
+        result = run_downstream(
+            args.task or [DEFAULT_TASK],
+            models,
+            output,
+            mode=args.mode,
+            seeds=args.seeds,
+            split=split,
+            fields=fields,
+            overrides=overrides,
+            teacher=args.teacher,
+            student=args.student,
+            device=args.device,
+            save_model=args.save_model,
+            plot=not args.no_plot,
+        )
     except (DownstreamError, TaskError, DataPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ It writes ``report.json``, ``report.md`` and ``loss_curves.png`` (from the run's
 each atomically; an existing ``report.json`` is kept as ``report.prev.json`` (and said so) before the new one lands.
 Library use: ``evaluate(...)`` returns the report dict (the demo calls it or the command line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,16 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data_prep.embedded import resolve_model
-from data_prep.errors import DataPrepError
+from data_prep.errors import DataPrepError, DistillError
 from data_prep.files import atomic_write_bytes, atomic_write_text
 from pretrain.data import open_split
 from pretrain.losses import mean_pool
@@ -46,15 +48,17 @@ from pretrain.report import plot_loss_curves, render_markdown
 from pretrain.schema import ConfigError
 from pretrain.student import mlm_head
 from pretrain.teacher import describe_differences, has_mlm_head, tokenizer_differences
-from pretrain.validate import IGNORE, mlm_sums, mlm_summary
+from pretrain.validate import IGNORE, mlm_summary, mlm_sums
 
 log = logging.getLogger("pretrain.evaluate")
 
 MASKING = MaskingConfig()  # BERT's 15% and 80/10/10 (token_counts=None below: uniform selection)
 
 
-class EvalError(RuntimeError):
+class EvalError(DistillError, RuntimeError):
     """A user-facing evaluation error: names the flag, path or value that is wrong and what to do."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -65,6 +69,7 @@ class Model:
     ``encoder`` maps ``input_ids`` / ``attention_mask`` ([batch, seq] int64) to ``last_hidden_state`` ([batch, seq,
     hidden]); ``head`` maps gathered hidden states [n, hidden] to MLM logits [n, vocab] (None: no MLM head).
     """
+
     name: str
     path: str
     config: Any
@@ -88,28 +93,36 @@ def _resolve(flag: str, name_or_path: str) -> str:
     path = Path(resolved).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise EvalError(f"{flag} {name_or_path}: {path} has no config.json; give a Hugging Face model directory "
-                            "(the trainer exports RUN/student and RUN/student_init)")
+            raise EvalError(
+                f"{flag} {name_or_path}: {path} has no config.json; give a Hugging Face model directory "
+                "(the trainer exports RUN/student and RUN/student_init)"
+            )
         return str(path)
     if resolved.startswith(("/", ".", "~")) or resolved.count("/") > 1:
-        raise EvalError(f"{flag} {name_or_path}: no such directory; give a Hugging Face model directory "
-                        "(the trainer exports RUN/student and RUN/student_init) or a hub model name")
+        raise EvalError(
+            f"{flag} {name_or_path}: no such directory; give a Hugging Face model directory "
+            "(the trainer exports RUN/student and RUN/student_init) or a hub model name"
+        )
     return resolved  # a hub name such as roberta-base
 
 
 def _load_config(flag: str, path: str):
     from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise EvalError(f"{flag} {path}: cannot read the model config ({e}); give a Hugging Face model directory "
-                        "or a hub model name") from e
+        raise EvalError(
+            f"{flag} {path}: cannot read the model config ({e}); give a Hugging Face model directory "
+            "or a hub model name"
+        ) from e
 
 
 def load_model(name: str, path: str, config, device: torch.device) -> Model:
     """Load ``path`` with AutoModelForMaskedLM when it has an MLM head, else AutoModel; SDPA attention where the
     architecture supports it; eval mode, fp32, on ``device``."""
     from transformers import AutoModel, AutoModelForMaskedLM
+
     auto = AutoModelForMaskedLM if has_mlm_head(config) else AutoModel
     try:
         model = auto.from_pretrained(path, attn_implementation="sdpa")
@@ -126,8 +139,8 @@ def pad_batch(seqs: list[np.ndarray], pad_id: int, device: torch.device) -> tupl
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     attn = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        attn[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        attn[i, : len(s)] = 1
     return torch.from_numpy(ids).to(device), torch.from_numpy(attn).to(device)
 
 
@@ -155,8 +168,12 @@ def pooling_mode(model_dir: str) -> tuple[str, bool]:
     known = (".Transformer", ".Pooling", ".Normalize")
     other = [m.get("type") for m in modules if not m.get("type", "").endswith(known)]
     if other:
-        log.warning("%s lists modules after pooling that are not applied here: %s; the embeddings are the pooled "
-                    "(normalised) output without them", modules_file, other)
+        log.warning(
+            "%s lists modules after pooling that are not applied here: %s; the embeddings are the pooled "
+            "(normalised) output without them",
+            modules_file,
+            other,
+        )
     for m in modules:
         cfg_file = Path(model_dir) / m.get("path", "") / "config.json"
         if m.get("type", "").endswith(".Pooling") and cfg_file.is_file():
@@ -169,8 +186,9 @@ def pooling_mode(model_dir: str) -> tuple[str, bool]:
 
 
 @torch.inference_mode()
-def embed(model: Model, seqs: list[np.ndarray], *, pad_id: int, batch_size: int, pooling: str,
-          device: torch.device) -> torch.Tensor:
+def embed(
+    model: Model, seqs: list[np.ndarray], *, pad_id: int, batch_size: int, pooling: str, device: torch.device
+) -> torch.Tensor:
     """L2-normalised sentence embeddings [len(seqs), hidden] float32 of token sequences (special tokens included).
 
     Sequences are batched by length (longest first) to limit padding; the output keeps the input order.
@@ -178,7 +196,7 @@ def embed(model: Model, seqs: list[np.ndarray], *, pad_id: int, batch_size: int,
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out = torch.empty(len(seqs), model.config.hidden_size, dtype=torch.float32)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ids, attn = pad_batch([seqs[i] for i in idx], pad_id, device)
         hidden = model.encoder(input_ids=ids, attention_mask=attn).last_hidden_state.float()
         out[idx] = pool(hidden, attn, pooling).cpu()
@@ -191,8 +209,15 @@ def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:
     return int((sims.argmax(1) == torch.arange(len(queries))).sum()) / len(queries)
 
 
-def retrieval_metrics(models: list[Model], halves: list[tuple[np.ndarray, np.ndarray]], *, pad_id: int,
-                      batch_size: int, pooling: str, device: torch.device) -> dict[str, dict]:
+def retrieval_metrics(
+    models: list[Model],
+    halves: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    pooling: str,
+    device: torch.device,
+) -> dict[str, dict]:
     """recall@1 and embedding cosine of every model on document ``halves`` (first, second; CLS ... SEP token ids);
     ``models[0]`` is the teacher. Returns {name: {"recall_at_1", "embedding_cosine"}}: recall@1 of first halves
     finding their own second half among all second halves by cosine; the mean cosine between the model's and the
@@ -206,10 +231,18 @@ def retrieval_metrics(models: list[Model], halves: list[tuple[np.ndarray, np.nda
         t0 = time.perf_counter()
         e = embed(m, texts, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=device)
         ref = e if ref is None else ref
-        out[m.name] = {"recall_at_1": recall_at_1(e[:len(halves)], e[len(halves):]),
-                       "embedding_cosine": (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None}
-        log.info("%s: recall@1 %.4f, embedding cosine to teacher %s (%d halves, %.1f s)", m.name,
-                 out[m.name]["recall_at_1"], out[m.name]["embedding_cosine"], len(texts), time.perf_counter() - t0)
+        out[m.name] = {
+            "recall_at_1": recall_at_1(e[: len(halves)], e[len(halves) :]),
+            "embedding_cosine": (e * ref).sum(-1).mean().item() if e.shape == ref.shape else None,
+        }
+        log.info(
+            "%s: recall@1 %.4f, embedding cosine to teacher %s (%d halves, %.1f s)",
+            m.name,
+            out[m.name]["recall_at_1"],
+            out[m.name]["embedding_cosine"],
+            len(texts),
+            time.perf_counter() - t0,
+        )
     return out
 
 
@@ -240,20 +273,21 @@ def split_halves(doc: np.ndarray, *, max_content: int, cls_id: int, sep_id: int)
     The document is first capped to ``2 * max_content`` tokens, so each half fits the model and the halves are
     adjacent text. Returns (first half, second half), 1-D int64.
     """
-    doc = np.asarray(doc, dtype=np.int64)[:2 * max_content]
+    doc = np.asarray(doc, dtype=np.int64)[: 2 * max_content]
     h = len(doc) // 2
     wrap = lambda x: np.concatenate([[cls_id], x, [sep_id]]).astype(np.int64)  # noqa: E731
     return wrap(doc[:h]), wrap(doc[h:])
 
 
 # -------------------------------------------------------------------------------------------------------------- MLM
-def mlm_batches(sequences: list[np.ndarray], masker: Masker, *, pad_id: int, batch_size: int,
-                device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def mlm_batches(
+    sequences: list[np.ndarray], masker: Masker, *, pad_id: int, batch_size: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Masked batches (masked input_ids [b, L], attention_mask [b, L], labels [b, L]) of ``sequences``; batch i is
     masked as step i of rank 0, so the result is a function of the masker's seed and the sequences only."""
     out = []
     for bi, start in enumerate(range(0, len(sequences), batch_size)):
-        ids, attn = pad_batch(sequences[start:start + batch_size], pad_id, device)
+        ids, attn = pad_batch(sequences[start : start + batch_size], pad_id, device)
         masked, labels = masker(ids, attn, step=bi, rank=0, micro_step=0)
         out.append((masked, attn, labels))
     return out
@@ -294,8 +328,17 @@ def mlm_metrics(models: list[Model], batches: list[tuple[torch.Tensor, torch.Ten
 
 # ------------------------------------------------------------------------------------------------------- throughput
 @torch.inference_mode()
-def throughputs(models: list[Model], *, token_ids: np.ndarray, batch_size: int, seq_length: int, warmup: int,
-                iters: int, device: torch.device, seed: int = 0) -> dict[str, float]:
+def throughputs(
+    models: list[Model],
+    *,
+    token_ids: np.ndarray,
+    batch_size: int,
+    seq_length: int,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, float]:
     """Encoder inference throughput of each model in tokens/s on one random batch [batch_size, seq_length] (no
     padding; ids drawn from ``token_ids``, with ``seed``): ``warmup`` untimed forwards per model, then ``iters`` rounds
     that time one forward of every model in turn; tokens/s = batch_size * seq_length / fastest forward time.
@@ -331,20 +374,25 @@ def check_vocab(manifest: dict, data: Path, tokenizer, configs: dict[str, tuple[
     diff = tokenizer_differences(manifest, tokenizer)
     if diff:
         details = describe_differences(diff)
-        raise EvalError(f"--teacher {teacher_path}: its tokenizer is not the one the shards in {data} were made with "
-                        f"({made_with!r}; {details}: shards vs teacher, manifest.json 'tokenizer'); evaluate with "
-                        f"that teacher, or prepare shards with `python -m data_prep prepare --tokenizer "
-                        f"{teacher_path} ...`")
+        raise EvalError(
+            f"--teacher {teacher_path}: its tokenizer is not the one the shards in {data} were made with "
+            f"({made_with!r}; {details}: shards vs teacher, manifest.json 'tokenizer'); evaluate with "
+            f"that teacher, or prepare shards with `python -m data_prep prepare --tokenizer "
+            f"{teacher_path} ...`"
+        )
     for flag, (path, config) in configs.items():
         if config.vocab_size < vocab or config.vocab_size != configs["--teacher"][1].vocab_size:
-            raise EvalError(f"{flag} {path}: vocabulary of {config.vocab_size} tokens (config.json vocab_size), but "
-                            f"the shards in {data} use {made_with!r} with {vocab} tokens (manifest.json tokenizer."
-                            f"vocab_size) and the teacher has {configs['--teacher'][1].vocab_size}; evaluate a student "
-                            "of this teacher, on shards made with its tokenizer")
+            raise EvalError(
+                f"{flag} {path}: vocabulary of {config.vocab_size} tokens (config.json vocab_size), but "
+                f"the shards in {data} use {made_with!r} with {vocab} tokens (manifest.json tokenizer."
+                f"vocab_size) and the teacher has {configs['--teacher'][1].vocab_size}; evaluate a student "
+                "of this teacher, on shards made with its tokenizer"
+            )
 
 
 def _load_tokenizer(teacher: str, manifest: dict):
     from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(teacher)
     except (OSError, ValueError) as first:
@@ -352,18 +400,38 @@ def _load_tokenizer(teacher: str, manifest: dict):
         try:
             return AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError, TypeError):
-            raise EvalError(f"--teacher {teacher}: cannot load its tokenizer ({first}), nor the shards' tokenizer "
-                            f"{name!r}; save the tokenizer files into the teacher directory") from first
+            raise EvalError(
+                f"--teacher {teacher}: cannot load its tokenizer ({first}), nor the shards' tokenizer "
+                f"{name!r}; save the tokenizer files into the teacher directory"
+            ) from first
 
 
 # ----------------------------------------------------------------------------------------------------------- report
-def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *, student_init: str | None = None,
-             split: str = "valid", metrics: str | Path | None = None, max_sequences: int = 512,
-             max_documents: int = 1000, min_doc_tokens: int = 16, batch_size: int = 32, bench_batch: int = 32,
-             bench_length: int = 128, bench_warmup: int = 2, bench_iters: int = 5, seed: int = 0,
-             device: str = "auto", downstream: list[str] | None = None, downstream_seeds: int = 2,
-             downstream_mode: str = "finetune", downstream_head: str | None = None,
-             downstream_max_train: int | None = None) -> dict:
+def evaluate(
+    student: str,
+    teacher: str,
+    data: str | Path,
+    output: str | Path,
+    *,
+    student_init: str | None = None,
+    split: str = "valid",
+    metrics: str | Path | None = None,
+    max_sequences: int = 512,
+    max_documents: int = 1000,
+    min_doc_tokens: int = 16,
+    batch_size: int = 32,
+    bench_batch: int = 32,
+    bench_length: int = 128,
+    bench_warmup: int = 2,
+    bench_iters: int = 5,
+    seed: int = 0,
+    device: str = "auto",
+    downstream: list[str] | None = None,
+    downstream_seeds: int = 2,
+    downstream_mode: str = "finetune",
+    downstream_head: str | None = None,
+    downstream_max_train: int | None = None,
+) -> dict:
     """Evaluate teacher, student at initialisation and distilled student on the held-out ``split`` of the shards in
     ``data``; write report.json, report.md and loss_curves.png into ``output``; return the report dict.
 
@@ -392,8 +460,10 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
         if guess and (guess / "config.json").is_file():
             student_init = str(guess)
         else:
-            log.info("no --student-init and no RUN/student_init next to the student: the report has no "
-                     "student-at-initialisation column")
+            log.info(
+                "no --student-init and no RUN/student_init next to the student: the report has no "
+                "student-at-initialisation column"
+            )
     if student_init is not None:
         paths["student_init"] = _resolve("--student-init", student_init)
     if metrics is not None and not Path(metrics).is_file():
@@ -410,31 +480,54 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
     pooling, normalized = pooling_mode(paths["teacher"])
 
     models = [load_model(n, paths[n], configs[n], dev) for n in order]
-    results: dict[str, dict] = {n: {"params": m.params} for n, m in zip(order, models)}
+    results: dict[str, dict] = {n: {"params": m.params} for n, m in zip(order, models, strict=False)}
     meta: dict[str, Any] = {
-        "split": split, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(dev), "threads": torch.get_num_threads(),
+        "split": split,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
         "paths": {**{n: str(paths[n]) for n in order}, "data": str(data)},
-        "split_sequences": len(ds), "split_documents": manifest["splits"][split].get("num_documents")}
+        "split_sequences": len(ds),
+        "split_documents": manifest["splits"][split].get("num_documents"),
+    }
 
     # Throughput: same batch shape for every model.
     seq_length = min(bench_length, max_len)
     normal = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
-    speeds = throughputs(models, token_ids=normal, batch_size=bench_batch, seq_length=seq_length,
-                         warmup=bench_warmup, iters=bench_iters, device=dev, seed=seed)
+    speeds = throughputs(
+        models,
+        token_ids=normal,
+        batch_size=bench_batch,
+        seq_length=seq_length,
+        warmup=bench_warmup,
+        iters=bench_iters,
+        device=dev,
+        seed=seed,
+    )
     for n in order:
         results[n]["tokens_per_s"] = speeds[n]
         results[n]["speedup"] = results[n]["tokens_per_s"] / results["teacher"]["tokens_per_s"]
-    meta["throughput"] = {"batch_size": bench_batch, "seq_length": seq_length, "warmup": bench_warmup,
-                          "iters": bench_iters}
+    meta["throughput"] = {
+        "batch_size": bench_batch,
+        "seq_length": seq_length,
+        "warmup": bench_warmup,
+        "iters": bench_iters,
+    }
     log.info("throughput (tokens/s): %s", {n: round(results[n]["tokens_per_s"]) for n in order})
 
     docs, eligible = sample_documents(ds.documents(), k=max_documents, min_tokens=min_doc_tokens, seed=seed)
-    meta["retrieval"] = {"num_documents": len(docs), "eligible_documents": eligible, "min_tokens": min_doc_tokens,
-                         "max_content_tokens": max_len - 2, "pooling": pooling, "normalized": normalized}
+    meta["retrieval"] = {
+        "num_documents": len(docs),
+        "eligible_documents": eligible,
+        "min_tokens": min_doc_tokens,
+        "max_content_tokens": max_len - 2,
+        "pooling": pooling,
+        "normalized": normalized,
+    }
     halves = [split_halves(d, max_content=max_len - 2, cls_id=cls_id, sep_id=sep_id) for d in docs]
-    for n, vals in retrieval_metrics(models, halves, pad_id=pad_id, batch_size=batch_size, pooling=pooling,
-                                     device=dev).items():
+    for n, vals in retrieval_metrics(
+        models, halves, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=dev
+    ).items():
         results[n].update(vals)
 
     if has_mlm_head(configs["teacher"]):
@@ -447,44 +540,86 @@ def evaluate(student: str, teacher: str, data: str | Path, output: str | Path, *
         batches = mlm_batches(seqs, masker, pad_id=pad_id, batch_size=batch_size, device=dev)
         for n, vals in mlm_metrics(models, batches).items():
             results[n].update(vals)
-        meta["mlm"] = {"num_sequences": n_seq, "num_masked": int(sum((b[2] != IGNORE).sum() for b in batches)),
-                       "masking": f"{MASKING.mlm_mask_prop:.0%} of the non-special tokens, uniform, "
-                       f"{MASKING.word_mask:.0%}/{MASKING.word_rand:.0%}/{MASKING.word_keep:.0%} mask/random/keep, "
-                       f"seed {seed}"}
-        log.info("MLM on %d sequences (%.1f s): %s", n_seq, time.perf_counter() - t0,
-                 {n: {k: round(results[n][k], 4) for k in ("mlm_loss", "kl_to_teacher", "agreement")
-                      if results[n][k] is not None} for n in order})
+        meta["mlm"] = {
+            "num_sequences": n_seq,
+            "num_masked": int(sum((b[2] != IGNORE).sum() for b in batches)),
+            "masking": f"{MASKING.mlm_mask_prop:.0%} of the non-special tokens, uniform, "
+            f"{MASKING.word_mask:.0%}/{MASKING.word_rand:.0%}/{MASKING.word_keep:.0%} mask/random/keep, "
+            f"seed {seed}",
+        }
+        log.info(
+            "MLM on %d sequences (%.1f s): %s",
+            n_seq,
+            time.perf_counter() - t0,
+            {
+                n: {
+                    k: round(results[n][k], 4)
+                    for k in ("mlm_loss", "kl_to_teacher", "agreement")
+                    if results[n][k] is not None
+                }
+                for n in order
+            },
+        )
     else:
         log.info("the teacher has no MLM head (%s): no MLM metrics", configs["teacher"].architectures)
 
     downstream_result = None
     if downstream:
-        downstream_result = _downstream(run_dir, output, downstream, device, seeds=downstream_seeds,
-                                        mode=downstream_mode, head=downstream_head, max_train=downstream_max_train)
+        downstream_result = _downstream(
+            run_dir,
+            output,
+            downstream,
+            device,
+            seeds=downstream_seeds,
+            mode=downstream_mode,
+            head=downstream_head,
+            max_train=downstream_max_train,
+        )
     meta["metrics_file"] = str(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
-    report = {"teacher": results["teacher"], "student_init": results.get("student_init"),
-              "student": results["student"], "meta": meta}
+    report = {
+        "teacher": results["teacher"],
+        "student_init": results.get("student_init"),
+        "student": results["student"],
+        "meta": meta,
+    }
     if downstream_result is not None:
         report["downstream"] = downstream_result
     write_report(report, output)
     return report
 
 
-def _downstream(run_dir: Path | None, output, tasks: list[str], device: str, *, seeds: int, mode: str,
-                head: str | None, max_train: int | None) -> dict:
+def _downstream(
+    run_dir: Path | None,
+    output,
+    tasks: list[str],
+    device: str,
+    *,
+    seeds: int,
+    mode: str,
+    head: str | None,
+    max_train: int | None,
+) -> dict:
     """Fine-tune (probe) the run's models on ``tasks`` (:func:`pretrain.downstream.run_downstream` with
     :func:`pretrain.downstream.run_models`) into ``output/downstream``; returns its result with ``png`` (the chart's
     path relative to ``output``, or None). Raises :class:`EvalError` without a run directory or for a bad task."""
     from pretrain.downstream import DownstreamError, run_downstream, run_models
     from pretrain.tasks import SplitConfig
+
     if run_dir is None:
         raise EvalError("--downstream needs the student of a run directory (RUN/student) to find the run's models")
     out = Path(output) / "downstream"
     try:
-        result = run_downstream(tasks, run_models(run_dir, out), out, mode=mode, seeds=seeds, device=device,
-                                overrides={"head": head} if head else None,
-                                split=SplitConfig(max_train=max_train) if max_train else None)
+        result = run_downstream(
+            tasks,
+            run_models(run_dir, out),
+            out,
+            mode=mode,
+            seeds=seeds,
+            device=device,
+            overrides={"head": head} if head else None,
+            split=SplitConfig(max_train=max_train) if max_train else None,
+        )
     except DownstreamError as e:
         raise EvalError(f"--downstream: {e}") from e
     result["png"] = "downstream/downstream.png" if (out / "downstream.png").is_file() else None
@@ -514,45 +649,105 @@ def write_report(report: dict, output: str | Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", required=True, metavar="DIR", help="the distilled student (RUN/student)")
-    p.add_argument("--teacher", required=True, metavar="DIR",
-                   help="teacher: model directory, hub name or embedded:NAME")
+    p.add_argument(
+        "--teacher", required=True, metavar="DIR", help="teacher: model directory, hub name or embedded:NAME"
+    )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared shards (python -m data_prep prepare)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md, loss_curves.png")
-    p.add_argument("--student-init", metavar="DIR",
-                   help="the student before distillation (default: RUN/student_init next to the student, if any)")
+    p.add_argument(
+        "--student-init",
+        metavar="DIR",
+        help="the student before distillation (default: RUN/student_init next to the student, if any)",
+    )
     p.add_argument("--split", default="valid", help="held-out split of the shards (default: %(default)s)")
     p.add_argument("--metrics", metavar="FILE", help="the run's metrics.jsonl (default: RUN/metrics.jsonl, if any)")
-    p.add_argument("--max-sequences", type=int, default=512, metavar="N",
-                   help="held-out sequences for the MLM metrics (default: %(default)s)")
-    p.add_argument("--max-documents", type=int, default=1000, metavar="N",
-                   help="held-out documents for retrieval, sampled (default: %(default)s)")
-    p.add_argument("--min-doc-tokens", type=int, default=16, metavar="N",
-                   help="shortest document used for retrieval, in tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N",
-                   help="sequences per forward for MLM and embeddings (default: %(default)s)")
-    p.add_argument("--bench-batch", type=int, default=32, metavar="N",
-                   help="throughput batch in sequences (default: %(default)s)")
-    p.add_argument("--bench-length", type=int, default=128, metavar="N",
-                   help="throughput sequence length in tokens, at most the shards' (default: %(default)s)")
-    p.add_argument("--bench-warmup", type=int, default=2, metavar="N",
-                   help="untimed warm-up forwards per model (default: %(default)s)")
-    p.add_argument("--bench-iters", type=int, default=5, metavar="N",
-                   help="timed forwards per model, fastest taken (default: %(default)s)")
+    p.add_argument(
+        "--max-sequences",
+        type=int,
+        default=512,
+        metavar="N",
+        help="held-out sequences for the MLM metrics (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-documents",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="held-out documents for retrieval, sampled (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-doc-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="shortest document used for retrieval, in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="sequences per forward for MLM and embeddings (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bench-batch", type=int, default=32, metavar="N", help="throughput batch in sequences (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bench-length",
+        type=int,
+        default=128,
+        metavar="N",
+        help="throughput sequence length in tokens, at most the shards' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bench-warmup",
+        type=int,
+        default=2,
+        metavar="N",
+        help="untimed warm-up forwards per model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bench-iters",
+        type=int,
+        default=5,
+        metavar="N",
+        help="timed forwards per model, fastest taken (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling, benchmark batch (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
-    p.add_argument("--downstream", action="append", metavar="TASK",
-                   help="also fine-tune teacher, student_init, the top-layer truncation and the student on this "
-                        "labeled task (repeatable; e.g. embedded:rotten-tomatoes, glue:sst2; docs/downstream.md) and "
-                        "put the table in the report")
+    p.add_argument(
+        "--downstream",
+        action="append",
+        metavar="TASK",
+        help="also fine-tune teacher, student_init, the top-layer truncation and the student on this "
+        "labeled task (repeatable; e.g. embedded:rotten-tomatoes, glue:sst2; docs/downstream.md) and "
+        "put the table in the report",
+    )
     p.add_argument("--downstream-seeds", type=int, default=2, metavar="N", help="seeds per model (default 2)")
     p.add_argument("--downstream-mode", choices=("finetune", "probe"), default="finetune")
-    p.add_argument("--downstream-head", choices=("cls", "mean"), default=None,
-                   help="classification head for --downstream fine-tuning (default: the downstream command's)")
-    p.add_argument("--downstream-max-train", type=int, default=None, metavar="N",
-                   help="cap on --downstream train examples (stratified; default: the task family's)")
+    p.add_argument(
+        "--downstream-head",
+        choices=("cls", "mean"),
+        default=None,
+        help="classification head for --downstream fine-tuning (default: the downstream command's)",
+    )
+    p.add_argument(
+        "--downstream-max-train",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cap on --downstream train examples (stratified; default: the task family's)",
+    )
     args = p.parse_args(argv)
-    for name in ("max_sequences", "max_documents", "batch_size", "bench_batch", "bench_length", "bench_iters",
-                 "downstream_seeds"):
+    for name in (
+        "max_sequences",
+        "max_documents",
+        "batch_size",
+        "bench_batch",
+        "bench_length",
+        "bench_iters",
+        "downstream_seeds",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -564,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="evaluate: %(message)s")
     try:
         from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
         kwargs = {k: v for k, v in vars(args).items() if k not in ("student", "teacher", "data", "output")}

@@ -8,6 +8,7 @@ checkpoints are consolidated to fp32 with DeepSpeed's ``get_fp32_state_dict_from
 weights); stage-0 checkpoints give the module weights, cast to fp32. Each tag carries an ``hf/`` folder (student config,
 tokenizer, sentence-transformers files), so a checkpoint exports without the teacher or the shards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from data_prep.files import atomic_dir
-from pretrain.rundir import EXPORT_INFO as INFO, latest_tag_in
+from pretrain.rundir import EXPORT_INFO as INFO
+from pretrain.rundir import latest_tag_in
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 HF_DIR = "hf"
@@ -33,15 +35,18 @@ def sentence_transformers_files(teacher: str) -> dict[str, Path]:
     Covers ``modules.json``, ``sentence_bert_config.json``, ``config_sentence_transformers.json`` and the files of
     every module folder named in ``modules.json`` (``1_Pooling/config.json``, ``2_Dense/...``).
     """
+
     def get(rel: str) -> Path | None:
         if Path(teacher).is_dir():
             p = Path(teacher) / rel
             return p if p.is_file() else None
         from transformers.utils import cached_file
+
         # None for a file the repository does not have, or when the hub is unreachable and the file is not cached;
         # any other hub error (a gated or missing repository, a bad revision) surfaces
-        p = cached_file(teacher, rel, _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False)
+        p = cached_file(
+            teacher, rel, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+        )
         return Path(p) if p else None
 
     modules = get("modules.json")
@@ -54,7 +59,7 @@ def sentence_transformers_files(teacher: str) -> dict[str, Path]:
             continue
         if Path(teacher).is_dir():
             folder = Path(teacher) / sub
-            for p in (folder.rglob("*") if folder.is_dir() else []):
+            for p in folder.rglob("*") if folder.is_dir() else []:
                 if p.is_file():
                     out[str(p.relative_to(teacher))] = p
         else:
@@ -113,8 +118,10 @@ def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
     if tag is None:
         tag = latest_tag_in(root)
         if tag is None:
-            raise FileNotFoundError(f"{root}: no 'latest' file and no {HF_DIR}/ folder; give a run's checkpoints/ "
-                                    f"directory, one of its step_* directories, or --tag")
+            raise FileNotFoundError(
+                f"{root}: no 'latest' file and no {HF_DIR}/ folder; give a run's checkpoints/ "
+                f"directory, one of its step_* directories, or --tag"
+            )
     tag_dir = root / tag
     if not (tag_dir / HF_DIR).is_dir():
         raise FileNotFoundError(f"{tag_dir}: not a checkpoint of this project (no {HF_DIR}/ folder)")
@@ -130,20 +137,23 @@ def student_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     tag_dir = Path(tag_dir)
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
         full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not states:
             raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states file (mp_rank_00_model_states.pt)")
         full = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
-    return {k[len("student."):]: v.float() for k, v in full.items() if k.startswith("student.")}
+    return {k[len("student.") :]: v.float() for k, v in full.items() if k.startswith("student.")}
 
 
 def build_student_like(meta_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A randomly initialised student of the class and config saved in ``meta_dir/config.json`` (without a pooler
     when ``state`` has none, like a student of a sentence encoder)."""
     import inspect
+
     import transformers
+
     config = transformers.AutoConfig.from_pretrained(meta_dir)
     cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     kwargs = {}
@@ -162,8 +172,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, tag: str | No
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
-        raise RuntimeError(f"{tag_dir}: checkpoint weights do not fit {type(model).__name__}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"{tag_dir}: checkpoint weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     step = None

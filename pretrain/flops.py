@@ -7,6 +7,7 @@ Embedding lookups, norms, softmax and element-wise work are not counted. Peaks: 
 the precision used (:data:`DATASHEET_PEAK_TFLOPS`); on CPU the best fp32 matrix product measured in the process
 (:func:`measure_cpu_peak`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,6 +27,7 @@ DATASHEET_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("H200", {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9}),
     ("A100", {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5}),
 ]
+
 
 def _dims(config) -> tuple[int, int, int, int]:
     """(hidden, layers, intermediate, vocab) of a BERT-like config (DistilBERT's names too)."""
@@ -65,6 +67,7 @@ def step_flops(model, *, sequences: int, seq_len: int, head_positions: int) -> d
     projections and MiniLM relation products (Q K^T, V V^T per relation pair) are counted too.
     """
     from pretrain.student import mlm_head
+
     cfg = model.loss_cfg
     active = cfg.active()
     s_cfg, t_cfg = model.student.config, model.teacher.config
@@ -81,8 +84,12 @@ def step_flops(model, *, sequences: int, seq_len: int, head_positions: int) -> d
     for _ in model.relation_pairs:  # [B, R, L, d] x [B, R, d, L] per relation: 2 L^2 D per sequence
         t_fwd += n_rel * 2 * sequences * seq_len * seq_len * _dims(t_cfg)[0]
         s_fwd += n_rel * 2 * sequences * seq_len * seq_len * _dims(s_cfg)[0]
-    return {"teacher_forward": t_fwd, "student_forward": s_fwd, "student_backward": 2 * s_fwd,
-            "total": t_fwd + 3 * s_fwd}
+    return {
+        "teacher_forward": t_fwd,
+        "student_forward": s_fwd,
+        "student_backward": 2 * s_fwd,
+        "total": t_fwd + 3 * s_fwd,
+    }
 
 
 def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -98,7 +105,7 @@ def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
         best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def datasheet_peak(device_name: str, precision: str) -> tuple[float | None, str]:
@@ -113,8 +120,10 @@ def split_flops(model) -> tuple:
     """``(per_batch, per_head_row)`` of a :class:`pretrain.distill.DistillationModel`: ``per_batch(sequences,
     seq_len)`` = the step FLOPs of one micro-batch without the LM heads, ``per_head_row`` = the heads' FLOPs per
     gathered row (0 when no logit term is on); their sum is :func:`step_flops`'s ``total``."""
+
     def per_batch(sequences: int, seq_len: int) -> int:
         return step_flops(model, sequences=sequences, seq_len=seq_len, head_positions=0)["total"]
+
     per_row = step_flops(model, sequences=0, seq_len=0, head_positions=1)["total"]
     return per_batch, per_row
 

@@ -7,6 +7,7 @@ relation heads, Wang et al. 2021), and sentence-transformers' model distillation
 sentence embeddings). Every function computes in fp32 whatever the input dtype and returns a 0-dim fp32 tensor; none
 syncs with the host.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,69 +27,118 @@ _NEG = -1e9  # finite "minus infinity" for masked keys: exp() is exactly 0 and 0
 class LossConfig:
     """Loss weights and options (total = sum of alpha_x * loss_x over the terms with alpha_x > 0)."""
 
-    alpha_ce: float = param(5.0, help="Weight of the soft-target KL to the teacher's MLM distribution x T^2. 5.0: "
-                                      "the --alpha_ce of the training command in Hugging Face's research_projects/"
-                                      "distillation README (train.py's own default is 0.5). Needs an MLM head. In task "
-                                      "distillation: the KL between the class distributions (MSE between the "
-                                      "outputs for regression).")
-    alpha_mlm: float = param(2.0, help="Weight of the student's MLM cross-entropy on the masked tokens. 2.0: that "
-                                       "command's --alpha_mlm (train.py's default 0.0). Needs an MLM head.")
-    alpha_cos: float = param(1.0, help="Weight of 1 - cosine between student and teacher hidden states over non-pad "
-                                       "tokens. 1.0: that command's --alpha_cos (train.py's default 0.0); last layer "
-                                       "as in its distiller.py.")
-    alpha_mse: float = param(0.0, help="Weight of the hidden-state MSE over the layer pairs (TinyBERT's "
-                                       "representation loss), mean over pairs.")
-    alpha_att: float = param(0.0, help="Weight of the KL between teacher and student self-attention distributions "
-                                       "(MiniLM), see relation_layers / relation_heads.")
+    alpha_ce: float = param(
+        5.0,
+        help="Weight of the soft-target KL to the teacher's MLM distribution x T^2. 5.0: "
+        "the --alpha_ce of the training command in Hugging Face's research_projects/"
+        "distillation README (train.py's own default is 0.5). Needs an MLM head. In task "
+        "distillation: the KL between the class distributions (MSE between the "
+        "outputs for regression).",
+    )
+    alpha_mlm: float = param(
+        2.0,
+        help="Weight of the student's MLM cross-entropy on the masked tokens. 2.0: that "
+        "command's --alpha_mlm (train.py's default 0.0). Needs an MLM head.",
+    )
+    alpha_cos: float = param(
+        1.0,
+        help="Weight of 1 - cosine between student and teacher hidden states over non-pad "
+        "tokens. 1.0: that command's --alpha_cos (train.py's default 0.0); last layer "
+        "as in its distiller.py.",
+    )
+    alpha_mse: float = param(
+        0.0,
+        help="Weight of the hidden-state MSE over the layer pairs (TinyBERT's representation loss), mean over pairs.",
+    )
+    alpha_att: float = param(
+        0.0,
+        help="Weight of the KL between teacher and student self-attention distributions "
+        "(MiniLM), see relation_layers / relation_heads.",
+    )
     alpha_val: float = param(0.0, help="Weight of the KL between teacher and student value relations (MiniLM).")
-    alpha_pool: float = param(0.0, help="Weight of the MSE between mean-pooled sentence embeddings (Reimers & "
-                                        "Gurevych 2020), for sentence-encoder teachers.")
-    alpha_label: float = param(0.0, help="Task distillation only: weight of the student's loss on the gold labels "
-                                         "(cross-entropy; MSE for regression tasks).")
+    alpha_pool: float = param(
+        0.0,
+        help="Weight of the MSE between mean-pooled sentence embeddings (Reimers & "
+        "Gurevych 2020), for sentence-encoder teachers.",
+    )
+    alpha_label: float = param(
+        0.0,
+        help="Task distillation only: weight of the student's loss on the gold labels "
+        "(cross-entropy; MSE for regression tasks).",
+    )
     alpha_prob_cos: float = param(
-        0.0, help="Task distillation only: weight of 1 - cosine between the teacher's and the student's class-"
-                  "probability distributions at temperature T (the cosine term of the Distillator recipe, "
-                  "docs/task-distillation.md).")
-    temperature: float = param(2.0, help="Softmax temperature T of the KL term, which is scaled by T^2 "
-                                         "(2.0: train.py's default, not changed by the README command).")
+        0.0,
+        help="Task distillation only: weight of 1 - cosine between the teacher's and the student's class-"
+        "probability distributions at temperature T (the cosine term of the Distillator recipe, "
+        "docs/task-distillation.md).",
+    )
+    temperature: float = param(
+        2.0,
+        help="Softmax temperature T of the KL term, which is scaled by T^2 "
+        "(2.0: train.py's default, not changed by the README command).",
+    )
     restrict_ce_to_mask: bool = param(
-        True, help="true: the KL term on the masked positions only; false: on every non-pad position, [CLS] / [SEP] "
-                   "included, which is what the Hugging Face reference runs (train.py's --restrict_ce_to_mask flag "
-                   "is off by default and its README command does not pass it). The project keeps true: the LM heads "
-                   "then run on the ~15% masked positions only (a head's vocabulary product costs about 5 encoder "
-                   "layers per position for roberta-base, so a third fewer FLOPs per step for roberta-base -> 6 "
-                   "layers), and the masked positions are where the teacher's distribution says more than the visible "
-                   "token.")
+        True,
+        help="true: the KL term on the masked positions only; false: on every non-pad position, [CLS] / [SEP] "
+        "included, which is what the Hugging Face reference runs (train.py's --restrict_ce_to_mask flag "
+        "is off by default and its README command does not pass it). The project keeps true: the LM heads "
+        "then run on the ~15% masked positions only (a head's vocabulary product costs about 5 encoder "
+        "layers per position for roberta-base, so a third fewer FLOPs per step for roberta-base -> 6 "
+        "layers), and the masked positions are where the teacher's distribution says more than the visible "
+        "token.",
+    )
     layer_pairs: list[list[int]] | None = param(
-        None, help="[student, teacher] hidden-state indices for the intermediate losses (0 = embeddings output, "
-                   "k = output of layer k, 1-based). null = from the student's layer map: student layer i's output "
-                   "<-> the teacher hidden state that fed the teacher layer copied into student layer i+1, the last "
-                   "student layer <-> the teacher's last (TinyBERT's uniform map for every_other).")
-    cos_layers: str = param("last", help='Cosine term on "last" (student last vs teacher last hidden state, '
-                                         'DistilBERT) or on every layer pair ("pairs", mean over pairs).')
-    relation_layers: str = param("last", help='Attention / value relation terms on "last" (last student layer vs '
-                                              'last teacher layer, MiniLM) or on every layer pair ("pairs").')
+        None,
+        help="[student, teacher] hidden-state indices for the intermediate losses (0 = embeddings output, "
+        "k = output of layer k, 1-based). null = from the student's layer map: student layer i's output "
+        "<-> the teacher hidden state that fed the teacher layer copied into student layer i+1, the last "
+        "student layer <-> the teacher's last (TinyBERT's uniform map for every_other).",
+    )
+    cos_layers: str = param(
+        "last",
+        help='Cosine term on "last" (student last vs teacher last hidden state, '
+        'DistilBERT) or on every layer pair ("pairs", mean over pairs).',
+    )
+    relation_layers: str = param(
+        "last",
+        help='Attention / value relation terms on "last" (last student layer vs '
+        'last teacher layer, MiniLM) or on every layer pair ("pairs").',
+    )
     relation_heads: int | None = param(
-        None, help="Heads the queries / keys / values are split into for the relation terms (MiniLMv2). null = the "
-                   "student's attention heads; equal head counts give exactly the models' attention distributions.")
+        None,
+        help="Heads the queries / keys / values are split into for the relation terms (MiniLMv2). null = the "
+        "student's attention heads; equal head counts give exactly the models' attention distributions.",
+    )
 
     def validate(self) -> None:
         """Check ranges; raises :class:`ConfigError` naming ``loss.<key>``."""
         for name in TERMS:
             value = getattr(self, f"alpha_{name}")
             check(value >= 0 and math.isfinite(value), f"loss.alpha_{name}", f"{value} must be a finite number >= 0")
-        check(any(getattr(self, f"alpha_{n}") > 0 for n in TERMS), "loss.alpha_ce",
-              "every loss weight is 0; set at least one of " + ", ".join(f"alpha_{n}" for n in TERMS) + " > 0")
-        check(0 < self.temperature < math.inf, "loss.temperature",
-              f"{self.temperature} must be a finite number > 0 (DistilBERT uses 2.0)")
+        check(
+            any(getattr(self, f"alpha_{n}") > 0 for n in TERMS),
+            "loss.alpha_ce",
+            "every loss weight is 0; set at least one of " + ", ".join(f"alpha_{n}" for n in TERMS) + " > 0",
+        )
+        check(
+            0 < self.temperature < math.inf,
+            "loss.temperature",
+            f"{self.temperature} must be a finite number > 0 (DistilBERT uses 2.0)",
+        )
         if self.layer_pairs is not None:
             for i, pair in enumerate(self.layer_pairs):
-                check(len(pair) == 2 and all(isinstance(v, int) and v >= 0 for v in pair), f"loss.layer_pairs[{i}]",
-                      f"{pair!r} must be [student_index, teacher_index], non-negative hidden-state indices")
+                check(
+                    len(pair) == 2 and all(isinstance(v, int) and v >= 0 for v in pair),
+                    f"loss.layer_pairs[{i}]",
+                    f"{pair!r} must be [student_index, teacher_index], non-negative hidden-state indices",
+                )
             check(len(self.layer_pairs) > 0, "loss.layer_pairs", "is empty; use null for the default pairs")
         check(self.cos_layers in ("last", "pairs"), "loss.cos_layers", f"{self.cos_layers!r} is not 'last' or 'pairs'")
-        check(self.relation_layers in ("last", "pairs"), "loss.relation_layers",
-              f"{self.relation_layers!r} is not 'last' or 'pairs'")
+        check(
+            self.relation_layers in ("last", "pairs"),
+            "loss.relation_layers",
+            f"{self.relation_layers!r} is not 'last' or 'pairs'",
+        )
         if self.relation_heads is not None:
             check(self.relation_heads > 0, "loss.relation_heads", f"{self.relation_heads} must be a positive integer")
 
@@ -105,7 +155,8 @@ class LossConfig:
                 raise ConfigError(
                     f"loss.{key}: {value} needs an MLM head but {who} has none; set loss.alpha_ce=0 and "
                     f"loss.alpha_mlm=0 and use the representation losses (alpha_cos, alpha_mse, alpha_att, alpha_val, "
-                    f"alpha_pool), or use a teacher with an MLM head")
+                    f"alpha_pool), or use a teacher with an MLM head"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,8 +181,9 @@ def prob_cosine(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     return (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-          mask: torch.Tensor | None = None) -> torch.Tensor:
+def kd_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Soft-target loss: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the selected positions.
 
     Args:
@@ -151,7 +203,7 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     log_ps = F.log_softmax(s / temperature, dim=-1)
     log_pt = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
-    return kl / max(s.shape[0], 1) * temperature ** 2
+    return kl / max(s.shape[0], 1) * temperature**2
 
 
 def mlm_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -177,8 +229,9 @@ def _real(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()
 
 
-def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_cosine(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """DistilBERT's cosine loss: ``1 - cos(h_s, h_t)`` per token, mean over non-pad tokens.
 
     Args:
@@ -193,8 +246,9 @@ def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1)
 
 
-def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_mse(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """TinyBERT's hidden-state loss: mean squared error over non-pad tokens and hidden units.
 
     Args:
@@ -216,8 +270,9 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def pooled_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
+def pooled_mse(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Reimers & Gurevych (2020): MSE between the mean-pooled sentence embeddings of student and teacher.
 
     Args:
@@ -229,8 +284,7 @@ def pooled_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     return F.mse_loss(mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask))
 
 
-def relation_log_probs(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor,
-                       num_heads: int) -> torch.Tensor:
+def relation_log_probs(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Scaled dot-product relation ``log_softmax(a_r b_r^T / sqrt(d_r))`` per relation head r.
 
     Args:
@@ -261,8 +315,14 @@ def _relation_kl(log_pt: torch.Tensor, log_ps: torch.Tensor, attention_mask: tor
     return (kl * m).sum() / (m.sum() * kl.shape[1]).clamp_min(1)
 
 
-def attention_kl(student_q: torch.Tensor, student_k: torch.Tensor, teacher_q: torch.Tensor, teacher_k: torch.Tensor,
-                 attention_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+def attention_kl(
+    student_q: torch.Tensor,
+    student_k: torch.Tensor,
+    teacher_q: torch.Tensor,
+    teacher_k: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
     """MiniLM's self-attention distribution transfer (Wang et al. 2020, eq. 5).
 
     ``KL(A_t || A_s)`` with ``A = softmax(Q K^T / sqrt(d_r))`` per relation head, summed over keys, mean over relation
@@ -276,20 +336,27 @@ def attention_kl(student_q: torch.Tensor, student_k: torch.Tensor, teacher_q: to
     Returns:
         0-dim fp32.
     """
-    return _relation_kl(relation_log_probs(teacher_q, teacher_k, attention_mask, num_heads),
-                        relation_log_probs(student_q, student_k, attention_mask, num_heads), attention_mask)
+    return _relation_kl(
+        relation_log_probs(teacher_q, teacher_k, attention_mask, num_heads),
+        relation_log_probs(student_q, student_k, attention_mask, num_heads),
+        attention_mask,
+    )
 
 
-def value_relation_kl(student_v: torch.Tensor, teacher_v: torch.Tensor, attention_mask: torch.Tensor,
-                      num_heads: int) -> torch.Tensor:
+def value_relation_kl(
+    student_v: torch.Tensor, teacher_v: torch.Tensor, attention_mask: torch.Tensor, num_heads: int
+) -> torch.Tensor:
     """MiniLM's value-relation transfer (Wang et al. 2020, eq. 6-7): ``KL(VR_t || VR_s)``,
     ``VR = softmax(V V^T / sqrt(d_r))`` per relation head; reductions as :func:`attention_kl`.
 
     Args:
         student_v: [B, L, D_s]; teacher_v: [B, L, D_t]; attention_mask: [B, L]; num_heads: R.
     """
-    return _relation_kl(relation_log_probs(teacher_v, teacher_v, attention_mask, num_heads),
-                        relation_log_probs(student_v, student_v, attention_mask, num_heads), attention_mask)
+    return _relation_kl(
+        relation_log_probs(teacher_v, teacher_v, attention_mask, num_heads),
+        relation_log_probs(student_v, student_v, attention_mask, num_heads),
+        attention_mask,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Exit codes: 0 done or stopped by a signal after checkpointing; 1 a run error wit
 (``pretrain.runtime.RunError``: diverged, a checkpoint that cannot be written, another rank failed, torch too old);
 2 configuration or input error (the message names the file / key and what to do).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,15 @@ def _prog() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=_prog(), description="Task-agnostic distillation pretraining (DeepSpeed).",
-                                epilog="Overrides: any config field as section.key=value, e.g. train.max_steps=100 "
-                                       "deepspeed.zero_optimization.stage=3 (values parsed as JSON when they parse).")
-    p.add_argument("--config", required=True, help="run config JSON (see configs/ and `python -m pretrain.config "
-                                                   "--reference`)")
+    p = argparse.ArgumentParser(
+        prog=_prog(),
+        description="Task-agnostic distillation pretraining (DeepSpeed).",
+        epilog="Overrides: any config field as section.key=value, e.g. train.max_steps=100 "
+        "deepspeed.zero_optimization.stage=3 (values parsed as JSON when they parse).",
+    )
+    p.add_argument(
+        "--config", required=True, help="run config JSON (see configs/ and `python -m pretrain.config --reference`)"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
@@ -53,19 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from pretrain.config import load
     from pretrain.schema import ConfigError
+
     rank = os.environ.get("RANK", "0")
     try:
         cfg = load(args.config, args.overrides)
         from pretrain.runtime import RunError
         from pretrain.trainer import run
+
         try:
             return run(cfg)
         except RunError as e:  # diverged, a checkpoint that cannot be written, another rank failed, old torch
             print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
             return 1
     except ConfigError as e:
-        print(f"[rank {rank}] error: {args.config}: {e}" if not str(e).startswith(args.config)
-              else f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        print(
+            f"[rank {rank}] error: {args.config}: {e}"
+            if not str(e).startswith(args.config)
+            else f"[rank {rank}] error: {e}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     finally:
         # A USR1/TERM that arrives while a finished rank shuts down would kill it with the signal's default action
@@ -74,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         try:
             import torch.distributed as dist
+
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:

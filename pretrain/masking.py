@@ -18,6 +18,7 @@ replacement=False)`` but the count stays a device tensor, so there is no host sy
 Whole-word masking applies the same to words (a word's key uses its rarest piece's probability) and takes whole words
 in key order until at least ``n_tgt`` tokens are selected (at most one word's length - 1 more).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,34 +34,51 @@ class MaskingConfig:
     """Dynamic masking of each micro-batch (BERT / DistilBERT MLM)."""
 
     mlm_mask_prop: float = param(
-        0.15, help="Fraction of a micro-batch's non-special, non-pad tokens selected for prediction: ceil(0.15 x "
-                   "their number); special tokens are neither counted nor selected. 0.15 as in BERT and DistilBERT; "
-                   "DistilBERT's distiller.py counts [CLS] / [SEP] in that number (still selecting only non-special "
-                   "tokens): +0.4% selected at 512 tokens per sequence.")
+        0.15,
+        help="Fraction of a micro-batch's non-special, non-pad tokens selected for prediction: ceil(0.15 x "
+        "their number); special tokens are neither counted nor selected. 0.15 as in BERT and DistilBERT; "
+        "DistilBERT's distiller.py counts [CLS] / [SEP] in that number (still selecting only non-special "
+        "tokens): +0.4% selected at 512 tokens per sequence.",
+    )
     word_mask: float = param(0.8, help="Fraction of the selected tokens replaced by the mask token (BERT: 0.8).")
     word_keep: float = param(0.1, help="Fraction of the selected tokens left unchanged (BERT: 0.1).")
-    word_rand: float = param(0.1, help="Fraction of the selected tokens replaced by a uniformly random non-special "
-                                       "token (BERT: 0.1; DistilBERT's distiller.py draws from the whole vocabulary, "
-                                       "special tokens included).")
+    word_rand: float = param(
+        0.1,
+        help="Fraction of the selected tokens replaced by a uniformly random non-special "
+        "token (BERT: 0.1; DistilBERT's distiller.py draws from the whole vocabulary, "
+        "special tokens included).",
+    )
     mlm_smoothing: float = param(
-        0.7, help="Selection probability ∝ max(count, 1) ** -mlm_smoothing over the train split's token counts "
-                  "(0.7 as in XLM and DistilBERT; 0 = uniform).")
+        0.7,
+        help="Selection probability ∝ max(count, 1) ** -mlm_smoothing over the train split's token counts "
+        "(0.7 as in XLM and DistilBERT; 0 = uniform).",
+    )
     whole_word_mask: bool = param(
-        False, help="Select whole words (all WordPiece / byte-level BPE pieces of a word together) instead of "
-                    "single tokens.")
+        False,
+        help="Select whole words (all WordPiece / byte-level BPE pieces of a word together) instead of single tokens.",
+    )
 
     def validate(self) -> None:
         """Check ranges; raises :class:`ConfigError` naming ``masking.<key>``."""
-        check(0.0 < self.mlm_mask_prop <= 1.0, "masking.mlm_mask_prop",
-              f"{self.mlm_mask_prop} must be in (0, 1]; 0.15 is the usual value")
+        check(
+            0.0 < self.mlm_mask_prop <= 1.0,
+            "masking.mlm_mask_prop",
+            f"{self.mlm_mask_prop} must be in (0, 1]; 0.15 is the usual value",
+        )
         for key in ("word_mask", "word_keep", "word_rand"):
             value = getattr(self, key)
             check(0.0 <= value <= 1.0, f"masking.{key}", f"{value} must be in [0, 1]")
         total = self.word_mask + self.word_keep + self.word_rand
-        check(abs(total - 1.0) < 1e-6, "masking.word_mask",
-              f"word_mask + word_keep + word_rand = {total:g}, must be 1 (for example 0.8, 0.1, 0.1)")
-        check(0.0 <= self.mlm_smoothing < float("inf"), "masking.mlm_smoothing",
-              f"{self.mlm_smoothing} must be a finite number >= 0 (0.7 as in DistilBERT; 0 = uniform)")
+        check(
+            abs(total - 1.0) < 1e-6,
+            "masking.word_mask",
+            f"word_mask + word_keep + word_rand = {total:g}, must be 1 (for example 0.8, 0.1, 0.1)",
+        )
+        check(
+            0.0 <= self.mlm_smoothing < float("inf"),
+            "masking.mlm_smoothing",
+            f"{self.mlm_smoothing} must be a finite number >= 0 (0.7 as in DistilBERT; 0 = uniform)",
+        )
 
 
 def word_starts_from_tokens(tokens: list[str | None]) -> np.ndarray:
@@ -75,8 +93,10 @@ def word_starts_from_tokens(tokens: list[str | None]) -> np.ndarray:
     counts = {m: sum(t.startswith(m) for t in toks) for m in ("##", "Ġ", "▁")}
     marker = max(counts, key=counts.get)
     if counts[marker] == 0:
-        raise ValueError("whole-word masking: cannot tell word boundaries from this vocabulary (no '##', 'Ġ' or '▁' "
-                         "tokens); set masking.whole_word_mask=false")
+        raise ValueError(
+            "whole-word masking: cannot tell word boundaries from this vocabulary (no '##', 'Ġ' or '▁' "
+            "tokens); set masking.whole_word_mask=false"
+        )
     if marker == "##":
         return np.array([not t.startswith("##") for t in toks], dtype=bool)
     return np.array([t.startswith(marker) for t in toks], dtype=bool)
@@ -104,8 +124,18 @@ class Masker:
     ``word_start``.
     """
 
-    def __init__(self, cfg: MaskingConfig, *, vocab_size: int, special_ids, mask_token_id: int, pad_token_id: int,
-                 token_counts=None, seed: int = 0, word_start=None):
+    def __init__(
+        self,
+        cfg: MaskingConfig,
+        *,
+        vocab_size: int,
+        special_ids,
+        mask_token_id: int,
+        pad_token_id: int,
+        token_counts=None,
+        seed: int = 0,
+        word_start=None,
+    ):
         self.cfg, self.vocab_size, self.seed = cfg, int(vocab_size), int(seed)
         self.mask_token_id, self.pad_token_id = int(mask_token_id), int(pad_token_id)
         special = np.zeros(self.vocab_size, dtype=bool)
@@ -116,8 +146,10 @@ class Masker:
         else:
             counts = np.asarray(token_counts)
             if counts.shape != (self.vocab_size,):
-                raise ValueError(f"token_counts has shape {counts.shape} but the tokenizer has {self.vocab_size} ids; "
-                                 f"prepare the shards with this tokenizer (data_prep) or pass the matching counts")
+                raise ValueError(
+                    f"token_counts has shape {counts.shape} but the tokenizer has {self.vocab_size} ids; "
+                    f"prepare the shards with this tokenizer (data_prep) or pass the matching counts"
+                )
             probs = np.maximum(counts.astype(np.float64), 1.0) ** -cfg.mlm_smoothing
         probs[special] = 0.0
         with np.errstate(divide="ignore"):
@@ -128,24 +160,33 @@ class Masker:
             word_start = np.asarray(word_start, dtype=bool)
             if word_start.shape != (self.vocab_size,):
                 raise ValueError(f"word_start has shape {word_start.shape}, expected ({self.vocab_size},)")
-        self._cpu = {"log_probs": torch.from_numpy(log_probs.astype(np.float32)),
-                     "special": torch.from_numpy(special),
-                     "rand_pool": torch.from_numpy(np.flatnonzero(~special)).long()}
+        self._cpu = {
+            "log_probs": torch.from_numpy(log_probs.astype(np.float32)),
+            "special": torch.from_numpy(special),
+            "rand_pool": torch.from_numpy(np.flatnonzero(~special)).long(),
+        }
         if cfg.whole_word_mask:
             self._cpu["word_start"] = torch.from_numpy(word_start)
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def from_tokenizer(cls, cfg: MaskingConfig, tokenizer, token_counts=None, seed: int = 0) -> "Masker":
+    def from_tokenizer(cls, cfg: MaskingConfig, tokenizer, token_counts=None, seed: int = 0) -> Masker:
         """A masker for a Hugging Face tokenizer: its ``len()``, ``all_special_ids``, mask / pad ids and vocabulary
         (for word starts when ``cfg.whole_word_mask``)."""
         vocab_size = len(tokenizer)
         word_start = None
         if cfg.whole_word_mask:
             word_start = word_starts_from_tokens(tokenizer.convert_ids_to_tokens(list(range(vocab_size))))
-        return cls(cfg, vocab_size=vocab_size, special_ids=tokenizer.all_special_ids,
-                   mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-                   token_counts=token_counts, seed=seed, word_start=word_start)
+        return cls(
+            cfg,
+            vocab_size=vocab_size,
+            special_ids=tokenizer.all_special_ids,
+            mask_token_id=tokenizer.mask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            token_counts=token_counts,
+            seed=seed,
+            word_start=word_start,
+        )
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._dev:
@@ -153,8 +194,9 @@ class Masker:
         return self._dev[device]
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, step: int, rank: int,
-                 micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, step: int, rank: int, micro_step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask one micro-batch.
 
         Args:
@@ -198,7 +240,8 @@ class Masker:
         n = word.numel()
         length = torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, word, real.flatten().long())
         word_logp = torch.full((n,), float("-inf"), device=ids.device).scatter_reduce_(
-            0, word, log_p.flatten(), reduce="amax")
+            0, word, log_p.flatten(), reduce="amax"
+        )
         keys = word_logp + _gumbel(n, ids.device, gen)
         order = torch.argsort(keys, descending=True)
         before = torch.cumsum(length[order], 0) - length[order]  # tokens taken by words ahead in the order

@@ -7,13 +7,15 @@ tokens/s, seconds per step, model FLOP/s and MFU (model FLOPs of teacher forward
 the device's peak: :mod:`pretrain.flops`). :class:`MetricsLogger` (rank 0) writes the records to ``metrics.jsonl`` and
 TensorBoard and drops the lines an interrupted run logged after the checkpoint it resumes from.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -58,6 +60,7 @@ class MetricsLogger:
         self.file = open(self.path, "a")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -97,9 +100,18 @@ class IntervalMetrics:
         ``"n_masked"`` or ``"n_tokens"`` (the rows the heads run on).
     """
 
-    def __init__(self, *, device: torch.device, all_reduce: Callable, world_size: int, log_interval: int,
-                 peak_flops: float | None, flops_per_batch: Callable[[int, int], int], flops_per_head_row: int,
-                 head_rows_key: str):
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        all_reduce: Callable,
+        world_size: int,
+        log_interval: int,
+        peak_flops: float | None,
+        flops_per_batch: Callable[[int, int], int],
+        flops_per_head_row: int,
+        head_rows_key: str,
+    ):
         self.device, self.all_reduce, self.world_size, self.log_interval = device, all_reduce, world_size, log_interval
         self.peak_flops, self.flops_per_batch = peak_flops, flops_per_batch
         self.flops_per_head_row, self.head_rows_key = flops_per_head_row, head_rows_key
@@ -145,17 +157,22 @@ class IntervalMetrics:
         ``{"tokens", "masked", "flops", loss keys: mean per micro-batch}`` summed over ranks."""
         keys = sorted(self.sums)
         zero = torch.zeros((), device=self.device)
-        vec = torch.stack([self.counts.get("n_tokens", zero), self.counts.get("n_masked", zero),
-                           self.counts.get(self.head_rows_key, zero),
-                           torch.tensor(float(self.batch_flops), device=self.device)]
-                          + [self.sums[k] for k in keys]).double()
+        vec = torch.stack(
+            [
+                self.counts.get("n_tokens", zero),
+                self.counts.get("n_masked", zero),
+                self.counts.get(self.head_rows_key, zero),
+                torch.tensor(float(self.batch_flops), device=self.device),
+            ]
+            + [self.sums[k] for k in keys]
+        ).double()
         self.all_reduce(vec)
         values = vec.tolist()
         tokens, masked, head_rows, flops = int(values[0]), int(values[1]), values[2], values[3]
         self.tokens_seen += tokens
         self.masked_tokens_seen += masked
         denom = max(1, self.micro * self.world_size)
-        out = {k: v / denom for k, v in zip(keys, values[4:])}
+        out = {k: v / denom for k, v in zip(keys, values[4:], strict=False)}
         out.update(tokens=tokens, masked=masked, flops=flops + head_rows * self.flops_per_head_row)
         return out
 
@@ -171,14 +188,23 @@ class IntervalMetrics:
         losses = {k: v for k, v in synced.items() if k.startswith("loss")}
         self.loss_keys = sorted(set(self.loss_keys) | set(losses))
         flops_per_s = synced["flops"] / elapsed if elapsed > 0 else 0.0
-        return {"split": "train", "step": step, "epoch": epoch, "tokens_seen": self.tokens_seen,
-                "masked_tokens_seen": self.masked_tokens_seen,
-                **{k: losses.get(k) for k in self.loss_keys},  # None: every step of the interval was skipped
-                "lr": lr, "grad_norm": grad_norm, "loss_scale": loss_scale,
-                "tokens_per_s": synced["tokens"] / elapsed if elapsed > 0 else 0.0,
-                "seconds_per_step": elapsed / steps, "model_flops_per_s": flops_per_s,
-                "mfu": flops_per_s / (self.peak_flops * self.world_size) if self.peak_flops else None,
-                "skipped_steps": skipped, "time": time.time()}
+        return {
+            "split": "train",
+            "step": step,
+            "epoch": epoch,
+            "tokens_seen": self.tokens_seen,
+            "masked_tokens_seen": self.masked_tokens_seen,
+            **{k: losses.get(k) for k in self.loss_keys},  # None: every step of the interval was skipped
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": loss_scale,
+            "tokens_per_s": synced["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "seconds_per_step": elapsed / steps,
+            "model_flops_per_s": flops_per_s,
+            "mfu": flops_per_s / (self.peak_flops * self.world_size) if self.peak_flops else None,
+            "skipped_steps": skipped,
+            "time": time.time(),
+        }
 
     def restart_clock(self) -> None:
         """Start timing the next interval now (after set-up, an evaluation or a save that should not count)."""
@@ -195,15 +221,27 @@ def console_line(rec: dict[str, Any], max_steps: int) -> str:
     terms = " ".join(f"{k[5:]} {_fmt(v)}" for k, v in rec.items() if k.startswith("loss_") and k != "loss_scale")
     eta = (max_steps - rec["step"]) * rec["seconds_per_step"]
     mfu = f" | MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
-    return (f"step {rec['step']}/{max_steps} | loss {_fmt(rec.get('loss'))} ({terms}) | lr {rec['lr']:.2e} | "
-            f"grad {_fmt(rec['grad_norm'], 3)} | {rec['tokens_per_s']:,.0f} tok/s{mfu} | "
-            f"{rec['seconds_per_step']:.2f} s/step | {rec['tokens_seen'] / 1e6:.2f}M tokens | eta {eta / 60:.1f} min"
-            + (f" | {rec['skipped_steps']} skipped" if rec["skipped_steps"] else ""))
+    return (
+        f"step {rec['step']}/{max_steps} | loss {_fmt(rec.get('loss'))} ({terms}) | lr {rec['lr']:.2e} | "
+        f"grad {_fmt(rec['grad_norm'], 3)} | {rec['tokens_per_s']:,.0f} tok/s{mfu} | "
+        f"{rec['seconds_per_step']:.2f} s/step | {rec['tokens_seen'] / 1e6:.2f}M tokens | eta {eta / 60:.1f} min"
+        + (f" | {rec['skipped_steps']} skipped" if rec["skipped_steps"] else "")
+    )
 
 
 def valid_line(rec: dict[str, Any]) -> str:
     """The console line of a valid record."""
-    shown = " | ".join(f"{k} {rec[k]:.4f}" for k in ("mlm_loss", "perplexity", "mlm_accuracy", "kl_to_teacher",
-                                                      "agreement", "hidden_cosine", "pooled_cosine") if k in rec)
+    shown = " | ".join(
+        f"{k} {rec[k]:.4f}"
+        for k in (
+            "mlm_loss",
+            "perplexity",
+            "mlm_accuracy",
+            "kl_to_teacher",
+            "agreement",
+            "hidden_cosine",
+            "pooled_cosine",
+        )
+        if k in rec
+    )
     return f"valid @ step {rec['step']} | {shown}"
-

@@ -32,6 +32,7 @@ with fewer channels could not be expressed with it, and the heads per layer woul
 ``num_attention_heads``, ``intermediate_size`` changed, the teacher's ``head_dim`` kept), so the exported student
 loads with ``from_pretrained`` without custom code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,9 @@ import copy
 import dataclasses
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,45 +52,63 @@ from torch import nn
 from pretrain.schema import ConfigError
 
 BLOCK_PARTS = {  # BERT block layout (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA with embedding_size == hidden_size)
-    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-    "attn_out": "attention.output.dense", "attn_ln": "attention.output.LayerNorm",
-    "intermediate": "intermediate", "ff_in": "intermediate.dense", "ff_out": "output.dense",
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "attn_ln": "attention.output.LayerNorm",
+    "intermediate": "intermediate",
+    "ff_in": "intermediate.dense",
+    "ff_out": "output.dense",
     "out_ln": "output.LayerNorm",
 }
-METHOD = ("Minitron activation importance (Muralidharan et al. 2024, sec. 2.2): heads by the L2 norm of their "
-          "attention output, neurons by mean |activation| after the activation function, channels by mean "
-          "|LayerNorm output| summed over the embeddings' and the mapped layers' LayerNorms; per-token values "
-          "averaged over each sequence's real tokens, then over the sequences")
+METHOD = (
+    "Minitron activation importance (Muralidharan et al. 2024, sec. 2.2): heads by the L2 norm of their "
+    "attention output, neurons by mean |activation| after the activation function, channels by mean "
+    "|LayerNorm output| summed over the embeddings' and the mapped layers' LayerNorms; per-token values "
+    "averaged over each sequence's real tokens, then over the sequences"
+)
 
 # Axis roles of each tensor, by name (first match wins). H: hidden channels; A: attention channels (kept heads x
 # head_dim) of the tensor's layer; F: feed-forward neurons of the tensor's layer; None: kept whole (vocabulary,
 # positions, token types).
-RULES: tuple[tuple[re.Pattern, tuple], ...] = tuple((re.compile(p), roles) for p, roles in (
-    (r"\.attention\.self\.(query|key|value)\.weight$", ("A", "H")),
-    (r"\.attention\.self\.(query|key|value)\.bias$", ("A",)),
-    (r"\.attention\.output\.dense\.weight$", ("H", "A")),
-    (r"\.attention\.output\.dense\.bias$", ("H",)),
-    (r"\.intermediate\.dense\.weight$", ("F", "H")),
-    (r"\.intermediate\.dense\.bias$", ("F",)),
-    (r"\.output\.dense\.weight$", ("H", "F")),
-    (r"\.output\.dense\.bias$", ("H",)),
-    (r"(LayerNorm|layer_norm)\.(weight|bias)$", ("H",)),
-    (r"_embeddings\.weight$", (None, "H")),
-    (r"(^|\.)pooler\.dense\.weight$", ("H", "H")),
-    (r"(^|\.)pooler\.dense\.bias$", ("H",)),
-    (r"(transform\.dense|lm_head\.dense)\.weight$", ("H", "H")),
-    (r"(transform\.dense|lm_head\.dense)\.bias$", ("H",)),
-    (r"decoder\.weight$", (None, "H")),
-    (r"(decoder\.bias|predictions\.bias|lm_head\.bias)$", (None,)),
-))
+RULES: tuple[tuple[re.Pattern, tuple], ...] = tuple(
+    (re.compile(p), roles)
+    for p, roles in (
+        (r"\.attention\.self\.(query|key|value)\.weight$", ("A", "H")),
+        (r"\.attention\.self\.(query|key|value)\.bias$", ("A",)),
+        (r"\.attention\.output\.dense\.weight$", ("H", "A")),
+        (r"\.attention\.output\.dense\.bias$", ("H",)),
+        (r"\.intermediate\.dense\.weight$", ("F", "H")),
+        (r"\.intermediate\.dense\.bias$", ("F",)),
+        (r"\.output\.dense\.weight$", ("H", "F")),
+        (r"\.output\.dense\.bias$", ("H",)),
+        (r"(LayerNorm|layer_norm)\.(weight|bias)$", ("H",)),
+        (r"_embeddings\.weight$", (None, "H")),
+        (r"(^|\.)pooler\.dense\.weight$", ("H", "H")),
+        (r"(^|\.)pooler\.dense\.bias$", ("H",)),
+        (r"(transform\.dense|lm_head\.dense)\.weight$", ("H", "H")),
+        (r"(transform\.dense|lm_head\.dense)\.bias$", ("H",)),
+        (r"decoder\.weight$", (None, "H")),
+        (r"(decoder\.bias|predictions\.bias|lm_head\.bias)$", (None,)),
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Calibration sample
 
 
-def calibration_batches(data_dir: str | Path, *, n: int, seed: int, pad_id: int | None = None, batch_size: int = 32,
-                        multiple: int = 8, device: torch.device | str | None = None) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    data_dir: str | Path,
+    *,
+    n: int,
+    seed: int,
+    pad_id: int | None = None,
+    batch_size: int = 32,
+    multiple: int = 8,
+    device: torch.device | str | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """The calibration sample: ``n`` sequences of the train split of ``data_dir``, drawn without replacement from
     ``seed`` (``numpy.random.default_rng(seed)``; all of them when the split has fewer), in shard order, collated
     into micro-batches of ``batch_size`` (right-padded with ``pad_id``, by default the shards' tokenizer's pad id from
@@ -100,13 +120,16 @@ def calibration_batches(data_dir: str | Path, *, n: int, seed: int, pad_id: int 
     manifest or its train split is missing or empty.
     """
     from pretrain.data import collate, open_split
+
     if n < 1:
         raise ConfigError(f"student.calibration_sequences: {n} must be >= 1 (the pruning importance needs a sample)")
     try:
         train = open_split(data_dir, "train")
     except ConfigError as e:
-        raise ConfigError(f"{e} (student.init='prune' draws its calibration sample of student.calibration_sequences "
-                          f"sequences from this split)") from None
+        raise ConfigError(
+            f"{e} (student.init='prune' draws its calibration sample of student.calibration_sequences "
+            f"sequences from this split)"
+        ) from None
     if pad_id is None:
         pad_id = train.manifest.get("tokenizer", {}).get("pad_token_id")
         pad_id = 0 if pad_id is None else int(pad_id)  # padding is masked out either way
@@ -116,7 +139,7 @@ def calibration_batches(data_dir: str | Path, *, n: int, seed: int, pad_id: int 
     seqs = [train[int(i)] for i in pick]
     out = []
     for start in range(0, len(seqs), batch_size):
-        batch = collate(seqs[start:start + batch_size], pad_id, multiple)
+        batch = collate(seqs[start : start + batch_size], pad_id, multiple)
         out.append({k: v.to(device) if device is not None else v for k, v in batch.items()})
     return out
 
@@ -135,8 +158,7 @@ def calibration_for(cfg, *, device: torch.device | str | None = None):
     if cfg.student.init != "prune":
         yield None
         return
-    batches = calibration_batches(cfg.data.dir, n=cfg.student.calibration_sequences, seed=cfg.train.seed,
-                                  device=device)
+    batches = calibration_batches(cfg.data.dir, n=cfg.student.calibration_sequences, seed=cfg.train.seed, device=device)
     token = _ACTIVE.set(batches)
     try:
         yield batches
@@ -149,7 +171,7 @@ def _sample_digest(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int
     h, n_seq, n_tok = hashlib.sha256(), 0, 0
     for b in batches:
         ids, mask = b["input_ids"].cpu(), b["attention_mask"].cpu().bool()
-        for row, m in zip(ids, mask):
+        for row, m in zip(ids, mask, strict=False):
             h.update(row[m].numpy().astype(np.int64).tobytes())
         n_seq += ids.shape[0]
         n_tok += int(mask.sum())
@@ -174,14 +196,17 @@ def block_parts(layer: nn.Module) -> dict[str, nn.Module]:
     parts = {k: _get(layer, p) for k, p in BLOCK_PARTS.items()}
     missing = [BLOCK_PARTS[k] for k, v in parts.items() if v is None]
     if missing:
-        raise ConfigError(f"student.init: 'prune' needs BERT's block layout (attention.self.query/key/value, "
-                          f"attention.output.dense/LayerNorm, intermediate.dense, output.dense/LayerNorm); "
-                          f"{type(layer).__name__} has no {missing}. Use student.init='random' for this teacher")
+        raise ConfigError(
+            f"student.init: 'prune' needs BERT's block layout (attention.self.query/key/value, "
+            f"attention.output.dense/LayerNorm, intermediate.dense, output.dense/LayerNorm); "
+            f"{type(layer).__name__} has no {missing}. Use student.init='random' for this teacher"
+        )
     return parts
 
 
-def resolve_targets(teacher_config, hidden_size: int | None, num_attention_heads: int | None,
-                    intermediate_size: int | None) -> tuple[int, int, int]:
+def resolve_targets(
+    teacher_config, hidden_size: int | None, num_attention_heads: int | None, intermediate_size: int | None
+) -> tuple[int, int, int]:
     """The student's ``(hidden_size, num_attention_heads, intermediate_size)`` for pruning a teacher with
     ``teacher_config``; None = the teacher's hidden size / ``hidden_size // head_dim`` / the teacher's ratio of
     intermediate to hidden size.
@@ -197,26 +222,35 @@ def resolve_targets(teacher_config, hidden_size: int | None, num_attention_heads
     t_hidden, t_heads, t_inter = tc.hidden_size, tc.num_attention_heads, tc.intermediate_size
     head_dim = t_hidden // t_heads
     if getattr(tc, "embedding_size", t_hidden) not in (None, t_hidden):
-        raise ConfigError(f"student.init: 'prune' needs embedding_size == hidden_size; the teacher has "
-                          f"embedding_size {tc.embedding_size}, hidden_size {t_hidden}. Use student.init='random'")
+        raise ConfigError(
+            f"student.init: 'prune' needs embedding_size == hidden_size; the teacher has "
+            f"embedding_size {tc.embedding_size}, hidden_size {t_hidden}. Use student.init='random'"
+        )
     if any(getattr(tc, "pruned_heads", None) or {}):
-        raise ConfigError("student.init: the teacher already has pruned heads (config.pruned_heads): its layers have "
-                          "different head counts, which 'prune' does not read. Use student.init='random'")
+        raise ConfigError(
+            "student.init: the teacher already has pruned heads (config.pruned_heads): its layers have "
+            "different head counts, which 'prune' does not read. Use student.init='random'"
+        )
     hidden = hidden_size or t_hidden
     if hidden > t_hidden:
-        raise ConfigError(f"student.hidden_size: {hidden} is larger than the teacher's {t_hidden}; pruning can only "
-                          f"remove channels")
+        raise ConfigError(
+            f"student.hidden_size: {hidden} is larger than the teacher's {t_hidden}; pruning can only remove channels"
+        )
     if num_attention_heads is None:
         if hidden % head_dim:
-            raise ConfigError(f"student.hidden_size: {hidden} is not a multiple of the teacher's head size "
-                              f"{head_dim} ({t_hidden} / {t_heads} heads); pruning keeps whole heads of that size, so "
-                              f"the student's hidden size must be a multiple of it")
+            raise ConfigError(
+                f"student.hidden_size: {hidden} is not a multiple of the teacher's head size "
+                f"{head_dim} ({t_hidden} / {t_heads} heads); pruning keeps whole heads of that size, so "
+                f"the student's hidden size must be a multiple of it"
+            )
         heads = hidden // head_dim
     else:
         heads = num_attention_heads
     if heads > t_heads:
-        raise ConfigError(f"student.num_attention_heads: {heads} is more than the teacher's {t_heads} heads; pruning "
-                          f"can only remove heads")
+        raise ConfigError(
+            f"student.num_attention_heads: {heads} is more than the teacher's {t_heads} heads; pruning "
+            f"can only remove heads"
+        )
     if hidden % heads:
         raise ConfigError(f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}")
     if hidden // heads != head_dim:
@@ -224,12 +258,15 @@ def resolve_targets(teacher_config, hidden_size: int | None, num_attention_heads
             f"student.num_attention_heads: {heads} heads of {hidden} channels make a head size of {hidden // heads}, "
             f"the teacher's is {head_dim}; pruning keeps whole teacher heads and a standard config has head size = "
             f"hidden_size / num_attention_heads, so set student.num_attention_heads={hidden // head_dim} "
-            f"(student.hidden_size / {head_dim})" + ("" if hidden % head_dim == 0 else
-                                                      f" with a student.hidden_size that is a multiple of {head_dim}"))
-    inter = intermediate_size or int(round(t_inter * hidden / t_hidden))
+            f"(student.hidden_size / {head_dim})"
+            + ("" if hidden % head_dim == 0 else f" with a student.hidden_size that is a multiple of {head_dim}")
+        )
+    inter = intermediate_size or round(t_inter * hidden / t_hidden)
     if inter > t_inter:
-        raise ConfigError(f"student.intermediate_size: {inter} is larger than the teacher's {t_inter}; pruning can "
-                          f"only remove neurons")
+        raise ConfigError(
+            f"student.intermediate_size: {inter} is larger than the teacher's {t_inter}; pruning can "
+            f"only remove neurons"
+        )
     return hidden, heads, inter
 
 
@@ -261,8 +298,9 @@ def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_importance(teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                       layers: Sequence[int]) -> Importance:
+def compute_importance(
+    teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers: Sequence[int]
+) -> Importance:
     """Score the heads, neurons (of teacher ``layers``, 0-based) and hidden channels of ``teacher`` on ``batches``.
 
     Args:
@@ -279,16 +317,21 @@ def compute_importance(teacher: nn.Module, batches: Sequence[dict[str, torch.Ten
     without BERT's block layout.
     """
     from pretrain.student import base_model, find_layer_list
+
     if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
-        raise ConfigError("student.calibration_sequences: the calibration sample is empty (no sequence with a real "
-                          "token); pruning needs at least one")
+        raise ConfigError(
+            "student.calibration_sequences: the calibration sample is empty (no sequence with a real "
+            "token); pruning needs at least one"
+        )
     tc = teacher.config
     n_heads, head_dim = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
     _, blocks = find_layer_list(teacher)
     emb_ln = _get(base_model(teacher), "embeddings.LayerNorm")
     if emb_ln is None:
-        raise ConfigError(f"student.init: 'prune' needs the embeddings' LayerNorm (embeddings.LayerNorm); "
-                          f"{type(teacher).__name__} has none. Use student.init='random'")
+        raise ConfigError(
+            f"student.init: 'prune' needs the embeddings' LayerNorm (embeddings.LayerNorm); "
+            f"{type(teacher).__name__} has none. Use student.init='random'"
+        )
     parts = {t: block_parts(blocks[t]) for t in layers}
     heads = {t: torch.zeros(n_heads) for t in layers}
     neurons = {t: torch.zeros(tc.intermediate_size) for t in layers}
@@ -303,11 +346,13 @@ def compute_importance(teacher: nn.Module, batches: Sequence[dict[str, torch.Ten
             x = args[0]  # [B, L, heads * head_dim]: the heads' outputs, concatenated, before the projection
             norms = x.float().reshape(*x.shape[:2], n_heads, head_dim).norm(dim=-1)  # [B, L, heads]
             add(heads[t], _seq_mean(norms, state["mask"]))
+
         return hook
 
     def on_neurons(t):
         def hook(_m, _args, out):  # [B, L, intermediate] after the activation function
             add(neurons[t], _seq_mean(out.abs(), state["mask"]))
+
         return hook
 
     def on_ln(_m, _args, out):  # [B, L, hidden]
@@ -334,9 +379,14 @@ def compute_importance(teacher: nn.Module, batches: Sequence[dict[str, torch.Ten
         teacher.to(home).train(was_training)
     n_seq, n_tok, digest = _sample_digest(batches)
     scale = 1.0 / n_seq
-    return Importance(heads={t: v * scale for t, v in heads.items()},
-                      neurons={t: v * scale for t, v in neurons.items()},
-                      channels=channels * scale, sequences=n_seq, tokens=n_tok, sha256=digest)
+    return Importance(
+        heads={t: v * scale for t, v in heads.items()},
+        neurons={t: v * scale for t, v in neurons.items()},
+        channels=channels * scale,
+        sequences=n_seq,
+        tokens=n_tok,
+        sha256=digest,
+    )
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
@@ -361,13 +411,22 @@ class Selection:
         return [h * head_dim + j for h in self.heads[i] for j in range(head_dim)]
 
 
-def select(importance: Importance, layer_map: Sequence[int], *, hidden_size: int, num_attention_heads: int,
-           intermediate_size: int) -> Selection:
+def select(
+    importance: Importance,
+    layer_map: Sequence[int],
+    *,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+) -> Selection:
     """Keep the top ``hidden_size`` channels, and in each mapped layer the top ``num_attention_heads`` heads and
     ``intermediate_size`` neurons (:func:`top_k`: sorted indices, deterministic)."""
-    return Selection(layer_map=list(layer_map), channels=top_k(importance.channels, hidden_size),
-                     heads=[top_k(importance.heads[t], num_attention_heads) for t in layer_map],
-                     neurons=[top_k(importance.neurons[t], intermediate_size) for t in layer_map])
+    return Selection(
+        layer_map=list(layer_map),
+        channels=top_k(importance.channels, hidden_size),
+        heads=[top_k(importance.heads[t], num_attention_heads) for t in layer_map],
+        neurons=[top_k(importance.neurons[t], intermediate_size) for t in layer_map],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,8 +441,13 @@ def roles_of(key: str) -> tuple | None:
     return None
 
 
-def slice_state(teacher_state: dict[str, torch.Tensor], student_shapes: dict[str, tuple[int, ...]],
-                layer_prefix: str, sel: Selection, head_dim: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def slice_state(
+    teacher_state: dict[str, torch.Tensor],
+    student_shapes: dict[str, tuple[int, ...]],
+    layer_prefix: str,
+    sel: Selection,
+    head_dim: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The student's state dict cut out of the teacher's.
 
     Args:
@@ -404,7 +468,7 @@ def slice_state(teacher_state: dict[str, torch.Tensor], student_shapes: dict[str
     for key, shape in student_shapes.items():
         src, layer = key, None
         if key.startswith(prefix):
-            idx, rest = key[len(prefix):].split(".", 1)
+            idx, rest = key[len(prefix) :].split(".", 1)
             layer = int(idx)
             src = f"{prefix}{sel.layer_map[layer]}.{rest}"
         if src not in teacher_state:
@@ -413,8 +477,10 @@ def slice_state(teacher_state: dict[str, torch.Tensor], student_shapes: dict[str
         roles = roles_of(key)
         if roles is None or len(roles) != value.dim():
             if tuple(value.shape) != tuple(shape):
-                raise ValueError(f"student tensor {key} {tuple(shape)}: no slicing rule and the teacher's {src} is "
-                                 f"{tuple(value.shape)}")
+                raise ValueError(
+                    f"student tensor {key} {tuple(shape)}: no slicing rule and the teacher's {src} is "
+                    f"{tuple(value.shape)}"
+                )
             state[key], copied[key] = value.clone(), src
             continue
         names = []
@@ -433,8 +499,9 @@ def slice_state(teacher_state: dict[str, torch.Tensor], student_shapes: dict[str
             value = value.index_select(axis, index)
             names.append(label)
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"student tensor {key}: the slice of {src} is {tuple(value.shape)}, the student's "
-                             f"{tuple(shape)}")
+            raise ValueError(
+                f"student tensor {key}: the slice of {src} is {tuple(value.shape)}, the student's {tuple(shape)}"
+            )
         state[key], copied[key] = value.contiguous(), f"{src}[{', '.join(names)}]"
     return state, copied
 
@@ -443,8 +510,9 @@ def _scores(t: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in t.tolist()]
 
 
-def build_pruned(teacher: nn.Module, cfg, layer_map: list[int],
-                 calibration: Sequence[dict[str, torch.Tensor]] | None) -> tuple[nn.Module, dict[str, Any]]:
+def build_pruned(
+    teacher: nn.Module, cfg, layer_map: list[int], calibration: Sequence[dict[str, torch.Tensor]] | None
+) -> tuple[nn.Module, dict[str, Any]]:
     """The pruned student (``student.init="prune"``; called by :func:`pretrain.student.build_student`).
 
     ``type(teacher)`` with ``len(layer_map)`` layers and the target sizes of ``cfg`` (:func:`resolve_targets`),
@@ -462,16 +530,20 @@ def build_pruned(teacher: nn.Module, cfg, layer_map: list[int],
     sample (``student.calibration_sequences``) or a teacher without BERT's layout (``student.init``).
     """
     from pretrain.student import _new_like, base_model, find_layer_list
+
     t_name, blocks = find_layer_list(teacher)
     for t in layer_map:
         block_parts(blocks[t])
-    hidden, heads, inter = resolve_targets(teacher.config, cfg.hidden_size, cfg.num_attention_heads,
-                                           cfg.intermediate_size)
+    hidden, heads, inter = resolve_targets(
+        teacher.config, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
+    )
     calibration = _ACTIVE.get() if calibration is None else calibration
     if not calibration:
-        raise ConfigError("student.calibration_sequences: student.init='prune' needs a calibration sample (none "
-                          "given: pass calibration batches from the train split, pretrain.prune.calibration_batches, "
-                          "or build inside pretrain.prune.calibration_for(cfg))")
+        raise ConfigError(
+            "student.calibration_sequences: student.init='prune' needs a calibration sample (none "
+            "given: pass calibration batches from the train split, pretrain.prune.calibration_batches, "
+            "or build inside pretrain.prune.calibration_for(cfg))"
+        )
     imp = compute_importance(teacher, calibration, layer_map)
     sel = select(imp, layer_map, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter)
     tc = teacher.config
@@ -494,21 +566,34 @@ def build_pruned(teacher: nn.Module, cfg, layer_map: list[int],
     # a plain attribute (not saved, not in the config): DistillationModel starts its projections from it
     student.pruned_hidden_channels = list(sel.channels)
     record = {
-        "layer_map": list(layer_map), "copied": copied, "initialized": [],
-        "notes": [f"pruned (Minitron): {len(layer_map)} of {tc.num_hidden_layers} layers, hidden {tc.hidden_size} -> "
-                  f"{hidden}, heads {tc.num_attention_heads} -> {heads} (head size "
-                  f"{tc.hidden_size // tc.num_attention_heads}), intermediate {tc.intermediate_size} -> {inter}; "
-                  f"importance on {imp.sequences} calibration sequences ({imp.tokens:,} tokens)"],
+        "layer_map": list(layer_map),
+        "copied": copied,
+        "initialized": [],
+        "notes": [
+            f"pruned (Minitron): {len(layer_map)} of {tc.num_hidden_layers} layers, hidden {tc.hidden_size} -> "
+            f"{hidden}, heads {tc.num_attention_heads} -> {heads} (head size "
+            f"{tc.hidden_size // tc.num_attention_heads}), intermediate {tc.intermediate_size} -> {inter}; "
+            f"importance on {imp.sequences} calibration sequences ({imp.tokens:,} tokens)"
+        ],
         "prune": {
             "method": METHOD,
-            "calibration": {"sequences": imp.sequences, "tokens": imp.tokens, "sha256": imp.sha256,
-                            "source": "train split of data.dir, drawn with train.seed"},
-            "hidden_size": [tc.hidden_size, hidden], "num_attention_heads": [tc.num_attention_heads, heads],
+            "calibration": {
+                "sequences": imp.sequences,
+                "tokens": imp.tokens,
+                "sha256": imp.sha256,
+                "source": "train split of data.dir, drawn with train.seed",
+            },
+            "hidden_size": [tc.hidden_size, hidden],
+            "num_attention_heads": [tc.num_attention_heads, heads],
             "intermediate_size": [tc.intermediate_size, inter],
-            "hidden_channels": sel.channels, "heads": sel.heads, "neurons": sel.neurons,
-            "scores": {"hidden_channels": _scores(imp.channels),
-                       "heads": [_scores(imp.heads[t]) for t in layer_map],
-                       "neurons": [_scores(imp.neurons[t]) for t in layer_map]},
+            "hidden_channels": sel.channels,
+            "heads": sel.heads,
+            "neurons": sel.neurons,
+            "scores": {
+                "hidden_channels": _scores(imp.channels),
+                "heads": [_scores(imp.heads[t]) for t in layer_map],
+                "neurons": [_scores(imp.neurons[t]) for t in layer_map],
+            },
         },
     }
     return student, record

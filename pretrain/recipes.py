@@ -11,6 +11,7 @@ inputs, evaluates, and writes the Hugging Face files an export needs besides the
 - :class:`pretrain.taskmode.TaskRecipe`: task distillation of a fine-tuned classifier on labeled examples (the
   ``task`` config section).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +28,7 @@ def make_recipe(cfg):
     :class:`PretrainRecipe`."""
     if getattr(cfg, "task", None) is not None and cfg.task.name:
         from pretrain.taskmode import TaskRecipe
+
         return TaskRecipe(cfg)
     return PretrainRecipe(cfg)
 
@@ -48,6 +50,7 @@ class PretrainRecipe:
         """Check the teacher, the shards and the valid split (:func:`pretrain.teacher.preflight`); raises
         :class:`ConfigError` naming the key and what to do."""
         from pretrain.teacher import preflight
+
         self.info = preflight(self.cfg)
         self.tokenizer = self.info.tokenizer
         self.teacher_path = self.info.teacher_path
@@ -59,27 +62,33 @@ class PretrainRecipe:
         cfg = self.cfg
         if not cfg.train.evaluate:
             return None
-        fix = (f"prepare the shards with a held-out split (python -m data_prep prepare ... --valid-fraction 0.01 "
-               f"--output {cfg.data.dir}), or set train.evaluate=false to train without evaluation")
+        fix = (
+            f"prepare the shards with a held-out split (python -m data_prep prepare ... --valid-fraction 0.01 "
+            f"--output {cfg.data.dir}), or set train.evaluate=false to train without evaluation"
+        )
         try:
             valid = open_split(cfg.data.dir, "valid")
         except ConfigError as e:
             raise ConfigError(f"{e}; {fix}") from None
         if len(valid) < world_size:
-            raise ConfigError(f"data.dir: the valid split of {cfg.data.dir} has {len(valid)} sequence(s), fewer "
-                              f"than the {world_size} ranks that share it out; {fix}")
+            raise ConfigError(
+                f"data.dir: the valid split of {cfg.data.dir} has {len(valid)} sequence(s), fewer "
+                f"than the {world_size} ranks that share it out; {fix}"
+            )
         return valid
 
     # -- models ------------------------------------------------------------------------------------------------
     def load_teacher(self) -> torch.nn.Module:
         """The frozen teacher in fp32 (:func:`pretrain.teacher.load_teacher`)."""
         from pretrain.teacher import load_teacher
+
         return load_teacher(self.cfg, self.info)
 
     def build_student(self, teacher: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The student and its record (:func:`pretrain.student.build_student`); parameters no loss reaches are
         frozen (:func:`pretrain.student.freeze_unused`)."""
         from pretrain.student import build_student, freeze_unused
+
         student, record = build_student(teacher, self.cfg.student)
         freeze_unused(student)
         return student, record
@@ -87,6 +96,7 @@ class PretrainRecipe:
     def build_model(self, student, teacher, record: dict, loss_cfg) -> torch.nn.Module:
         """The module DeepSpeed wraps: :class:`pretrain.distill.DistillationModel`."""
         from pretrain.distill import DistillationModel
+
         return DistillationModel(student, teacher, loss_cfg, record["layer_map"])
 
     def head_rows_key(self) -> str:
@@ -99,21 +109,34 @@ class PretrainRecipe:
         from data_prep.errors import DataPrepError
         from data_prep.shards import load_token_counts
         from pretrain.masking import Masker
+
         cfg = self.cfg
         try:
             token_counts = load_token_counts(cfg.data.dir)
         except DataPrepError as e:
             raise ConfigError(f"data.dir: {e}") from None
-        self.masker = Masker.from_tokenizer(cfg.masking, self.tokenizer, token_counts=token_counts,
-                                            seed=cfg.train.seed)
+        self.masker = Masker.from_tokenizer(cfg.masking, self.tokenizer, token_counts=token_counts, seed=cfg.train.seed)
         train = open_split(cfg.data.dir, "train")
-        order = DataOrder(len(train), micro_batch=plan.micro_batch, world_size=world_size, rank=rank,
-                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-        return BatchLoader(train, order, pad_id=self.tokenizer.pad_token_id, multiple=cfg.data.pad_to_multiple_of,
-                           prefetch=cfg.data.prefetch, pin_memory=pin_memory)
+        order = DataOrder(
+            len(train),
+            micro_batch=plan.micro_batch,
+            world_size=world_size,
+            rank=rank,
+            seed=cfg.train.seed,
+            shuffle=cfg.data.shuffle,
+        )
+        return BatchLoader(
+            train,
+            order,
+            pad_id=self.tokenizer.pad_token_id,
+            multiple=cfg.data.pad_to_multiple_of,
+            prefetch=cfg.data.prefetch,
+            pin_memory=pin_memory,
+        )
 
-    def inputs(self, batch: dict[str, torch.Tensor], device: torch.device, *, step: int, rank: int,
-               micro_step: int) -> tuple:
+    def inputs(
+        self, batch: dict[str, torch.Tensor], device: torch.device, *, step: int, rank: int, micro_step: int
+    ) -> tuple:
         """The module's arguments for one micro-batch: (masked ids, attention mask, labels), masked on the device
         deterministically from (seed, step, rank, micro_step)."""
         ids = batch["input_ids"].to(device, non_blocking=True)
@@ -124,22 +147,32 @@ class PretrainRecipe:
     def validator(self, model, plan, *, world_size: int, rank: int, device: torch.device, all_reduce):
         """The in-run evaluation (:class:`pretrain.validate.Validator`), or None without a valid split."""
         from pretrain.validate import Validator
+
         if self.valid is None:
             return None
 
         def batches():
-            return eval_batches(self.valid, micro_batch=plan.micro_batch, world_size=world_size, rank=rank,
-                                max_sequences=self.cfg.train.eval_sequences, pad_id=self.tokenizer.pad_token_id,
-                                multiple=self.cfg.data.pad_to_multiple_of)
+            return eval_batches(
+                self.valid,
+                micro_batch=plan.micro_batch,
+                world_size=world_size,
+                rank=rank,
+                max_sequences=self.cfg.train.eval_sequences,
+                pad_id=self.tokenizer.pad_token_id,
+                multiple=self.cfg.data.pad_to_multiple_of,
+            )
+
         return Validator(model, batches, self.masker, device=device, all_reduce=all_reduce, rank=rank)
 
     # -- export ------------------------------------------------------------------------------------------------
     def prepare_export(self, is_main: bool) -> None:
         """Collect the teacher's sentence-transformers files (rank 0) for the exports."""
         from pretrain.export import sentence_transformers_files
+
         self.st_files = sentence_transformers_files(self.teacher_path) if is_main else {}
 
     def write_meta(self, folder: Path, student: torch.nn.Module) -> None:
         """Write the student's config, the tokenizer and the sentence-transformers files into ``folder``."""
         from pretrain.export import write_hf_meta
+
         write_hf_meta(folder, student.config, self.tokenizer, self.st_files, type(student).__name__)

@@ -3,11 +3,13 @@
 Kept apart from :mod:`pretrain.evaluate` (which computes the numbers) so that the report can be re-rendered from a
 ``report.json`` without loading models. matplotlib runs with the non-interactive Agg backend.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from data_prep.files import atomic_write_bytes
 from pretrain.metrics import read_metrics
@@ -58,10 +60,14 @@ def curve_keys(records: list[dict]) -> dict[str, list[str]]:
     train = [r for r in records if not _is_valid_record(r)]
     valid = [r for r in records if _is_valid_record(r)]
     found = lambda recs, keys: [k for k in keys if any(_number(r.get(k)) for r in recs)]  # noqa: E731
-    parts = sorted({k for r in train for k, v in r.items()
-                    if k.startswith("loss_") and k != "loss_scale" and _number(v)})
-    return {"train": found(train, ["loss"]) + parts, "valid_losses": found(valid, VALID_LOSSES),
-            "valid_scores": found(valid, VALID_SCORES)}
+    parts = sorted(
+        {k for r in train for k, v in r.items() if k.startswith("loss_") and k != "loss_scale" and _number(v)}
+    )
+    return {
+        "train": found(train, ["loss"]) + parts,
+        "valid_losses": found(valid, VALID_LOSSES),
+        "valid_scores": found(valid, VALID_SCORES),
+    }
 
 
 def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
@@ -75,6 +81,7 @@ def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
     import io
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,12 +90,19 @@ def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
     valid = [r for r in records if _is_valid_record(r)]
     keys = curve_keys(records)
     parts = [k for k in keys["train"] if k != "loss"]
-    panels = [p for p, on in (("loss", "loss" in keys["train"] or keys["valid_losses"]), ("parts", parts),
-                              ("scores", keys["valid_scores"])) if on]
+    panels = [
+        p
+        for p, on in (
+            ("loss", "loss" in keys["train"] or keys["valid_losses"]),
+            ("parts", parts),
+            ("scores", keys["valid_scores"]),
+        )
+        if on
+    ]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=False):
         if panel == "loss":
             if "loss" in keys["train"]:
                 ax.plot(*_series(train, "loss"), label="train loss (weighted total)", lw=1.2)
@@ -134,30 +148,40 @@ def render_markdown(report: dict, png_name: str | None) -> str:
     for m in MODELS:
         path = meta.get("paths", {}).get(m)
         lines.append(f"- {names[m]}: `{path}`" if path else f"- {names[m]}: not evaluated")
-    lines += [f"- data: `{meta.get('paths', {}).get('data')}` (split `{meta.get('split')}`)",
-              f"- date: {meta.get('date')}, device: {meta.get('device')}", "",
-              "| metric | " + " | ".join(names[m] for m in cols) + " |",
-              "| --- |" + " ---: |" * len(cols)]
+    lines += [
+        f"- data: `{meta.get('paths', {}).get('data')}` (split `{meta.get('split')}`)",
+        f"- date: {meta.get('date')}, device: {meta.get('device')}",
+        "",
+        "| metric | " + " | ".join(names[m] for m in cols) + " |",
+        "| --- |" + " ---: |" * len(cols),
+    ]
     for key, label, fmt in ROWS:
         if any(key in report[m] for m in cols):
             lines.append(f"| {label} | " + " | ".join(_cell(report[m].get(key), fmt) for m in cols) + " |")
     ret, mlm, bench = meta.get("retrieval", {}), meta.get("mlm"), meta.get("throughput", {})
-    lines += ["", "How the numbers were made:", "",
-              f"- Throughput: encoder forward (no LM head), batch {bench.get('batch_size')} x "
-              f"{bench.get('seq_length')} tokens, fastest of {bench.get('iters')} timed forwards per model (models "
-              f"interleaved) after {bench.get('warmup')} warm-up, {meta.get('device')}, {meta.get('threads')} "
-              "threads. Timings on a busy machine are noisy.",
-              f"- Retrieval: {ret.get('num_documents')} held-out documents of at least {ret.get('min_tokens')} tokens "
-              f"(capped to {ret.get('max_content_tokens')} tokens per half), each cut into two halves by tokens; the "
-              f"{ret.get('pooling')}-pooled embedding of the first half must find its second half among all second "
-              "halves by cosine (recall@1; chance is 1 / documents). Embedding cosine: mean cosine between the model's "
-              "and the teacher's embedding of the same halves."]
+    lines += [
+        "",
+        "How the numbers were made:",
+        "",
+        f"- Throughput: encoder forward (no LM head), batch {bench.get('batch_size')} x "
+        f"{bench.get('seq_length')} tokens, fastest of {bench.get('iters')} timed forwards per model (models "
+        f"interleaved) after {bench.get('warmup')} warm-up, {meta.get('device')}, {meta.get('threads')} "
+        "threads. Timings on a busy machine are noisy.",
+        f"- Retrieval: {ret.get('num_documents')} held-out documents of at least {ret.get('min_tokens')} tokens "
+        f"(capped to {ret.get('max_content_tokens')} tokens per half), each cut into two halves by tokens; the "
+        f"{ret.get('pooling')}-pooled embedding of the first half must find its second half among all second "
+        "halves by cosine (recall@1; chance is 1 / documents). Embedding cosine: mean cosine between the model's "
+        "and the teacher's embedding of the same halves.",
+    ]
     if mlm:
-        lines.append(f"- MLM: {mlm.get('num_sequences')} held-out sequences, {mlm.get('num_masked')} masked tokens "
-                     f"({mlm.get('masking')}); the same masked batches for every model.")
+        lines.append(
+            f"- MLM: {mlm.get('num_sequences')} held-out sequences, {mlm.get('num_masked')} masked tokens "
+            f"({mlm.get('masking')}); the same masked batches for every model."
+        )
     lines.append("")
     if report.get("downstream"):
         from pretrain.downstream import render_downstream_markdown
+
         png = report["downstream"].get("png")
         table = render_downstream_markdown(report["downstream"], png)
         lines += ["#" + table if table.startswith("# ") else table, ""]  # a section of this report

@@ -37,6 +37,7 @@ parameters the optimizer holds, hence :func:`restore_frozen` for frozen paramete
 Supported here (DeepSpeed 0.19.8, CPU accelerator, gloo; tests/test_reshard.py): see docs/cluster.md, "Changing the
 number of ranks".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,16 +77,23 @@ def universal_dir(checkpoints_root: Path, tag: str) -> Path:
 
 def _deepspeed_files(tag_dir: Path) -> list[Path]:
     """The files DeepSpeed wrote in a tag (model states and optimizer partitions), not ours (rng, hf/, manifest)."""
-    return sorted(p for p in tag_dir.iterdir()
-                  if p.is_file() and (p.name.endswith("_model_states.pt") or p.name.endswith("_optim_states.pt")))
+    return sorted(
+        p
+        for p in tag_dir.iterdir()
+        if p.is_file() and (p.name.endswith("_model_states.pt") or p.name.endswith("_optim_states.pt"))
+    )
 
 
 def _source(tag_dir: Path) -> dict:
     """What a conversion was made from: the tag and each DeepSpeed file's size and modification time (a re-save of
     the same step, after a cut-off save, gives new ones), and the DeepSpeed version that converted it."""
     import deepspeed
-    return {"tag": tag_dir.name, "deepspeed": deepspeed.__version__,
-            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _deepspeed_files(tag_dir)}}
+
+    return {
+        "tag": tag_dir.name,
+        "deepspeed": deepspeed.__version__,
+        "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _deepspeed_files(tag_dir)},
+    }
 
 
 def is_converted(checkpoints_root: Path, tag: str) -> bool:
@@ -122,8 +130,10 @@ def to_universal(checkpoints_root: Path, tag: str, *, workers: int = 1) -> tuple
     src, dest = root / tag, universal_dir(root, tag)
     files = _deepspeed_files(src) if src.is_dir() else []
     if not any(p.name.endswith("_optim_states.pt") for p in files):
-        raise FileNotFoundError(f"{src} holds no ZeRO optimizer partitions (*_optim_states.pt): not a ZeRO-1/2/3 "
-                                f"checkpoint, nothing to convert")
+        raise FileNotFoundError(
+            f"{src} holds no ZeRO optimizer partitions (*_optim_states.pt): not a ZeRO-1/2/3 "
+            f"checkpoint, nothing to convert"
+        )
     parent = dest.parent
     parent.mkdir(exist_ok=True)
     if not is_converted(root, tag):
@@ -134,16 +144,24 @@ def to_universal(checkpoints_root: Path, tag: str, *, workers: int = 1) -> tuple
             staged.mkdir(parents=True)
             for f in files:
                 (staged / f.name).symlink_to(f.resolve())
-            args = argparse.Namespace(input_folder=str(staged), output_folder=str(out), num_extract_workers=workers,
-                                      num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=True)  # our engines record no universal_checkpoint_info
+            args = argparse.Namespace(
+                input_folder=str(staged),
+                output_folder=str(out),
+                num_extract_workers=workers,
+                num_merge_workers=workers,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )  # our engines record no universal_checkpoint_info
             log = io.StringIO()
             try:
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                     ds_to_universal.main(args)
             except Exception as e:
-                raise RuntimeError(f"converting {src} to a universal checkpoint failed: {type(e).__name__}: {e}\n"
-                                   f"{log.getvalue()[-4000:]}") from e
+                raise RuntimeError(
+                    f"converting {src} to a universal checkpoint failed: {type(e).__name__}: {e}\n"
+                    f"{log.getvalue()[-4000:]}"
+                ) from e
             (out / MARKER).write_text(json.dumps(source, indent=1))
             if dest.exists():  # a stale conversion of an earlier save of this tag
                 shutil.rmtree(dest)
@@ -167,8 +185,8 @@ def _frozen_and_buffers(folder: Path) -> dict:
     whole tensors in ``mp_rank_00_model_states.pt`` (ZeRO-0/1/2), or under ZeRO-3 the buffers of
     ``zero_pp_rank_0_...`` and each frozen parameter's per-rank fragments, concatenated in rank order."""
     import torch
-    files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
-                   key=lambda p: int(p.name.split("_")[3]))
+
+    files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=lambda p: int(p.name.split("_")[3]))
     if not files:
         state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return dict(state["module"])
@@ -176,7 +194,7 @@ def _frozen_and_buffers(folder: Path) -> dict:
     out = {k: v for k, v in states[0]["module"].items() if v.numel()}  # buffers (parameters are empty placeholders)
     for name, shape in (states[0].get("frozen_param_shapes") or {}).items():
         flat = torch.cat([s["frozen_param_fragments"][name] for s in states])
-        out[name] = flat[:torch.Size(shape).numel()].view(shape)
+        out[name] = flat[: torch.Size(shape).numel()].view(shape)
     return out
 
 
@@ -190,13 +208,17 @@ def restore_frozen(engine, root: Path, tag: str) -> list[str]:
     """
     import deepspeed
     import torch
+
     module = engine.module
     saved = _frozen_and_buffers(Path(root) / tag)
     frozen = {n: p for n, p in module.named_parameters() if not p.requires_grad and n in saved}
     buffers = {n: b for n, b in module.named_buffers() if n in saved}
     stage3 = any(hasattr(p, "ds_id") for p in frozen.values())
-    gather = (deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=0) if stage3
-              else contextlib.nullcontext())
+    gather = (
+        deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=0)
+        if stage3
+        else contextlib.nullcontext()
+    )
     with torch.no_grad(), gather:
         for name, tensor in {**frozen, **buffers}.items():
             tensor.copy_(saved[name].to(device=tensor.device, dtype=tensor.dtype).view_as(tensor))

@@ -19,6 +19,7 @@ between starts of one run. The trainer and ``pretrain.slurm submit`` both apply 
 ``python -m pretrain.rundir finished RUN`` exits 0 when RUN's latest checkpoint is exported to ``student/`` (the run
 is done), 1 otherwise; the SLURM batch script asks it before requeueing.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -31,15 +32,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_prep.errors import DistillError
 from data_prep.files import atomic_write_text
 
-IDENTITY_KEYS = (("teacher", "name_or_path"), ("teacher", "revision"), ("student", "*"), ("task", "name"),
-                 ("task", "student"), ("task", "head"))
+IDENTITY_KEYS = (
+    ("teacher", "name_or_path"),
+    ("teacher", "revision"),
+    ("student", "*"),
+    ("task", "name"),
+    ("task", "student"),
+    ("task", "head"),
+)
 EXPORT_INFO = "distill_export.json"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(DistillError, RuntimeError):
     """Another live process holds the run directory; the message names it (host, pid, start time)."""
+
+    exit_code = 1
 
 
 def identity_differences(saved: dict | None, mine: dict) -> list[str]:
@@ -104,8 +114,9 @@ class RunDir:
         tag, exported = self.latest_tag(), self.exported_checkpoint()
         return bool(tag and exported and Path(exported).name == tag)
 
-    def check_same_run(self, manifest: dict[str, Any], mine: dict, world_size: int,
-                       allow_world_size_change: bool) -> None:
+    def check_same_run(
+        self, manifest: dict[str, Any], mine: dict, world_size: int, allow_world_size_change: bool
+    ) -> None:
         """Raise ``ValueError`` when the checkpoint whose ``checkpoint.json`` is ``manifest`` cannot be resumed by a
         run of config ``mine`` (``RunConfig.to_dict()``) on ``world_size`` ranks: another run's identity keys (the
         message names them), or another world size unless ``allow_world_size_change``. The message says what to do;
@@ -114,17 +125,21 @@ class RunDir:
         where = self.checkpoints / str(manifest.get("tag", "?"))
         if diffs:
             shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 5 else "")
-            raise ValueError(f"{self.root} holds checkpoints of another run ({where.name}: {shown}); use another "
-                             f"train.output_dir to start a new run, or the original values to resume it")
+            raise ValueError(
+                f"{self.root} holds checkpoints of another run ({where.name}: {shown}); use another "
+                f"train.output_dir to start a new run, or the original values to resume it"
+            )
         saved_ws = manifest.get("world_size")
         if saved_ws is not None and saved_ws != world_size and not allow_world_size_change:
-            raise ValueError(f"checkpoint {where} was written by {saved_ws} rank(s), this run has {world_size}; run "
-                             f"with {saved_ws} rank(s), or set train.allow_world_size_change=true to resume with "
-                             f"another layout (see docs/cluster.md, 'Changing the number of ranks')")
+            raise ValueError(
+                f"checkpoint {where} was written by {saved_ws} rank(s), this run has {world_size}; run "
+                f"with {saved_ws} rank(s), or set train.allow_world_size_change=true to resume with "
+                f"another layout (see docs/cluster.md, 'Changing the number of ranks')"
+            )
 
     # -- the lock ----------------------------------------------------------------------------------------------
 
-    def lock(self) -> "RunLock":
+    def lock(self) -> RunLock:
         """Take the run directory's lock (rank 0, for the life of the process). Raises :class:`RunLocked`."""
         return RunLock(self.lock_file)
 
@@ -152,13 +167,22 @@ class RunLock:
                 holder = self._holder()
                 os.close(self.fd)
                 self.fd = None
-                raise RunLocked(f"{self.path.parent} is in use by a live run ({holder}); wait for it to end, stop "
-                                f"it (SIGTERM or SIGUSR1 saves a checkpoint), or choose another train.output_dir")
-            print(f"[pretrain] WARNING: {self.path}: the file system does not support locks ({e.strerror}); a "
-                  f"second run on this directory cannot be detected", file=sys.stderr, flush=True)
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+                raise RunLocked(
+                    f"{self.path.parent} is in use by a live run ({holder}); wait for it to end, stop "
+                    f"it (SIGTERM or SIGUSR1 saves a checkpoint), or choose another train.output_dir"
+                )
+            print(
+                f"[pretrain] WARNING: {self.path}: the file system does not support locks ({e.strerror}); a "
+                f"second run on this directory cannot be detected",
+                file=sys.stderr,
+                flush=True,
+            )
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
 
@@ -188,8 +212,13 @@ def write_config(run: RunDir, resolved: dict) -> list[str] | None:
     if old_text is None or old_text == new:
         return None
     before = json.loads(old_text)
-    return [f"{s}.{k}" for s in resolved if isinstance(resolved[s], dict)
-            for k in resolved[s] if (before.get(s) or {}).get(k) != resolved[s][k]]
+    return [
+        f"{s}.{k}"
+        for s in resolved
+        if isinstance(resolved[s], dict)
+        for k in resolved[s]
+        if (before.get(s) or {}).get(k) != resolved[s][k]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ every rank together.
 Preemption (docs/cluster.md): every rank installs :class:`StopFlag` for SIGTERM / SIGUSR1; the handler only records
 the signal and the trainer acts on it at the next step boundary, when the ranks agree on it in one all-reduce.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,18 +13,23 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from data_prep.errors import DistillError
 
 # The oldest torch the code runs on: torch.nn.utils.get_total_norm (the trainer's gradient norm) is new in 2.6.
 MIN_TORCH = (2, 6)
 
 
-class RunError(RuntimeError):
+class RunError(DistillError, RuntimeError):
     """A failure the user can act on, reported as one line (exit code 1): training diverged, a checkpoint could
     not be written, another rank failed, the installed torch is too old."""
+
+    exit_code = 1
 
 
 def console(msg: str) -> None:
@@ -42,8 +48,10 @@ def check_torch(version: str = torch.__version__) -> None:
     found = tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
     if found < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
-        raise RunError(f"torch {version} is installed; this project needs torch >= {need} "
-                           f"(torch.nn.utils.get_total_norm); install a newer build (README, 'On GPUs')")
+        raise RunError(
+            f"torch {version} is installed; this project needs torch >= {need} "
+            f"(torch.nn.utils.get_total_norm); install a newer build (README, 'On GPUs')"
+        )
 
 
 def setup_environment() -> None:
@@ -58,15 +66,23 @@ def setup_environment() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     readable = arch and deepspeed_arch_list(arch)
     if readable != arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = readable
         if os.environ.get("RANK", "0") == "0":
-            console(f"[pretrain] TORCH_CUDA_ARCH_LIST {arch!r} -> {readable!r} for DeepSpeed's op builder (it cannot "
-                    f"read architecture suffixes such as '9.0a')")
+            console(
+                f"[pretrain] TORCH_CUDA_ARCH_LIST {arch!r} -> {readable!r} for DeepSpeed's op builder (it cannot "
+                f"read architecture suffixes such as '9.0a')"
+            )
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_memory()
@@ -95,6 +111,7 @@ def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
     """glibc ``mallopt(M_MMAP_THRESHOLD, mmap_bytes)`` and ``mallopt(M_TRIM_THRESHOLD, trim_bytes)`` (bytes); returns
     False, changing nothing, without glibc."""
     import ctypes
+
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)
@@ -117,6 +134,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     setup_environment()
     import deepspeed
     import torch.distributed as dist
+
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -129,8 +147,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     import random
+
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -179,12 +198,13 @@ def on_rank0(fn: Callable[[], Any], *, rank: int, expected: tuple[type[BaseExcep
     other ranks (rank 0 re-raises the original, with its traceback).
     """
     import torch.distributed as dist
+
     box: list[Any] = [None]
     error: BaseException | None = None
     if rank == 0:
         try:
             box = [("ok", fn())]
-        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised below
+        except Exception as e:
             error = e
             kind = next((t.__name__ for t in expected if isinstance(e, t)), None)
             box = [("error", kind, f"{type(e).__name__}: {e}" if kind is None else str(e))]

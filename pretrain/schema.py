@@ -9,17 +9,23 @@ Components own their sections (Meta Lingua style): ``pretrain.masking.MaskingCon
 A section validates its own values in ``validate()`` and raises :class:`ConfigError` naming ``section.key``, the value
 and what to do. Never ``assert`` on user input.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+from data_prep.errors import DistillError
 
 
-class ConfigError(ValueError):
+class ConfigError(DistillError, ValueError):
     """A user-facing configuration error: names the file/section/key, the bad value and what to do."""
+
+    exit_code = 2
 
 
 def param(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -109,11 +115,13 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where}: required key(s) {missing} missing")
     obj = cls(**kwargs)
@@ -165,8 +173,14 @@ def reference_markdown(sections: Mapping[str, type]) -> str:
     """Markdown tables (one per section) of every field: name, type, default, help."""
     lines = []
     for name, cls in sections.items():
-        lines += [f"### `{name}`", "", (cls.__doc__ or "").strip().split("\n\n")[0], "",
-                  "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"### `{name}`",
+            "",
+            (cls.__doc__ or "").strip().split("\n\n")[0],
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:

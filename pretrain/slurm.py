@@ -22,6 +22,7 @@ runs the same command, which resumes from the latest checkpoint. Each task ignor
 handler (a signal during start-up is not fatal). SIGTERM (``scancel``, preemption by SLURM with
 ``PreemptMode=REQUEUE``) is forwarded the same way; whether the job comes back is then SLURM's decision.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_prep.errors import DistillError
 from data_prep.files import atomic_write_text
 from pretrain.rundir import RunDir
 
@@ -46,8 +48,10 @@ if TYPE_CHECKING:
 TRAINER_MODULE = "pretrain.main"  # what each rank runs: python -m TRAINER_MODULE --config C overrides
 
 
-class SubmitError(RuntimeError):
+class SubmitError(DistillError, RuntimeError):
     """A user error of ``slurm.py``: the message names the option, file or value and what to do."""
+
+    exit_code = 2
 
 
 # ---- node lists ---------------------------------------------------------------------------------------------------
@@ -123,8 +127,7 @@ def hostnames(nodelist: str) -> list[str]:
     scontrol = shutil.which("scontrol")
     if scontrol:
         try:
-            proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
-                                  timeout=30)
+            proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
             names = proc.stdout.split()
             if proc.returncode == 0 and names and not proc.stderr.strip():
                 return names
@@ -145,6 +148,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 # ---- the batch script ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class JobSpec:
@@ -169,7 +173,7 @@ class JobSpec:
 
 
 # The fixed body of the batch script; the parameters above it are written by render_script.
-_BODY = r'''
+_BODY = r"""
 set -uo pipefail
 log() { echo "[slurm.py $(date '+%F %T')] $*"; }
 log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST"
@@ -239,7 +243,7 @@ elif [ -n "$caught" ] && [ "$rc" -eq $((128 + $(kill -l "$caught"))) ] && finish
     rc=0
 fi
 exit "$rc"
-'''
+"""
 
 
 def script_path(run_dir: Path) -> Path:
@@ -259,29 +263,38 @@ def render_script(job: JobSpec) -> str:
         if getattr(job, key):
             o.append(f"--{key}={getattr(job, key)}")
     run = RunDir(job.run_dir)
-    o += [f"--chdir={job.workdir}", f"--output={run.slurm}/%j.log", "--open-mode=append", "--requeue",
-          f"--signal=B:USR1@{job.signal_lead_s}", *job.sbatch_args]
+    o += [
+        f"--chdir={job.workdir}",
+        f"--output={run.slurm}/%j.log",
+        "--open-mode=append",
+        "--requeue",
+        f"--signal=B:USR1@{job.signal_lead_s}",
+        *job.sbatch_args,
+    ]
     srun_args = [f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task else []
     if job.gres and job.gres.startswith("gpu"):
         srun_args.append("--gpu-bind=none")  # every rank sees all GPUs of its node and picks LOCAL_RANK's (P2P works)
     srun_args += job.srun_args
-    lines = ["#!/bin/bash",
-             f"# Written by bert-distill-slurm (launch/slurm.py) on "
-             f"{datetime.datetime.now().isoformat(timespec='seconds')}.",
-             f"# Resubmit (resumes from the latest checkpoint): sbatch {q(str(script_path(job.run_dir)))}",
-             *[f"#SBATCH {opt}" for opt in o],
-             "",
-             f"RUN_DIR={q(str(job.run_dir))}",
-             f"LOG_DIR={q(str(run.slurm))}",
-             f"PYTHON={q(job.python)}",
-             f"RANKS_PER_NODE={job.ranks_per_node}",
-             f"TRAIN_CMD=(\"$PYTHON\" -m {TRAINER_MODULE} {' '.join(q(a) for a in job.train_args)})",
-             f"SRUN_ARGS=({' '.join(q(a) for a in srun_args)})",
-             "export RANKS_PER_NODE"]
+    lines = [
+        "#!/bin/bash",
+        f"# Written by bert-distill-slurm (launch/slurm.py) on "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}.",
+        f"# Resubmit (resumes from the latest checkpoint): sbatch {q(str(script_path(job.run_dir)))}",
+        *[f"#SBATCH {opt}" for opt in o],
+        "",
+        f"RUN_DIR={q(str(job.run_dir))}",
+        f"LOG_DIR={q(str(run.slurm))}",
+        f"PYTHON={q(job.python)}",
+        f"RANKS_PER_NODE={job.ranks_per_node}",
+        f'TRAIN_CMD=("$PYTHON" -m {TRAINER_MODULE} {" ".join(q(a) for a in job.train_args)})',
+        f"SRUN_ARGS=({' '.join(q(a) for a in srun_args)})",
+        "export RANKS_PER_NODE",
+    ]
     return "\n".join(lines) + "\n" + _BODY
 
 
 # ---- submit -------------------------------------------------------------------------------------------------------
+
 
 def check_run_dir(run_dir: Path, resolved: dict, world_size: int, allow_world_size_change: bool) -> None:
     """Refuse a run directory whose checkpoints the job could not resume, before anything is queued.
@@ -304,8 +317,10 @@ def check_run_dir(run_dir: Path, resolved: dict, world_size: int, allow_world_si
         return
     complete = [t for _, t in tags if (run.checkpoints / t / MANIFEST).is_file()]
     if not complete:
-        raise SubmitError(f"{run.checkpoints} holds checkpoints ({', '.join(t for _, t in tags[:3])}) but none is "
-                          f"complete; move the directory away to start over, or choose a new train.output_dir")
+        raise SubmitError(
+            f"{run.checkpoints} holds checkpoints ({', '.join(t for _, t in tags[:3])}) but none is "
+            f"complete; move the directory away to start over, or choose a new train.output_dir"
+        )
     manifest_path = run.checkpoints / complete[0] / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -314,8 +329,9 @@ def check_run_dir(run_dir: Path, resolved: dict, world_size: int, allow_world_si
     try:
         run.check_same_run({"tag": complete[0], **manifest}, resolved, world_size, allow_world_size_change)
     except ValueError as e:
-        raise SubmitError(f"train.output_dir: {e} (this job: --nodes x --gpus-per-node = {world_size} rank(s))") \
-            from None
+        raise SubmitError(
+            f"train.output_dir: {e} (this job: --nodes x --gpus-per-node = {world_size} rank(s))"
+        ) from None
 
 
 def _active_jobs_for(script: Path) -> list[str]:
@@ -349,12 +365,15 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, dict]:
         cfg = load(args.config, args.overrides)
         ds_config.build(cfg.deepspeed, max_steps=cfg.train.max_steps, world_size=world_size, cuda=bool(args.gres))
     except ConfigError as e:
-        raise SubmitError(f"invalid config (world size {world_size} = {args.nodes} node(s) x "
-                          f"{args.gpus_per_node}): {e}") from None
+        raise SubmitError(
+            f"invalid config (world size {world_size} = {args.nodes} node(s) x {args.gpus_per_node}): {e}"
+        ) from None
     data_dir = Path(cfg.data.dir)
     if not cfg.task.name and not (data_dir / "manifest.json").is_file():  # task distillation reads its task
-        raise SubmitError(f"data.dir {cfg.data.dir!r} has no manifest.json (shards made by `python -m data_prep "
-                          f"prepare`); fix data.dir in {args.config} or on the command line")
+        raise SubmitError(
+            f"data.dir {cfg.data.dir!r} has no manifest.json (shards made by `python -m data_prep "
+            f"prepare`); fix data.dir in {args.config} or on the command line"
+        )
     return cfg, cfg.to_dict()
 
 
@@ -362,12 +381,23 @@ def build_job(args: argparse.Namespace, cfg: RunConfig) -> JobSpec:
     """The :class:`JobSpec` of a ``submit`` command line whose config validated as ``cfg``."""
     workdir = Path.cwd()
     run_dir = (workdir / cfg.train.output_dir).resolve()
-    return JobSpec(run_dir=run_dir, workdir=workdir, python=args.python,
-                   train_args=["--config", str(Path(args.config).resolve()), *args.overrides], nodes=args.nodes,
-                   ranks_per_node=args.gpus_per_node, gres=args.gres,
-                   job_name=args.job_name or f"distill-{run_dir.name}", partition=args.partition,
-                   account=args.account, time=args.time, cpus_per_task=args.cpus_per_task,
-                   signal_lead_s=args.signal_lead, sbatch_args=args.sbatch_arg, srun_args=args.srun_arg)
+    return JobSpec(
+        run_dir=run_dir,
+        workdir=workdir,
+        python=args.python,
+        train_args=["--config", str(Path(args.config).resolve()), *args.overrides],
+        nodes=args.nodes,
+        ranks_per_node=args.gpus_per_node,
+        gres=args.gres,
+        job_name=args.job_name or f"distill-{run_dir.name}",
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        cpus_per_task=args.cpus_per_task,
+        signal_lead_s=args.signal_lead,
+        sbatch_args=args.sbatch_arg,
+        srun_args=args.srun_arg,
+    )
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -388,8 +418,10 @@ def submit(args: argparse.Namespace) -> int:
         return 0
     sbatch = shutil.which("sbatch")
     if not sbatch:
-        raise SubmitError("sbatch not found on PATH: run this on a SLURM login node (or load the slurm module), or "
-                          "use --dry-run to print the batch script")
+        raise SubmitError(
+            "sbatch not found on PATH: run this on a SLURM login node (or load the slurm module), or "
+            "use --dry-run to print the batch script"
+        )
     path = script_path(job.run_dir)
     active = _active_jobs_for(path)
     if active:
@@ -400,8 +432,11 @@ def submit(args: argparse.Namespace) -> int:
         reason = proc.stderr.strip() or proc.stdout.strip()
         raise SubmitError(f"sbatch refused the job (exit {proc.returncode}): {reason}\nthe script is {path}")
     job_id = proc.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id}: {job.nodes} node(s) x {job.ranks_per_node} rank(s); script {path}; "
-          f"logs {path.parent}/{job_id}.log and {job_id}-node<N>.log", file=sys.stderr)
+    print(
+        f"submitted job {job_id}: {job.nodes} node(s) x {job.ranks_per_node} rank(s); script {path}; "
+        f"logs {path.parent}/{job_id}.log and {job_id}-node<N>.log",
+        file=sys.stderr,
+    )
     print(job_id)
     return 0
 
@@ -442,31 +477,56 @@ def _positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
     prog = name if name.startswith("bert-distill") else "python launch/slurm.py"
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="validate a run config and submit it as a preemptible, requeueing job")
     s.add_argument("--config", required=True, help="run config (JSON)")
     s.add_argument("--nodes", type=_positive, required=True, help="nodes (>= 1)")
-    s.add_argument("--gpus-per-node", type=_positive, required=True,
-                   help="GPUs per node = ranks per node (>= 1); with --gres none, CPU ranks per node")
+    s.add_argument(
+        "--gpus-per-node",
+        type=_positive,
+        required=True,
+        help="GPUs per node = ranks per node (>= 1); with --gres none, CPU ranks per node",
+    )
     s.add_argument("--partition", help="SLURM partition")
     s.add_argument("--time", help="time limit (SLURM format, e.g. 2-00:00:00); USR1 comes --signal-lead s before it")
     s.add_argument("--account", help="SLURM account to charge")
     s.add_argument("--job-name", help="job name (default distill-<run directory name>)")
     s.add_argument("--cpus-per-task", type=_positive, help="CPUs per rank (also OMP_NUM_THREADS)")
-    s.add_argument("--gres", default="auto",
-                   help='generic resources per node: "auto" = gpu:<gpus-per-node>; "gpu:a100:8" for typed GPUs; '
-                        '"none" for CPU-only ranks (tests)')
-    s.add_argument("--signal-lead", type=_positive, default=120,
-                   help="seconds before the time limit that USR1 is sent (checkpoint time + one step; default 120)")
-    s.add_argument("--python", default=sys.executable,
-                   help="Python interpreter on the compute nodes, with this package installed: it runs the ranks "
-                        "(-m pretrain.main) and the batch script's finished check (default: this one, %(default)s)")
-    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="extra sbatch option, repeatable (--sbatch-arg=--qos=high --sbatch-arg=--exclusive)")
-    s.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
-                   help="extra srun option for the ranks, repeatable (--srun-arg=--container-image=...)")
+    s.add_argument(
+        "--gres",
+        default="auto",
+        help='generic resources per node: "auto" = gpu:<gpus-per-node>; "gpu:a100:8" for typed GPUs; '
+        '"none" for CPU-only ranks (tests)',
+    )
+    s.add_argument(
+        "--signal-lead",
+        type=_positive,
+        default=120,
+        help="seconds before the time limit that USR1 is sent (checkpoint time + one step; default 120)",
+    )
+    s.add_argument(
+        "--python",
+        default=sys.executable,
+        help="Python interpreter on the compute nodes, with this package installed: it runs the ranks "
+        "(-m pretrain.main) and the batch script's finished check (default: this one, %(default)s)",
+    )
+    s.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra sbatch option, repeatable (--sbatch-arg=--qos=high --sbatch-arg=--exclusive)",
+    )
+    s.add_argument(
+        "--srun-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra srun option for the ranks, repeatable (--srun-arg=--container-image=...)",
+    )
     s.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, passed to the job as well")
     s.set_defaults(func=submit)

@@ -7,6 +7,7 @@ stage k+1 starts from stage k's weights (the same parameters, optimizer and lear
 resume inside any stage continues it, because the stage of a step is a function of the step alone. The steps of the
 stages add up to ``train.max_steps``. Without ``train.stages`` the run is one stage with the ``loss`` section.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,10 @@ class StageConfig:
 
     steps: int = param(help="Optimizer steps of this stage.")
     name: str | None = param(None, help='A name for the logs, e.g. "intermediate" or "prediction".')
-    loss: dict = param(default_factory=dict, help="Loss keys that replace the loss section's during this stage, "
-                                                   'e.g. {"alpha_ce": 0, "alpha_mse": 1}.')
+    loss: dict = param(
+        default_factory=dict,
+        help='Loss keys that replace the loss section\'s during this stage, e.g. {"alpha_ce": 0, "alpha_mse": 1}.',
+    )
 
     def validate(self) -> None:
         check(self.steps >= 1, "train.stages[].steps", f"{self.steps} must be >= 1")
@@ -34,15 +37,22 @@ def stage_losses(cfg) -> list:
     or steps that do not add up to ``train.max_steps``."""
     from pretrain import schema
     from pretrain.losses import LossConfig
+
     stages = cfg.train.stages
     if stages is None:
         return [cfg.loss]
-    check(len(stages) > 0, "train.stages", "the list is empty; give at least one stage, or null for one stage with "
-                                           "the loss section")
+    check(
+        len(stages) > 0,
+        "train.stages",
+        "the list is empty; give at least one stage, or null for one stage with the loss section",
+    )
     total = sum(s.steps for s in stages)
-    check(total == cfg.train.max_steps, "train.stages",
-          f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), train.max_steps is "
-          f"{cfg.train.max_steps}; make them equal")
+    check(
+        total == cfg.train.max_steps,
+        "train.stages",
+        f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), train.max_steps is "
+        f"{cfg.train.max_steps}; make them equal",
+    )
     out = []
     base = dataclasses.asdict(cfg.loss)
     for i, stage in enumerate(stages):

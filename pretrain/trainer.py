@@ -19,11 +19,13 @@ any rank got SIGTERM / SIGUSR1 (the handler only sets a flag), and (b) a non-fin
 device tensors and are all-reduced once per ``log_interval``. On a stop signal the ranks save a checkpoint together
 first, then evaluate if one was due, and exit 0; running the same command again resumes (docs/cluster.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,11 +35,19 @@ from pretrain.checkpoint import CheckpointManager, tag_for
 from pretrain.config import RunConfig
 from pretrain.data import BatchLoader
 from pretrain.metrics import IntervalMetrics, MetricsLogger, console_line, valid_line
-from pretrain.rundir import RunDir, RunLocked, write_config
-from pretrain.runtime import (RunError, StopFlag, check_torch, console, init_distributed, on_rank0, rank_seed,
-                              seed_everything)
-from pretrain.schema import ConfigError
 from pretrain.recipes import make_recipe
+from pretrain.rundir import RunDir, RunLocked, write_config
+from pretrain.runtime import (
+    RunError,
+    StopFlag,
+    check_torch,
+    console,
+    init_distributed,
+    on_rank0,
+    rank_seed,
+    seed_everything,
+)
+from pretrain.schema import ConfigError
 from pretrain.stages import Stages
 from pretrain.teacher import teacher_dtype
 
@@ -79,14 +89,16 @@ class DivergenceGuard:
             raise TrainingError(
                 f"step {step}: a non-finite loss was applied by the optimizer ({self.precision}, ZeRO-{self.stage}); "
                 f"stopping without saving. The last checkpoint ({last_saved}) is intact; lower the learning rate or "
-                f"check the data")
+                f"check the data"
+            )
         self.bad_steps = self.bad_steps + 1 if res.bad else 0
         if self.bad_steps >= self.max_bad_steps:
             raise TrainingError(
                 f"step {step}: {self.bad_steps} consecutive steps with a non-finite loss or gradient "
                 f"(train.max_bad_steps={self.max_bad_steps}; skipped, weights unchanged); stopping. Checkpoints "
                 f"up to step {last_saved} are intact. Lower the learning rate, use bf16 instead of fp16, "
-                f"or check the data")
+                f"or check the data"
+            )
 
 
 class Trainer:
@@ -111,29 +123,41 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------------------
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         """Compose the parts (see the module docstring); resumes from the newest complete checkpoint."""
         check_torch()
         self.stop.install()
         self.rank, self.world_size, self.device = init_distributed()
         import torch.distributed as dist
+
         self.dist, self.cuda, self.is_main = dist, self.device.type == "cuda", self.rank == 0
-        self.ds_config = dsc.build(self.cfg.deepspeed, max_steps=self.cfg.train.max_steps, world_size=self.world_size,
-                                   cuda=self.cuda)
+        self.ds_config = dsc.build(
+            self.cfg.deepspeed, max_steps=self.cfg.train.max_steps, world_size=self.world_size, cuda=self.cuda
+        )
         self.plan = dsc.BatchPlan(*(self.ds_config[k] for k in dsc.BATCH_KEYS))
         self.precision, self.stage = dsc.precision(self.ds_config), dsc.zero_stage(self.ds_config)
         self.recipe = make_recipe(self.cfg)
         self.recipe.preflight(self.world_size)
         self.tokenizer = self.recipe.tokenizer
         on_rank0(self._take_lock, rank=self.rank, expected=(ConfigError,))
-        self.ckpt = CheckpointManager(self.run, rank=self.rank, world_size=self.world_size,
-                                      keep_last=self.cfg.train.keep_last, save_interval=self.cfg.train.save_interval,
-                                      all_ok=self._all_ok)
-        resume = on_rank0(lambda: self.ckpt.resume_point(self.cfg.to_dict(),
-                                                          allow_world_size_change=self.cfg.train.allow_world_size_change),
-                          rank=self.rank, expected=(ConfigError,))
-        self._universal = resume is not None and reshard.needs_universal(self.stage, resume[1]["world_size"],
-                                                                         self.world_size)
+        self.ckpt = CheckpointManager(
+            self.run,
+            rank=self.rank,
+            world_size=self.world_size,
+            keep_last=self.cfg.train.keep_last,
+            save_interval=self.cfg.train.save_interval,
+            all_ok=self._all_ok,
+        )
+        resume = on_rank0(
+            lambda: self.ckpt.resume_point(
+                self.cfg.to_dict(), allow_world_size_change=self.cfg.train.allow_world_size_change
+            ),
+            rank=self.rank,
+            expected=(ConfigError,),
+        )
+        self._universal = resume is not None and reshard.needs_universal(
+            self.stage, resume[1]["world_size"], self.world_size
+        )
         if self._universal:  # ZeRO-1/2/3 on another world size: load through DeepSpeed's universal checkpoint
             self.ds_config = reshard.with_universal_load(self.ds_config)
         self._build_model(fresh=resume is None)
@@ -167,6 +191,7 @@ class Trainer:
         seed_everything(self.cfg.train.seed)
         teacher = self.recipe.load_teacher()
         from pretrain.prune import calibration_for  # student.init="prune": the seeded sample of the train shards
+
         with calibration_for(self.cfg, device=self.device):
             student, self.student_record = self.recipe.build_student(teacher)
         self.model = self.recipe.build_model(student, teacher, self.student_record, self.stages.loss_union())
@@ -176,31 +201,48 @@ class Trainer:
         self.recipe.prepare_export(self.is_main)
         if fresh and self.cfg.train.export_init and self.is_main:
             record = {k: v for k, v in self.student_record.items() if k != "copied"}
-            if self.ckpt.export_init(student, self._write_hf_meta,
-                                     {"step": 0, "teacher": self.cfg.teacher.name_or_path, "student": record}):
+            if self.ckpt.export_init(
+                student, self._write_hf_meta, {"step": 0, "teacher": self.cfg.teacher.name_or_path, "student": record}
+            ):
                 console(f"[pretrain] exported the initial student to {self.run.student_init}")
 
     def _build_engine(self) -> None:
         import deepspeed
+
         self._own_grad_norm = self.stage == 0 and self.precision == "fp32"
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, model_parameters=params,
-                                                                 config=self.ds_config)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=params, config=self.ds_config
+        )
         if self.world_size == 1 and self.stage == 0:
             self.engine.enable_backward_allreduce = False  # one rank: skip the flatten / all-reduce / copy-back
 
     def _build_data(self) -> None:
         from pretrain.flops import peak_flops, split_flops
-        self.loader = self.recipe.train_loader(self.plan, world_size=self.world_size, rank=self.rank,
-                                               pin_memory=self.cuda)
-        self.validator = self.recipe.validator(self.model, self.plan, world_size=self.world_size, rank=self.rank,
-                                               device=self.device, all_reduce=self.dist.all_reduce)
+
+        self.loader = self.recipe.train_loader(
+            self.plan, world_size=self.world_size, rank=self.rank, pin_memory=self.cuda
+        )
+        self.validator = self.recipe.validator(
+            self.model,
+            self.plan,
+            world_size=self.world_size,
+            rank=self.rank,
+            device=self.device,
+            all_reduce=self.dist.all_reduce,
+        )
         per_batch, per_row = split_flops(self.model)
         peak, self.peak_source = peak_flops(self.device, self.precision)
-        self.metrics = IntervalMetrics(device=self.device, all_reduce=self.dist.all_reduce, world_size=self.world_size,
-                                       log_interval=self.cfg.train.log_interval, peak_flops=peak,
-                                       flops_per_batch=per_batch, flops_per_head_row=per_row,
-                                       head_rows_key=self.recipe.head_rows_key())
+        self.metrics = IntervalMetrics(
+            device=self.device,
+            all_reduce=self.dist.all_reduce,
+            world_size=self.world_size,
+            log_interval=self.cfg.train.log_interval,
+            peak_flops=peak,
+            flops_per_batch=per_batch,
+            flops_per_head_row=per_row,
+            head_rows_key=self.recipe.head_rows_key(),
+        )
 
     def _write_hf_meta(self, folder) -> None:
         self.recipe.write_meta(folder, self.model.student)
@@ -216,8 +258,10 @@ class Trainer:
             self.dist.barrier()
             if self.is_main:
                 reshard.discard(root)
-                console(f"[pretrain] world size {manifest['world_size']} -> {self.world_size} with ZeRO-{self.stage}: "
-                        f"weights, AdamW moments, step and schedule resumed (universal checkpoint)")
+                console(
+                    f"[pretrain] world size {manifest['world_size']} -> {self.world_size} with ZeRO-{self.stage}: "
+                    f"weights, AdamW moments, step and schedule resumed (universal checkpoint)"
+                )
         else:  # the same world size, or ZeRO-0 (its optimizer state is saved whole)
             load_path, client = self.engine.load_checkpoint(str(root), tag=tag)
         if load_path is None:
@@ -235,34 +279,52 @@ class Trainer:
             if resumed and changed:
                 console(f"[pretrain] config changed since the last run: {changed}; config.json updated")
         tc = self.cfg.train
-        self.logger = MetricsLogger(self.run.metrics_file, self.run.tensorboard if tc.tensorboard else None,
-                                    enabled=self.is_main, resume_step=self.step)
+        self.logger = MetricsLogger(
+            self.run.metrics_file,
+            self.run.tensorboard if tc.tensorboard else None,
+            enabled=self.is_main,
+            resume_step=self.step,
+        )
         if self.is_main:
             n_s = sum(p.numel() for p in self.model.student.parameters())
             n_t = sum(p.numel() for p in self.model.teacher.parameters())
-            console(f"[pretrain] {self.world_size} rank(s) on {self.device.type}, {self.precision}, ZeRO-{self.stage}; "
-                    f"{self.plan.train_batch_size} sequences/step = micro {self.plan.micro_batch} x accumulation "
-                    f"{self.plan.accumulation} x {self.world_size} ranks; teacher {n_t / 1e6:.1f}M -> student "
-                    f"{n_s / 1e6:.1f}M parameters (layers {self.student_record['layer_map']}); "
-                    + (f"resumed from {self.ckpt.root / tag_for(self.step)} (step {self.step}, "
-                       f"{self.metrics.tokens_seen:,} tokens seen)" if resumed else "fresh run")
-                    + f"; run dir {self.run.root}")
+            console(
+                f"[pretrain] {self.world_size} rank(s) on {self.device.type}, {self.precision}, ZeRO-{self.stage}; "
+                f"{self.plan.train_batch_size} sequences/step = micro {self.plan.micro_batch} x accumulation "
+                f"{self.plan.accumulation} x {self.world_size} ranks; teacher {n_t / 1e6:.1f}M -> student "
+                f"{n_s / 1e6:.1f}M parameters (layers {self.student_record['layer_map']}); "
+                + (
+                    f"resumed from {self.ckpt.root / tag_for(self.step)} (step {self.step}, "
+                    f"{self.metrics.tokens_seen:,} tokens seen)"
+                    if resumed
+                    else "fresh run"
+                )
+                + f"; run dir {self.run.root}"
+            )
         self.metrics.restart_clock()
 
     # -- the step ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's client state: step, data cursor, tokens seen, the resolved config."""
-        return {"step": self.step, "data": self.loader.state_dict(), "tokens_seen": self.metrics.tokens_seen,
-                "masked_tokens_seen": self.metrics.masked_tokens_seen, "world_size": self.world_size,
-                "config": self.cfg.to_dict()}
+        return {
+            "step": self.step,
+            "data": self.loader.state_dict(),
+            "tokens_seen": self.metrics.tokens_seen,
+            "masked_tokens_seen": self.metrics.masked_tokens_seen,
+            "world_size": self.world_size,
+            "config": self.cfg.to_dict(),
+        }
 
     def next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
         """The next step's ``gradient_accumulation_steps`` micro-batches from the loader (CPU tensors)."""
         return [next(self.loader) for _ in range(self.plan.accumulation)]
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]],
-                   on_micro_batch: Callable[[dict[str, torch.Tensor]], None] | None = None) -> StepResult:
+    def train_step(
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        on_micro_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    ) -> StepResult:
         """One optimizer step (collective: every rank calls it with its own micro-batches).
 
         Each micro-batch becomes the module's inputs through the recipe (task-agnostic: ``input_ids`` /
@@ -279,8 +341,7 @@ class Trainer:
         lr = float(engine.get_lr()[0]) if engine.get_lr() else 0.0
         self.stages.apply(self.model, self.step)
         for m, batch in enumerate(micro_batches):
-            loss, parts = engine(*self.recipe.inputs(batch, self.device, step=self.step, rank=self.rank,
-                                                     micro_step=m))
+            loss, parts = engine(*self.recipe.inputs(batch, self.device, step=self.step, rank=self.rank, micro_step=m))
             engine.backward(loss)
             if on_micro_batch is not None:
                 on_micro_batch(parts)
@@ -323,8 +384,9 @@ class Trainer:
         if iteration is not None:
             sched.step(iteration)
 
-    def step_once(self, batches: list[dict[str, torch.Tensor]] | None = None,
-                  on_micro_batch=None) -> tuple[StepResult, list[dict[str, torch.Tensor]]]:
+    def step_once(
+        self, batches: list[dict[str, torch.Tensor]] | None = None, on_micro_batch=None
+    ) -> tuple[StepResult, list[dict[str, torch.Tensor]]]:
         """One step as :meth:`fit` runs it (``batches``, default the next micro-batches; :meth:`train_step`; the step
         counter), without logging, evaluation or checkpoints; returns (result, micro-batches). For benchmarks."""
         batches = self.next_micro_batches() if batches is None else batches
@@ -357,8 +419,10 @@ class Trainer:
                 self.evaluate()
             if res.stop:
                 if self.is_main:
-                    console(f"[pretrain] stopped by {self.stop.describe()} at step {self.step}: checkpoint saved; "
-                            f"run the same command again to resume")
+                    console(
+                        f"[pretrain] stopped by {self.stop.describe()} at step {self.step}: checkpoint saved; "
+                        f"run the same command again to resume"
+                    )
                 return 0
         if self.ckpt.last_saved != self.step:
             self.save()
@@ -368,8 +432,9 @@ class Trainer:
     def should_validate(self, step: int) -> bool:
         """Whether to evaluate after ``step``: every ``train.eval_interval`` steps and at the last step."""
         tc = self.cfg.train
-        return self.validator is not None and ((tc.eval_interval and step % tc.eval_interval == 0)
-                                               or step == tc.max_steps)
+        return self.validator is not None and (
+            (tc.eval_interval and step % tc.eval_interval == 0) or step == tc.max_steps
+        )
 
     def log_train(self) -> dict[str, Any] | None:
         """Sync the interval's metrics (collective) and, on rank 0, write one train record and a console line."""
@@ -398,6 +463,7 @@ class Trainer:
         if self.validator is None:
             return None
         import time
+
         self.engine.eval()
         try:
             rec = self.validator.run(self.step)
@@ -416,10 +482,12 @@ class Trainer:
     def save(self):
         """Save a checkpoint of the current step (collective). Returns the tag directory."""
         from pretrain.export import HF_DIR
+
         if self.metrics.pending():
             self.log_train()
-        tag_dir = self.ckpt.save(self.engine, self.step, self.state_dict(),
-                                 write_extra=lambda d: self._write_hf_meta(d / HF_DIR))
+        tag_dir = self.ckpt.save(
+            self.engine, self.step, self.state_dict(), write_extra=lambda d: self._write_hf_meta(d / HF_DIR)
+        )
         if self.is_main:
             console(f"[pretrain] saved checkpoint {tag_dir}")
         self.metrics.restart_clock()
@@ -429,8 +497,11 @@ class Trainer:
         """Rank 0 exports the last checkpoint to ``output_dir/student`` (ZeRO consolidated); others wait."""
         out = on_rank0(self.ckpt.export_final, rank=self.rank)
         if self.is_main:
-            console(f"[pretrain] exported the student to {out[0]}" if out[1]
-                    else f"[pretrain] {out[0]} already holds the export of the latest checkpoint")
+            console(
+                f"[pretrain] exported the student to {out[0]}"
+                if out[1]
+                else f"[pretrain] {out[0]} already holds the export of the latest checkpoint"
+            )
         return out[0]
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ temperature 1 and top-1 agreement with the teacher. :func:`mlm_sums` adds one ba
 sums into the means; perplexity is capped at exp(:data:`MAX_LOG_PERPLEXITY`) so that a diverged model gives a large
 finite number, not ``inf``.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,12 +51,19 @@ def mlm_summary(sums: torch.Tensor | list[float]) -> dict[str, float] | None:
     n, nll, correct, kl, agree = (float(v) for v in sums)
     if n == 0:
         return None
-    return {"mlm_loss": nll / n, "perplexity": math.exp(min(nll / n, MAX_LOG_PERPLEXITY)), "mlm_accuracy": correct / n,
-            "kl_to_teacher": kl / n, "agreement": agree / n, "masked_tokens": int(n)}
+    return {
+        "mlm_loss": nll / n,
+        "perplexity": math.exp(min(nll / n, MAX_LOG_PERPLEXITY)),
+        "mlm_accuracy": correct / n,
+        "kl_to_teacher": kl / n,
+        "agreement": agree / n,
+        "masked_tokens": int(n),
+    }
 
 
-def representation_sums(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                        attention_mask: torch.Tensor) -> torch.Tensor:
+def representation_sums(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """float64 [4] = (real tokens, sum of per-token hidden cosine, sequences, sum of mean-pooled cosine) of student
     and teacher last hidden states [B, L, H] (same H) under ``attention_mask`` [B, L]."""
     real = attention_mask.bool()
@@ -63,8 +71,9 @@ def representation_sums(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
     out[0] = real.sum()
     out[1] = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)[real].sum()
     out[2] = student_hidden.shape[0]
-    out[3] = F.cosine_similarity(mean_pool(student_hidden, attention_mask),
-                                 mean_pool(teacher_hidden, attention_mask), dim=-1).sum()
+    out[3] = F.cosine_similarity(
+        mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask), dim=-1
+    ).sum()
     return out
 
 
@@ -84,6 +93,7 @@ class Validator:
 
     def __init__(self, model, batches, masker, *, device: torch.device, all_reduce, rank: int):
         from pretrain.student import mlm_head
+
         self.model, self.batches, self.masker = model, batches, masker
         self.device, self.all_reduce, self.rank = device, all_reduce, rank
         self.heads = (mlm_head(model.student), mlm_head(model.teacher))
@@ -93,6 +103,7 @@ class Validator:
     def run(self, step: int) -> dict[str, Any]:
         """Evaluate; returns the ``"split": "valid"`` record of ``step`` (on every rank)."""
         from pretrain.student import base_model
+
         student, teacher = self.model.student, self.model.teacher
         head_s, head_t = self.heads
         mlm = torch.zeros(5, dtype=torch.float64, device=self.device)

@@ -8,6 +8,7 @@ Run it as ``python scripts/update_readme_reference.py`` or ``python -m scripts.u
 repository root); it needs the package installed (``make setup``). Tests import it: ``from scripts import
 update_readme_reference``.
 """
+
 from __future__ import annotations
 
 import sys

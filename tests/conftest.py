@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules: the in-process tokenizers of tests/tiny.py."""
+
 import pytest
 
 from tests import tiny

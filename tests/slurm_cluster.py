@@ -22,8 +22,10 @@ Manual use (development)::
     python tests/slurm_cluster.py start /tmp/slurm-dev   # prints: export SLURM_CONF=/tmp/slurm-dev/slurm.conf
     python tests/slurm_cluster.py stop /tmp/slurm-dev
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -67,15 +69,18 @@ def ensure_installed(timeout_s: float = 600.0) -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise ClusterError(f"SLURM binaries {missing} are missing and installing them needs root "
-                           f"(run as root, or: apt-get install -y {' '.join(PACKAGES)})")
+        raise ClusterError(
+            f"SLURM binaries {missing} are missing and installing them needs root "
+            f"(run as root, or: apt-get install -y {' '.join(PACKAGES)})"
+        )
     if shutil.which("apt-get") is None:
-        raise ClusterError(f"SLURM binaries {missing} are missing and this machine has no apt-get; "
-                           f"install the packages {PACKAGES} (or your distribution's equivalent)")
+        raise ClusterError(
+            f"SLURM binaries {missing} are missing and this machine has no apt-get; "
+            f"install the packages {PACKAGES} (or your distribution's equivalent)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     log = []
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         log.append(f"$ {shlex.join(cmd)} -> exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}")
     # A package's post-install may fail to start a system service (no systemd here); what counts are the binaries.
@@ -132,8 +137,14 @@ class SlurmCluster:
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _write_files(self) -> None:
-        for sub, mode in (("", 0o755), ("run", 0o755), ("munge", 0o700), ("state", 0o755), ("spool", 0o755),
-                          ("log", 0o755)):
+        for sub, mode in (
+            ("", 0o755),
+            ("run", 0o755),
+            ("munge", 0o700),
+            ("state", 0o755),
+            ("spool", 0o755),
+            ("log", 0o755),
+        ):
             d = self.root / sub
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
@@ -191,10 +202,11 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
     def _start_daemon(self, cmd: list[str]) -> None:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
-            raise ClusterError(f"`{shlex.join(cmd)}` exited {proc.returncode}: {proc.stdout}{proc.stderr}\n"
-                               + self._diagnostics())
+            raise ClusterError(
+                f"`{shlex.join(cmd)}` exited {proc.returncode}: {proc.stdout}{proc.stderr}\n" + self._diagnostics()
+            )
 
-    def start(self, timeout_s: float = 60.0) -> "SlurmCluster":
+    def start(self, timeout_s: float = 60.0) -> SlurmCluster:
         """Install if needed, write the files, start munged, slurmctld and slurmd; return when the node is idle.
 
         Raises:
@@ -205,13 +217,22 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
         try:
             socket.gethostbyname(self.hostname)
         except OSError as e:
-            raise ClusterError(f"this machine's hostname {self.hostname!r} does not resolve ({e}); jobs use it as "
-                               f"MASTER_ADDR. Add it to /etc/hosts.") from e
+            raise ClusterError(
+                f"this machine's hostname {self.hostname!r} does not resolve ({e}); jobs use it as "
+                f"MASTER_ADDR. Add it to /etc/hosts."
+            ) from e
         self._write_files()
         r = self.root
-        self._start_daemon(["munged", f"--key-file={r}/munge/munge.key", f"--socket={self.munge_socket}",
-                            f"--pid-file={r}/run/munged.pid", f"--seed-file={r}/munge/munged.seed",
-                            f"--log-file={self.log_dir}/munged.log"])
+        self._start_daemon(
+            [
+                "munged",
+                f"--key-file={r}/munge/munge.key",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={r}/run/munged.pid",
+                f"--seed-file={r}/munge/munged.seed",
+                f"--log-file={self.log_dir}/munged.log",
+            ]
+        )
         self._start_daemon(["slurmctld", "-f", str(self.conf)])
         self._start_daemon(["slurmd", "-f", str(self.conf)])
         deadline = time.monotonic() + timeout_s
@@ -223,8 +244,10 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
                 return self
             time.sleep(0.5)
         node = self.run(["scontrol", "show", "node", self.hostname], check=False)
-        raise ClusterError(f"node {self.hostname} did not become idle within {timeout_s:.0f} s "
-                           f"(sinfo state {state!r}):\n{node.stdout}{node.stderr}\n" + self._diagnostics())
+        raise ClusterError(
+            f"node {self.hostname} did not become idle within {timeout_s:.0f} s "
+            f"(sinfo state {state!r}):\n{node.stdout}{node.stderr}\n" + self._diagnostics()
+        )
 
     # ---- use ------------------------------------------------------------------------------------------------
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -249,8 +272,9 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
             out.setdefault(key, value)
         return out
 
-    def wait_for(self, job_id: str | int, states: set[str], timeout_s: float, restarts: int | None = None
-                 ) -> dict[str, str]:
+    def wait_for(
+        self, job_id: str | int, states: set[str], timeout_s: float, restarts: int | None = None
+    ) -> dict[str, str]:
         """Poll until the job's ``JobState`` is in ``states`` (and ``Restarts`` equals ``restarts`` when given).
 
         Returns the job's record. Raises :class:`ClusterError` after ``timeout_s`` seconds, with the record.
@@ -262,8 +286,9 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
             if info.get("JobState") in states and (restarts is None or info.get("Restarts") == str(restarts)):
                 return info
             time.sleep(0.5)
-        raise ClusterError(f"job {job_id} not in {sorted(states)} (restarts={restarts}) after {timeout_s:.0f} s: "
-                           f"{info}")
+        raise ClusterError(
+            f"job {job_id} not in {sorted(states)} (restarts={restarts}) after {timeout_s:.0f} s: {info}"
+        )
 
     # ---- tear-down ------------------------------------------------------------------------------------------
     def _pid(self, name: str) -> int | None:
@@ -291,10 +316,8 @@ PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.2)
         munged = self._pid("munged.pid")
         for pid in [p for p in pids if _pid_alive(p)] + ([munged] if munged else []):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(_pid_alive(p) for p in pids + ([munged] if munged else [])):
             time.sleep(0.2)

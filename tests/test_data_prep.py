@@ -3,6 +3,7 @@
 Real text (the embedded Wikipedia extracts and plays), the embedded teacher's tokenizer and a byte-level BPE trained
 here. The embedded assets are fetched once into the default cache (session fixture).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,11 +57,22 @@ def bpe_dir(tmp_path_factory, wiki_texts):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(wiki_texts[:300], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
     path = tmp_path_factory.mktemp("bpe")
     fast.save_pretrained(path)
     return path
@@ -104,34 +116,47 @@ def test_roundtrip_bpe_is_exact_and_split_is_disjoint(tmp_path, bpe_dir, wiki_te
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")  # extracts contain single newlines only
     out = tmp_path / "out"
-    manifest = prepare(cfg([f"text:{corpus}"], bpe_dir, out, max_seq_length=64, valid_fraction=0.25, seed=3,
-                           shard_tokens=2000))
+    manifest = prepare(
+        cfg([f"text:{corpus}"], bpe_dir, out, max_seq_length=64, valid_fraction=0.25, seed=3, shard_tokens=2000)
+    )
     tok = load_tokenizer(str(bpe_dir))
     is_valid = expected_split(len(docs), 3, 0.25)
     assert 10 < is_valid.sum() < 60
     for split, want in (("train", ~is_valid), ("valid", is_valid)):
         ds = ShardedTokens(out, split)
         got = [tok.decode(d.tolist()) for d in ds.documents()]
-        assert got == [d.strip() for d, w in zip(docs, want) if w]  # byte-level BPE: exact text back
+        assert got == [d.strip() for d, w in zip(docs, want, strict=False) if w]  # byte-level BPE: exact text back
         assert ds[0][0] == tok.cls_token_id == 0 and ds[0][-1] == tok.sep_token_id == 2
         assert manifest["splits"][split]["num_documents"] == int(want.sum())
     assert len(manifest["splits"]["train"]["shards"]) > 3  # several shards, documents spanning them
 
 
 def test_minilm_ids_conservation_and_counts(tmp_path, minilm, wiki_texts):
-    texts = wiki_texts[200:500] + ["", "   ", "Short one.", "A literal [SEP] and [CLS] in text."]
+    texts = [*wiki_texts[200:500], "", "   ", "Short one.", "A literal [SEP] and [CLS] in text."]
     corpus = write_jsonl(tmp_path / "c.jsonl", texts)
     out = tmp_path / "out"
     L = 48
-    m = prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", out, max_seq_length=L, valid_fraction=0.1,
-                    min_doc_tokens=4, shard_tokens=3000))
+    m = prepare(
+        cfg(
+            [f"jsonl:{corpus}"],
+            "embedded:minilm-l6",
+            out,
+            max_seq_length=L,
+            valid_fraction=0.1,
+            min_doc_tokens=4,
+            shard_tokens=3000,
+        )
+    )
     want_ids = minilm([t.strip() for t in texts], add_special_tokens=False, split_special_tokens=True)["input_ids"]
     lengths = np.array([len(x) for x in want_ids])
     kept = lengths >= 4
     valid = expected_split(len(texts), 0, 0.1)
     assert m["dropped"]["empty"]["documents"] == 2
-    assert m["dropped"]["short"] == {"documents": int((~kept & (lengths > 0)).sum()),
-                                     "tokens": int(lengths[~kept].sum()), "min_doc_tokens": 4}
+    assert m["dropped"]["short"] == {
+        "documents": int((~kept & (lengths > 0)).sum()),
+        "tokens": int(lengths[~kept].sum()),
+        "min_doc_tokens": 4,
+    }
     assert m["dropped"]["short"]["documents"] >= 1  # "Short one." has 3 tokens
     assert m["special_tokens_in_text"] == 0  # the literal [SEP] / [CLS] were tokenized as text
     content = 0
@@ -158,9 +183,9 @@ def test_minilm_ids_conservation_and_counts(tmp_path, minilm, wiki_texts):
     # normalisation-level text round trip (uncased WordPiece): same characters, ignoring spaces
     norm = minilm.backend_tokenizer.normalizer.normalize_str
     ds = ShardedTokens(out, "train")
-    src = [t.strip() for t, s in zip(texts, kept & ~valid) if s]
+    src = [t.strip() for t, s in zip(texts, kept & ~valid, strict=False) if s]
     compared = 0
-    for ids, text in zip(ds.documents(), src):
+    for ids, text in zip(ds.documents(), src, strict=False):
         if 100 in ids:  # [UNK] stands for characters outside the vocabulary
             continue
         assert "".join(minilm.decode(ids.tolist()).split()) == "".join(norm(text).split())
@@ -170,9 +195,8 @@ def test_minilm_ids_conservation_and_counts(tmp_path, minilm, wiki_texts):
 
 def test_output_independent_of_num_proc_and_batching(tmp_path, wiki_texts):
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:400])
-    common = dict(max_seq_length=32, valid_fraction=0.1, shard_tokens=5000)
-    prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", tmp_path / "a", num_proc=0, batch_chars=1 << 20,
-                **common))
+    common = {"max_seq_length": 32, "valid_fraction": 0.1, "shard_tokens": 5000}
+    prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", tmp_path / "a", num_proc=0, batch_chars=1 << 20, **common))
     prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", tmp_path / "b", num_proc=2, batch_chars=3000, **common))
     a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
     assert len(a) > 8 and a == b
@@ -181,9 +205,19 @@ def test_output_independent_of_num_proc_and_batching(tmp_path, wiki_texts):
 def test_already_complete_and_different_run(tmp_path, capsys, wiki_texts):
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:50])
     out = tmp_path / "out"
-    base = ["prepare", "--source", f"jsonl:{corpus}", "--tokenizer", "embedded:minilm-l6", "--output", out,
-            "--num-proc", 0, "--no-progress"]
-    args = base + ["--max-seq-length", 64]
+    base = [
+        "prepare",
+        "--source",
+        f"jsonl:{corpus}",
+        "--tokenizer",
+        "embedded:minilm-l6",
+        "--output",
+        out,
+        "--num-proc",
+        0,
+        "--no-progress",
+    ]
+    args = [*base, "--max-seq-length", 64]
     assert run(capsys, *args)[0] == 0
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     code, _, err = run(capsys, *args)
@@ -224,8 +258,16 @@ def test_uint32_for_large_vocabularies(tmp_path):
 
 def test_reader_api(tmp_path, wiki_texts):
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:60])
-    prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", tmp_path / "out", max_seq_length=40, shard_tokens=1000,
-                valid_fraction=0.0))
+    prepare(
+        cfg(
+            [f"jsonl:{corpus}"],
+            "embedded:minilm-l6",
+            tmp_path / "out",
+            max_seq_length=40,
+            shard_tokens=1000,
+            valid_fraction=0.0,
+        )
+    )
     ds = ShardedTokens(tmp_path / "out", "train")
     n = len(ds)
     assert n == ds.manifest["splits"]["train"]["num_sequences"] and len(ds.manifest["splits"]["train"]["shards"]) > 3
@@ -245,7 +287,7 @@ def test_reader_api(tmp_path, wiki_texts):
 
 
 def test_encoder_matches_transformers_call(minilm, bpe_dir, wiki_texts):
-    texts = wiki_texts[:50] + ["x [MASK] <s> y", ""]
+    texts = [*wiki_texts[:50], "x [MASK] <s> y", ""]
     for tok in (minilm, load_tokenizer(str(bpe_dir))):
         enc = Encoder(backend_json(tok), np.uint32)
         ids, lengths = enc(texts)
@@ -266,13 +308,32 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path, capsys, wiki_texts
     import psutil
 
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:4000])
-    args = ["prepare", "--source", f"jsonl:{corpus}", "--tokenizer", "embedded:minilm-l6", "--max-seq-length", "64",
-            "--shard-tokens", "8192", "--batch-chars", "16000", "--valid-fraction", "0.05", "--no-progress"]
+    args = [
+        "prepare",
+        "--source",
+        f"jsonl:{corpus}",
+        "--tokenizer",
+        "embedded:minilm-l6",
+        "--max-seq-length",
+        "64",
+        "--shard-tokens",
+        "8192",
+        "--batch-chars",
+        "16000",
+        "--valid-fraction",
+        "0.05",
+        "--no-progress",
+    ]
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert run(capsys, *args, "--output", ref, "--num-proc", 0)[0] == 0
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--output", str(out), "--num-proc", "1"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *args, "--output", str(out), "--num-proc", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not (out / "train-00002.bin").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -285,7 +346,7 @@ def test_sigkill_and_restart_gives_identical_output(tmp_path, capsys, wiki_texts
     finished = _state_shards(out)
     assert "train-00000.bin" in finished and len(finished) < len(file_hashes(ref)) // 2
     kept = {f: (out / f).stat() for f in finished}
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+    _gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "tokenizer workers outlived the killed prepare"
 
     code, _, err = run(capsys, *args, "--output", out, "--num-proc", 1)
@@ -303,10 +364,34 @@ def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path, wiki_texts):
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:4000])
     out = tmp_path / "run"
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "prepare", "--source", f"jsonl:{corpus}",
-                             "--tokenizer", "embedded:minilm-l6", "--max-seq-length", "64", "--shard-tokens", "8192",
-                             "--batch-chars", "16000", "--num-proc", "2", "--no-progress", "--output", str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "prepare",
+            "--source",
+            f"jsonl:{corpus}",
+            "--tokenizer",
+            "embedded:minilm-l6",
+            "--max-seq-length",
+            "64",
+            "--shard-tokens",
+            "8192",
+            "--batch-chars",
+            "16000",
+            "--num-proc",
+            "2",
+            "--no-progress",
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "train-00001.bin").exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -324,8 +409,9 @@ def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path, wiki_texts):
 def test_verify_catches_a_flipped_byte(tmp_path, capsys, wiki_texts):
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:80])
     out = tmp_path / "out"
-    prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", out, max_seq_length=64, shard_tokens=2500,
-                valid_fraction=0.2))
+    prepare(
+        cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", out, max_seq_length=64, shard_tokens=2500, valid_fraction=0.2)
+    )
     code, stdout, _ = run(capsys, "verify", out)
     assert code == 0 and "OK" in stdout
     target = out / "train-00001.bin"
@@ -343,8 +429,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, capsys, wiki_texts):
 
 def test_inspect_shows_text(tmp_path, capsys, wiki_texts):
     corpus = write_jsonl(tmp_path / "c.jsonl", wiki_texts[:20])
-    prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", tmp_path / "out", max_seq_length=64,
-                valid_fraction=0.0))
+    prepare(cfg([f"jsonl:{corpus}"], "embedded:minilm-l6", tmp_path / "out", max_seq_length=64, valid_fraction=0.0))
     code, stdout, _ = run(capsys, "inspect", tmp_path / "out", "--n", 2)
     assert code == 0 and stdout.count("--- sequence") == 2
     assert "[CLS] 20th - century classical music is western art music" in stdout  # wiki_texts[0], uncased
@@ -356,12 +441,25 @@ def _prep_args(out, *sources, tokenizer="embedded:minilm-l6", extra=()):
     args = ["prepare"]
     for s in sources:
         args += ["--source", s]
-    return args + ["--tokenizer", tokenizer, "--max-seq-length", "64", "--output", out, "--num-proc", "0",
-                   "--no-progress", *extra]
+    return [
+        *args,
+        "--tokenizer",
+        tokenizer,
+        "--max-seq-length",
+        "64",
+        "--output",
+        out,
+        "--num-proc",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("case", ["glob", "missing", "kind", "empty", "tokenizer_path", "tokenizer_dir",
-                                  "no_cls_sep", "bad_json", "no_field"])
+@pytest.mark.parametrize(
+    "case",
+    ["glob", "missing", "kind", "empty", "tokenizer_path", "tokenizer_dir", "no_cls_sep", "bad_json", "no_field"],
+)
 def test_bad_input(tmp_path, capsys, case, wiki_texts):
     out = tmp_path / "out"
     good = write_jsonl(tmp_path / "good.jsonl", wiki_texts[:30])
@@ -404,7 +502,7 @@ def test_bad_input(tmp_path, capsys, case, wiki_texts):
 
 def test_undecodable_bytes_named_then_replaced(tmp_path, capsys):
     path = tmp_path / "latin1.txt"
-    path.write_bytes("First document here.\n\nSecond one, caf".encode() + b"\xe9 au lait.\n")
+    path.write_bytes(b"First document here.\n\nSecond one, caf" + b"\xe9 au lait.\n")
     out = tmp_path / "out"
     code, _, err = run(capsys, *_prep_args(out, f"text:{path}"))
     assert code == 2 and f"{path}: undecodable bytes at byte offset 37" in err and "--errors replace" in err
@@ -416,8 +514,12 @@ def test_undecodable_bytes_named_then_replaced(tmp_path, capsys):
 
 
 def test_options_are_checked(tmp_path):
-    for kw, msg in ((dict(max_seq_length=2), "--max-seq-length"), (dict(valid_fraction=1.0), "--valid-fraction"),
-                    (dict(shard_tokens=10), "--shard-tokens"), (dict(min_doc_tokens=0), "--min-doc-tokens")):
+    for kw, msg in (
+        ({"max_seq_length": 2}, "--max-seq-length"),
+        ({"valid_fraction": 1.0}, "--valid-fraction"),
+        ({"shard_tokens": 10}, "--shard-tokens"),
+        ({"min_doc_tokens": 0}, "--min-doc-tokens"),
+    ):
         kw.setdefault("max_seq_length", 64)
         with pytest.raises(DataPrepError, match=msg):
             prepare(cfg(["embedded"], "embedded:minilm-l6", tmp_path / "o", **kw))
@@ -454,12 +556,15 @@ def test_text_and_jsonl_and_parquet_readers(tmp_path):
 
 def test_play_scenes(tmp_path, embedded):
     md = tmp_path / "p.md"
-    md.write_text("# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter BOB_\n\n**BOB**  \nHello there,  \n"
-                  "my _dear_ friend.\n\n**ANN**  \n\\[Aside] Hi.\n\n_Exeunt_\n\n### SCENE II. Outside.\n\n"
-                  "**BOB**  \nBye.\n")
+    md.write_text(
+        "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter BOB_\n\n**BOB**  \nHello there,  \n"
+        "my _dear_ friend.\n\n**ANN**  \n\\[Aside] Hi.\n\n_Exeunt_\n\n### SCENE II. Outside.\n\n"
+        "**BOB**  \nBye.\n"
+    )
     assert list(play_documents(md)) == [
         "A Play\nACT I\nSCENE I. A room.\nEnter BOB\nBOB: Hello there,\nmy dear friend.\nANN: [Aside] Hi.\nExeunt",
-        "A Play\nACT I\nSCENE II. Outside.\nBOB: Bye."]
+        "A Play\nACT I\nSCENE II. Outside.\nBOB: Bye.",
+    ]
     plays = sorted(embedded["books"].glob("*/*.md"))
     assert len(plays) == 38
     scenes = list(play_documents(embedded["books"] / "tragedies" / "hamlet.md"))
@@ -493,6 +598,7 @@ def test_writer_resumes_after_a_rename_that_missed_its_checkpoint(tmp_path):
 def test_a_killed_atomic_write_leaves_a_temp_file_that_prepare_finds(tmp_path):
     """atomic_path's temporary name is what prepare's resume removes (a SIGKILL mid-write leaves it behind)."""
     from data_prep.files import atomic_path, leftover_temps
+
     with atomic_path(tmp_path / STATE) as tmp:
         tmp.write_bytes(b"half")
         assert leftover_temps(tmp_path, (STATE,)) == [tmp]  # what a kill here would leave
@@ -504,13 +610,13 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     """The export's and downstream's folder writes: the old folder stays as it was when the block fails, and is
     replaced whole when it succeeds; no temporary folder is left either way."""
     from data_prep.files import atomic_dir
+
     out = tmp_path / "student"
     out.mkdir()
     (out / "config.json").write_text("old")
-    with pytest.raises(RuntimeError, match="disk full"):
-        with atomic_dir(out) as tmp:
-            (tmp / "config.json").write_text("half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"] and (out / "config.json").read_text() == "old"
     with atomic_dir(out) as tmp:
         (tmp / "model.safetensors").write_text("new")

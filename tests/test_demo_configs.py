@@ -3,14 +3,15 @@ representation losses) and configs/embedded-mlm.json (bert-tiny-mlm -> 1 layer, 
 and says what the demo relies on, then trains a few steps in this process on shards prepared here from a slice of the
 embedded corpus (the first Wikipedia extracts), with the teacher's tokenizer, as scripts/demo.sh does.
 """
+
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
 import shutil
 import tempfile
-import atexit
 from pathlib import Path
 
 import pytest
@@ -22,37 +23,67 @@ from tests.test_train_common import REPO, read_metrics, train_in_process
 
 DEMO = REPO / "configs" / "demo.json"
 MLM = REPO / "configs" / "embedded-mlm.json"
-SEQ = 64          # tokens per sequence of the test shards (the demo uses 128)
-DOCUMENTS = 400   # Wikipedia extracts in the slice
+SEQ = 64  # tokens per sequence of the test shards (the demo uses 128)
+DOCUMENTS = 400  # Wikipedia extracts in the slice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shards(teacher: str) -> Path:
     """Shards of the first DOCUMENTS Wikipedia extracts, made with ``teacher``'s tokenizer by the data_prep CLI."""
     from data_prep.__main__ import main
     from data_prep.embedded import fetch_embedded
+
     root = Path(tempfile.mkdtemp(prefix="demo-shards-"))
     atexit.register(shutil.rmtree, root, True)
     wiki = json.loads(fetch_embedded(names=["wikipedia"])["wikipedia"].read_text(encoding="utf-8"))
     slice_file = root / "slice.jsonl"
-    slice_file.write_text("".join(json.dumps({"text": e["extract"]}) + "\n"
-                                  for e in list(wiki.values())[:DOCUMENTS]))
+    slice_file.write_text("".join(json.dumps({"text": e["extract"]}) + "\n" for e in list(wiki.values())[:DOCUMENTS]))
     out = root / "shards"
-    assert main(["prepare", "--source", f"jsonl:{slice_file}", "--tokenizer", teacher, "--max-seq-length", str(SEQ),
-                 "--valid-fraction", "0.1", "--output", str(out), "--num-proc", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                f"jsonl:{slice_file}",
+                "--tokenizer",
+                teacher,
+                "--max-seq-length",
+                str(SEQ),
+                "--valid-fraction",
+                "0.1",
+                "--output",
+                str(out),
+                "--num-proc",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def overrides(cfg, out: Path, steps: int, **extra) -> list[str]:
-    items = {"data.dir": str(shards(cfg.teacher.name_or_path)), "train.output_dir": str(out),
-             "train.max_steps": steps, "train.log_interval": 1, "train.eval_interval": 0, "train.eval_sequences": 16,
-             "train.save_interval": 0, "train.tensorboard": False, "deepspeed.train_batch_size": 8,
-             "deepspeed.train_micro_batch_size_per_gpu": 4, "deepspeed.scheduler.params.warmup_num_steps": 1, **extra}
+    items = {
+        "data.dir": str(shards(cfg.teacher.name_or_path)),
+        "train.output_dir": str(out),
+        "train.max_steps": steps,
+        "train.log_interval": 1,
+        "train.eval_interval": 0,
+        "train.eval_sequences": 16,
+        "train.save_interval": 0,
+        "train.tensorboard": False,
+        "deepspeed.train_batch_size": 8,
+        "deepspeed.train_micro_batch_size_per_gpu": 4,
+        "deepspeed.scheduler.params.warmup_num_steps": 1,
+        **extra,
+    }
     return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
 
 def safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(path / "model.safetensors")
 
 
@@ -73,6 +104,7 @@ def test_demo_config_is_the_representation_recipe():
 def test_demo_masking_leaves_the_inputs_intact():
     """The demo's teacher is a sentence encoder: its inputs stay uncorrupted (docs/demo.md, masking experiment)."""
     from pretrain.masking import Masker
+
     cfg = load(DEMO)
     masker = Masker(cfg.masking, vocab_size=100, special_ids=[0, 1, 2, 3], mask_token_id=3, pad_token_id=0, seed=1)
     ids = torch.randint(4, 100, (4, 32))
@@ -94,7 +126,9 @@ def test_embedded_mlm_config_is_the_distilbert_recipe():
 @pytest.mark.slow
 def test_embedded_mlm_trains_with_its_real_teacher(tmp_path):
     from transformers import AutoModelForMaskedLM
+
     from data_prep.embedded import resolve_model
+
     cfg = load(MLM)
     out = tmp_path / "run"
     cfg = load(MLM, overrides(cfg, out, steps=3, **{"train.eval_interval": 3}))
@@ -123,8 +157,10 @@ def test_embedded_mlm_trains_with_its_real_teacher(tmp_path):
 @pytest.mark.slow
 def test_demo_config_trains_with_its_real_teacher(tmp_path):
     from transformers import AutoModel
+
     from data_prep.embedded import resolve_model
     from pretrain.evaluate import pooling_mode
+
     cfg = load(DEMO)
     out = tmp_path / "run"
     cfg = load(DEMO, overrides(cfg, out, steps=2))

@@ -1,4 +1,5 @@
 """DistillationModel: gathered head == full logits then select, hooks == eager attentions, frozen unregistered teacher."""
+
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,24 @@ from pretrain.schema import ConfigError
 from pretrain.student import StudentConfig, build_student
 from tests import tiny
 
-ALL_TERMS = dict(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=1.0, alpha_att=1.0, alpha_val=1.0,
-                 alpha_pool=1.0)
-REPR_TERMS = dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0, alpha_mse=1.0, alpha_att=1.0, alpha_val=1.0,
-                  alpha_pool=1.0)
+ALL_TERMS = {
+    "alpha_ce": 5.0,
+    "alpha_mlm": 2.0,
+    "alpha_cos": 1.0,
+    "alpha_mse": 1.0,
+    "alpha_att": 1.0,
+    "alpha_val": 1.0,
+    "alpha_pool": 1.0,
+}
+REPR_TERMS = {
+    "alpha_ce": 0.0,
+    "alpha_mlm": 0.0,
+    "alpha_cos": 1.0,
+    "alpha_mse": 1.0,
+    "alpha_att": 1.0,
+    "alpha_val": 1.0,
+    "alpha_pool": 1.0,
+}
 
 
 def masked_batch(tok, seed=0, mlm_mask_prop=0.3):
@@ -45,8 +60,8 @@ def run(model, batch):
 
 
 def assert_same(fast, naive, batch):
-    lf, logs_f, gf = run(fast, batch)
-    ln, logs_n, gn = run(naive, batch)
+    _lf, logs_f, gf = run(fast, batch)
+    _ln, logs_n, gn = run(naive, batch)
     assert set(logs_f) == set(logs_n)
     for k in logs_f:
         assert torch.allclose(logs_f[k].double(), logs_n[k].double(), rtol=1e-5, atol=1e-7), (k, logs_f[k], logs_n[k])
@@ -71,8 +86,9 @@ def test_gathered_head_equals_full_logits(restrict, vocab_multiple, bert_tok):
         assert float(logs[f"loss_{term}"]) > 1e-4, term
     assert int(logs["n_masked"]) == int((batch[2] != -100).sum()) > 0
     assert int(logs["n_tokens"]) == int(batch[1].sum())
-    total = sum(ALL_TERMS[f"alpha_{t}"] * float(logs[f"loss_{t}"]) for t in ("ce", "mlm", "cos", "mse", "att", "val",
-                                                                            "pool"))
+    total = sum(
+        ALL_TERMS[f"alpha_{t}"] * float(logs[f"loss_{t}"]) for t in ("ce", "mlm", "cos", "mse", "att", "val", "pool")
+    )
     assert float(logs["loss"]) == pytest.approx(total, rel=1e-6)
 
 
@@ -109,13 +125,19 @@ def test_roberta_and_distilbert_students(bert_tok):
     teacher = tiny.roberta_model(rtok)
     student, record = perturbed_student(teacher)
     cfg = LossConfig(**ALL_TERMS)
-    assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
-                DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), masked_batch(rtok))
+    assert_same(
+        DistillationModel(student, teacher, cfg, record["layer_map"]),
+        DistillationModel(student, teacher, cfg, record["layer_map"], naive=True),
+        masked_batch(rtok),
+    )
     teacher = tiny.bert_model(bert_tok)
     student, record = perturbed_student(teacher, StudentConfig(architecture="distilbert"))
     assert type(student).__name__ == "DistilBertForMaskedLM"
-    assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
-                DistillationModel(student, teacher, cfg, record["layer_map"], naive=True), masked_batch(bert_tok))
+    assert_same(
+        DistillationModel(student, teacher, cfg, record["layer_map"]),
+        DistillationModel(student, teacher, cfg, record["layer_map"], naive=True),
+        masked_batch(bert_tok),
+    )
 
 
 def test_teacher_is_frozen_and_not_registered(bert_tok):
@@ -159,9 +181,11 @@ def test_teacher_without_mlm_head(bert_tok):
     student, record = perturbed_student(teacher)
     assert type(student).__name__ == "BertModel"
     cfg = LossConfig(**REPR_TERMS)
-    logs = assert_same(DistillationModel(student, teacher, cfg, record["layer_map"]),
-                       DistillationModel(student, teacher, cfg, record["layer_map"], naive=True),
-                       masked_batch(bert_tok))
+    logs = assert_same(
+        DistillationModel(student, teacher, cfg, record["layer_map"]),
+        DistillationModel(student, teacher, cfg, record["layer_map"], naive=True),
+        masked_batch(bert_tok),
+    )
     assert set(logs) == {"loss", "loss_cos", "loss_mse", "loss_att", "loss_val", "loss_pool", "n_masked", "n_tokens"}
 
 
@@ -215,6 +239,7 @@ def test_aligned_vocab_gives_the_plain_products_values_and_gradients():
     """The padded vocabulary product (aligned_vocab) == the Linear's own product, forward and backward; the module's
     forward is restored afterwards and an aligned Linear is left alone."""
     from pretrain.distill import aligned_vocab
+
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 97)
     x = torch.randn(5, 16, requires_grad=True)
@@ -228,7 +253,7 @@ def test_aligned_vocab_gives_the_plain_products_values_and_gradients():
         assert out.shape == (5, 97) and out.stride(0) == 128  # computed as 128 columns, sliced
     out.square().sum().backward()
     torch.testing.assert_close(out, ref)
-    for got, want in zip((x.grad, lin.weight.grad, lin.bias.grad), ref_grads):
+    for got, want in zip((x.grad, lin.weight.grad, lin.bias.grad), ref_grads, strict=False):
         torch.testing.assert_close(got, want)
     assert "forward" not in vars(lin)
     aligned = torch.nn.Linear(16, 64)
@@ -238,14 +263,33 @@ def test_aligned_vocab_gives_the_plain_products_values_and_gradients():
 
 def test_vocab_projection_found_for_each_head_layout():
     """aligned_vocab needs the head's vocabulary Linear: BERT, RoBERTa, DistilBERT (a chain of siblings), ELECTRA."""
-    from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, ElectraConfig,
-                              ElectraForMaskedLM, RobertaConfig, RobertaForMaskedLM)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+        ElectraConfig,
+        ElectraForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+
     from pretrain.distill import vocab_projection
     from pretrain.student import mlm_head
-    small = dict(vocab_size=101, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    models = [BertForMaskedLM(BertConfig(**small)), RobertaForMaskedLM(RobertaConfig(**small)),
-              ElectraForMaskedLM(ElectraConfig(embedding_size=16, **small)),
-              DistilBertForMaskedLM(DistilBertConfig(vocab_size=101, dim=16, n_layers=1, n_heads=2, hidden_dim=32))]
+
+    small = {
+        "vocab_size": 101,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    }
+    models = [
+        BertForMaskedLM(BertConfig(**small)),
+        RobertaForMaskedLM(RobertaConfig(**small)),
+        ElectraForMaskedLM(ElectraConfig(embedding_size=16, **small)),
+        DistilBertForMaskedLM(DistilBertConfig(vocab_size=101, dim=16, n_layers=1, n_heads=2, hidden_dim=32)),
+    ]
     for model in models:
         proj = vocab_projection(mlm_head(model), 101)
         assert isinstance(proj, torch.nn.Linear) and proj.out_features == 101, type(model).__name__

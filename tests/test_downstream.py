@@ -1,5 +1,6 @@
 """pretrain.tasks and pretrain.downstream: metrics, splits, the embedded tasks, fine-tuning, probing, the truncation
 baseline, the report, bad input, and the exported student with token-classification / QA heads."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,16 @@ import pytest
 import torch
 
 from pretrain import downstream as ds
-from pretrain.tasks import (LocalFields, SplitConfig, compute_metrics, deduplicate, load_task,
-                            make_splits, normalise, score)
+from pretrain.tasks import (
+    LocalFields,
+    SplitConfig,
+    compute_metrics,
+    deduplicate,
+    load_task,
+    make_splits,
+    normalise,
+    score,
+)
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +51,7 @@ def tiny_dir(tmp_path_factory):
 def bert_tiny():
     """The embedded pretrained 2-layer hidden-128 BERT (real weights, fast on CPU)."""
     from data_prep.embedded import resolve_model
+
     return resolve_model("embedded:bert-tiny-mlm")
 
 
@@ -53,14 +63,40 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-WORDS = ("good great fine nice bad awful poor sad movie film plot actor scene music story the a of and was is "
-         "very quite really not").split()
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "nice",
+    "bad",
+    "awful",
+    "poor",
+    "sad",
+    "movie",
+    "film",
+    "plot",
+    "actor",
+    "scene",
+    "music",
+    "story",
+    "the",
+    "a",
+    "of",
+    "and",
+    "was",
+    "is",
+    "very",
+    "quite",
+    "really",
+    "not",
+]
 
 
 def _synthetic_rows(n: int, seed: int = 0) -> list[list]:
     rng = np.random.default_rng(seed)
-    return [[" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) + f" {i}", int(rng.integers(0, 2))]
-            for i in range(n)]
+    return [
+        [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) + f" {i}", int(rng.integers(0, 2))] for i in range(n)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
@@ -71,8 +107,9 @@ def test_metrics_match_sklearn_and_scipy():
     y = np.array([0, 1, 1, 0, 1, 1, 0, 0, 1, 1])
     p = np.array([0, 1, 0, 0, 1, 1, 1, 0, 1, 0])
     got = compute_metrics(("accuracy", "f1", "matthews_correlation"), p, y)
-    assert got == pytest.approx({"accuracy": 0.7, "f1": skm.f1_score(y, p),
-                                 "matthews_correlation": skm.matthews_corrcoef(y, p)})
+    assert got == pytest.approx(
+        {"accuracy": 0.7, "f1": skm.f1_score(y, p), "matthews_correlation": skm.matthews_corrcoef(y, p)}
+    )
     assert got["f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))  # tp 4, fp 1, fn 2
     yr = np.array([0.1, 2.5, 3.0, 4.9, 1.2, 0.0])
     pr = np.array([0.3, 2.0, 3.5, 4.0, 1.0, 0.5])
@@ -121,9 +158,22 @@ def test_splits_deterministic_stratified_disjoint(tmp_path):
 def test_embedded_tasks_load_with_documented_counts():
     expect = {  # deduplicated total, labels
         "embedded:rotten-tomatoes": (12751, ["rotten", "fresh"]),
-        "embedded:wiki-topic": (9033, ['Arts', 'Biology and health sciences', 'Everyday life', 'Geography',
-                                       'History', 'Mathematics', 'People', 'Philosophy and religion',
-                                       'Physical sciences', 'Society and social sciences', 'Technology']),
+        "embedded:wiki-topic": (
+            9033,
+            [
+                "Arts",
+                "Biology and health sciences",
+                "Everyday life",
+                "Geography",
+                "History",
+                "Mathematics",
+                "People",
+                "Philosophy and religion",
+                "Physical sciences",
+                "Society and social sciences",
+                "Technology",
+            ],
+        ),
         "embedded:trec": (5380, ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]),
         "embedded:movie-sentiment-score": (10603, []),
     }
@@ -156,8 +206,9 @@ def test_embedded_tasks_load_with_documented_counts():
 def test_finetune_lowers_the_loss_and_beats_chance_on_real_data(bert_tiny, tmp_path):
     task = load_task("embedded:trec", split=SplitConfig(max_train=800, max_eval=300))
     spec = ds.check_model(ds.ModelSpec("bert-tiny", bert_tiny))
-    cfg = ds.FinetuneConfig(epochs=2, lr=1e-3, batch_size=32, max_length=32, warmup_ratio=0.06, max_train=800,
-                            max_eval=300)
+    cfg = ds.FinetuneConfig(
+        epochs=2, lr=1e-3, batch_size=32, max_length=32, warmup_ratio=0.06, max_train=800, max_eval=300
+    )
     r = ds.finetune(spec, task, cfg, seed=0, device=torch.device("cpu"), save_dir=tmp_path / "saved")
     majority = np.bincount(task.splits["test"].labels).max() / len(task.splits["test"])
     assert r["loss_last"] < 0.8 * r["loss_first"], r
@@ -165,6 +216,7 @@ def test_finetune_lowers_the_loss_and_beats_chance_on_real_data(bert_tiny, tmp_p
     assert r["epoch"] in (1, 2) and r["steps"] == 2 * 25 and r["train_examples_per_s"] > 0
     # the saved model is the selected one and reloads as a sequence classifier with the label names
     from transformers import AutoModelForSequenceClassification
+
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
     assert saved.config.id2label[3] == "HUM" and saved.num_labels == 6
 
@@ -193,29 +245,51 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
     task = load_task(f"csv:{folder}", fields=fields)
     assert task.kind == "regression" and task.is_pair and task.num_labels == 1 and task.report_splits == ("test",)
     out = tmp_path / "out"
-    res = ds.run_downstream([f"csv:{folder}"], {"a": str(tiny_dir)}, out, seeds=1, fields=fields,
-                            overrides={"epochs": 2, "lr": 1e-3, "batch_size": 16}, plot=False, progress=lambda s: None)
+    res = ds.run_downstream(
+        [f"csv:{folder}"],
+        {"a": str(tiny_dir)},
+        out,
+        seeds=1,
+        fields=fields,
+        overrides={"epochs": 2, "lr": 1e-3, "batch_size": 16},
+        plot=False,
+        progress=lambda s: None,
+    )
     m = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]["metrics"]["test"]
     assert set(m) == {"pearson", "spearmanr"} and all(np.isfinite(v) for v in m.values())
     # the mean-pooled head (for sentence encoders) on the same task; --save-model keeps encoder + head
-    res = ds.run_downstream([f"csv:{folder}"], {"a": str(tiny_dir)}, out, seeds=1, fields=fields, plot=False,
-                            overrides={"epochs": 1, "lr": 1e-3, "batch_size": 16, "head": "mean"},
-                            save_model=tmp_path / "saved", progress=lambda s: None)
+    res = ds.run_downstream(
+        [f"csv:{folder}"],
+        {"a": str(tiny_dir)},
+        out,
+        seeds=1,
+        fields=fields,
+        plot=False,
+        overrides={"epochs": 1, "lr": 1e-3, "batch_size": 16, "head": "mean"},
+        save_model=tmp_path / "saved",
+        progress=lambda s: None,
+    )
     run = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]
     assert np.isfinite(run["score"]) and run["loss_last"] < run["loss_first"]
     saved = tmp_path / "saved" / "a" / ds._slug(f"csv:{folder}")
     assert (saved / "downstream_head.safetensors").is_file() and (saved / "config.json").is_file()
     # the pair reaches the model: token type 1 appears in the encoded pair
     from transformers import AutoTokenizer
+
     enc = ds.encode(AutoTokenizer.from_pretrained(tiny_dir), task.splits["test"], 64)
     assert all(1 in t for t in enc.types)
     # probe: Ridge on the regression task, classification pair task from jsonl
-    res = ds.run_downstream([f"csv:{folder}"], {"a": str(tiny_dir)}, out, mode="probe", fields=fields, plot=False,
-                            progress=lambda s: None)
+    res = ds.run_downstream(
+        [f"csv:{folder}"], {"a": str(tiny_dir)}, out, mode="probe", fields=fields, plot=False, progress=lambda s: None
+    )
     assert res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]["alpha"] in ds.PROBE_ALPHA
     jl = tmp_path / "pairs.jsonl"
-    jl.write_text("".join(json.dumps({"premise": r[0], "hypothesis": r[1], "label": ["no", "yes"][i % 2]}) + "\n"
-                          for i, r in enumerate(rows)))
+    jl.write_text(
+        "".join(
+            json.dumps({"premise": r[0], "hypothesis": r[1], "label": ["no", "yes"][i % 2]}) + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
     task = load_task(f"jsonl:{jl}", fields=LocalFields(text="premise", pair="hypothesis"))
     assert task.kind == "classification" and task.label_names == ["no", "yes"] and task.is_pair
 
@@ -224,12 +298,14 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
 def _fake_run(tmp_path: Path) -> Path:
     """A run directory like the trainer's: config.json, student_init/ and student/ (3 of the teacher's 4 layers)."""
     from pretrain.student import StudentConfig, build_student
+
     tok = tiny.bert_tokenizer()
     teacher_dir = tiny.save_model_dir(tmp_path / "teacher", tiny.bert_model(tok, layers=4, seed=1), tok)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}}))
     from transformers import AutoModel
+
     student, _ = build_student(AutoModel.from_pretrained(teacher_dir), StudentConfig(layers=[0, 2]))
     for name in ("student_init", "student"):
         tiny.save_model_dir(run / name, student, tok)
@@ -238,6 +314,7 @@ def _fake_run(tmp_path: Path) -> Path:
 
 def test_truncation_baseline_has_the_teachers_first_k_layers(tmp_path):
     from transformers import AutoModel
+
     run = _fake_run(tmp_path)
     specs = ds.run_models(run, tmp_path / "out")
     assert [s.name for s in specs] == ["teacher", "student_init", "truncation", "student"]
@@ -262,12 +339,29 @@ def test_cli_run_writes_json_markdown_and_plot(tmp_path):
     rows = _synthetic_rows(160)
     data = _write_csv(tmp_path / "d.csv", ["text", "label"], rows)
     out = tmp_path / "ds"
-    rc = ds.main(["--run", str(run), "--output", str(out), "--task", f"csv:{data}", "--seeds", "2", "--epochs", "1",
-                  "--batch-size", "16"])
+    rc = ds.main(
+        [
+            "--run",
+            str(run),
+            "--output",
+            str(out),
+            "--task",
+            f"csv:{data}",
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "downstream.json").read_text())
-    assert res["complete"] and res["seeds"] == 2 and list(res["models"]) == ["teacher", "student_init",
-                                                                              "truncation", "student"]
+    assert (
+        res["complete"]
+        and res["seeds"] == 2
+        and list(res["models"]) == ["teacher", "student_init", "truncation", "student"]
+    )
     t = res["tasks"][f"csv:{data}"]
     assert t["results"]["teacher"]["share_of_teacher"] == pytest.approx(1.0)
     assert len(t["results"]["student"]["runs"]) == 2 and "score_std" in t["results"]["student"]
@@ -285,27 +379,28 @@ def test_bad_inputs_give_clear_errors_and_no_result(tiny_dir, tmp_path, capsys):
     good = _write_csv(tmp_path / "good.csv", ["text", "label"], _synthetic_rows(60))
     empty = _write_csv(tmp_path / "empty.csv", ["text", "label"], [])
     one = _write_csv(tmp_path / "one.csv", ["text", "label"], [[f"text {i}", "pos"] for i in range(30)])
-    pair = _write_csv(tmp_path / "pair.csv", ["sentence1", "sentence2", "label"],
-                      [[f"a {i}", f"b {i}", i % 2] for i in range(30)])
+    pair = _write_csv(
+        tmp_path / "pair.csv", ["sentence1", "sentence2", "label"], [[f"a {i}", f"b {i}", i % 2] for i in range(30)]
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
     out = tmp_path / "out"
     model = ["--model", f"m={tiny_dir}"]
     cases = [
-        (["--task", "glue:nope"] + model, "unknown task 'glue:nope'; known tasks: glue:cola"),
-        (["--task", "embedded:imdb"] + model, "embedded:rotten-tomatoes"),
+        (["--task", "glue:nope", *model], "unknown task 'glue:nope'; known tasks: glue:cola"),
+        (["--task", "embedded:imdb", *model], "embedded:rotten-tomatoes"),
         (["--task", f"csv:{good}", "--model", f"m={broken}"], "does not load"),
         (["--task", f"csv:{good}", "--model", f"m={tmp_path / 'missing'}"], "does not load"),
-        (["--task", f"csv:{good}", "--label-field", "stars"] + model, "no field --label-field 'stars'"),
-        (["--task", f"csv:{one}"] + model, "one class only ('pos')"),
-        (["--task", f"csv:{pair}", "--text-field", "sentence1"] + model, "add --pair-field sentence2"),
-        (["--task", f"csv:{good}", "--seeds", "0"] + model, "--seeds 0"),
-        (["--task", f"csv:{empty}"] + model, "no rows"),
+        (["--task", f"csv:{good}", "--label-field", "stars", *model], "no field --label-field 'stars'"),
+        (["--task", f"csv:{one}", *model], "one class only ('pos')"),
+        (["--task", f"csv:{pair}", "--text-field", "sentence1", *model], "add --pair-field sentence2"),
+        (["--task", f"csv:{good}", "--seeds", "0", *model], "--seeds 0"),
+        (["--task", f"csv:{empty}", *model], "no rows"),
         (["--task", f"csv:{good}"], "no model given"),
     ]
     for argv, message in cases:
-        assert ds.main(argv + ["--output", str(out)]) == 2, argv
+        assert ds.main([*argv, "--output", str(out)]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
         assert not (out / "downstream.json").exists()
@@ -313,9 +408,24 @@ def test_bad_inputs_give_clear_errors_and_no_result(tiny_dir, tmp_path, capsys):
 
 def test_glue_without_hub_access_names_the_offline_tasks(tiny_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "pretrain.downstream", "--task", "glue:rte", "--model",
-                           f"m={tiny_dir}", "--output", str(tmp_path / "o")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.downstream",
+            "--task",
+            "glue:rte",
+            "--model",
+            f"m={tiny_dir}",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "glue:rte" in proc.stderr and "embedded:rotten-tomatoes" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "downstream.json").exists()
@@ -325,6 +435,7 @@ def test_glue_without_hub_access_names_the_offline_tasks(tiny_dir, tmp_path):
 @pytest.mark.parametrize("architecture", ["same", "distilbert"])
 def test_exported_student_loads_with_token_classification_and_qa_heads(tmp_path, architecture):
     from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
+
     from pretrain.export import save_student, write_hf_meta
     from pretrain.student import StudentConfig, build_student
 

@@ -3,6 +3,7 @@
 Models (tests/tiny.py): a 4-layer random BERT teacher with MLM head, a student copied from its layers 0 and 2
 (pretrain.student.build_student), a random-init 2-layer student, and the teacher itself as a "student".
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,23 @@ SEQ = 48  # max_seq_length of the shards
 
 def _manifest(tok, valid_sequences):
     """A minimal manifest (for the error cases only: a split without sequences)."""
-    return {"format_version": 1, "max_seq_length": SEQ, "dtype": "uint16",
-            "tokenizer": {"name_or_path": "tiny-bert", "vocab_size": len(tok), "cls_token_id": tok.cls_token_id,
-                          "sep_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id,
-                          "mask_token_id": tok.mask_token_id},
-            "splits": {"train": {"num_sequences": 10, "shards": []},
-                       "valid": {"num_sequences": valid_sequences, "shards": []}}}
+    return {
+        "format_version": 1,
+        "max_seq_length": SEQ,
+        "dtype": "uint16",
+        "tokenizer": {
+            "name_or_path": "tiny-bert",
+            "vocab_size": len(tok),
+            "cls_token_id": tok.cls_token_id,
+            "sep_token_id": tok.sep_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "mask_token_id": tok.mask_token_id,
+        },
+        "splits": {
+            "train": {"num_sequences": 10, "shards": []},
+            "valid": {"num_sequences": valid_sequences, "shards": []},
+        },
+    }
 
 
 def _documents(n=80, seed=0):
@@ -57,33 +69,77 @@ def setup(tmp_path_factory):
     copied, _ = build_student(teacher, StudentConfig(layers=[0, 2]))
     random_student = tiny.bert_model(tok, layers=2, hidden=32, seed=1)
     run = root / "run"
-    dirs = {"teacher": tiny.save_model_dir(root / "teacher", teacher, tok),
-            "student": tiny.save_model_dir(run / "student", copied.eval(), tok),
-            "student_init": tiny.save_model_dir(run / "student_init", random_student, tok)}
-    records = [{"split": "train", "step": s, "loss": 5.0 / s, "loss_ce": 3.0 / s, "loss_mlm": 1.5 / s,
-                "loss_cos": 0.5 / s, "loss_scale": 1.0, "lr": 1e-4, "grad_norm": None} for s in range(1, 21)]
-    records += [{"split": "valid", "step": s, "mlm_loss": 4.0 / s, "perplexity": math.exp(4.0 / s),
-                 "agreement": 0.5, "hidden_cosine": 0.9, "sequences": 8} for s in (10, 20)]
+    dirs = {
+        "teacher": tiny.save_model_dir(root / "teacher", teacher, tok),
+        "student": tiny.save_model_dir(run / "student", copied.eval(), tok),
+        "student_init": tiny.save_model_dir(run / "student_init", random_student, tok),
+    }
+    records = [
+        {
+            "split": "train",
+            "step": s,
+            "loss": 5.0 / s,
+            "loss_ce": 3.0 / s,
+            "loss_mlm": 1.5 / s,
+            "loss_cos": 0.5 / s,
+            "loss_scale": 1.0,
+            "lr": 1e-4,
+            "grad_norm": None,
+        }
+        for s in range(1, 21)
+    ]
+    records += [
+        {
+            "split": "valid",
+            "step": s,
+            "mlm_loss": 4.0 / s,
+            "perplexity": math.exp(4.0 / s),
+            "agreement": 0.5,
+            "hidden_cosine": 0.9,
+            "sequences": 8,
+        }
+        for s in (10, 20)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 21, "lo')
     (root / "docs.txt").write_text("\n\n".join(_documents()) + "\n")
     data = root / "data"
-    prepare(PrepareConfig(sources=[f"text:{root / 'docs.txt'}"], tokenizer=str(dirs["teacher"]), max_seq_length=SEQ,
-                          output=str(data), valid_fraction=0.5, num_proc=0, progress=False))
+    prepare(
+        PrepareConfig(
+            sources=[f"text:{root / 'docs.txt'}"],
+            tokenizer=str(dirs["teacher"]),
+            max_seq_length=SEQ,
+            output=str(data),
+            valid_fraction=0.5,
+            num_proc=0,
+            progress=False,
+        )
+    )
     return {"root": root, "tok": tok, "dirs": dirs, "run": run, "data": data, "valid": ShardedTokens(data, "valid")}
 
 
-KW = dict(bench_batch=4, bench_length=16, bench_warmup=1, bench_iters=2, batch_size=16)
+KW = {"bench_batch": 4, "bench_length": 16, "bench_warmup": 1, "bench_iters": 2, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
 def report(setup):
     """Teacher vs copied student, random student found as STUDENT/../student_init."""
-    return ev.evaluate(str(setup["dirs"]["student"]), str(setup["dirs"]["teacher"]), setup["data"],
-                       setup["root"] / "out", **KW)
+    return ev.evaluate(
+        str(setup["dirs"]["student"]), str(setup["dirs"]["teacher"]), setup["data"], setup["root"] / "out", **KW
+    )
 
 
-METRICS = ("params", "tokens_per_s", "speedup", "recall_at_1", "embedding_cosine", "mlm_loss", "perplexity",
-           "mlm_accuracy", "kl_to_teacher", "agreement")
+METRICS = (
+    "params",
+    "tokens_per_s",
+    "speedup",
+    "recall_at_1",
+    "embedding_cosine",
+    "mlm_loss",
+    "perplexity",
+    "mlm_accuracy",
+    "kl_to_teacher",
+    "agreement",
+)
 
 
 def test_report_keys_and_files(setup, report):
@@ -119,7 +175,7 @@ def test_teacher_reference_values(setup, report):
     seqs = [np.asarray(s, dtype=np.int64) for s in setup["valid"]]
     nll, correct, n = 0.0, 0, 0
     for bi, start in enumerate(range(0, len(seqs), KW["batch_size"])):
-        ids, attn = ev.pad_batch(seqs[start:start + KW["batch_size"]], setup["tok"].pad_token_id, torch.device("cpu"))
+        ids, attn = ev.pad_batch(seqs[start : start + KW["batch_size"]], setup["tok"].pad_token_id, torch.device("cpu"))
         masked, labels = masker(ids, attn, step=bi, rank=0, micro_step=0)
         with torch.no_grad():
             logits = teacher(input_ids=masked, attention_mask=attn).logits
@@ -146,8 +202,14 @@ def test_student_that_is_the_teacher_matches_and_previous_report_is_kept(setup, 
     first = (setup["root"] / "out" / "report.json").read_text()
     (out / "report.json").write_text(first)
     with caplog.at_level("WARNING", logger="pretrain.evaluate"):
-        again = ev.evaluate(str(setup["dirs"]["teacher"]), str(setup["dirs"]["teacher"]), setup["data"], out,
-                            student_init=str(setup["dirs"]["student"]), **KW)
+        again = ev.evaluate(
+            str(setup["dirs"]["teacher"]),
+            str(setup["dirs"]["teacher"]),
+            setup["data"],
+            out,
+            student_init=str(setup["dirs"]["student"]),
+            **KW,
+        )
     assert "report.prev.json" in caplog.text
     assert (out / "report.prev.json").read_text() == first
     for key in set(METRICS) - {"tokens_per_s", "speedup"}:
@@ -156,8 +218,12 @@ def test_student_that_is_the_teacher_matches_and_previous_report_is_kept(setup, 
 
 
 def test_embedding_ignores_padding_and_recall(setup):
-    m = ev.load_model("t", str(setup["dirs"]["teacher"]), ev._load_config("--teacher", str(setup["dirs"]["teacher"])),
-                      torch.device("cpu"))
+    m = ev.load_model(
+        "t",
+        str(setup["dirs"]["teacher"]),
+        ev._load_config("--teacher", str(setup["dirs"]["teacher"])),
+        torch.device("cpu"),
+    )
     short, long = np.arange(5, 12), np.arange(20, 45)
     alone = ev.embed(m, [short], pad_id=0, batch_size=2, pooling="mean", device=torch.device("cpu"))
     padded = ev.embed(m, [short, long], pad_id=0, batch_size=2, pooling="mean", device=torch.device("cpu"))
@@ -172,7 +238,7 @@ def test_split_halves_and_document_sample():
     first, second = ev.split_halves(np.arange(10, 31), max_content=100, cls_id=2, sep_id=3)
     assert first.tolist() == [2, *range(10, 20), 3] and second.tolist() == [2, *range(20, 31), 3]
     first, second = ev.split_halves(np.arange(100), max_content=8, cls_id=2, sep_id=3)  # capped to 16 tokens
-    assert first.tolist() == [2, *range(0, 8), 3] and second.tolist() == [2, *range(8, 16), 3]
+    assert first.tolist() == [2, *range(8), 3] and second.tolist() == [2, *range(8, 16), 3]
     docs = [np.arange(n) for n in [3, 20, 5, 30, 40, 17, 16, 50] * 5]
     picked, eligible = ev.sample_documents(iter(docs), k=6, min_tokens=16, seed=0)
     assert eligible == 30 and len(picked) == 6 and all(len(d) >= 16 for d in picked)
@@ -184,8 +250,11 @@ def test_split_halves_and_document_sample():
 def test_loss_curves(tmp_path, setup):
     records = read_metrics(setup["run"] / "metrics.jsonl")
     assert len(records) == 22  # the torn last line is skipped
-    assert curve_keys(records) == {"train": ["loss", "loss_ce", "loss_cos", "loss_mlm"], "valid_losses": ["mlm_loss"],
-                                   "valid_scores": ["agreement", "hidden_cosine"]}
+    assert curve_keys(records) == {
+        "train": ["loss", "loss_ce", "loss_cos", "loss_mlm"],
+        "valid_losses": ["mlm_loss"],
+        "valid_scores": ["agreement", "hidden_cosine"],
+    }
     assert plot_loss_curves(setup["run"] / "metrics.jsonl", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
     (tmp_path / "m.jsonl").write_text('{"split": "train", "step": 1, "lr": 0.1, "loss_scale": 1.0}\n')
@@ -193,8 +262,19 @@ def test_loss_curves(tmp_path, setup):
 
 
 def _cli(setup, *extra, student=None, data=None):
-    return ev.main(["--student", str(student or setup["dirs"]["student"]), "--teacher", str(setup["dirs"]["teacher"]),
-                    "--data", str(data or setup["data"]), "--output", str(setup["root"] / "cli"), *extra])
+    return ev.main(
+        [
+            "--student",
+            str(student or setup["dirs"]["student"]),
+            "--teacher",
+            str(setup["dirs"]["teacher"]),
+            "--data",
+            str(data or setup["data"]),
+            "--output",
+            str(setup["root"] / "cli"),
+            *extra,
+        ]
+    )
 
 
 def test_errors_exit_nonzero_with_message(setup, tmp_path, capsys):
@@ -221,9 +301,11 @@ def test_errors_exit_nonzero_with_message(setup, tmp_path, capsys):
 
 def test_pooling_mode_from_sentence_transformers_files(tmp_path):
     assert ev.pooling_mode(str(tmp_path)) == ("mean", False)  # plain Hugging Face directory
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
@@ -241,9 +323,11 @@ def test_report_includes_the_downstream_table(setup, tmp_path):
     """--downstream: the run's teacher, student_init, truncation baseline and student are scored on a labeled task by
     pretrain.downstream (a linear probe here, fast) and report.md carries the table."""
     import csv
+
     run = setup["run"]
-    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(setup["dirs"]["teacher"])},
-                                                 "student": {"layers": [0, 2]}}))
+    (run / "config.json").write_text(
+        json.dumps({"teacher": {"name_or_path": str(setup["dirs"]["teacher"])}, "student": {"layers": [0, 2]}})
+    )
     words = sorted({w.strip(".,:;'").lower() for line in tiny.TEXT for w in line.split()} - {""})
     rng = np.random.default_rng(0)
     with open(tmp_path / "task.csv", "w", newline="") as f:  # label: does the text hold the word "teacher"?
@@ -253,9 +337,16 @@ def test_report_includes_the_downstream_table(setup, tmp_path):
             bag = list(rng.choice(words, 6))
             w.writerow([" ".join(bag + (["teacher"] if i % 2 else [])), "yes" if i % 2 else "no"])
     try:
-        report = ev.evaluate(str(setup["dirs"]["student"]), str(setup["dirs"]["teacher"]), setup["data"],
-                             tmp_path / "out", downstream=[f"csv:{tmp_path / 'task.csv'}"], downstream_seeds=1,
-                             downstream_mode="probe", **KW)
+        report = ev.evaluate(
+            str(setup["dirs"]["student"]),
+            str(setup["dirs"]["teacher"]),
+            setup["data"],
+            tmp_path / "out",
+            downstream=[f"csv:{tmp_path / 'task.csv'}"],
+            downstream_seeds=1,
+            downstream_mode="probe",
+            **KW,
+        )
     finally:
         (run / "config.json").unlink()
     task = next(iter(report["downstream"]["tasks"].values()))

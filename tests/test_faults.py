@@ -2,6 +2,7 @@
 metrics line, a full disk while saving, an error on one rank during resume, a missing valid split, a stop signal
 before an evaluation, a second run on a live run directory, the bare encoder's pooler in the export, the torch
 minimum, and MFU in the metrics."""
+
 from __future__ import annotations
 
 import json
@@ -16,20 +17,30 @@ import torch
 
 from pretrain.config import load
 from pretrain.schema import ConfigError
-from tests.test_train_common import (PY, REPO, assets, env, read_metrics, run_cmd, tiny_overrides, train_in_process,
-                                     wait_for_step)
+from tests.test_train_common import (
+    PY,
+    REPO,
+    assets,
+    env,
+    read_metrics,
+    run_cmd,
+    tiny_overrides,
+    train_in_process,
+    wait_for_step,
+)
 
 TINY = REPO / "configs" / "tiny-cpu.json"
 
 
 def test_torn_metrics_line_does_not_break_the_resume(tmp_path):
     out = tmp_path / "run"
-    over = tiny_overrides("bert", out, steps=2, **{"train.save_interval": 2, "train.eval_interval": 0,
-                                                   "train.export_init": False})
+    over = tiny_overrides(
+        "bert", out, steps=2, **{"train.save_interval": 2, "train.eval_interval": 0, "train.export_init": False}
+    )
     train_in_process(load(TINY, over))
     with open(out / "metrics.jsonl", "a") as f:  # a process killed mid-write
         f.write('{"split": "train", "step": 3, "loss": 1.2')
-    train_in_process(load(TINY, over + ["train.max_steps=4"]))
+    train_in_process(load(TINY, [*over, "train.max_steps=4"]))
     lines = (out / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line whole: the torn one is gone
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
@@ -37,8 +48,22 @@ def test_torn_metrics_line_does_not_break_the_resume(tmp_path):
 
 def _checkpoint_bytes(tmp_path) -> int:
     out = tmp_path / "measure"
-    train_in_process(load(TINY, tiny_overrides("bert", out, steps=2, **{
-        "train.save_interval": 2, "train.eval_interval": 0, "train.export_init": False, "train.evaluate": False})))
+    train_in_process(
+        load(
+            TINY,
+            tiny_overrides(
+                "bert",
+                out,
+                steps=2,
+                **{
+                    "train.save_interval": 2,
+                    "train.eval_interval": 0,
+                    "train.export_init": False,
+                    "train.evaluate": False,
+                },
+            ),
+        )
+    )
     return sum(p.stat().st_size for p in (out / "checkpoints" / "step_00000002").rglob("*") if p.is_file())
 
 
@@ -53,9 +78,18 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = disk / "run"
-        over = tiny_overrides("bert", out, steps=6, **{"train.save_interval": 2, "train.eval_interval": 0,
-                                                       "train.export_init": False, "train.keep_last": 1,
-                                                       "train.tensorboard": False})
+        over = tiny_overrides(
+            "bert",
+            out,
+            steps=6,
+            **{
+                "train.save_interval": 2,
+                "train.eval_interval": 0,
+                "train.export_init": False,
+                "train.keep_last": 1,
+                "train.tensorboard": False,
+            },
+        )
         cmd = [PY, "launch/pretrain.py", "--config", str(TINY), *over]
         for attempt in range(2):  # the rerun resumes from the intact checkpoint and fails the same clear way
             r = run_cmd(cmd)
@@ -88,11 +122,18 @@ def test_an_error_on_rank0_reaches_the_other_rank(tmp_path):
         "except KeyError as e:\n    print(f'rank {rank}: KeyError {e}')\n"
         "try:\n    on_rank0(config_error, rank=rank, expected=(ConfigError,))\n"
         "except ConfigError as e:\n    print(f'rank {rank}: ConfigError: {e}')\n"
-        "print(f'rank {rank}: answer', on_rank0(lambda: 41 + 1, rank=rank))\n")
+        "print(f'rank {rank}: answer', on_rank0(lambda: 41 + 1, rank=rank))\n"
+    )
     port = str(29500 + os.getpid() % 1000)
-    procs = [subprocess.Popen([PY, str(script)], env=env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                                         MASTER_PORT=port), stdout=subprocess.PIPE, text=True)
-             for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [PY, str(script)],
+            env=env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert "rank 0: KeyError 'files'" in outs[0]
     assert "rank 1: RankFailed: rank 0 failed: KeyError: 'files'" in outs[1]
@@ -117,14 +158,18 @@ def test_valid_split_problems_are_refused_at_start(case, tmp_path):
     with pytest.raises(ConfigError, match=pattern):
         train_in_process(load(TINY, over))
     assert not (out / "checkpoints").exists()
-    train_in_process(load(TINY, over + ["train.evaluate=false"]))  # without evaluation the run goes on
+    train_in_process(load(TINY, [*over, "train.evaluate=false"]))  # without evaluation the run goes on
     assert read_metrics(out, "valid") == [] and read_metrics(out)[-1]["step"] == 2
 
 
 def test_stop_signal_saves_before_the_due_evaluation(tmp_path):
     out = tmp_path / "run"
-    over = tiny_overrides("bert", out, steps=400, **{"train.save_interval": 0, "train.eval_interval": 1,
-                                                     "train.eval_sequences": 8, "train.export_init": False})
+    over = tiny_overrides(
+        "bert",
+        out,
+        steps=400,
+        **{"train.save_interval": 0, "train.eval_interval": 1, "train.eval_sequences": 8, "train.export_init": False},
+    )
     order = []
 
     def watch(trainer):
@@ -137,6 +182,7 @@ def test_stop_signal_saves_before_the_due_evaluation(tmp_path):
             if trainer.step == 2:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return step_once(*a, **k)
+
         trainer.step_once = stop_at_3
 
     train_in_process(load(TINY, over), before_fit=watch)
@@ -147,9 +193,17 @@ def test_stop_signal_saves_before_the_due_evaluation(tmp_path):
 def test_second_run_on_a_live_run_directory_is_refused_naming_the_holder(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     # long enough to be still running when the second one starts (a tiny step takes milliseconds on a quiet machine)
-    over = tiny_overrides("bert", out, steps=10 ** 6, **{"train.save_interval": 0, "train.eval_interval": 0,
-                                                         "deepspeed.scheduler.params.total_num_steps": 10 ** 6,
-                                                         "train.export_init": False})
+    over = tiny_overrides(
+        "bert",
+        out,
+        steps=10**6,
+        **{
+            "train.save_interval": 0,
+            "train.eval_interval": 0,
+            "deepspeed.scheduler.params.total_num_steps": 10**6,
+            "train.export_init": False,
+        },
+    )
     cmd = [PY, "launch/pretrain.py", "--config", str(TINY), *over]
     with open(log, "w") as f:
         first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
@@ -164,22 +218,34 @@ def test_second_run_on_a_live_run_directory_is_refused_naming_the_holder(tmp_pat
             first.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it
             first.wait(timeout=60)
     assert json.loads((out / ".lock").read_text())["pid"] == first.pid  # the stale lock file is still there
-    r = run_cmd(cmd + ["train.max_steps=2", "deepspeed.scheduler.params.total_num_steps=2"])
+    r = run_cmd([*cmd, "train.max_steps=2", "deepspeed.scheduler.params.total_num_steps=2"])
     assert r.returncode == 0, r.stdout + r.stderr  # ... and does not block the next run
 
 
 def test_bare_encoder_export_has_the_teachers_pooler_and_loads_silently(tmp_path, caplog):
     from safetensors.torch import load_file
-    from transformers import AutoModel
-    from transformers import BertModel
+    from transformers import AutoModel, BertModel
+
     out, teacher = tmp_path / "run", tmp_path / "teacher"
     shutil.copytree(assets()["bert-nohead"], teacher)  # a sentence encoder whose checkpoint has a pooler, as
     encoder = BertModel.from_pretrained(assets()["bert-nohead"], add_pooling_layer=True)  # all-MiniLM-L6-v2's
     torch.nn.init.normal_(encoder.pooler.dense.weight)
     encoder.save_pretrained(teacher)
-    cfg = load(TINY, tiny_overrides("bert", out, steps=2, **{
-        "teacher.name_or_path": str(teacher), "loss.alpha_ce": 0.0, "loss.alpha_mlm": 0.0, "loss.alpha_cos": 1.0,
-        "train.eval_interval": 0}))
+    cfg = load(
+        TINY,
+        tiny_overrides(
+            "bert",
+            out,
+            steps=2,
+            **{
+                "teacher.name_or_path": str(teacher),
+                "loss.alpha_ce": 0.0,
+                "loss.alpha_mlm": 0.0,
+                "loss.alpha_cos": 1.0,
+                "train.eval_interval": 0,
+            },
+        ),
+    )
     train_in_process(cfg)
     t_state = load_file(str(teacher / "model.safetensors"))
     assert "pooler.dense.weight" in t_state
@@ -193,9 +259,11 @@ def test_bare_encoder_export_has_the_teachers_pooler_and_loads_silently(tmp_path
 
 def test_torch_minimum_is_checked_with_a_clear_message():
     from pretrain.runtime import MIN_TORCH, check_torch
+
     check_torch(torch.__version__)
     check_torch("2.6.0+cu124")
     from pretrain.runtime import RunError
+
     with pytest.raises(RunError, match=r"torch 2\.5\.1 is installed; this project needs torch >= 2\.6"):
         check_torch("2.5.1")
     assert MIN_TORCH == (2, 6) and hasattr(torch.nn.utils, "get_total_norm")
@@ -203,9 +271,11 @@ def test_torch_minimum_is_checked_with_a_clear_message():
 
 def test_train_records_carry_model_flops_and_mfu(tmp_path):
     from pretrain.flops import step_flops
+
     out = tmp_path / "run"
-    trainer = train_in_process(load(TINY, tiny_overrides("bert", out, steps=3, **{"train.eval_interval": 0,
-                                                                                   "train.export_init": False})))
+    trainer = train_in_process(
+        load(TINY, tiny_overrides("bert", out, steps=3, **{"train.eval_interval": 0, "train.export_init": False}))
+    )
     recs = read_metrics(out)
     for r in recs:
         assert r["model_flops_per_s"] > 0 and 0 < r["mfu"] < 1.5, r
@@ -220,13 +290,16 @@ def test_train_records_carry_model_flops_and_mfu(tmp_path):
 
 
 def test_narrow_students_sentence_transformers_pooling_has_the_students_width(tmp_path):
-    from pretrain.export import write_hf_meta
     from transformers import BertConfig
+
+    from pretrain.export import write_hf_meta
+
     teacher = assets()["bert-nohead"]
     files = {"modules.json": teacher / "modules.json", "1_Pooling/config.json": teacher / "1_Pooling" / "config.json"}
     assert json.loads(files["1_Pooling/config.json"].read_text())["word_embedding_dimension"] == 32
     narrow = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     from tests import tiny
+
     write_hf_meta(tmp_path / "out", narrow, tiny.bert_tokenizer(), files, "BertModel")
     assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 16
     assert json.loads(files["1_Pooling/config.json"].read_text())["word_embedding_dimension"] == 32  # source intact

@@ -1,4 +1,5 @@
 """Each loss against an independent reference (torch.nn losses or a hand loop); zero for identical inputs; T^2; pads."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ from torch import nn
 
 from pretrain import losses as L
 from pretrain.schema import ConfigError, from_dict
+
 
 @pytest.fixture(autouse=True)
 def seed():
@@ -30,7 +32,7 @@ def mask():
 def test_kd_kl_matches_kldivloss():
     s, t = torch.randn(50, 97) * 3, torch.randn(50, 97) * 3
     for temp in (1.0, 2.0, 4.0):
-        ref = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / temp, -1), F.softmax(t / temp, -1)) * temp ** 2
+        ref = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / temp, -1), F.softmax(t / temp, -1)) * temp**2
         assert close(L.kd_kl(s, t, temp), ref)
     sel = torch.rand(50) < 0.3
     ref = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s[sel] / 2, -1), F.softmax(t[sel] / 2, -1)) * 4
@@ -106,10 +108,12 @@ def _hand_relation_kl(sa, sb, ta, tb, mask, heads):
     total, rows = 0.0, 0
     for i, n in enumerate(mask.sum(1).tolist()):
         for h in range(heads):
+
             def probs(a, b):
                 d = a.shape[-1] // heads
-                a_h, b_h = a[i, :n, h * d:(h + 1) * d].double(), b[i, :n, h * d:(h + 1) * d].double()
-                return F.softmax(a_h @ b_h.T / d ** 0.5, dim=-1)
+                a_h, b_h = a[i, :n, h * d : (h + 1) * d].double(), b[i, :n, h * d : (h + 1) * d].double()
+                return F.softmax(a_h @ b_h.T / d**0.5, dim=-1)
+
             p_t, p_s = probs(ta, tb), probs(sa, sb)
             total += float(nn.KLDivLoss(reduction="sum")(p_s.log(), p_t))
             rows += n
@@ -132,8 +136,13 @@ def test_attention_and_value_relation_kl(mask):
 
 def test_combine_losses():
     cfg = L.LossConfig(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_pool=3.0)
-    parts = {"ce": torch.tensor(0.5, requires_grad=True), "mlm": torch.tensor(2.0), "cos": torch.tensor(0.25),
-             "pool": torch.tensor(0.1), "mse": torch.tensor(100.0)}  # mse inactive: ignored
+    parts = {
+        "ce": torch.tensor(0.5, requires_grad=True),
+        "mlm": torch.tensor(2.0),
+        "cos": torch.tensor(0.25),
+        "pool": torch.tensor(0.1),
+        "mse": torch.tensor(100.0),
+    }  # mse inactive: ignored
     total, logs = L.combine_losses(cfg, parts)
     assert float(total.detach()) == pytest.approx(5 * 0.5 + 2 * 2.0 + 0.25 + 3 * 0.1)
     assert set(logs) == {"loss", "loss_ce", "loss_mlm", "loss_cos", "loss_pool"}
@@ -145,21 +154,24 @@ def test_combine_losses():
 def test_loss_config_validation():
     cfg = from_dict(L.LossConfig, {}, "loss")
     assert cfg.active() == {"ce": 5.0, "mlm": 2.0, "cos": 1.0} and cfg.temperature == 2.0
-    bad = [({"alpha_ce": -1.0}, "loss.alpha_ce"),
-           ({"alpha_ce": 0, "alpha_mlm": 0, "alpha_cos": 0}, "every loss weight is 0"),
-           ({"temperature": 0}, "loss.temperature"),
-           ({"temperature": float("inf")}, r"loss.temperature: inf must be a finite number > 0"),
-           ({"temperature": float("nan")}, r"loss.temperature: nan"),
-           ({"layer_pairs": [[1, 2, 3]]}, r"loss.layer_pairs\[0\]"),
-           ({"cos_layers": "all"}, "loss.cos_layers"),
-           ({"relation_heads": 0}, "loss.relation_heads")]
+    bad = [
+        ({"alpha_ce": -1.0}, "loss.alpha_ce"),
+        ({"alpha_ce": 0, "alpha_mlm": 0, "alpha_cos": 0}, "every loss weight is 0"),
+        ({"temperature": 0}, "loss.temperature"),
+        ({"temperature": float("inf")}, r"loss.temperature: inf must be a finite number > 0"),
+        ({"temperature": float("nan")}, r"loss.temperature: nan"),
+        ({"layer_pairs": [[1, 2, 3]]}, r"loss.layer_pairs\[0\]"),
+        ({"cos_layers": "all"}, "loss.cos_layers"),
+        ({"relation_heads": 0}, "loss.relation_heads"),
+    ]
     for raw, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             from_dict(L.LossConfig, raw, "loss")
     with pytest.raises(ConfigError, match="loss.alpha_ce.*BertModel"):
         cfg.check_models(teacher_has_mlm_head=False, student_has_mlm_head=False, teacher_name="BertModel")
-    L.LossConfig(alpha_ce=0, alpha_mlm=0, alpha_pool=1).check_models(teacher_has_mlm_head=False,
-                                                                    student_has_mlm_head=False)
+    L.LossConfig(alpha_ce=0, alpha_mlm=0, alpha_pool=1).check_models(
+        teacher_has_mlm_head=False, student_has_mlm_head=False
+    )
 
 
 def test_components_trust_their_validated_sections(monkeypatch):
@@ -169,6 +181,7 @@ def test_components_trust_their_validated_sections(monkeypatch):
     from pretrain.distill import DistillationModel
     from pretrain.student import StudentConfig, build_student
     from tests import tiny
+
     for cls in (L.LossConfig, StudentConfig):
         monkeypatch.setattr(cls, "validate", lambda self, _c=cls: pytest.fail(f"{_c.__name__} validated again"))
     teacher = tiny.bert_model(layers=2)

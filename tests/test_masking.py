@@ -1,4 +1,5 @@
 """Dynamic masking: exact counts, 80/10/10 proportions, specials / pads, smoothing, whole words, determinism."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,9 @@ PAD, CLS, SEP, MASK = 0, 2, 3, 4
 
 
 def make_masker(cfg=None, **kw) -> Masker:
-    return Masker(cfg or MaskingConfig(), vocab_size=V, special_ids=SPECIALS, mask_token_id=MASK, pad_token_id=PAD, **kw)
+    return Masker(
+        cfg or MaskingConfig(), vocab_size=V, special_ids=SPECIALS, mask_token_id=MASK, pad_token_id=PAD, **kw
+    )
 
 
 def random_batch(seed: int, batch: int = 16, length: int = 64):
@@ -100,8 +103,8 @@ def test_other_proportions():
 def test_smoothing_matches_multinomial_reference():
     """Selection follows p ∝ count^-0.7 without replacement: compare with torch.multinomial (DistilBERT's sampler)."""
     counts = np.full(V, 100, dtype=np.int64)
-    counts[5] = 100_000   # frequent token A
-    counts[6] = 100       # rarer token B
+    counts[5] = 100_000  # frequent token A
+    counts[6] = 100  # rarer token B
     ids = torch.full((8, 50), 5)
     ids[:, 25:] = 6
     am = torch.ones_like(ids)
@@ -118,8 +121,10 @@ def test_smoothing_matches_multinomial_reference():
         p = np.maximum(counts, 1).astype(np.float64) ** -smoothing
         w = torch.tensor(p[ids.flatten().numpy()])
         g = torch.Generator().manual_seed(0)
-        ref = [float((ids.flatten()[torch.multinomial(w, n_tgt, replacement=False, generator=g)] == 6).float().mean())
-               for _ in range(200)]
+        ref = [
+            float((ids.flatten()[torch.multinomial(w, n_tgt, replacement=False, generator=g)] == 6).float().mean())
+            for _ in range(200)
+        ]
         assert abs(fractions[smoothing] - np.mean(ref)) < 0.02, (smoothing, fractions[smoothing], np.mean(ref))
     assert abs(fractions[0.0] - 0.5) < 0.03
     assert fractions[0.7] > 0.9  # (1000x rarer)^0.7 = 126x the weight: selections move to the rare token
@@ -131,17 +136,30 @@ def test_determinism():
     a = masker(ids, am, step=3, rank=1, micro_step=2)
     b = make_masker()(ids, am, step=3, rank=1, micro_step=2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for kw in ({"step": 4, "rank": 1, "micro_step": 2}, {"step": 3, "rank": 0, "micro_step": 2},
-               {"step": 3, "rank": 1, "micro_step": 1}):
+    for kw in (
+        {"step": 4, "rank": 1, "micro_step": 2},
+        {"step": 3, "rank": 0, "micro_step": 2},
+        {"step": 3, "rank": 1, "micro_step": 1},
+    ):
         assert not torch.equal(masker(ids, am, **kw)[1], a[1]), kw
     assert not torch.equal(make_masker(seed=1)(ids, am, step=3, rank=1, micro_step=2)[1], a[1])
 
 
 def test_word_starts_from_tokens():
     assert word_starts_from_tokens(["[CLS]", "dist", "##illed", "model", "##s"]).tolist() == [
-        True, True, False, True, False]
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
     assert word_starts_from_tokens(["<s>", "The", "Ġquick", "est", "Ġfox"]).tolist() == [
-        False, False, True, False, True]
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]
     assert word_starts_from_tokens(["<s>", "▁The", "▁qu", "ick"]).tolist() == [False, True, True, False]
     with pytest.raises(ValueError, match="whole_word_mask"):
         word_starts_from_tokens(["a", "b", "c"])
@@ -194,7 +212,7 @@ def test_masker_trusts_its_validated_config(monkeypatch):
     """The section is validated once, when the run config is loaded (schema.from_dict); the masker does not again."""
     monkeypatch.setattr(MaskingConfig, "validate", lambda self: pytest.fail("Masker validated its section again"))
     ids, am = random_batch(0)
-    masked, labels = make_masker()(ids, am, step=0, rank=0, micro_step=0)
+    _masked, labels = make_masker()(ids, am, step=0, rank=0, micro_step=0)
     assert int((labels != -100).sum()) > 0
 
 
@@ -202,6 +220,7 @@ def test_count_is_of_non_special_tokens_and_the_docs_say_how_the_reference_diffe
     """15% of the non-special tokens, not of every non-pad token as DistilBERT's distiller.py counts (lengths.sum(),
     [CLS] / [SEP] included); the help text and the module docstring say so."""
     import pretrain.masking as M
+
     ids = torch.full((1, 22), PAD)
     ids[0, 0], ids[0, 21] = CLS, SEP
     ids[0, 1:21] = torch.arange(20) + 10  # 20 ordinary tokens between CLS and SEP: ceil(0.15 * 20) = 3

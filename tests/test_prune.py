@@ -1,5 +1,6 @@
 """Width pruning (student.init="prune", pretrain/prune.py) on tiny real models: exactness, slicing, importance,
 export, determinism, the projection's initialisation, bad input, and a short training run end to end."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pretrain.prune import (calibration_batches, compute_importance, resolve_targets, roles_of, top_k)
+from pretrain.prune import calibration_batches, compute_importance, resolve_targets, roles_of, top_k
 from pretrain.schema import ConfigError, from_dict
 from pretrain.student import StudentConfig, build_student, find_layer_list
 from tests import tiny
@@ -18,11 +19,14 @@ def batches(tokenizer, n: int = 12, length: int = 24, seed: int = 0) -> list[dic
     lines = tiny.corpus(1)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(lines), generator=g)[:n].tolist()
-    enc = tokenizer([lines[i] for i in pick], padding="max_length", truncation=True, max_length=length,
-                    return_tensors="pt")
+    enc = tokenizer(
+        [lines[i] for i in pick], padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+    )
     ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
-    return [{"input_ids": ids[:n // 2], "attention_mask": mask[:n // 2]},
-            {"input_ids": ids[n // 2:], "attention_mask": mask[n // 2:]}]
+    return [
+        {"input_ids": ids[: n // 2], "attention_mask": mask[: n // 2]},
+        {"input_ids": ids[n // 2 :], "attention_mask": mask[n // 2 :]},
+    ]
 
 
 def cfg(**kw) -> StudentConfig:
@@ -49,7 +53,7 @@ def test_pruning_to_the_teachers_sizes_reproduces_the_teacher(family, bert_tok, 
         assert torch.equal(t_state[k].float(), s_state[k]), k
     a, b = outputs(teacher, cal), outputs(student, cal)
     assert torch.equal(a.logits, b.logits)
-    assert all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states))
+    assert all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states, strict=False))
     p = record["prune"]
     assert p["hidden_channels"] == list(range(32)) and p["heads"] == [[0, 1, 2, 3]] * 3
     json.dumps(record)  # the record goes to the run log as JSON
@@ -57,8 +61,9 @@ def test_pruning_to_the_teachers_sizes_reproduces_the_teacher(family, bert_tok, 
 
 def test_pruned_tensors_are_the_kept_slices_of_the_teacher(bert_tok):
     teacher = tiny.bert_model(bert_tok, layers=4, hidden=32, heads=4)
-    student, record = build_student(teacher, cfg(layers="every_other", hidden_size=16, intermediate_size=48),
-                                    batches(bert_tok))
+    student, record = build_student(
+        teacher, cfg(layers="every_other", hidden_size=16, intermediate_size=48), batches(bert_tok)
+    )
     sc = student.config
     assert (sc.hidden_size, sc.num_attention_heads, sc.intermediate_size, sc.num_hidden_layers) == (16, 2, 48, 2)
     p = record["prune"]
@@ -76,19 +81,23 @@ def test_pruned_tensors_are_the_kept_slices_of_the_teacher(bert_tok):
             w = t[pre_t + f"attention.self.{qkv}.weight"]
             assert torch.equal(s[pre_s + f"attention.self.{qkv}.weight"], w[att][:, ch])
             assert torch.equal(s[pre_s + f"attention.self.{qkv}.bias"], t[pre_t + f"attention.self.{qkv}.bias"][att])
-        assert torch.equal(s[pre_s + "attention.output.dense.weight"],
-                           t[pre_t + "attention.output.dense.weight"][ch][:, att])
-        assert torch.equal(s[pre_s + "intermediate.dense.weight"],
-                           t[pre_t + "intermediate.dense.weight"][neurons][:, ch])
+        assert torch.equal(
+            s[pre_s + "attention.output.dense.weight"], t[pre_t + "attention.output.dense.weight"][ch][:, att]
+        )
+        assert torch.equal(
+            s[pre_s + "intermediate.dense.weight"], t[pre_t + "intermediate.dense.weight"][neurons][:, ch]
+        )
         assert torch.equal(s[pre_s + "output.dense.weight"], t[pre_t + "output.dense.weight"][ch][:, neurons])
         assert torch.equal(s[pre_s + "output.LayerNorm.bias"], t[pre_t + "output.LayerNorm.bias"][ch])
-    assert torch.equal(s["cls.predictions.transform.dense.weight"],
-                       t["cls.predictions.transform.dense.weight"][ch][:, ch])
+    assert torch.equal(
+        s["cls.predictions.transform.dense.weight"], t["cls.predictions.transform.dense.weight"][ch][:, ch]
+    )
     assert torch.equal(s["cls.predictions.bias"], t["cls.predictions.bias"])
     # the decoder stays tied to the word embeddings
     assert student.cls.predictions.decoder.weight is student.bert.embeddings.word_embeddings.weight
     assert record["copied"]["bert.encoder.layer.1.intermediate.dense.weight"].startswith(
-        "bert.encoder.layer.2.intermediate.dense.weight[neurons, channels]")
+        "bert.encoder.layer.2.intermediate.dense.weight[neurons, channels]"
+    )
 
 
 def test_importance_ranks_a_silenced_head_neuron_and_channel_last(bert_tok):
@@ -101,7 +110,7 @@ def test_importance_ranks_a_silenced_head_neuron_and_channel_last(bert_tok):
         for layer in layers:  # neuron 5 of both layers: gelu(0) = 0
             layer.intermediate.dense.weight[5] = 0
             layer.intermediate.dense.bias[5] = 0
-        for name, mod in teacher.named_modules():  # channel 7: zero in every LayerNorm
+        for _name, mod in teacher.named_modules():  # channel 7: zero in every LayerNorm
             if isinstance(mod, torch.nn.LayerNorm):
                 mod.weight[7], mod.bias[7] = 0, 0
     cal = batches(bert_tok)
@@ -122,6 +131,7 @@ def test_importance_ranks_a_silenced_head_neuron_and_channel_last(bert_tok):
 
 def test_exported_pruned_student_reloads_with_from_pretrained(bert_tok, roberta_tok, tmp_path):
     from transformers import AutoConfig, AutoModelForMaskedLM
+
     for family, tok, make in (("bert", bert_tok, tiny.bert_model), ("roberta", roberta_tok, tiny.roberta_model)):
         teacher = make(tok, layers=4)
         cal = batches(tok)
@@ -138,8 +148,16 @@ def test_exported_pruned_student_reloads_with_from_pretrained(bert_tok, roberta_
 
 def test_bare_encoder_with_pooler(bert_tok):
     from transformers import BertConfig, BertModel
-    conf = BertConfig(vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+
+    conf = BertConfig(
+        vocab_size=len(bert_tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     teacher = BertModel(conf).eval()
     student, record = build_student(teacher, cfg(layers=[0, 1], hidden_size=16), batches(bert_tok))
@@ -150,12 +168,13 @@ def test_bare_encoder_with_pooler(bert_tok):
 
 def test_selection_is_deterministic_from_the_seed_and_the_sample(bert_tok, tmp_path):
     from tests.test_train_common import assets
+
     shards = assets()["shards-bert"]
     a = calibration_batches(shards, n=10, seed=3, pad_id=0)
     b = calibration_batches(shards, n=10, seed=3)  # pad id from the manifest
     c = calibration_batches(shards, n=10, seed=4, pad_id=0)
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
-    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=False))
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=False))
     assert sum(len(x["input_ids"]) for x in a) == 10
     teacher = tiny.bert_model(bert_tok, layers=4)
     r1 = build_student(teacher, cfg(hidden_size=16), a)[1]["prune"]
@@ -168,11 +187,13 @@ def test_selection_is_deterministic_from_the_seed_and_the_sample(bert_tok, tmp_p
 def test_projection_starts_from_the_channel_selection(bert_tok):
     from pretrain.distill import DistillationModel
     from pretrain.losses import LossConfig
+
     teacher = tiny.bert_model(bert_tok, layers=4)
     cal = batches(bert_tok)
     student, record = build_student(teacher, cfg(hidden_size=16), cal)
-    loss = from_dict(LossConfig, {"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_mse": 1.0,
-                                  "alpha_att": 1.0}, "loss")
+    loss = from_dict(
+        LossConfig, {"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_mse": 1.0, "alpha_att": 1.0}, "loss"
+    )
     model = DistillationModel(student, teacher, loss, record["layer_map"])
     ch = record["prune"]["hidden_channels"]
     for proj in model.projections.values():
@@ -191,25 +212,31 @@ def test_projection_starts_from_the_channel_selection(bert_tok):
     assert torch.isfinite(loss_value)
 
 
-@pytest.mark.parametrize("spec, key", [
-    ({"hidden_size": 64}, "student.hidden_size"),
-    ({"num_attention_heads": 8, "hidden_size": 32}, "student.num_attention_heads"),
-    ({"intermediate_size": 256}, "student.intermediate_size"),
-    ({"hidden_size": 20}, "student.hidden_size"),                           # not a multiple of the head size 8
-    ({"hidden_size": 24, "num_attention_heads": 2}, "student.num_attention_heads"),  # head size 12 != 8
-])
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        ({"hidden_size": 64}, "student.hidden_size"),
+        ({"num_attention_heads": 8, "hidden_size": 32}, "student.num_attention_heads"),
+        ({"intermediate_size": 256}, "student.intermediate_size"),
+        ({"hidden_size": 20}, "student.hidden_size"),  # not a multiple of the head size 8
+        ({"hidden_size": 24, "num_attention_heads": 2}, "student.num_attention_heads"),  # head size 12 != 8
+    ],
+)
 def test_bad_targets_are_config_errors_before_any_work(spec, key, bert_tok):
     teacher = tiny.bert_model(bert_tok, layers=2)
     with pytest.raises(ConfigError, match=key):
         build_student(teacher, cfg(**spec), calibration=[])  # refused before the (empty) calibration is read
 
 
-@pytest.mark.parametrize("spec, key", [
-    ({"hidden_size": 30, "num_attention_heads": 4}, "student.num_attention_heads"),
-    ({"num_hidden_layers": 2}, "student.num_hidden_layers"),
-    ({"architecture": "distilbert"}, "student.architecture"),
-    ({"calibration_sequences": 0}, "student.calibration_sequences"),
-])
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        ({"hidden_size": 30, "num_attention_heads": 4}, "student.num_attention_heads"),
+        ({"num_hidden_layers": 2}, "student.num_hidden_layers"),
+        ({"architecture": "distilbert"}, "student.architecture"),
+        ({"calibration_sequences": 0}, "student.calibration_sequences"),
+    ],
+)
 def test_bad_config_is_refused_at_load(spec, key):
     with pytest.raises(ConfigError, match=key):
         cfg(**spec)
@@ -230,13 +257,20 @@ def test_empty_calibration_is_a_config_error(bert_tok, tmp_path):
 
 def test_other_layouts_are_refused(bert_tok):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
+
     conf = DistilBertConfig(vocab_size=len(bert_tok), dim=32, n_layers=2, n_heads=4, hidden_dim=64)
     teacher = DistilBertForMaskedLM(conf).eval()
     with pytest.raises(ConfigError, match="student.init"):
         build_student(teacher, cfg(hidden_size=16), batches(bert_tok))
     with pytest.raises(ConfigError, match="student.init"):
-        resolve_targets(type("C", (), {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64,
-                                       "embedding_size": 16})(), 16, None, None)
+        resolve_targets(
+            type(
+                "C", (), {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "embedding_size": 16}
+            )(),
+            16,
+            None,
+            None,
+        )
     assert roles_of("bert.encoder.layer.0.attention.output.dense.weight") == ("H", "A")
     assert roles_of("bert.encoder.layer.0.output.dense.weight") == ("H", "F")
 
@@ -245,13 +279,26 @@ def test_training_run_with_a_pruned_student(tmp_path):
     """tiny-cpu.json with student.init=prune: calibration from the run's shards, the record in student_init's
     distill_export.json, a few real steps, an export that loads with from_pretrained."""
     from transformers import AutoModelForMaskedLM
+
     from pretrain.config import load
     from tests.test_train_common import REPO, read_metrics, tiny_overrides, train_in_process
+
     out = tmp_path / "run"
-    over = tiny_overrides("bert", out, steps=3, **{
-        "student.init": "prune", "student.hidden_size": 16, "student.intermediate_size": 48,
-        "student.calibration_sequences": 16, "train.eval_interval": 0, "train.save_interval": 0,
-        "train.tensorboard": False, "deepspeed.zero_optimization.stage": 0})
+    over = tiny_overrides(
+        "bert",
+        out,
+        steps=3,
+        **{
+            "student.init": "prune",
+            "student.hidden_size": 16,
+            "student.intermediate_size": 48,
+            "student.calibration_sequences": 16,
+            "train.eval_interval": 0,
+            "train.save_interval": 0,
+            "train.tensorboard": False,
+            "deepspeed.zero_optimization.stage": 0,
+        },
+    )
     trainer = train_in_process(load(REPO / "configs" / "tiny-cpu.json", over))
     rec = trainer.student_record["prune"]
     assert rec["calibration"]["sequences"] == 16 and len(rec["hidden_channels"]) == 16

@@ -11,8 +11,10 @@ weights, exp_avg, exp_avg_sq and the Adam step (gathered with deepspeed.utils.sa
 exactly, the weights equal zero_to_fp32's consolidation of the source, and the losses after the load equal a straight
 2-rank run's. Today's fallback (load_optimizer_states=False) is run too: its losses leave the straight run's.
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -30,12 +32,14 @@ SIZES = (16, 32, 32, 7)  # 16*32+32 + 32*32+32 + 32*7+7 = 1831 parameters: odd, 
 
 # -- the rank process ----------------------------------------------------------------------------------------------
 
+
 def _model(seed: int):
     """A frozen LayerNorm (like the student's frozen pooler), three Linear layers, a buffer; all drawn from ``seed``."""
     import torch
+
     torch.manual_seed(seed)
     layers = [torch.nn.LayerNorm(SIZES[0])]
-    for a, b in zip(SIZES, SIZES[1:]):
+    for a, b in itertools.pairwise(SIZES):
         layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
     model = torch.nn.Sequential(*layers[:-1])
     with torch.no_grad():
@@ -47,46 +51,76 @@ def _model(seed: int):
 
 
 def _ds_config(stage: int, dtype: str, fused: bool, world_size: int) -> dict:
-    return {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO,
-            "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO * world_size),
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.98], "eps": 1e-6,
-                                                      "weight_decay": 0.01, "torch_adam": True, "fused": fused}},
-            "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2,
-                                                              "warmup_max_lr": LR, "warmup_min_lr": 0.0}},
-            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"},
-            "steps_per_print": 2 ** 31 - 1}
+    return {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO * world_size),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": LR,
+                "betas": [0.9, 0.98],
+                "eps": 1e-6,
+                "weight_decay": 0.01,
+                "torch_adam": True,
+                "fused": fused,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"total_num_steps": 20, "warmup_num_steps": 2, "warmup_max_lr": LR, "warmup_min_lr": 0.0},
+        },
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 2**31 - 1,
+    }
 
 
 def _batch(step: int, rank: int, world_size: int, micro: int):
     """Micro-batch ``micro`` of ``rank`` at ``step``: rows of the step's global batch, the same at every world size."""
     import torch
+
     g = torch.Generator().manual_seed(1000 + step)
     x, y = torch.randn(GLOBAL_BATCH, SIZES[0], generator=g), torch.randn(GLOBAL_BATCH, SIZES[-1], generator=g)
     i = (rank * (GLOBAL_BATCH // (MICRO * world_size)) + micro) * MICRO
-    return x[i:i + MICRO], y[i:i + MICRO]
+    return x[i : i + MICRO], y[i : i + MICRO]
 
 
 def _full_state(engine) -> dict:
     """Every parameter's full fp32 weight, exp_avg, exp_avg_sq (collective) and the optimizer's step count(s)."""
+    import deepspeed
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    import deepspeed
+
     out, frozen = {}, {}
     started = bool(engine.optimizer.optimizer.state)  # empty after a load without optimizer states, before a step
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
         fp32 = safe_get_full_fp32_param(p).detach().float().clone()
-        out[name] = {"fp32": fp32, **{key: safe_get_full_optimizer_state(p, key).detach().float().clone() if started
-                                      else torch.zeros_like(fp32) for key in ("exp_avg", "exp_avg_sq")}}
+        out[name] = {
+            "fp32": fp32,
+            **{
+                key: safe_get_full_optimizer_state(p, key).detach().float().clone()
+                if started
+                else torch.zeros_like(fp32)
+                for key in ("exp_avg", "exp_avg_sq")
+            },
+        }
     fixed = [p for p in engine.module.parameters() if not p.requires_grad]
     with deepspeed.zero.GatheredParameters(fixed, enabled=any(hasattr(p, "ds_id") for p in fixed)):  # ZeRO-3
         for name, t in [*engine.module.named_parameters(), *engine.module.named_buffers()]:
             if not t.requires_grad:
                 frozen[name] = t.detach().float().clone()
     steps = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s})
-    return {"params": out, "frozen": frozen, "adam_steps": steps, "global_steps": engine.global_steps,
-            "lr": engine.get_lr()[0]}
+    return {
+        "params": out,
+        "frozen": frozen,
+        "adam_steps": steps,
+        "global_steps": engine.global_steps,
+        "lr": engine.get_lr()[0],
+    }
 
 
 def worker(spec: dict) -> None:
@@ -94,7 +128,9 @@ def worker(spec: dict) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
+
     from pretrain import reshard
+
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, ws = dist.get_rank(), dist.get_world_size()
@@ -105,8 +141,9 @@ def worker(spec: dict) -> None:
     if universal:
         config = reshard.with_universal_load(config)
     model = _model(spec.get("seed", 0))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+    )
     report = {"world_size": ws, "losses": {}}
     step = 0
     if load:
@@ -141,9 +178,12 @@ def worker(spec: dict) -> None:
         report["losses"][step] = float(total) / (gas * ws)
     if spec.get("save"):  # the trainer's layout: DeepSpeed's files, then ours beside them (rng, hf/, checkpoint.json)
         root, tag = Path(spec["save"]), f"step_{step:08d}"
-        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "data": {"batch": step,
-                                                                                         "world_size": ws}},
-                               save_latest=False)
+        engine.save_checkpoint(
+            str(root),
+            tag=tag,
+            client_state={"step": step, "data": {"batch": step, "world_size": ws}},
+            save_latest=False,
+        )
         torch.save({"torch": torch.get_rng_state()}, root / tag / f"rng_rank_{rank:05d}.pt")
         dist.barrier()
         if rank == 0:
@@ -160,22 +200,40 @@ def worker(spec: dict) -> None:
 
 # -- the tests -----------------------------------------------------------------------------------------------------
 
+
 def launch(tmp: Path, name: str, ranks: int, **spec) -> dict:
     """Run ``ranks`` rank processes of :func:`worker`; returns rank 0's report (with ``wall_s``)."""
     import socket
+
     import torch
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = {"report": str(tmp / f"{name}.pt"), **spec}
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(ranks),
+        LOCAL_WORLD_SIZE=str(ranks),
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
     logs = [tmp / f"{name}.rank{r}.log" for r in range(ranks)]
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, json.dumps(spec)], cwd=REPO, stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r, log in enumerate(logs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, json.dumps(spec)],
+            cwd=REPO,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r, log in enumerate(logs)
+    ]
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -193,6 +251,7 @@ def assert_same_state(got: dict, want: dict, tol: float = 1e-6) -> None:
     ~1e-5 here), every moment mostly nonzero (a restart gives zeros); the frozen parameters and the buffer equal; the
     same Adam step, global step and LR."""
     import torch
+
     assert got["params"].keys() == want["params"].keys()
     for name, states in want["params"].items():
         for key, ref in states.items():
@@ -219,8 +278,10 @@ def assert_losses(got: dict, want: dict, steps, tol: float) -> None:
 def test_two_ranks_to_one_to_two_keep_weights_and_adam_moments(stage, tmp_path):
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     from pretrain import reshard
     from pretrain.checkpoint import list_tags
+
     base = {"stage": stage, "dtype": "fp32", "fused": True}
     a_root, b_root = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
     straight = launch(tmp_path, "straight", 2, steps=8, **base)
@@ -228,20 +289,27 @@ def test_two_ranks_to_one_to_two_keep_weights_and_adam_moments(stage, tmp_path):
     assert_losses(a["losses"], straight["losses"], range(1, 4), tol=1e-6)
 
     # 2 ranks -> 1 rank
-    b = launch(tmp_path, "b", 1, steps=3, save=str(b_root), **base,
-               seed=1, load={"how": "universal", "root": str(a_root), "tag": "step_00000003"})
+    b = launch(
+        tmp_path,
+        "b",
+        1,
+        steps=3,
+        save=str(b_root),
+        **base,
+        seed=1,
+        load={"how": "universal", "root": str(a_root), "tag": "step_00000003"},
+    )
     assert_same_state(b["loaded"], a["final"])  # b's model was built from another seed: every value was loaded
     assert b["restored"] == ["0.bias", "0.weight", "offset"]
     assert b["client"] == {"step": 3, "data": {"batch": 3, "world_size": 2}}  # the trainer's client state survives
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(a_root), tag="step_00000003")
     for name, states in b["loaded"]["params"].items():
         assert torch.equal(states["fp32"], consolidated[name].float()), name
-    fresh = {n: p for n, p in [*_model(1).named_parameters(), *_model(1).named_buffers()]}
+    fresh = dict([*_model(1).named_parameters(), *_model(1).named_buffers()])
     assert all(not torch.equal(fresh[n], t) for n, t in a["final"]["frozen"].items())  # seeds 0 and 1 differ
     for name, states in a["final"]["params"].items():  # the converter's per-parameter files are the gathered state
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            saved = torch.load(a_root / "universal" / "step_00000003" / "zero" / name / f"{key}.pt",
-                               weights_only=False)
+            saved = torch.load(a_root / "universal" / "step_00000003" / "zero" / name / f"{key}.pt", weights_only=False)
             saved = saved["param"] if isinstance(saved, dict) else saved  # ZeRO-3: a bare flat tensor
             assert torch.equal(saved.float().view_as(states[key]), states[key]), (name, key)
     assert_losses(b["losses"], straight["losses"], range(4, 7), tol=1e-5)
@@ -250,21 +318,37 @@ def test_two_ranks_to_one_to_two_keep_weights_and_adam_moments(stage, tmp_path):
 
     restart = None
     if stage < 3:  # today's fallback (ZeRO-3 was refused) restarts the moments: the losses leave the straight run's
-        restart = launch(tmp_path, "restart", 1, steps=3, **base,
-                         seed=1, load={"how": "restart", "root": str(a_root), "tag": "step_00000003"})
+        restart = launch(
+            tmp_path,
+            "restart",
+            1,
+            steps=3,
+            **base,
+            seed=1,
+            load={"how": "restart", "root": str(a_root), "tag": "step_00000003"},
+        )
         assert all(s["exp_avg"].abs().max() == 0 for s in restart["loaded"]["params"].values())
         gap, kept = (abs(r["losses"][6] - straight["losses"][6]) for r in (restart, b))
         assert gap > 1e-4 and gap > 100 * kept, (gap, kept)
 
     # 1 rank -> 2 ranks
-    c = launch(tmp_path, "c", 2, steps=2, **base, seed=1,
-               load={"how": "universal", "root": str(b_root), "tag": "step_00000006"})
+    c = launch(
+        tmp_path,
+        "c",
+        2,
+        steps=2,
+        **base,
+        seed=1,
+        load={"how": "universal", "root": str(b_root), "tag": "step_00000006"},
+    )
     assert_same_state(c["loaded"], b["final"])
     assert c["client"]["step"] == 6
     assert_losses(c["losses"], straight["losses"], range(7, 9), tol=1e-5)
-    print(f"\nZeRO-{stage}: wall s straight {straight['wall_s']:.1f}, 2 ranks {a['wall_s']:.1f}, "
-          f"2->1 {b['wall_s']:.1f} (convert {b['convert_s']:.2f}), 1->2 {c['wall_s']:.1f} "
-          f"(convert {c['convert_s']:.2f})" + (f", restart {restart['wall_s']:.1f}" if restart else ""))
+    print(
+        f"\nZeRO-{stage}: wall s straight {straight['wall_s']:.1f}, 2 ranks {a['wall_s']:.1f}, "
+        f"2->1 {b['wall_s']:.1f} (convert {b['convert_s']:.2f}), 1->2 {c['wall_s']:.1f} "
+        f"(convert {c['convert_s']:.2f})" + (f", restart {restart['wall_s']:.1f}" if restart else "")
+    )
 
 
 def test_conversion_is_atomic_reused_and_replaced(tmp_path):
@@ -272,6 +356,7 @@ def test_conversion_is_atomic_reused_and_replaced(tmp_path):
     only DeepSpeed's files read; discard() removes it. (One ZeRO-2 rank saves; about 10 s.)"""
     from pretrain import reshard
     from pretrain.checkpoint import list_tags
+
     root = tmp_path / "checkpoints"
     launch(tmp_path, "one", 1, steps=1, save=str(root), stage=2, dtype="fp32", fused=True)
     (root / "universal" / ".step_00000001.cutoff").mkdir(parents=True)  # a conversion cut off half-way
@@ -287,7 +372,7 @@ def test_conversion_is_atomic_reused_and_replaced(tmp_path):
     reshard.to_universal(root, "step_00000001")
     assert (out / reshard.MARKER).stat().st_mtime_ns == stamp  # reused
     model_states = root / "step_00000001" / "mp_rank_00_model_states.pt"
-    os.utime(model_states, ns=(stamp, stamp + 10 ** 9))  # the tag saved again (a cut-off save redone)
+    os.utime(model_states, ns=(stamp, stamp + 10**9))  # the tag saved again (a cut-off save redone)
     assert not reshard.is_converted(root, "step_00000001")
     reshard.to_universal(root, "step_00000001")
     assert reshard.is_converted(root, "step_00000001") and (out / reshard.MARKER).stat().st_mtime_ns != stamp
@@ -297,6 +382,7 @@ def test_conversion_is_atomic_reused_and_replaced(tmp_path):
 
 def test_config_patch_and_which_resumes_need_a_conversion():
     from pretrain import reshard
+
     ds = {"zero_optimization": {"stage": 2}, "checkpoint": {"tag_validation": "Warn"}}
     patched = reshard.with_universal_load(ds)
     assert patched["checkpoint"] == {"tag_validation": "Warn", "load_universal": True}
@@ -308,6 +394,7 @@ def test_config_patch_and_which_resumes_need_a_conversion():
 
 def test_a_tag_without_zero_partitions_is_refused(tmp_path):
     from pretrain import reshard
+
     (tmp_path / "step_00000001").mkdir()
     (tmp_path / "step_00000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a ZeRO-1/2/3 checkpoint"):

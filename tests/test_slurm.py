@@ -3,8 +3,10 @@
 submitted tiny run finishes with checkpoint and export, and a signalled run checkpoints, requeues and resumes with
 continuous steps.
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -22,24 +24,37 @@ TINY_CONFIG = REPO / "configs" / "tiny-cpu.json"
 
 # ---- node lists and hostfiles -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("gpu5", ["gpu5"]),
-    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
-    ("n[8-10]", ["n8", "n9", "n10"]),
-    ("n[08-10]", ["n08", "n09", "n10"]),
-    ("x[009-011]", ["x009", "x010", "x011"]),
-    ("r[1-2]-n[3-4]", ["r1-n3", "r1-n4", "r2-n3", "r2-n4"]),
-    ("a[1,3],b[2-3]c", ["a1", "a3", "b2c", "b3c"]),
-    ("rack1-n[1-2],login", ["rack1-n1", "rack1-n2", "login"]),
-])
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("gpu5", ["gpu5"]),
+        ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),
+        ("x[009-011]", ["x009", "x010", "x011"]),
+        ("r[1-2]-n[3-4]", ["r1-n3", "r1-n4", "r2-n3", "r2-n4"]),
+        ("a[1,3],b[2-3]c", ["a1", "a3", "b2c", "b3c"]),
+        ("rack1-n[1-2],login", ["rack1-n1", "rack1-n2", "login"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert slurm.expand_nodelist(nodelist) == hosts
 
 
-@pytest.mark.parametrize("nodelist, message", [
-    ("", "empty"), ("n[1-3", "unbalanced"), ("n1-3]", "unbalanced"), ("n[3-1]", "backwards"),
-    ("n[a-b]", "bad range"), ("n[1-]", "bad range"), ("n[1]],m", "unbalanced"), ("a,,b", "empty item"),
-])
+@pytest.mark.parametrize(
+    "nodelist, message",
+    [
+        ("", "empty"),
+        ("n[1-3", "unbalanced"),
+        ("n1-3]", "unbalanced"),
+        ("n[3-1]", "backwards"),
+        ("n[a-b]", "bad range"),
+        ("n[1-]", "bad range"),
+        ("n[1]],m", "unbalanced"),
+        ("a,,b", "empty item"),
+    ],
+)
 def test_expand_nodelist_rejects(nodelist, message):
     with pytest.raises(ValueError, match=message):
         slurm.expand_nodelist(nodelist)
@@ -69,6 +84,7 @@ def test_hostfile_bad_input(monkeypatch, capsys):
 
 # ---- submit: the batch script and bad input ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A submit directory with a stand-in shard folder (submit only checks its manifest exists) and no sbatch."""
@@ -90,29 +106,70 @@ def _fake_sbatch(bin_dir: Path, job_id: str = "4242") -> Path:
 
 
 def _submit_args(*extra: str, nodes: str = "1", gpus: str = "2") -> list[str]:
-    return ["submit", "--config", str(TINY_CONFIG), "--nodes", nodes, "--gpus-per-node", gpus,
-            "data.dir=shards", "train.output_dir=runs/r1", *extra]
+    return [
+        "submit",
+        "--config",
+        str(TINY_CONFIG),
+        "--nodes",
+        nodes,
+        "--gpus-per-node",
+        gpus,
+        "data.dir=shards",
+        "train.output_dir=runs/r1",
+        *extra,
+    ]
 
 
 def test_dry_run_prints_a_valid_script_and_writes_nothing(workdir, capsys):
-    assert slurm.main(_submit_args("--partition", "gpu", "--time", "1-00:00:00", "--account", "proj",
-                                   "--cpus-per-task", "8", "--nodes", "4", "--gpus-per-node", "8", "--dry-run",
-                                   "deepspeed.train_batch_size=256")) == 0
+    assert (
+        slurm.main(
+            _submit_args(
+                "--partition",
+                "gpu",
+                "--time",
+                "1-00:00:00",
+                "--account",
+                "proj",
+                "--cpus-per-task",
+                "8",
+                "--nodes",
+                "4",
+                "--gpus-per-node",
+                "8",
+                "--dry-run",
+                "deepspeed.train_batch_size=256",
+            )
+        )
+        == 0
+    )
     script = capsys.readouterr().out
     run_dir = workdir / "runs" / "r1"
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
-                 "#SBATCH --time=1-00:00:00", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 "#SBATCH --signal=B:USR1@120", f"#SBATCH --output={run_dir}/slurm/%j.log",
-                 f"#SBATCH --chdir={workdir}", f"RUN_DIR={run_dir}", "RANKS_PER_NODE=8"]:
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gres=gpu:8",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=1-00:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=B:USR1@120",
+        f"#SBATCH --output={run_dir}/slurm/%j.log",
+        f"#SBATCH --chdir={workdir}",
+        f"RUN_DIR={run_dir}",
+        "RANKS_PER_NODE=8",
+    ]:
         assert line in script.splitlines(), line
     # the ranks run the installed trainer module with the submitted config and overrides, through the srun line
     assert f"PYTHON={sys.executable}" in script.splitlines()
-    assert (f'TRAIN_CMD=("$PYTHON" -m pretrain.main --config {TINY_CONFIG} data.dir=shards '
-            f'train.output_dir=runs/r1 deepspeed.train_batch_size=256)') in script.splitlines()
+    assert (
+        f'TRAIN_CMD=("$PYTHON" -m pretrain.main --config {TINY_CONFIG} data.dir=shards '
+        f"train.output_dir=runs/r1 deepspeed.train_batch_size=256)"
+    ) in script.splitlines()
     assert f"LOG_DIR={run_dir}/slurm" in script.splitlines() and '--output="$LOG_DIR/%j-node%n.log"' in script
     assert '"$PYTHON" -m pretrain.rundir finished "$RUN_DIR"' in script
-    assert "srun --nodes=" in script and "exec \"$@\"' rank \"${TRAIN_CMD[@]}\"" in script
+    assert "srun --nodes=" in script and 'exec "$@"\' rank "${TRAIN_CMD[@]}"' in script
     assert "SRUN_ARGS=(--cpus-per-task=8 --gpu-bind=none)" in script
     syntax = subprocess.run(["/bin/bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
@@ -120,8 +177,9 @@ def test_dry_run_prints_a_valid_script_and_writes_nothing(workdir, capsys):
 
 
 def test_dry_run_cpu_ranks_request_no_gpus(workdir, capsys):
-    assert slurm.main(_submit_args("--gres", "none", "--sbatch-arg=--qos=low", "--srun-arg=--mpi=none",
-                                   "--dry-run")) == 0
+    assert (
+        slurm.main(_submit_args("--gres", "none", "--sbatch-arg=--qos=low", "--srun-arg=--mpi=none", "--dry-run")) == 0
+    )
     script = capsys.readouterr().out
     assert "--gres" not in script
     assert "#SBATCH --qos=low" in script.splitlines()
@@ -139,8 +197,9 @@ def test_submit_writes_the_script_and_prints_the_job_id(workdir, capsys):
     assert "4242" in out.err and str(script) in out.err
 
 
-@pytest.mark.parametrize("option, value", [("--nodes", "0"), ("--nodes", "-2"), ("--gpus-per-node", "0"),
-                                           ("--gpus-per-node", "two")])
+@pytest.mark.parametrize(
+    "option, value", [("--nodes", "0"), ("--nodes", "-2"), ("--gpus-per-node", "0"), ("--gpus-per-node", "two")]
+)
 def test_submit_rejects_non_positive_counts(workdir, capsys, option, value):
     _fake_sbatch(workdir / "bin")
     with pytest.raises(SystemExit) as e:
@@ -168,15 +227,32 @@ def test_submit_refuses_an_invalid_config(workdir, capsys):
 
 def test_submit_refuses_a_batch_size_the_world_size_cannot_hold(workdir, capsys):
     # tiny-cpu: 8 sequences per step, micro-batch 2 -> 3 nodes x 1 rank cannot divide it
-    _assert_refused(workdir, capsys, _submit_args("--gres", "none", nodes="3", gpus="1"),
-                    "world size 3", "train_batch_size")
+    _assert_refused(
+        workdir, capsys, _submit_args("--gres", "none", nodes="3", gpus="1"), "world size 3", "train_batch_size"
+    )
 
 
 def test_dry_run_of_a_task_distillation_run(workdir, capsys):
     """A task run (configs/task-demo.json: labeled examples, no shards) submits like a pretraining run."""
     config = REPO / "configs" / "task-demo.json"
-    assert slurm.main(["submit", "--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--gres", "none",
-                       "--dry-run", "train.output_dir=runs/task"]) == 0
+    assert (
+        slurm.main(
+            [
+                "submit",
+                "--config",
+                str(config),
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "2",
+                "--gres",
+                "none",
+                "--dry-run",
+                "train.output_dir=runs/task",
+            ]
+        )
+        == 0
+    )
     script = capsys.readouterr().out
     assert f'TRAIN_CMD=("$PYTHON" -m pretrain.main --config {config} train.output_dir=runs/task)' in script
     assert not (workdir / "runs").exists()
@@ -197,6 +273,7 @@ def _fake_run_dir(workdir: Path, overrides: list[str], world_size: int = 2, comp
     """A run directory holding a checkpoint of the run configured by ``overrides``, laid out as the trainer's
     checkpoint manager writes it (``step_*/checkpoint.json`` with the resolved config and the world size)."""
     from pretrain.config import load
+
     run_dir = workdir / "runs" / "r1"
     tag = run_dir / "checkpoints" / "step_00000004"
     tag.mkdir(parents=True)
@@ -204,36 +281,51 @@ def _fake_run_dir(workdir: Path, overrides: list[str], world_size: int = 2, comp
     resolved = load(TINY_CONFIG, overrides).to_dict()
     (run_dir / "config.json").write_text(json.dumps(resolved))
     if complete:
-        (tag / "checkpoint.json").write_text(json.dumps({"step": 4, "tag": tag.name, "world_size": world_size,
-                                                         "files": {}, "config": resolved}))
+        (tag / "checkpoint.json").write_text(
+            json.dumps({"step": 4, "tag": tag.name, "world_size": world_size, "files": {}, "config": resolved})
+        )
     return run_dir
 
 
 SAME_RUN = ["data.dir=shards", "train.output_dir=runs/r1"]
 
 
-@pytest.mark.parametrize("change, named", [("teacher.name_or_path=embedded:minilm-l6", "teacher.name_or_path"),
-                                           ("student.layers=[0, 1]", "student.layers")])
+@pytest.mark.parametrize(
+    "change, named",
+    [("teacher.name_or_path=embedded:minilm-l6", "teacher.name_or_path"), ("student.layers=[0, 1]", "student.layers")],
+)
 def test_submit_refuses_another_runs_checkpoints(workdir, capsys, change, named):
-    _fake_run_dir(workdir, SAME_RUN + [change])
+    _fake_run_dir(workdir, [*SAME_RUN, change])
     _assert_refused(workdir, capsys, _submit_args(), "holds checkpoints of another run", named, "train.output_dir")
 
 
 def test_submit_refuses_another_world_size_unless_allowed(workdir, capsys):
     _fake_run_dir(workdir, SAME_RUN, world_size=4)
-    _assert_refused(workdir, capsys, _submit_args(), "written by 4 rank(s), this run has 2",
-                    "train.allow_world_size_change", "--nodes x --gpus-per-node = 2 rank(s)")
+    _assert_refused(
+        workdir,
+        capsys,
+        _submit_args(),
+        "written by 4 rank(s), this run has 2",
+        "train.allow_world_size_change",
+        "--nodes x --gpus-per-node = 2 rank(s)",
+    )
     assert slurm.main(_submit_args("--dry-run", "train.allow_world_size_change=true")) == 0
 
 
 def test_submit_follows_the_trainers_identity_rule(workdir, capsys):
     """One rule (pretrain.rundir) for the trainer and submit: a changed teacher.dtype is the same run, resumed; a
     changed student key is another run."""
-    _fake_run_dir(workdir, SAME_RUN + ["teacher.dtype=bfloat16"])
+    _fake_run_dir(workdir, [*SAME_RUN, "teacher.dtype=bfloat16"])
     assert slurm.main(_submit_args("--gres", "none", "--dry-run", "teacher.dtype=float32")) == 0
     assert capsys.readouterr().out.startswith("#!/bin/bash\n")
-    _assert_refused(workdir, capsys, _submit_args("--dry-run", "student.layers=[1, 3]"),
-                    "holds checkpoints of another run", "student.layers", "train.output_dir")
+    _assert_refused(
+        workdir,
+        capsys,
+        _submit_args("--dry-run", "student.layers=[1, 3]"),
+        "holds checkpoints of another run",
+        "student.layers",
+        "train.output_dir",
+    )
 
 
 def test_submit_refuses_incomplete_checkpoints(workdir, capsys):
@@ -245,15 +337,26 @@ def test_submit_resumes_the_same_run(workdir, capsys):
     _fake_run_dir(workdir, SAME_RUN)
     _fake_sbatch(workdir / "bin")
     # a longer schedule, other intervals and loss weights: the same run, resumed (as the trainer decides)
-    assert slurm.main(_submit_args("--gres", "none", "train.max_steps=16", "train.log_interval=2",
-                                   "loss.alpha_ce=1.0")) == 0
+    assert (
+        slurm.main(_submit_args("--gres", "none", "train.max_steps=16", "train.log_interval=2", "loss.alpha_ce=1.0"))
+        == 0
+    )
     assert capsys.readouterr().out == "4242\n"
 
 
 # ---- a real one-node SLURM cluster ------------------------------------------------------------------------------
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 JOB_TIMEOUT_S = 240
 
 
@@ -262,6 +365,7 @@ def cluster(tmp_path_factory):
     """A started one-node cluster (2 CPUs); installed with apt-get when missing. Fails (never skips) when the
     daemons cannot start, saying why."""
     from tests.slurm_cluster import ClusterError, SlurmCluster
+
     c = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
     try:
         c.start()
@@ -278,22 +382,52 @@ def assets(tmp_path_factory):
     small English corpus prepared with it (max_seq_length 32): the overrides that point tiny-cpu.json at them."""
     from data_prep.prepare import PrepareConfig, prepare
     from tests import tiny
+
     root = tmp_path_factory.mktemp("assets")
     tok = tiny.bert_tokenizer()
     tiny.save_model_dir(root / "teacher", tiny.bert_model(tok, layers=4, hidden=32), tok)
     lines = tiny.corpus(40)
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(lines[i:i + 3]) for i in range(0, len(lines), 3)) + "\n")
-    prepare(PrepareConfig(sources=[f"text:{root}/corpus.txt"], tokenizer=str(root / "teacher"), max_seq_length=32,
-                          output=str(root / "shards"), valid_fraction=0.1, num_proc=0, progress=False))
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(lines[i : i + 3]) for i in range(0, len(lines), 3)) + "\n")
+    prepare(
+        PrepareConfig(
+            sources=[f"text:{root}/corpus.txt"],
+            tokenizer=str(root / "teacher"),
+            max_seq_length=32,
+            output=str(root / "shards"),
+            valid_fraction=0.1,
+            num_proc=0,
+            progress=False,
+        )
+    )
     return [f"teacher.name_or_path={root / 'teacher'}", f"data.dir={root / 'shards'}"]
 
 
 def _run_submit(cluster, run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     """``launch/slurm.py submit`` of tiny-cpu.json (2 CPU ranks on the node), as a user types it."""
-    return subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), "submit", "--config", str(TINY_CONFIG),
-                           "--nodes", "1", "--gpus-per-node", "2", "--gres", "none", "--time", "10",
-                           f"train.output_dir={run_dir}", *overrides],
-                          cwd=run_dir.parent, env=cluster.env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "slurm.py"),
+            "submit",
+            "--config",
+            str(TINY_CONFIG),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            "--gres",
+            "none",
+            "--time",
+            "10",
+            f"train.output_dir={run_dir}",
+            *overrides,
+        ],
+        cwd=run_dir.parent,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _submit(cluster, run_dir: Path, overrides: list[str]) -> str:
@@ -307,8 +441,9 @@ def _submit(cluster, run_dir: Path, overrides: list[str]) -> str:
 
 def _logs(run_dir: Path) -> str:
     """Every SLURM log of the run (batch and per node), for assertion messages."""
-    return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
-                     for p in sorted((run_dir / "slurm").glob("*.log")))
+    return "\n".join(
+        f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}" for p in sorted((run_dir / "slurm").glob("*.log"))
+    )
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -320,6 +455,7 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 def _check_export(run_dir: Path, step: int) -> None:
     from transformers import AutoModelForMaskedLM
+
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
     manifest = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "checkpoint.json").read_text())
     assert manifest["step"] == step and manifest["world_size"] == 2
@@ -333,8 +469,7 @@ def test_submitted_run_finishes_with_checkpoint_and_export(cluster, assets, tmp_
     run_dir = tmp_path / "run"
     job = _submit(cluster, run_dir, assets)
     again = _run_submit(cluster, run_dir, assets)  # a second job on the same run directory is refused
-    assert again.returncode == 2 and f"job(s) {job} (" in again.stderr and "already train" in again.stderr, \
-        again.stderr
+    assert again.returncode == 2 and f"job(s) {job} (" in again.stderr and "already train" in again.stderr, again.stderr
     info = cluster.wait_for(job, TERMINAL, JOB_TIMEOUT_S)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_logs(run_dir)}"
     _check_export(run_dir, 8)
@@ -354,10 +489,16 @@ def test_submitted_run_finishes_with_checkpoint_and_export(cluster, assets, tmp_
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, assets, tmp_path):
     import time
+
     run_dir = tmp_path / "run"
     max_steps = 60
-    overrides = assets + [f"train.max_steps={max_steps}", "train.save_interval=0", "train.eval_interval=0",
-                          "train.export_init=false"]
+    overrides = [
+        *assets,
+        f"train.max_steps={max_steps}",
+        "train.save_interval=0",
+        "train.eval_interval=0",
+        "train.export_init=false",
+    ]
     job = _submit(cluster, run_dir, overrides)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not any(r["step"] >= 3 for r in _train_records(run_dir)):  # training, its handlers installed
@@ -372,14 +513,17 @@ def test_usr1_checkpoints_requeues_and_resumes_with_continuous_steps(cluster, as
     batch_log = (run_dir / "slurm" / f"{job}.log").read_text()
     assert "caught SIGUSR1" in batch_log and "requeueing" in batch_log and "(restart 1)" in batch_log, logs
     node_log = (run_dir / "slurm" / f"{job}-node0.log").read_text()
-    stopped = [int(line.split(" at step ")[1].split(":")[0]) for line in node_log.splitlines()
-               if "[pretrain] stopped by SIGUSR1 at step" in line]
+    stopped = [
+        int(line.split(" at step ")[1].split(":")[0])
+        for line in node_log.splitlines()
+        if "[pretrain] stopped by SIGUSR1 at step" in line
+    ]
     assert len(stopped) == 1 and 3 <= stopped[0] < max_steps, logs
     assert f"(step {stopped[0]}," in node_log.split("resumed from", 1)[-1], logs
     records = _train_records(run_dir)
     assert [r["step"] for r in records] == list(range(1, max_steps + 1)), logs  # continuous: no restart from 0
     tokens = [r["tokens_seen"] for r in records]
-    assert all(b > a for a, b in zip(tokens, tokens[1:])), tokens  # the counters resumed too
+    assert all(b > a for a, b in itertools.pairwise(tokens)), tokens  # the counters resumed too
     _check_export(run_dir, max_steps)
 
 
@@ -388,12 +532,18 @@ def test_requeue_skips_a_finished_run(tmp_path):
     export of the latest checkpoint (the trainer exports only at the end), so a USR1 that arrives during the final
     export does not requeue."""
     body = slurm._BODY
-    func = body[body.index("finished() {"):body.index("\n", body.index("finished() {")) + 1]
+    func = body[body.index("finished() {") : body.index("\n", body.index("finished() {")) + 1]
     run = tmp_path / "run"
 
     def finished() -> bool:
-        return subprocess.run(["/bin/bash", "-c", f'{func}\nfinished'], cwd=tmp_path,
-                              env={"RUN_DIR": str(run), "PYTHON": sys.executable}).returncode == 0
+        return (
+            subprocess.run(
+                ["/bin/bash", "-c", f"{func}\nfinished"],
+                cwd=tmp_path,
+                env={"RUN_DIR": str(run), "PYTHON": sys.executable},
+            ).returncode
+            == 0
+        )
 
     assert not finished()  # nothing yet
     (run / "checkpoints").mkdir(parents=True)

@@ -1,5 +1,8 @@
 """Student construction: layer maps, exact copies, all-layer identity, DistilBERT conversion, save / Auto load."""
+
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -8,8 +11,11 @@ from pretrain.schema import ConfigError, from_dict
 from pretrain.student import StudentConfig, build_student, find_layer_list, resolve_layer_map
 from tests import tiny
 
-TEXTS = ["the quick brown fox jumps over the lazy dog.", "to be, or not to be",
-         "knowledge distillation trains a small student to match a large teacher network."]
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "to be, or not to be",
+    "knowledge distillation trains a small student to match a large teacher network.",
+]
 
 
 def batch(tok):
@@ -43,7 +49,7 @@ def test_layer_maps():
     assert resolve_layer_map("distilbert", 12) == [0, 2, 4, 7, 9, 11]
     for n in range(2, 25):
         m = resolve_layer_map("distilbert", n)
-        assert len(m) == n // 2 and m[-1] == n - 1 and all(a < b for a, b in zip(m, m[1:]))
+        assert len(m) == n // 2 and m[-1] == n - 1 and all(a < b for a, b in itertools.pairwise(m))
         assert m[0] == 0 or n < 4
     assert resolve_layer_map([1, 3], 4) == [1, 3]
     for bad in ([4], [2, 1], [], "every_third"):
@@ -53,10 +59,14 @@ def test_layer_maps():
 
 def test_config_validation():
     assert from_dict(StudentConfig, {"layers": [0, 5]}, "student").layers == [0, 5]
-    bad = [({"layers": "alternate"}, "student.layers"), ({"layers": [0, 0]}, "student.layers"),
-           ({"architecture": "tiny"}, "student.architecture"), ({"init": "zeros"}, "student.init"),
-           ({"hidden_size": 128}, "student.hidden_size.*init='random'"),
-           ({"init": "random", "hidden_size": 30, "num_attention_heads": 4}, "student.num_attention_heads")]
+    bad = [
+        ({"layers": "alternate"}, "student.layers"),
+        ({"layers": [0, 0]}, "student.layers"),
+        ({"architecture": "tiny"}, "student.architecture"),
+        ({"init": "zeros"}, "student.init"),
+        ({"hidden_size": 128}, "student.hidden_size.*init='random'"),
+        ({"init": "random", "hidden_size": 30, "num_attention_heads": 4}, "student.num_attention_heads"),
+    ]
     for raw, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             from_dict(StudentConfig, raw, "student")
@@ -84,12 +94,31 @@ def test_same_architecture(family, mlm, bert_tok, roberta_tok):
 def test_other_encoders_found_by_structure():
     """ELECTRA generator and XLM-R students by the same structural rule."""
     from transformers import ElectraConfig, ElectraForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
+
     torch.manual_seed(0)
-    models = [ElectraForMaskedLM(ElectraConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=4,
-                                               num_attention_heads=4, intermediate_size=64)),
-              XLMRobertaForMaskedLM(XLMRobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4,
-                                                     num_attention_heads=4, intermediate_size=64, pad_token_id=1,
-                                                     max_position_embeddings=40))]
+    models = [
+        ElectraForMaskedLM(
+            ElectraConfig(
+                vocab_size=99,
+                embedding_size=16,
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=64,
+            )
+        ),
+        XLMRobertaForMaskedLM(
+            XLMRobertaConfig(
+                vocab_size=99,
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=64,
+                pad_token_id=1,
+                max_position_embeddings=40,
+            )
+        ),
+    ]
     ids = torch.randint(5, 99, (2, 9))
     for teacher in models:
         teacher.eval()
@@ -105,14 +134,17 @@ def test_other_encoders_found_by_structure():
 def test_distilbert_conversion(mlm, bert_tok):
     """A real DistilBERT whose hidden states (and logits) equal the truncated BERT's with token_type_ids = 0."""
     from transformers import DistilBertForMaskedLM, DistilBertModel
+
     teacher = teacher_for("bert", bert_tok, mlm)
     with torch.no_grad():  # make the type-0 embedding matter, so that folding is tested
         teacher.base_model.embeddings.token_type_embeddings.weight[0].normal_(0, 1.0)
     cfg = StudentConfig(layers=[0, 2, 3], architecture="distilbert")
     student, record = build_student(teacher, cfg)
     assert type(student) is (DistilBertForMaskedLM if mlm else DistilBertModel)
-    assert "token_type_embeddings" in record["copied"][
-        ("distilbert." if mlm else "") + "embeddings.position_embeddings.weight"]
+    assert (
+        "token_type_embeddings"
+        in record["copied"][("distilbert." if mlm else "") + "embeddings.position_embeddings.weight"]
+    )
     truncated, _ = build_student(teacher, StudentConfig(layers=[0, 2, 3]))
     inputs = batch(bert_tok)
     with torch.no_grad():
@@ -120,7 +152,7 @@ def test_distilbert_conversion(mlm, bert_tok):
         b = truncated.eval()(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]), output_hidden_states=True)
     assert len(d.hidden_states) == len(b.hidden_states) == 4
     real = inputs["attention_mask"].bool()
-    for hd, hb in zip(d.hidden_states, b.hidden_states):
+    for hd, hb in zip(d.hidden_states, b.hidden_states, strict=False):
         assert torch.allclose(hd[real], hb[real], atol=1e-5, rtol=0)
     if mlm:
         assert torch.allclose(d.logits[real], b.logits[real], atol=1e-5, rtol=0)
@@ -134,6 +166,7 @@ def test_distilbert_needs_bert(roberta_tok):
 @pytest.mark.parametrize("architecture", ["same", "distilbert"])
 def test_save_and_auto_load(architecture, bert_tok, tmp_path):
     from transformers import AutoModelForMaskedLM
+
     student, _ = build_student(teacher_for("bert", bert_tok), StudentConfig(architecture=architecture))
     student.save_pretrained(tmp_path)
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)

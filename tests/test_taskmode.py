@@ -1,6 +1,7 @@
 """Task distillation on the trainer (pretrain.taskmode): the loss terms against independent references, the
 Distillator combination, the head copy, stages, exact resume inside stage 2, a tiny real task (TREC question types)
 whose dev metric improves, the export in a pipeline, the teacher-logit cache and the errors before any work."""
+
 from __future__ import annotations
 
 import functools
@@ -32,7 +33,8 @@ def test_label_and_output_terms_against_independent_references():
     assert L.label_loss(s, y, regression=False).item() == pytest.approx(ref_ce, rel=1e-5)
     r, target = torch.randn(5, 1, generator=g), torch.randn(5, generator=g)
     assert L.label_loss(r, target, regression=True).item() == pytest.approx(
-        float(np.mean((r.numpy()[:, 0] - target.numpy()) ** 2)), rel=1e-5)
+        float(np.mean((r.numpy()[:, 0] - target.numpy()) ** 2)), rel=1e-5
+    )
     T = 2.0
     es, et = np.exp(s.numpy() / T), np.exp(t.numpy() / T)
     ps, pt = es / es.sum(1, keepdims=True), et / et.sum(1, keepdims=True)
@@ -47,18 +49,24 @@ def test_distillator_combination_as_a_config():
     distributions, averaged) is alpha_label = alpha_ce = alpha_prob_cos = 1/3 at T = 1: the same value up to the
     teacher's entropy / 3 (KL = soft CE - H(teacher)), hence the same gradients."""
     from pretrain.losses import LossConfig
+
     g = torch.Generator().manual_seed(1)
     s = torch.randn(8, 3, generator=g, requires_grad=True)
     t, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
-    cfg = LossConfig(alpha_ce=1 / 3, alpha_mlm=0.0, alpha_cos=0.0, alpha_label=1 / 3, alpha_prob_cos=1 / 3,
-                     temperature=1.0)
-    ours, _ = L.combine_losses(cfg, {"label": L.label_loss(s, y, False), "ce": L.kd_kl(s, t, 1.0),
-                                     "prob_cos": L.prob_cosine(s, t, 1.0)})
+    cfg = LossConfig(
+        alpha_ce=1 / 3, alpha_mlm=0.0, alpha_cos=0.0, alpha_label=1 / 3, alpha_prob_cos=1 / 3, temperature=1.0
+    )
+    ours, _ = L.combine_losses(
+        cfg, {"label": L.label_loss(s, y, False), "ce": L.kd_kl(s, t, 1.0), "prob_cos": L.prob_cosine(s, t, 1.0)}
+    )
     (g_ours,) = torch.autograd.grad(ours, s)
     s2 = s.detach().clone().requires_grad_(True)
     log_ps, pt = F.log_softmax(s2, -1), F.softmax(t, -1)
-    seed = (F.cross_entropy(s2, y) - (pt * log_ps).sum(-1).mean()
-            + torch.nn.CosineEmbeddingLoss()(pt, log_ps.exp(), torch.ones(8))) / 3
+    seed = (
+        F.cross_entropy(s2, y)
+        - (pt * log_ps).sum(-1).mean()
+        + torch.nn.CosineEmbeddingLoss()(pt, log_ps.exp(), torch.ones(8))
+    ) / 3
     (g_seed,) = torch.autograd.grad(seed, s2)
     entropy = -(pt * pt.log()).sum(-1).mean()
     assert ours.item() + entropy.item() / 3 == pytest.approx(seed.item(), rel=1e-5)
@@ -66,19 +74,30 @@ def test_distillator_combination_as_a_config():
 
 
 # ----------------------------------------------------------------------------------------------- a tiny real task
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _teacher(root_str: str) -> str:
     """A tiny RoBERTa classifier (byte-level BPE: any English) fine-tuned on 600 TREC questions, saved."""
     from pathlib import Path
+
     from transformers import RobertaConfig, RobertaForSequenceClassification
+
     from pretrain.tasks import SplitConfig, load_task
+
     root = Path(root_str)
     task = load_task(TASK, split=SplitConfig(max_train=600, max_eval=300))
     tok = tiny.roberta_tokenizer()
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=80, pad_token_id=tok.pad_token_id,
-                        num_labels=task.num_labels, id2label=dict(enumerate(task.label_names)),
-                        label2id={n: i for i, n in enumerate(task.label_names)})
+    cfg = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=tok.pad_token_id,
+        num_labels=task.num_labels,
+        id2label=dict(enumerate(task.label_names)),
+        label2id={n: i for i, n in enumerate(task.label_names)},
+    )
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(cfg)
     enc = tok(task.splits["train"].texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
@@ -88,8 +107,9 @@ def _teacher(root_str: str) -> str:
     torch.set_num_threads(1)
     for _ in range(6):  # epochs
         for idx in torch.randperm(len(labels), generator=g).split(32):
-            loss = F.cross_entropy(model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx])
-                                   .logits, labels[idx])
+            loss = F.cross_entropy(
+                model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx]).logits, labels[idx]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -105,13 +125,29 @@ def teacher(tmp_path_factory):
 
 
 def task_overrides(teacher: str, out, *, steps: int, **extra) -> list[str]:
-    items = {"teacher.name_or_path": teacher, "task.name": TASK, "task.max_train_examples": 600,
-             "task.max_eval_examples": 300, "task.max_length": 32, "train.output_dir": str(out),
-             "train.max_steps": steps, "train.log_interval": 1, "train.eval_interval": 0, "train.save_interval": 0,
-             "deepspeed.train_batch_size": 16, "deepspeed.train_micro_batch_size_per_gpu": 8,
-             "deepspeed.gradient_accumulation_steps": None, "loss.alpha_mlm": 0.0, "loss.alpha_cos": 0.0,
-             "loss.alpha_ce": 1.0, "loss.temperature": 1.0, "data.dir": "", "train.export_init": True,
-             "deepspeed.scheduler.params.warmup_num_steps": 1, **extra}
+    items = {
+        "teacher.name_or_path": teacher,
+        "task.name": TASK,
+        "task.max_train_examples": 600,
+        "task.max_eval_examples": 300,
+        "task.max_length": 32,
+        "train.output_dir": str(out),
+        "train.max_steps": steps,
+        "train.log_interval": 1,
+        "train.eval_interval": 0,
+        "train.save_interval": 0,
+        "deepspeed.train_batch_size": 16,
+        "deepspeed.train_micro_batch_size_per_gpu": 8,
+        "deepspeed.gradient_accumulation_steps": None,
+        "loss.alpha_mlm": 0.0,
+        "loss.alpha_cos": 0.0,
+        "loss.alpha_ce": 1.0,
+        "loss.temperature": 1.0,
+        "data.dir": "",
+        "train.export_init": True,
+        "deepspeed.scheduler.params.warmup_num_steps": 1,
+        **extra,
+    }
     return [f"{k}={json.dumps(v) if not isinstance(v, str) or v == '' else v}" for k, v in items.items()]
 
 
@@ -121,13 +157,24 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
     evaluation did."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, pipeline
+
     from pretrain.tasks import SplitConfig, load_task
+
     out = tmp_path / "run"
-    cfg = load(TINY, task_overrides(teacher, out, steps=120, **{"student.layers": [0], "train.eval_interval": 60,
-                                                                 "deepspeed.optimizer.params.lr": 3e-3}))
+    cfg = load(
+        TINY,
+        task_overrides(
+            teacher,
+            out,
+            steps=120,
+            **{"student.layers": [0], "train.eval_interval": 60, "deepspeed.optimizer.params.lr": 3e-3},
+        ),
+    )
     trainer = train_in_process(cfg)
-    t_state, s_state = load_file(f"{teacher}/model.safetensors"), load_file(str(out / "student_init" /
-                                                                                "model.safetensors"))
+    t_state, s_state = (
+        load_file(f"{teacher}/model.safetensors"),
+        load_file(str(out / "student_init" / "model.safetensors")),
+    )
     for k in ("classifier.dense.weight", "classifier.out_proj.weight", "classifier.out_proj.bias"):
         assert torch.equal(s_state[k], t_state[k]), k
     valid = read_metrics(out, "valid")
@@ -146,6 +193,7 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
 
 def _accuracy(folder, trainer) -> float:
     from transformers import AutoModelForSequenceClassification
+
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     preds = trainer.validator._gather(model)
     return float((preds == trainer.validator.data.labels).mean())
@@ -154,10 +202,17 @@ def _accuracy(folder, trainer) -> float:
 def test_two_stages_and_exact_resume_inside_stage_two(teacher, tmp_path):
     """Stage 1 (hidden MSE + attention KL) then stage 2 (soft CE): stage 1's records have no loss_ce, stage 2's no
     loss_mse; resuming from a checkpoint inside stage 2 gives the uninterrupted run's losses."""
-    stages = [{"name": "intermediate", "steps": 3, "loss": {"alpha_ce": 0.0, "alpha_mse": 1.0, "alpha_att": 1.0}},
-              {"name": "prediction", "steps": 4, "loss": {"alpha_ce": 1.0}}]
-    extra = {"student.layers": [0, 2], "train.stages": stages, "train.save_interval": 5, "train.evaluate": False,
-             "deepspeed.scheduler.params.total_num_steps": 7}
+    stages = [
+        {"name": "intermediate", "steps": 3, "loss": {"alpha_ce": 0.0, "alpha_mse": 1.0, "alpha_att": 1.0}},
+        {"name": "prediction", "steps": 4, "loss": {"alpha_ce": 1.0}},
+    ]
+    extra = {
+        "student.layers": [0, 2],
+        "train.stages": stages,
+        "train.save_interval": 5,
+        "train.evaluate": False,
+        "deepspeed.scheduler.params.total_num_steps": 7,
+    }
     a, b = tmp_path / "a", tmp_path / "b"
     train_in_process(load(TINY, task_overrides(teacher, a, steps=7, **extra)))
     la = losses(a)
@@ -174,15 +229,26 @@ def test_two_stages_and_exact_resume_inside_stage_two(teacher, tmp_path):
 
 def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, capfd):
     out = tmp_path / "run"
-    over = task_overrides(teacher, out, steps=2, **{"task.teacher_logits": "precompute", "loss.alpha_label": 0.5,
-                                                    "student.layers": [0, 2], "train.evaluate": False})
+    over = task_overrides(
+        teacher,
+        out,
+        steps=2,
+        **{
+            "task.teacher_logits": "precompute",
+            "loss.alpha_label": 0.5,
+            "student.layers": [0, 2],
+            "train.evaluate": False,
+        },
+    )
     train_in_process(load(TINY, over))
     assert "teacher logits: computed for 600 examples" in capfd.readouterr().out
     cache = torch.load(out / "teacher_logits.pt", weights_only=True)
     assert cache["logits"].shape == (600, 6)
     # the cached rows are the teacher's logits of those examples, each computed alone (no padding, no batching)
     from transformers import AutoModelForSequenceClassification
+
     from pretrain.taskmode import TaskRecipe
+
     recipe = TaskRecipe(load(TINY, over))
     recipe.preflight(1)
     train = recipe._examples("train")
@@ -191,26 +257,33 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
         for i in (0, 17, 599):
             logits = ref(input_ids=torch.from_numpy(train.ids[i])[None]).logits[0]
             torch.testing.assert_close(cache["logits"][i], logits, rtol=1e-4, atol=1e-5)
-    train_in_process(load(TINY, over + ["train.max_steps=3"]))
+    train_in_process(load(TINY, [*over, "train.max_steps=3"]))
     assert "teacher logits: reusing" in capfd.readouterr().out
     with pytest.raises(ConfigError, match=r"task\.teacher_logits: 'precompute' needs a loss on the logits only"):
-        load(TINY, over + ["loss.alpha_mse=1.0"])
+        load(TINY, [*over, "loss.alpha_mse=1.0"])
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("no_head", r"teacher\.name_or_path: .* has no classification head .*python -m pretrain\.downstream --task "
-                r"embedded:trec"),
-    ("labels", r"teacher\.name_or_path: .* has a head of 3 output\(s\) .* 6 output\(s\)"),
-    ("names", r"teacher\.name_or_path: .* names its classes .* the task embedded:trec"),
-    ("regression", r"teacher\.name_or_path: .* 1 output\(s\) \(regression\)"),
-    ("vocab", r"task\.student: .* has a vocabulary of 50 tokens, the teacher \d+"),
-    ("steps", r"train\.stages: the stages' steps add up to 3 \(1 \+ 2\), train\.max_steps is 4"),
-    ("mlm", r"loss\.alpha_mlm: 2\.0: task distillation has no masked tokens"),
-    ("stages_empty", r"train\.stages: the list is empty"),
-    ("prune", r"student\.init: 'prune' measures importance on data\.dir's shards"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        (
+            "no_head",
+            r"teacher\.name_or_path: .* has no classification head .*python -m pretrain\.downstream --task "
+            r"embedded:trec",
+        ),
+        ("labels", r"teacher\.name_or_path: .* has a head of 3 output\(s\) .* 6 output\(s\)"),
+        ("names", r"teacher\.name_or_path: .* names its classes .* the task embedded:trec"),
+        ("regression", r"teacher\.name_or_path: .* 1 output\(s\) \(regression\)"),
+        ("vocab", r"task\.student: .* has a vocabulary of 50 tokens, the teacher \d+"),
+        ("steps", r"train\.stages: the stages' steps add up to 3 \(1 \+ 2\), train\.max_steps is 4"),
+        ("mlm", r"loss\.alpha_mlm: 2\.0: task distillation has no masked tokens"),
+        ("stages_empty", r"train\.stages: the list is empty"),
+        ("prune", r"student\.init: 'prune' measures importance on data\.dir's shards"),
+    ],
+)
 def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
     from transformers import AutoConfig, BertConfig, BertModel
+
     bad = tmp_path / "teacher"
     shutil.copytree(teacher, bad)
     conf = AutoConfig.from_pretrained(bad)
@@ -226,8 +299,9 @@ def test_bad_input_is_refused_before_any_work(case, pattern, teacher, tmp_path):
         conf.num_labels, conf.problem_type = 1, "regression"
     elif case == "vocab":
         other = tmp_path / "other"
-        BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=32)).save_pretrained(other)
+        BertModel(
+            BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        ).save_pretrained(other)
         extra = {"task.student": str(other), "student.layers": [0]}
     elif case == "steps":
         extra = {"train.stages": [{"steps": 1}, {"steps": 2}]}
@@ -248,13 +322,25 @@ def test_shipped_task_config_runs_two_steps(teacher, tmp_path):
     """configs/task-demo.json as shipped (precomputed teacher logits, its loss, batch and schedule keys) with the tiny
     TREC teacher in place of the fine-tuned MiniLM: two steps, evaluation, export."""
     from transformers import AutoModelForSequenceClassification
+
     out = tmp_path / "run"
-    cfg = load(REPO / "configs" / "task-demo.json", [
-        f"teacher.name_or_path={teacher}", f"task.name={TASK}", "task.max_train_examples=600",
-        "task.max_eval_examples=100", "task.max_length=32", f"train.output_dir={out}", "train.max_steps=2",
-        "train.eval_interval=2", "train.save_interval=2", "train.log_interval=1",
-        "deepspeed.scheduler.params.warmup_num_steps=1",
-        "student.layers=[0, 2]"])
+    cfg = load(
+        REPO / "configs" / "task-demo.json",
+        [
+            f"teacher.name_or_path={teacher}",
+            f"task.name={TASK}",
+            "task.max_train_examples=600",
+            "task.max_eval_examples=100",
+            "task.max_length=32",
+            f"train.output_dir={out}",
+            "train.max_steps=2",
+            "train.eval_interval=2",
+            "train.save_interval=2",
+            "train.log_interval=1",
+            "deepspeed.scheduler.params.warmup_num_steps=1",
+            "student.layers=[0, 2]",
+        ],
+    )
     train_in_process(cfg)
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss_ce"] >= 0 for r in recs)

@@ -4,6 +4,7 @@ The assets are built once per pytest session (``assets()`` is cached) in a tempo
 (byte-level BPE tokenizer trained in-process) and a tiny random BERT (WordPiece) from tests/tiny.py, saved as Hugging
 Face directories, and shards of a small English corpus made with the project's own `python -m data_prep prepare`.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -26,43 +27,76 @@ PY = sys.executable
 SEQ = 64  # max_seq_length of the test shards
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def assets() -> dict[str, Path]:
     """Tiny teachers and shards (paths): roberta, bert, bert-nohead (sentence encoder with pooling files),
     bert-short (32 positions), shards-roberta, shards-bert."""
     from tests import tiny
+
     root = Path(tempfile.mkdtemp(prefix="train-assets-"))
     atexit.register(shutil.rmtree, root, True)
     rt, bt = tiny.roberta_tokenizer(), tiny.bert_tokenizer()
-    out = {"root": root,
-           "roberta": tiny.save_model_dir(root / "roberta", tiny.roberta_model(rt, layers=4), rt),
-           "bert": tiny.save_model_dir(root / "bert", tiny.bert_model(bt, layers=4), bt),
-           "bert-nohead": tiny.save_model_dir(root / "bert-nohead", tiny.bert_model(bt, layers=4, mlm=False), bt)}
+    out = {
+        "root": root,
+        "roberta": tiny.save_model_dir(root / "roberta", tiny.roberta_model(rt, layers=4), rt),
+        "bert": tiny.save_model_dir(root / "bert", tiny.bert_model(bt, layers=4), bt),
+        "bert-nohead": tiny.save_model_dir(root / "bert-nohead", tiny.bert_model(bt, layers=4, mlm=False), bt),
+    }
     # a sentence-transformers teacher: modules.json + pooling config next to the encoder
     st = out["bert-nohead"]
-    (st / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (st / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": SEQ, "do_lower_case": False}))
     (st / "1_Pooling").mkdir()
-    (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
+    (st / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
     import torch
     from transformers import BertConfig, BertForMaskedLM
-    short = BertConfig(vocab_size=len(bt), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=32, pad_token_id=bt.pad_token_id)
+
+    short = BertConfig(
+        vocab_size=len(bt),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        pad_token_id=bt.pad_token_id,
+    )
     torch.manual_seed(0)
     out["bert-short"] = tiny.save_model_dir(root / "bert-short", BertForMaskedLM(short).eval(), bt)
     lines = tiny.corpus(1)
     docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))]
     (root / "corpus.txt").write_text("\n\n".join(docs * 8) + "\n")
     from data_prep.__main__ import main as data_prep_main
+
     for family in ("roberta", "bert"):  # the project's own command line, run in this process
         shards = root / f"shards-{family}"
         with contextlib.redirect_stdout(io.StringIO()):
-            rc = data_prep_main(["prepare", "--source", f"text:{root / 'corpus.txt'}", "--tokenizer", str(out[family]),
-                                 "--max-seq-length", str(SEQ), "--output", str(shards), "--valid-fraction", "0.15",
-                                 "--num-proc", "0", "--no-progress"])
+            rc = data_prep_main(
+                [
+                    "prepare",
+                    "--source",
+                    f"text:{root / 'corpus.txt'}",
+                    "--tokenizer",
+                    str(out[family]),
+                    "--max-seq-length",
+                    str(SEQ),
+                    "--output",
+                    str(shards),
+                    "--valid-fraction",
+                    "0.15",
+                    "--num-proc",
+                    "0",
+                    "--no-progress",
+                ]
+            )
         assert rc == 0, f"data_prep prepare failed for {family}"
         out[f"shards-{family}"] = shards
     return out
@@ -87,16 +121,24 @@ def free_port() -> int:
 def tiny_overrides(family: str, out: Path, *, steps: int, **extra) -> list[str]:
     """Overrides that point a config at the tiny ``family`` teacher and shards, a small batch and ``out``."""
     a = assets()
-    items = {"teacher.name_or_path": str(a[family]), "data.dir": str(a[f"shards-{family}"]),
-             "train.output_dir": str(out), "train.max_steps": steps, "train.log_interval": 1,
-             "deepspeed.train_batch_size": 4, "deepspeed.train_micro_batch_size_per_gpu": 2,
-             "deepspeed.gradient_accumulation_steps": None, **extra}  # None: derived
+    items = {
+        "teacher.name_or_path": str(a[family]),
+        "data.dir": str(a[f"shards-{family}"]),
+        "train.output_dir": str(out),
+        "train.max_steps": steps,
+        "train.log_interval": 1,
+        "deepspeed.train_batch_size": 4,
+        "deepspeed.train_micro_batch_size_per_gpu": 2,
+        "deepspeed.gradient_accumulation_steps": None,
+        **extra,
+    }  # None: derived
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
 
 
 def read_metrics(run: Path, split: str = "train") -> list[dict]:
     """metrics.jsonl records of one split, in file order."""
     from pretrain.metrics import read_metrics as read_records
+
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -122,19 +164,32 @@ def assert_same_losses(a: dict, b: dict, steps, tol: float = 1e-6) -> None:
 
 def run_cmd(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run a launcher to completion; output captured (shown by the assertion on failure)."""
-    return subprocess.run(cmd, cwd=REPO, env=kw.pop("env", env()), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        cmd, cwd=REPO, env=kw.pop("env", env()), capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def deepspeed_cmd(config: Path | str, overrides: list[str], *, ranks: int = 2, port: int | None = None) -> list[str]:
     """``deepspeed --num_gpus N --master_port P launch/pretrain.py --config C overrides`` (CPU ranks here)."""
-    return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(port or free_port()), "launch/pretrain.py", "--config", str(config), *overrides]
+    return [
+        PY,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port or free_port()),
+        "launch/pretrain.py",
+        "--config",
+        str(config),
+        *overrides,
+    ]
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
     """PIDs of the training ranks under a launcher (launch/pretrain.py hands each rank over to `python -m pretrain.main`)."""
     import psutil
+
     out = []
     for p in psutil.Process(launcher_pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -185,7 +240,9 @@ def saved_signal_handlers():
 def train_in_process(cfg, *, before_fit=None):
     """Set up and fit a one-rank Trainer in this process; returns it (closed). One torch thread (shared cores)."""
     import torch
+
     from pretrain.trainer import Trainer
+
     os.environ["OMP_NUM_THREADS"] = "1"  # the trainer sizes its thread pool from it
     torch.set_num_threads(1)
     with saved_signal_handlers():
@@ -204,6 +261,7 @@ def test_deepspeed_arch_list_drops_architecture_suffixes_deepspeed_cannot_read()
     """DeepSpeed 0.19's op builder fails on TORCH_CUDA_ARCH_LIST="9.0a" (seen on an H100 image); the trainer rewrites
     it before DeepSpeed is imported and leaves plain lists alone."""
     from pretrain.runtime import deepspeed_arch_list
+
     assert deepspeed_arch_list("9.0a") == "9.0"
     assert deepspeed_arch_list("8.0;9.0a+PTX;10.0a") == "8.0;9.0+PTX;10.0"
     assert deepspeed_arch_list("7.0 8.6 9.0") == "7.0 8.6 9.0"

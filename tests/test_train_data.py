@@ -1,4 +1,5 @@
 """Data order, resumable cursor, collate, prefetching loader, evaluation batches, and checkpoint verification. Fast."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def test_order_is_rank_strided_disjoint_and_reshuffled_per_epoch():
         perm = orders[0].permutation(epoch)
         assert sorted(flat.tolist()) == sorted(perm[:96].tolist())
         # rank r holds positions r, r + world, ... of each global micro-batch
-        assert orders[1].indices(epoch, 2).tolist() == perm[24 + 1:36:3].tolist()
+        assert orders[1].indices(epoch, 2).tolist() == perm[24 + 1 : 36 : 3].tolist()
     assert not np.array_equal(orders[0].permutation(0), orders[0].permutation(1))
     same = DataOrder(n, micro_batch=micro, world_size=world, rank=0, seed=7)
     other = DataOrder(n, micro_batch=micro, world_size=world, rank=0, seed=8)
@@ -88,8 +89,7 @@ def test_layout_change_refused_unless_allowed():
 def test_loader_batches_follow_the_order_and_resume(prefetch):
     data = FakeData(60)
     ref_order = DataOrder(60, micro_batch=3, world_size=2, rank=1, seed=5)
-    loader = BatchLoader(data, DataOrder(60, micro_batch=3, world_size=2, rank=1, seed=5), pad_id=0,
-                         prefetch=prefetch)
+    loader = BatchLoader(data, DataOrder(60, micro_batch=3, world_size=2, rank=1, seed=5), pad_id=0, prefetch=prefetch)
     got = [next(loader) for _ in range(7)]
     for batch in got:
         idx = ref_order.indices(*ref_order.next())
@@ -99,11 +99,10 @@ def test_loader_batches_follow_the_order_and_resume(prefetch):
         assert batch["attention_mask"].sum(1).tolist() == [1 + i % 11 for i in idx]
     state = loader.state_dict()
     expected = [next(loader) for _ in range(4)]
-    other = BatchLoader(data, DataOrder(60, micro_batch=3, world_size=2, rank=1, seed=5), pad_id=0,
-                        prefetch=prefetch)
+    other = BatchLoader(data, DataOrder(60, micro_batch=3, world_size=2, rank=1, seed=5), pad_id=0, prefetch=prefetch)
     next(other)  # moves (and prefetches) elsewhere; load_state_dict must drop that
     other.load_state_dict(state)
-    for e, g in zip(expected, [next(other) for _ in range(4)]):
+    for e, g in zip(expected, [next(other) for _ in range(4)], strict=False):
         assert torch.equal(e["input_ids"], g["input_ids"])
     loader.close()
     other.close()
@@ -111,8 +110,9 @@ def test_loader_batches_follow_the_order_and_resume(prefetch):
 
 def test_eval_batches_equal_counts_disjoint_ranks():
     data = FakeData(23)
-    per_rank = [list(eval_batches(data, micro_batch=4, world_size=3, rank=r, max_sequences=0, pad_id=0))
-                for r in range(3)]
+    per_rank = [
+        list(eval_batches(data, micro_batch=4, world_size=3, rank=r, max_sequences=0, pad_id=0)) for r in range(3)
+    ]
     assert [len(b) for b in per_rank] == [2, 2, 2]  # 7 sequences each: 4 + 3
     ids = [int(x) - 1000 for b in per_rank for batch in b for x in batch["input_ids"][:, 0]]
     assert len(ids) == 21 == len(set(ids))
@@ -123,6 +123,7 @@ def test_eval_batches_equal_counts_disjoint_ranks():
 def test_real_shards_through_the_loader():
     from data_prep.shards import ShardedTokens
     from tests.test_train_common import assets
+
     ds = ShardedTokens(assets()["shards-roberta"], "train")
     order = DataOrder(len(ds), micro_batch=4, world_size=2, rank=0, seed=1)
     loader = BatchLoader(ds, order, pad_id=1, prefetch=2)
@@ -130,7 +131,7 @@ def test_real_shards_through_the_loader():
     batch = next(loader)
     for row, i in enumerate(idx):
         seq = ds[int(i)]
-        assert batch["input_ids"][row, :len(seq)].tolist() == seq.tolist()
+        assert batch["input_ids"][row, : len(seq)].tolist() == seq.tolist()
         assert seq[0] == 0 and seq[-1] == 2  # <s> ... </s>
     loader.close()
 
@@ -145,8 +146,11 @@ def fake_tag(root, step, files=None, complete=True):
         (tag / name).parent.mkdir(parents=True, exist_ok=True)
         (tag / name).write_bytes(data)
     if complete:
-        listed = {str(p.relative_to(tag)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                  for p in tag.rglob("*") if p.is_file()}
+        listed = {
+            str(p.relative_to(tag)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in tag.rglob("*")
+            if p.is_file()
+        }
         (tag / MANIFEST).write_text(json.dumps({"step": step, "world_size": 2, "files": listed}))
     return tag
 
@@ -172,6 +176,7 @@ def test_verify_detects_partial_truncated_and_corrupted(tmp_path):
 
 def test_find_resume_skips_bad_checkpoints_with_a_warning(tmp_path):
     from pretrain.rundir import RunDir
+
     run = RunDir(tmp_path)
     root = run.checkpoints
     root.mkdir()

@@ -6,8 +6,10 @@ is stopped by SIGUSR1 to both ranks and resumed by the same command: every step,
 reference's losses (1e-6), so one-node == two-node and stop + resume == straight. Then ZeRO-1 under torchrun, ZeRO-3
 with the `python -m pretrain.export` CLI, and resuming with another world size.
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,9 +21,21 @@ import pytest
 
 from pretrain.config import load
 from pretrain.schema import ConfigError
-from tests.test_train_common import (PY, REPO, assert_same_losses, deepspeed_cmd, env, free_port, losses,
-                                     read_metrics, run_cmd, tiny_overrides, train_in_process, wait_for_ranks,
-                                     wait_for_step)
+from tests.test_train_common import (
+    PY,
+    REPO,
+    assert_same_losses,
+    deepspeed_cmd,
+    env,
+    free_port,
+    losses,
+    read_metrics,
+    run_cmd,
+    tiny_overrides,
+    train_in_process,
+    wait_for_ranks,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +46,20 @@ STEPS = 24
 def overrides(out, steps=STEPS, **extra):
     """The reference setting: tiny RoBERTa, 8 sequences/step = micro 2 x accumulation 2 x 2 ranks, a 24-step
     schedule whatever max_steps is (so that shorter runs follow the same learning rates)."""
-    return tiny_overrides("roberta", out, steps=steps, **{
-        "deepspeed.train_batch_size": 8, "deepspeed.scheduler.params.total_num_steps": STEPS,
-        "train.save_interval": 12, "train.eval_interval": 12, "train.eval_sequences": 16, "train.keep_last": 2,
-        **extra})
+    return tiny_overrides(
+        "roberta",
+        out,
+        steps=steps,
+        **{
+            "deepspeed.train_batch_size": 8,
+            "deepspeed.scheduler.params.total_num_steps": STEPS,
+            "train.save_interval": 12,
+            "train.eval_interval": 12,
+            "train.eval_sequences": 16,
+            "train.keep_last": 2,
+            **extra,
+        },
+    )
 
 
 def check(r: subprocess.CompletedProcess) -> str:
@@ -52,13 +76,29 @@ def two_nodes(tmp_path_factory):
     port = free_port()
     procs = []
     for node in (0, 1):
-        cmd = [PY, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
-               str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/pretrain.py",
-               "--config", str(TINY), *overrides(out, **{"train.export_init": False})]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        cmd = [
+            PY,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "launch/pretrain.py",
+            "--config",
+            str(TINY),
+            *overrides(out, **{"train.export_init": False}),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outputs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, text in zip(procs, outputs):
+    for p, text in zip(procs, outputs, strict=False):
         assert p.returncode == 0, text[-6000:]
     assert "nnodes=2, num_local_procs=1, node_rank=1" in outputs[1]
     return out
@@ -93,7 +133,7 @@ def test_sigusr1_to_both_ranks_checkpoints_and_exits_0(one_node):
 
 
 def test_one_node_and_resumed_run_log_the_two_node_losses(one_node, two_nodes):
-    out, k, _, _ = one_node
+    out, _k, _, _ = one_node
     got, want = losses(out), losses(two_nodes)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))  # each step logged once
     assert_same_losses(want, got, range(1, STEPS + 1))  # 1..k one node vs two nodes; k+1.. after the resume
@@ -106,13 +146,25 @@ def test_one_node_and_resumed_run_log_the_two_node_losses(one_node, two_nodes):
 def test_two_rank_run_writes_checkpoints_metrics_tensorboard_and_exports(one_node):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForMaskedLM, pipeline
+
     ref = one_node[0]
     recs = read_metrics(ref)
-    for key in ("tokens_seen", "masked_tokens_seen", "loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "grad_norm",
-                "loss_scale", "tokens_per_s", "seconds_per_step"):
+    for key in (
+        "tokens_seen",
+        "masked_tokens_seen",
+        "loss",
+        "loss_ce",
+        "loss_mlm",
+        "loss_cos",
+        "lr",
+        "grad_norm",
+        "loss_scale",
+        "tokens_per_s",
+        "seconds_per_step",
+    ):
         assert all(r[key] is not None and math.isfinite(r[key]) for r in recs), key
     # 8 sequences of <= 64 tokens per step, all ranks counted; about 15% masked
-    per_step = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip(recs, recs[1:])]
+    per_step = [b["tokens_seen"] - a["tokens_seen"] for a, b in itertools.pairwise(recs)]
     assert all(8 * 8 < t <= 8 * 64 for t in per_step)
     assert 0.1 < recs[-1]["masked_tokens_seen"] / recs[-1]["tokens_seen"] < 0.2
     assert recs[-1]["loss"] < recs[0]["loss"]  # it learns
@@ -139,9 +191,18 @@ def test_two_rank_run_writes_checkpoints_metrics_tensorboard_and_exports(one_nod
 
 def test_zero1_under_torchrun(two_nodes, tmp_path):
     out = tmp_path / "run"
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/pretrain.py",
-           "--config", str(TINY), *overrides(out, steps=3, **{"deepspeed.zero_optimization.stage": 1,
-                                                               "train.export_init": False})]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "launch/pretrain.py",
+        "--config",
+        str(TINY),
+        *overrides(out, steps=3, **{"deepspeed.zero_optimization.stage": 1, "train.export_init": False}),
+    ]
     text = check(run_cmd(cmd))
     assert "2 rank(s) on cpu, fp32, ZeRO-1" in text
     assert_same_losses(losses(two_nodes), losses(out), range(1, 4), tol=1e-4)  # ZeRO-2 reduces in another order
@@ -150,10 +211,17 @@ def test_zero1_under_torchrun(two_nodes, tmp_path):
 def test_zero3_run_and_export_cli(two_nodes, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
+
     from pretrain import export
+
     out = tmp_path / "run"
-    text = check(run_cmd(deepspeed_cmd(TINY, overrides(out, steps=3, **{"deepspeed.zero_optimization.stage": 3,
-                                                                        "train.export_init": False}))))
+    text = check(
+        run_cmd(
+            deepspeed_cmd(
+                TINY, overrides(out, steps=3, **{"deepspeed.zero_optimization.stage": 3, "train.export_init": False})
+            )
+        )
+    )
     assert "ZeRO-3" in text
     assert_same_losses(losses(two_nodes), losses(out), range(1, 4), tol=1e-4)
     assert read_metrics(out, "valid")[-1]["step"] == 3
@@ -173,8 +241,14 @@ def test_other_world_size_is_refused_unless_allowed(one_node, tmp_path, capfd):
     shutil.copytree(one_node[0], run)
     with pytest.raises(ConfigError, match=r"written by 2 rank\(s\), this run has 1.*allow_world_size_change"):
         train_in_process(load(TINY, overrides(run, steps=STEPS + 2)))
-    cfg = load(TINY, overrides(run, steps=STEPS + 2, **{"train.allow_world_size_change": True,
-                                                        "deepspeed.scheduler.params.total_num_steps": STEPS + 2}))
+    cfg = load(
+        TINY,
+        overrides(
+            run,
+            steps=STEPS + 2,
+            **{"train.allow_world_size_change": True, "deepspeed.scheduler.params.total_num_steps": STEPS + 2},
+        ),
+    )
     capfd.readouterr()
     train_in_process(cfg)
     out = capfd.readouterr().out

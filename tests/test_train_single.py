@@ -4,6 +4,7 @@ corrupt checkpoint (ZeRO-0), export, bad input, non-finite steps, and SIGTERM to
 Most runs are in this process (the real DeepSpeed engine with a one-rank gloo group), which keeps them fast; the
 signal test starts the entry point as a user would.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,19 @@ import torch
 
 from pretrain.config import load
 from pretrain.schema import ConfigError
-from tests.test_train_common import (PY, REPO, assert_same_losses, assets, env, losses, read_metrics, run_cmd,
-                                     tiny_overrides, train_in_process, wait_for_step)
+from tests.test_train_common import (
+    PY,
+    REPO,
+    assert_same_losses,
+    assets,
+    env,
+    losses,
+    read_metrics,
+    run_cmd,
+    tiny_overrides,
+    train_in_process,
+    wait_for_step,
+)
 
 TINY = REPO / "configs" / "tiny-cpu.json"
 # task-distillation configs need a fine-tuned classifier teacher: tests/test_taskmode.py runs them
@@ -30,8 +42,13 @@ def shipped_overrides(path: Path, out: Path) -> list[str]:
     cfg = load(path)
     family = "roberta" if "roberta" in cfg.teacher.name_or_path.lower() else "bert"
     has_head = cfg.loss.alpha_ce > 0 or cfg.loss.alpha_mlm > 0
-    extra = {"deepspeed.fp16.enabled": False, "train.eval_interval": 2, "train.eval_sequences": 8,
-             "train.save_interval": 2, "deepspeed.scheduler.params.warmup_num_steps": 1}
+    extra = {
+        "deepspeed.fp16.enabled": False,
+        "train.eval_interval": 2,
+        "train.eval_sequences": 8,
+        "train.save_interval": 2,
+        "deepspeed.scheduler.params.warmup_num_steps": 1,
+    }
     if path.name == "distilroberta-large.json":
         extra["deepspeed.bf16.enabled"] = True  # one shipped config exercises bf16 on CPU
     if not has_head:
@@ -51,6 +68,7 @@ def shipped_overrides(path: Path, out: Path) -> list[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_runs_two_steps_with_a_tiny_teacher(path, tmp_path):
     from transformers import AutoModel, AutoModelForMaskedLM
+
     out = tmp_path / "run"
     cfg = load(path, shipped_overrides(path, out))
     trainer = train_in_process(cfg)
@@ -77,8 +95,14 @@ def test_shipped_config_runs_two_steps_with_a_tiny_teacher(path, tmp_path):
 def test_exact_resume_and_a_corrupt_checkpoint(tmp_path, capfd):
     """6 steps straight == 3 steps, then the same command resumed to 6 (fp32, ZeRO-0, 1e-6). Then the newest
     checkpoint of the straight run is corrupted: the rerun warns, resumes from the previous one, logs the same."""
-    common = {"deepspeed.zero_optimization.stage": 0, "train.save_interval": 3, "train.eval_interval": 0,
-              "deepspeed.scheduler.params.total_num_steps": 6, "train.export_init": False, "train.keep_last": 2}
+    common = {
+        "deepspeed.zero_optimization.stage": 0,
+        "train.save_interval": 3,
+        "train.eval_interval": 0,
+        "deepspeed.scheduler.params.total_num_steps": 6,
+        "train.export_init": False,
+        "train.keep_last": 2,
+    }
     a, b = tmp_path / "a", tmp_path / "b"
     train_in_process(load(TINY, tiny_overrides("roberta", a, steps=6, **common)))
     train_in_process(load(TINY, tiny_overrides("roberta", b, steps=3, **common)))
@@ -94,7 +118,9 @@ def test_exact_resume_and_a_corrupt_checkpoint(tmp_path, capfd):
 
     # export CLI on the ZeRO-0 checkpoint gives the same weights as the run's own export
     from safetensors.torch import load_file
+
     from pretrain import export
+
     assert export.main([str(a / "checkpoints"), str(tmp_path / "exported")]) == 0
     w1, w2 = load_file(a / "student" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -110,25 +136,36 @@ def test_exact_resume_and_a_corrupt_checkpoint(tmp_path, capfd):
     assert sorted(losses(a)) == [1, 2, 3, 4, 5, 6]
     assert_same_losses(losses(a), la, range(1, 7))
     assert (a / "checkpoints" / "latest").read_text() == "step_00000006"
-    with pytest.raises(ConfigError, match=r"holds checkpoints of another run \(step_00000006: student\.layers: 'every_other' -> \[0, 3\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds checkpoints of another run \(step_00000006: student\.layers: 'every_other' -> \[0, 3\]",
+    ):
         train_in_process(load(TINY, tiny_overrides("roberta", a, steps=6, **common, **{"student.layers": [0, 3]})))
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("missing_teacher", r"teacher\.name_or_path: '/nonexistent/teacher' cannot be loaded"),
-    ("other_tokenizer", r"data\.dir: the shards in .* were made with the tokenizer .*vocab_size 598 vs 36[0-9]"),
-    ("too_long", r"max_seq_length 64 .* exceeds the 32 positions"),
-    ("no_mlm_head", r"loss\.alpha_ce: 5\.0 needs an MLM head"),
-    ("missing_shards", r"data\.dir: .*nowhere/manifest\.json: not found.*python -m data_prep prepare"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("missing_teacher", r"teacher\.name_or_path: '/nonexistent/teacher' cannot be loaded"),
+        ("other_tokenizer", r"data\.dir: the shards in .* were made with the tokenizer .*vocab_size 598 vs 36[0-9]"),
+        ("too_long", r"max_seq_length 64 .* exceeds the 32 positions"),
+        ("no_mlm_head", r"loss\.alpha_ce: 5\.0 needs an MLM head"),
+        ("missing_shards", r"data\.dir: .*nowhere/manifest\.json: not found.*python -m data_prep prepare"),
+    ],
+)
 def test_bad_input_is_a_clear_error_before_any_work(case, pattern, tmp_path):
     a = assets()
     out = tmp_path / "run"
-    teacher = {"missing_teacher": "/nonexistent/teacher", "other_tokenizer": str(a["bert"]),
-               "too_long": str(a["bert-short"]), "no_mlm_head": str(a["bert-nohead"])}.get(case, str(a["bert"]))
-    shards = {"other_tokenizer": a["shards-roberta"], "missing_shards": tmp_path / "nowhere"}.get(case, a["shards-bert"])
-    cfg = load(TINY, tiny_overrides("bert", out, steps=2, **{"teacher.name_or_path": teacher,
-                                                             "data.dir": str(shards)}))
+    teacher = {
+        "missing_teacher": "/nonexistent/teacher",
+        "other_tokenizer": str(a["bert"]),
+        "too_long": str(a["bert-short"]),
+        "no_mlm_head": str(a["bert-nohead"]),
+    }.get(case, str(a["bert"]))
+    shards = {"other_tokenizer": a["shards-roberta"], "missing_shards": tmp_path / "nowhere"}.get(
+        case, a["shards-bert"]
+    )
+    cfg = load(TINY, tiny_overrides("bert", out, steps=2, **{"teacher.name_or_path": teacher, "data.dir": str(shards)}))
     with pytest.raises(ConfigError, match=pattern):
         train_in_process(cfg)
     assert not (out / "checkpoints").exists() and not (out / "student_init").exists()
@@ -136,10 +173,25 @@ def test_bad_input_is_a_clear_error_before_any_work(case, pattern, tmp_path):
 
 def test_sentence_encoder_teacher_exports_pooling_files(tmp_path):
     from sentence_transformers import SentenceTransformer
+
     out = tmp_path / "run"
-    cfg = load(TINY, tiny_overrides("bert", out, steps=2, **{
-        "teacher.name_or_path": str(assets()["bert-nohead"]), "loss.alpha_ce": 0.0, "loss.alpha_mlm": 0.0,
-        "loss.alpha_cos": 1.0, "loss.alpha_pool": 1.0, "train.eval_interval": 2, "train.eval_sequences": 8}))
+    cfg = load(
+        TINY,
+        tiny_overrides(
+            "bert",
+            out,
+            steps=2,
+            **{
+                "teacher.name_or_path": str(assets()["bert-nohead"]),
+                "loss.alpha_ce": 0.0,
+                "loss.alpha_mlm": 0.0,
+                "loss.alpha_cos": 1.0,
+                "loss.alpha_pool": 1.0,
+                "train.eval_interval": 2,
+                "train.eval_sequences": 8,
+            },
+        ),
+    )
     train_in_process(cfg)
     rec = read_metrics(out)[-1]
     assert {"loss_cos", "loss_pool"} <= rec.keys() and "loss_ce" not in rec
@@ -157,10 +209,23 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(stage, tmp_path):
     train.max_bad_steps=3 with a clear error, and the last checkpoint (step 8) holds the weights of step 6."""
     from pretrain.export import student_state_dict
     from pretrain.trainer import TrainingError
+
     out = tmp_path / "run"
-    cfg = load(TINY, tiny_overrides("roberta", out, steps=20, **{
-        "deepspeed.zero_optimization.stage": stage, "train.save_interval": 2, "train.max_bad_steps": 3,
-        "train.eval_interval": 0, "train.export_init": False}))
+    cfg = load(
+        TINY,
+        tiny_overrides(
+            "roberta",
+            out,
+            steps=20,
+            **{
+                "deepspeed.zero_optimization.stage": stage,
+                "train.save_interval": 2,
+                "train.max_bad_steps": 3,
+                "train.eval_interval": 0,
+                "train.export_init": False,
+            },
+        ),
+    )
     bad = {2, 6, 7, 8}  # 0-based step index at forward time
     snaps = {}
 
@@ -176,6 +241,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(stage, tmp_path):
             if s in bad:
                 loss, parts = loss * float("nan"), {**parts, "loss": parts["loss"] * float("nan")}
             return loss, parts
+
         model.forward = nan_forward
 
     with pytest.raises(TrainingError, match=r"step 9: 3 consecutive steps .*train\.max_bad_steps=3.*up to step 8"):
@@ -192,9 +258,18 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(stage, tmp_path):
 
 def test_plain_python_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    over = tiny_overrides("bert", out, steps=400, **{
-        "deepspeed.zero_optimization.stage": 0, "train.save_interval": 0, "train.eval_interval": 0,
-        "deepspeed.scheduler.params.total_num_steps": 400, "train.export_init": False})
+    over = tiny_overrides(
+        "bert",
+        out,
+        steps=400,
+        **{
+            "deepspeed.zero_optimization.stage": 0,
+            "train.save_interval": 0,
+            "train.eval_interval": 0,
+            "deepspeed.scheduler.params.total_num_steps": 400,
+            "train.export_init": False,
+        },
+    )
     cmd = [PY, "launch/pretrain.py", "--config", str(TINY), *over]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
@@ -206,7 +281,7 @@ def test_plain_python_sigterm_checkpoints_and_the_same_command_resumes(tmp_path)
     k = read_metrics(out)[-1]["step"]
     assert f"stopped by SIGTERM at step {k}" in text and k < 400
     assert (out / "checkpoints" / "latest").read_text() == f"step_{k:08d}"
-    r = run_cmd(cmd + [f"train.max_steps={k + 2}"])
+    r = run_cmd([*cmd, f"train.max_steps={k + 2}"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resumed from {out / 'checkpoints' / f'step_{k:08d}'}" in r.stdout
     assert [x["step"] for x in read_metrics(out)] == list(range(1, k + 3))
