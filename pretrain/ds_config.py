@@ -186,11 +186,16 @@ def check_static(ds: dict, max_steps: int) -> None:
         ds: the run config's ``deepspeed`` section (a DeepSpeed config dict, before :func:`build`).
         max_steps: ``train.max_steps``, the schedule's default length.
 
-    Checks the batch keys, precision, ZeRO stage, gradient clipping, and the optimizer's and scheduler's parameters
+    Checks every key against DeepSpeed's own schema (:func:`pretrain.ds_schema.check`: unknown keys with a "did you
+    mean", the pydantic-described sections by their models), then the batch keys, precision, ZeRO stage, gradient
+    clipping, and the optimizer's and scheduler's parameters
     that the section gives (lr, betas, eps, weight decay, warm-up and schedule length, warm-up learning rates), so that
     a NaN or negative value is refused here rather than by torch at the first step. Raises :class:`ConfigError`
     naming ``deepspeed.<key>``.
     """
+    from pretrain import ds_schema  # imports DeepSpeed: only when a section is checked
+
+    ds_schema.check(ds)
     tbs, micro, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
     check(
         bool(tbs or micro),
