@@ -151,7 +151,7 @@ REQUIRED_SECTIONS = ("teacher", "train")
 
 @dataclasses.dataclass
 class RunConfig:
-    """A whole run: every section, validated; ``deepspeed`` is the raw DeepSpeed dict (see :mod:`pretrain.ds_config`)."""
+    """A whole run: every section, validated; ``deepspeed`` is the raw DeepSpeed dict (:mod:`pretrain.ds_config`)."""
 
     teacher: TeacherConfig
     student: StudentConfig
@@ -232,30 +232,82 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunCo
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if overrides:
+    if not overrides:
+        return from_dict(raw, str(path))
+    try:
+        return from_dict(schema.apply_overrides(raw, list(overrides)), str(path))
+    except ConfigError as e:
+        raise ConfigError(_blame(raw, list(overrides), path, e)) from None
+
+
+def _blame(raw: dict, overrides: list[str], path: Path, error: ConfigError) -> str:
+    """The message of ``error`` (raised by the file with ``overrides``) prefixed by who is at fault: the first
+    override after which the config stops validating, else the file itself."""
+    message = str(error).removeprefix(f"{path}: ")
+    for k in range(len(overrides) + 1):
         try:
-            raw = schema.apply_overrides(raw, list(overrides))
+            from_dict(schema.apply_overrides(raw, overrides[:k]), str(path))
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    return from_dict(raw, str(path))
+            if str(e).removeprefix(f"{path}: ") == message:
+                return f"{path}: {message}" if k == 0 else f"{path}: override {overrides[k - 1]!r}: {message}"
+    return f"{path}: overrides {overrides}: {message}"
 
 
-DEEPSPEED_REFERENCE = """### `deepspeed`
+DEEPSPEED_ROWS = [
+    (
+        "`train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps`",
+        "give any two (or the first alone, or all three); the third follows from train_batch_size = micro x "
+        "accumulation x world size. A combination that cannot hold is an error naming the numbers.",
+    ),
+    (
+        "`optimizer`",
+        "`AdamW`, lr 5e-4, betas [0.9, 0.98], eps 1e-6, weight decay 0.0 (DistilBERT); on CPU `torch_adam: "
+        "true` (no compiled op) with `fused: true` (PyTorch's fused AdamW).",
+    ),
+    (
+        "`scheduler`",
+        "`WarmupDecayLR` (linear warm-up, then linear decay to 0): `total_num_steps` = train.max_steps, "
+        "`warmup_num_steps` = 5% of it, at least 1 (DistilBERT's warmup_prop 0.05), `warmup_max_lr` = the "
+        "optimizer's lr, `warmup_type` linear.",
+    ),
+    (
+        "`gradient_clipping`",
+        "5.0 (DistilBERT's max_grad_norm).",
+    ),
+    (
+        "`optimizer.params`, `scheduler.params`",
+        "checked when the config is loaded: lr > 0, betas in [0, 1), eps >= 0, weight_decay >= 0, 1 <= "
+        "warmup_num_steps <= total_num_steps, warmup_min_lr >= 0, warmup_max_lr > 0 (finite numbers; JSON's NaN"
+        " is refused).",
+    ),
+    (
+        "`fp16` / `bf16`",
+        "off (fp32) unless enabled; fp16 uses dynamic loss scaling (`loss_scale: 0`). fp16 needs a GPU.",
+    ),
+    (
+        "`zero_optimization.stage`",
+        "0; stages 0-3 are supported.",
+    ),
+    (
+        "`steps_per_print`",
+        "effectively off: the trainer logs itself.",
+    ),
+    (
+        "every key",
+        "checked against the installed DeepSpeed's own schema when the config is loaded (`pretrain.ds_schema`):"
+        " a top-level key DeepSpeed does not read, or a key unknown to the pydantic model of "
+        '`zero_optimization`, `bf16`, `fp16`, `compile` or a monitor section, is an error with a "did you '
+        'mean"; DeepSpeed itself would ignore it.',
+    ),
+]
 
-An ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/), passed to `deepspeed.initialize`.
-`pretrain.ds_config` fills in what the section leaves out, once the world size is known:
-
-| key | derived / default |
-| --- | --- |
-| `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` | give any two (or the first alone, or all three); the third follows from train_batch_size = micro x accumulation x world size. A combination that cannot hold is an error naming the numbers. |
-| `optimizer` | `AdamW`, lr 5e-4, betas [0.9, 0.98], eps 1e-6, weight decay 0.0 (DistilBERT); on CPU `torch_adam: true` (no compiled op) with `fused: true` (PyTorch's fused AdamW). |
-| `scheduler` | `WarmupDecayLR` (linear warm-up, then linear decay to 0): `total_num_steps` = train.max_steps, `warmup_num_steps` = 5% of it, at least 1 (DistilBERT's warmup_prop 0.05), `warmup_max_lr` = the optimizer's lr, `warmup_type` linear. |
-| `gradient_clipping` | 5.0 (DistilBERT's max_grad_norm). |
-| `optimizer.params`, `scheduler.params` | checked when the config is loaded: lr > 0, betas in [0, 1), eps >= 0, weight_decay >= 0, 1 <= warmup_num_steps <= total_num_steps, warmup_min_lr >= 0, warmup_max_lr > 0 (finite numbers; JSON's NaN is refused). |
-| `fp16` / `bf16` | off (fp32) unless enabled; fp16 uses dynamic loss scaling (`loss_scale: 0`). fp16 needs a GPU. |
-| `zero_optimization.stage` | 0; stages 0-3 are supported. |
-| `steps_per_print` | effectively off: the trainer logs itself. |
-"""
+DEEPSPEED_REFERENCE = (
+    "### `deepspeed`\n\n"
+    "An ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/), passed to `deepspeed.initialize`.\n"
+    "`pretrain.ds_config` fills in what the section leaves out, once the world size is known:\n\n"
+    + "| key | derived / default |\n| --- | --- |\n"
+    + "".join(f"| {key} | {text} |\n" for key, text in DEEPSPEED_ROWS)
+)
 
 
 def reference_markdown() -> str:
@@ -274,18 +326,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true", help="print the markdown configuration reference")
     p.add_argument("config", nargs="?", help="a run config to validate; prints the resolved config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--world-size", type=int, default=1, help="data-parallel ranks to derive the batch plan for (default: 1)"
+    )
+    p.add_argument("--quiet", action="store_true", help="print only errors and warnings, not the resolved config")
+    args = p.parse_intermixed_args(argv)
     if args.reference:
         print(reference_markdown())
         return 0
     if not args.config:
         p.error("give --reference or a config file")
+    from pretrain import config_plan
+
     try:
         cfg = load(args.config, args.overrides)
+        plan, warnings = config_plan.check_and_plan(cfg, args.world_size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(cfg.to_dict(), indent=2))
+        return e.exit_code
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(json.dumps(cfg.to_dict(), indent=2))
+    for line in plan:
+        print(f"plan: {line}", file=sys.stderr)
     return 0
 
 

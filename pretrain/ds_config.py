@@ -202,6 +202,13 @@ def check_static(ds: dict, max_steps: int) -> None:
         "deepspeed.train_batch_size",
         "missing: give train_batch_size (sequences per optimizer step) and/or train_micro_batch_size_per_gpu",
     )
+    if tbs and micro:
+        check(
+            tbs % micro == 0,
+            "deepspeed.train_batch_size",
+            f"{tbs} sequences per step is not a multiple of train_micro_batch_size_per_gpu {micro} (a step is micro "
+            f"x accumulation x ranks sequences): change one of them",
+        )
     if tbs and micro and gas:
         check(
             tbs % (micro * gas) == 0,

@@ -13,10 +13,11 @@ and what to do. Never ``assert`` on user input.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from data_prep.errors import DistillError
@@ -115,7 +116,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, fields)}; valid keys are {sorted(fields)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     missing = [
         n
@@ -128,6 +131,18 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+def did_you_mean(unknown: Iterable[str], valid: Iterable[str]) -> str:
+    """``" (did you mean 'max_steps'?)"`` for the unknown keys that are near misses of a valid one (difflib ratio >=
+    0.6), else ``""``."""
+    choices = sorted(valid)
+    hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(k, choices, n=1, cutoff=0.6))]
+    if not hints:
+        return ""
+    if len(hints) == 1:
+        return f" (did you mean {hints[0].split(' -> ')[1]}?)"
+    return f" (did you mean {', '.join(hints)}?)"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

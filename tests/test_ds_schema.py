@@ -92,3 +92,49 @@ def test_top_level_keys_are_what_deepspeed_reads():
 def test_a_section_that_is_not_an_object_is_refused():
     with pytest.raises(ConfigError, match=r"deepspeed\.bf16: True must be an object"):
         ds_schema.check({"train_batch_size": 8, "bf16": True})
+
+
+def _config_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.config", "configs/demo.json", "--quiet", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_mistyped_override_is_blamed_with_a_suggestion():
+    """The error names the override, not the file, and suggests the key (issue 24 item 9)."""
+    proc = _config_cli("train.max_steps=100", "train.max_step=3")
+    assert proc.returncode == 2
+    assert "demo.json: override 'train.max_step=3': train: unknown key(s) ['max_step'] (did you mean 'max_steps'?)" in proc.stderr
+
+
+def test_an_error_of_the_file_is_still_blamed_on_the_file(tmp_path):
+    raw = json.loads((ROOT / "configs" / "demo.json").read_text())
+    raw["train"]["max_step"] = 3
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.seed=1"])
+    assert str(e.value).startswith(f"{path}: train: unknown key(s) ['max_step'] (did you mean 'max_steps'?)")
+
+
+def test_impossible_batch_arithmetic_and_layers_out_of_range_are_refused():
+    proc = _config_cli("deepspeed.train_batch_size=7", "deepspeed.train_micro_batch_size_per_gpu=4")
+    assert proc.returncode == 2
+    assert "7 sequences per step is not a multiple of train_micro_batch_size_per_gpu 4" in proc.stderr
+    proc = _config_cli("student.layers=[0,2,9]")
+    assert proc.returncode == 2
+    assert "student.layers: [9] out of range: the teacher has 6 layers" in proc.stderr
+
+
+def test_the_plan_is_printed_and_a_missing_data_dir_warns(tmp_path):
+    proc = _config_cli(f"data.dir={tmp_path / 'nowhere'}", "--world-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: data.dir '{tmp_path / 'nowhere'}': no manifest.json here" in proc.stderr
+    # demo.json: 8 sequences per step at micro-batch 4 on 2 ranks -> no accumulation; 240 steps
+    assert "micro-batch 4 sequences x accumulation 1 x 2 rank(s) = 8 sequences per step" in proc.stderr
+    assert "240 steps = 1,920 sequences" in proc.stderr
+    assert "student keeps teacher layers [0, 2, 4] of 6" in proc.stderr
