@@ -271,7 +271,7 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
     )
     run = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]
     assert np.isfinite(run["score"]) and run["loss_last"] < run["loss_first"]
-    saved = tmp_path / "saved" / "a" / ds._slug(f"csv:{folder}")
+    saved = tmp_path / "saved" / "a" / ds.slug(f"csv:{folder}")
     assert (saved / "downstream_head.safetensors").is_file() and (saved / "config.json").is_file()
     # the pair reaches the model: token type 1 appears in the encoded pair
     from transformers import AutoTokenizer

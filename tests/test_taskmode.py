@@ -247,7 +247,7 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
     # the cached rows are the teacher's logits of those examples, each computed alone (no padding, no batching)
     from transformers import AutoModelForSequenceClassification
 
-    from pretrain.taskmode import TaskRecipe
+    from pretrain.tasks.recipe import TaskRecipe
 
     recipe = TaskRecipe(load(TINY, over))
     recipe.preflight(1)
