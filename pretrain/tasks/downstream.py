@@ -1,5 +1,12 @@
 """The downstream evaluation's driver: every model fine-tuned (or probed) on every task with one protocol, the result
-summarised and written (``downstream.json`` / ``.md`` / ``.png``)."""
+summarised and written (``downstream.json`` / ``.md`` / ``.png``).
+
+The result (:func:`run_downstream`'s return value and ``downstream.json``): ``{"version", "complete": True, "mode",
+"seeds", "teacher", "student", "models": {name: {path, params, layers, hidden, inference_examples_per_s}}, "tasks":
+{task: {kind, metrics, report_splits, settings, manifest, results: {model: {runs: [...], score_mean, score_std,
+metrics_mean, metrics_std, share_of_teacher}}}}, "macro", "gains", "timing", "notes"}``. Scores are fractions
+(accuracy) or correlations, not percent.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +30,10 @@ from pretrain.tasks.summary import summarise, write_outputs
 log = logging.getLogger("pretrain.downstream")
 RESULT_VERSION = 1
 RUN_ROLES = ("teacher", "student_init", "truncation", "student")
+NOTES = {
+    "embedded:wiki-topic": "embedded:wiki-topic: the demo distils on these same Wikipedia texts without "
+    "labels; its test split is the documents held out of the demo's distillation"
+}
 
 
 def run_downstream(
@@ -53,19 +64,14 @@ def run_downstream(
         split: split seed / fractions / caps; ``max_train`` / ``max_eval`` default per family
             (:func:`pretrain.tasks.finetune.defaults_for`) when None.
         overrides: FinetuneConfig fields replacing the family defaults (e.g. ``{"epochs": 1}``).
-        teacher / student: names of the reference model (shares) and the distilled student (gains); default
-            ``teacher`` / ``student`` when present, else the first model / the last one unless it is a run's
-            ``teacher``, ``student_init`` or ``truncation`` (then no gains are computed).
+        teacher / student: the reference model (shares) and the distilled student (gains); default ``teacher`` /
+            ``student`` when present, else the first / the last model unless that is a run's role (no gains).
         progress: called with one line per finished run (default: print to stdout).
         save_model: folder: the seed-0 fine-tuned model of each model and task is saved to
             ``save_model/<model>/<task>`` (e.g. a fine-tuned teacher for task distillation).
 
     Returns:
-        ``{"version", "complete": True, "mode", "seeds", "teacher", "student", "models": {name: {path, params,
-        layers, hidden, inference_examples_per_s}}, "tasks": {task: {kind, metrics, report_splits, settings,
-        manifest, results: {model: {runs: [...], score_mean, score_std, metrics_mean, metrics_std,
-        share_of_teacher}}}}, "macro", "gains", "timing", "notes"}``. Scores are fractions (accuracy) or
-        correlations, not percent.
+        the result dict (the module docstring has its layout).
 
     Raises:
         DownstreamError: bad seeds / mode / model / override; TaskError: bad task (see ``load_task``). Both before any
@@ -83,31 +89,14 @@ def run_downstream(
     teacher, student = _roles([s.name for s in specs], teacher, student)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "downstream.json").exists():
+    if (out / "downstream.json").exists():  # the inputs checked out: keep the previous result aside
         os.replace(out / "downstream.json", out / "downstream.prev.json")
-    result: dict[str, Any] = {
-        "version": RESULT_VERSION,
-        "complete": False,
-        "mode": mode,
-        "seeds": seeds if mode == "finetune" else 1,
-        "teacher": teacher,
-        "student": student,
-        "device": str(dev_),
-        "torch_threads": torch.get_num_threads(),
-        "models": {s.name: {"path": s.path, "params": s.params, "layers": s.layers, "hidden": s.hidden} for s in specs},
-        "tasks": {},
-        "notes": [],
-    }
+    result = _new_result(mode, seeds, teacher, student, dev_, specs)
     for task, cfg in loaded:
-        entry = _task_entry(task, cfg)
-        result["tasks"][task.name] = entry
-        if task.name == "embedded:wiki-topic":
-            result["notes"].append(
-                "embedded:wiki-topic: the demo distils on these same Wikipedia texts without "
-                "labels; its test split is the documents held out of the demo's distillation"
-            )
+        entry = result["tasks"][task.name] = _task_entry(task, cfg)
+        result["notes"] += [NOTES[task.name]] if task.name in NOTES else []
         for spec in specs:
-            runs = _runs(spec, task, cfg, mode, seeds if mode == "finetune" else 1, dev_, save_model, progress)
+            runs = _runs(spec, task, cfg, mode, result["seeds"], dev_, save_model, progress)
             entry["results"][spec.name] = {"runs": runs}
     summarise(result)
     result["timing"] = {"seconds": time.perf_counter() - t_start}
@@ -187,6 +176,25 @@ def _roles(names: list[str], teacher: str | None, student: str | None) -> tuple[
         if v is not None and v not in names:
             raise DownstreamError(f"{flag} {v}: not one of the models {names}")
     return teacher, student
+
+
+def _new_result(
+    mode: str, seeds: int, teacher: str, student: str | None, device: torch.device, specs: list[ModelSpec]
+) -> dict[str, Any]:
+    """The result before any task has run (``complete`` False)."""
+    return {
+        "version": RESULT_VERSION,
+        "complete": False,
+        "mode": mode,
+        "seeds": seeds if mode == "finetune" else 1,
+        "teacher": teacher,
+        "student": student,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "models": {s.name: {"path": s.path, "params": s.params, "layers": s.layers, "hidden": s.hidden} for s in specs},
+        "tasks": {},
+        "notes": [],
+    }
 
 
 def _task_entry(task: Task, cfg: FinetuneConfig) -> dict[str, Any]:
