@@ -1,10 +1,11 @@
 """The run configuration: one JSON file with sections teacher, student, data, masking, loss, train, deepspeed.
 
 Each section is a dataclass owned by its component (``pretrain.student.StudentConfig``, ``pretrain.data.DataConfig``,
-``pretrain.masking.MaskingConfig``, ``pretrain.losses.LossConfig``); this module defines :class:`TeacherConfig` and
-:class:`TrainConfig` and assembles them in :class:`RunConfig`. The ``deepspeed`` section is an ordinary DeepSpeed config
-(https://www.deepspeed.ai/docs/config-json/); :mod:`pretrain.ds_config` fills in what it leaves out and checks the batch
-arithmetic once the world size is known.
+``pretrain.masking.MaskingConfig``, ``pretrain.losses.LossConfig``); this module defines :class:`TeacherConfig`,
+:class:`TrainConfig` and the task section :class:`TaskConfig` (its schema and checks need no model code, so loading a
+config imports no task-distillation module) and assembles them in :class:`RunConfig`. The ``deepspeed`` section is an
+ordinary DeepSpeed config (https://www.deepspeed.ai/docs/config-json/); :mod:`pretrain.ds_config` fills in what it
+leaves out and checks the batch arithmetic once the world size is known.
 
 Loading is strict (:func:`load`): unknown keys, wrong types and out-of-range values raise
 :class:`pretrain.schema.ConfigError` naming the file, ``section.key`` and the value. ``section.key=value`` overrides
@@ -24,14 +25,15 @@ from typing import Any, Literal
 
 from pretrain import schema
 from pretrain.data import DataConfig
-from pretrain.losses import LossConfig
+from pretrain.losses import TASK_TERMS, LossConfig
 from pretrain.masking import MaskingConfig
 from pretrain.schema import ConfigError, check, param
 from pretrain.stages import StageConfig, stage_losses
 from pretrain.student import StudentConfig
-from pretrain.taskmode import TaskConfig, check_run_config
 
 COMMENT_KEYS = ("comment", "_source")  # documented top-level keys that hold prose (sources of hyperparameters)
+# the loss terms that read only the student's and the teacher's logits (task distillation can precompute the latter)
+LOGIT_TERMS = {"label", "ce", "prob_cos"}
 
 
 @dataclasses.dataclass
@@ -135,6 +137,109 @@ class TrainConfig:
             check(getattr(self, key) >= 0, f"train.{key}", f"{getattr(self, key)} must be >= 0")
         check(self.keep_last >= 1, "train.keep_last", f"{self.keep_last} must be >= 1 (the resume point)")
         check(self.max_bad_steps >= 1, "train.max_bad_steps", f"{self.max_bad_steps} must be >= 1")
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Task distillation (docs/task-distillation.md): a fine-tuned classifier teacher and labeled examples instead of
+    shards. Without ``name`` the run is task-agnostic distillation on ``data.dir``."""
+
+    name: str | None = param(
+        None,
+        help='The task: "glue:sst2" (any GLUE task, needs the hub), '
+        '"embedded:rotten-tomatoes" (offline tasks of pretrain.tasks), "csv:PATH" or '
+        '"jsonl:PATH"; null = task-agnostic distillation on data.dir.',
+    )
+    text_field: str = param("text", help="csv/jsonl tasks: the text field.")
+    pair_field: str | None = param(None, help="csv/jsonl tasks: the second text field of pair tasks (null: none).")
+    label_field: str = param("label", help="csv/jsonl tasks: the label field.")
+    max_length: int = param(128, help="Tokens per example (longer ones are truncated).")
+    split_seed: int = param(
+        0,
+        help="Seed of the deterministic train / dev / test split of embedded and local tasks "
+        "(the one python -m pretrain.downstream uses by default).",
+    )
+    max_train_examples: int | None = param(None, help="Stratified cap on the train split (null = all).")
+    max_eval_examples: int | None = param(1000, help="Stratified cap on each evaluation split (null = all).")
+    eval_split: str = param(
+        "dev",
+        help='Split evaluated during training: "dev" (choose settings there; the test '
+        'split is for the report) or "test".',
+    )
+    teacher_logits: Literal["on_the_fly", "precompute"] = param(
+        "on_the_fly",
+        help='"on_the_fly": the teacher runs every step; "precompute": its logits for every training '
+        "example are computed once into RUN/teacher_logits.pt (verified by hash, reused), for "
+        "losses that read only the logits (alpha_label, alpha_ce, alpha_prob_cos).",
+    )
+    student: str | None = param(
+        None,
+        help="Two-step distillation: a task-agnostic distilled encoder (a run's "
+        "student/ directory) to start from instead of the teacher's layers; its "
+        "depth must match student.layers (the layer pairs).",
+    )
+    head: Literal["teacher", "new"] = param(
+        "teacher",
+        help='With task.student: copy the teacher\'s classification head ("teacher", when the widths '
+        'match) or start a new one ("new").',
+    )
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming ``task.<key>``."""
+        check(self.max_length >= 8, "task.max_length", f"{self.max_length} must be >= 8")
+        for key in ("max_train_examples", "max_eval_examples"):
+            v = getattr(self, key)
+            check(v is None or v >= 2, f"task.{key}", f"{v} must be >= 2 or null")
+        check(self.eval_split in ("dev", "test"), "task.eval_split", f"{self.eval_split!r} is not 'dev' or 'test'")
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Cross-section rules of task mode (``cfg``: RunConfig), or of task-agnostic mode when ``task.name`` is null.
+    Raises :class:`ConfigError`."""
+    task_mode = bool(cfg.task.name)
+    for i, loss in enumerate(stage_losses(cfg)):
+        where = "loss" if not cfg.train.stages else f"train.stages[{i}].loss"
+        active = loss.active()
+        if task_mode:
+            check(
+                "mlm" not in active,
+                f"{where}.alpha_mlm",
+                f"{loss.alpha_mlm}: task distillation has no masked tokens; set it to 0",
+            )
+        else:
+            for term in TASK_TERMS:
+                check(
+                    term not in active,
+                    f"{where}.alpha_{term}",
+                    "is for task distillation (set task.name); set it to 0 for distillation on data.dir",
+                )
+        if task_mode and cfg.task.teacher_logits == "precompute":
+            check(
+                set(active) <= LOGIT_TERMS,
+                "task.teacher_logits",
+                f"'precompute' needs a loss on the logits only ({', '.join('alpha_' + t for t in sorted(LOGIT_TERMS))}"
+                f"); {where} also has {sorted(set(active) - LOGIT_TERMS)}, for which the teacher runs anyway: use "
+                f"'on_the_fly'",
+            )
+    if task_mode:
+        check(
+            cfg.student.architecture == "same",
+            "student.architecture",
+            f"{cfg.student.architecture!r}: task distillation keeps the teacher's class ('same')",
+        )
+        check(
+            cfg.student.init != "prune",
+            "student.init",
+            "'prune' measures importance on data.dir's shards, which task distillation does not read; prune in a "
+            "task-agnostic run and give its student/ as task.student, or use 'teacher' or 'random'",
+        )
+    else:
+        check(
+            bool(cfg.data.dir.strip()),
+            "data.dir",
+            "is empty; give the shard directory of `python -m data_prep "
+            "prepare` (or set task.name for task distillation)",
+        )
 
 
 SECTIONS: dict[str, type] = {

@@ -47,12 +47,17 @@ from pretrain.masking import Masker, MaskingConfig
 from pretrain.report import plot_loss_curves, render_markdown
 from pretrain.schema import ConfigError
 from pretrain.student import mlm_head
+from pretrain.tasks.examples import Examples, collate, sorted_batches
+from pretrain.tasks.predict import run_batches
 from pretrain.teacher import describe_differences, has_mlm_head, tokenizer_differences
 from pretrain.validate import IGNORE, mlm_summary, mlm_sums
 
 log = logging.getLogger("pretrain.evaluate")
 
-MASKING = MaskingConfig()  # BERT's 15% and 80/10/10 (token_counts=None below: uniform selection)
+# The MLM evaluation's default masking: BERT's 15% and 80/10/10 (token_counts=None below: uniform selection). Not the
+# run's masking section: the demo configs train with 0/100/0 mask/keep/random (DistilBERT-style "keep"), under which
+# every selected token stays visible and the MLM metrics would measure copying; ``evaluate(masking=...)`` overrides.
+MASKING = MaskingConfig()
 
 
 class EvalError(DistillError, RuntimeError):
@@ -134,14 +139,10 @@ def load_model(name: str, path: str, config, device: torch.device) -> Model:
 
 # ------------------------------------------------------------------------------------------------------- embeddings
 def pad_batch(seqs: list[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D token arrays to the longest: (input_ids [b, L] int64, attention_mask [b, L] int64)."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    attn = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        attn[i, : len(s)] = 1
-    return torch.from_numpy(ids).to(device), torch.from_numpy(attn).to(device)
+    """Right-pad 1-D token arrays to the longest: (input_ids [b, L] int64, attention_mask [b, L] int64) on ``device``
+    (the labeled tasks' one collation, :func:`pretrain.tasks.examples.collate`)."""
+    batch = collate(Examples(list(seqs)), range(len(seqs)), pad_id)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -191,16 +192,17 @@ def embed(
 ) -> torch.Tensor:
     """L2-normalised sentence embeddings [len(seqs), hidden] float32 of token sequences (special tokens included).
 
-    Sequences are batched by length (longest first) to limit padding; the output keeps the input order.
+    Sequences are batched by length (longest first) to limit padding; the output keeps the input order (the labeled
+    tasks' prediction loop, :func:`pretrain.tasks.predict.run_batches`, on the encoder).
     """
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = torch.empty(len(seqs), model.config.hidden_size, dtype=torch.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, attn = pad_batch([seqs[i] for i in idx], pad_id, device)
-        hidden = model.encoder(input_ids=ids, attention_mask=attn).last_hidden_state.float()
-        out[idx] = pool(hidden, attn, pooling).cpu()
-    return F.normalize(out, dim=-1)
+    data = Examples(list(seqs))
+
+    def pooled(output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pool(output.last_hidden_state.float(), batch["attention_mask"], pooling)
+
+    batches = sorted_batches(data.lengths, batch_size)
+    out = run_batches(model.encoder, data, batches, pad_id=pad_id, device=device, head=pooled)
+    return F.normalize(torch.from_numpy(out), dim=-1)
 
 
 def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:
@@ -407,6 +409,52 @@ def _load_tokenizer(teacher: str, manifest: dict):
 
 
 # ----------------------------------------------------------------------------------------------------------- report
+@dataclasses.dataclass
+class EvalSettings:
+    """The knobs of :func:`evaluate` (the command line's flags of the same names).
+
+    ``max_sequences`` caps the MLM evaluation (sequences), ``max_documents`` the retrieval (documents of at least
+    ``min_doc_tokens`` tokens, sampled with ``seed``); ``batch_size`` sequences per forward (MLM, embeddings);
+    ``bench_*`` the throughput batch (sequences x tokens, capped to the shards' length), untimed warm-up and timed
+    forwards; ``downstream``: labeled tasks (pretrain.tasks specs) on which the run's teacher, student_init, top-layer
+    truncation and student are fine-tuned (``downstream_mode``: or probed) with ``downstream_seeds`` seeds
+    (``downstream_head``: the classification head, ``downstream_max_train``: a cap on the train examples; default:
+    the task family's) by :func:`pretrain.tasks.downstream.run_downstream`.
+    """
+
+    split: str = "valid"
+    max_sequences: int = 512
+    max_documents: int = 1000
+    min_doc_tokens: int = 16
+    batch_size: int = 32
+    bench_batch: int = 32
+    bench_length: int = 128
+    bench_warmup: int = 2
+    bench_iters: int = 5
+    seed: int = 0
+    device: str = "auto"
+    downstream: list[str] | None = None
+    downstream_seeds: int = 2
+    downstream_mode: str = "finetune"
+    downstream_head: str | None = None
+    downstream_max_train: int | None = None
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What :func:`evaluate` reads: model paths (table order), the run directory, metrics file and held-out split."""
+
+    paths: dict[str, str]
+    run_dir: Path | None
+    metrics_path: Path | None
+    data: Path
+    ds: Any
+
+    @property
+    def order(self) -> list[str]:
+        return [n for n in ("teacher", "student_init", "student") if n in self.paths]
+
+
 def evaluate(
     student: str,
     teacher: str,
@@ -414,45 +462,83 @@ def evaluate(
     output: str | Path,
     *,
     student_init: str | None = None,
-    split: str = "valid",
     metrics: str | Path | None = None,
-    max_sequences: int = 512,
-    max_documents: int = 1000,
-    min_doc_tokens: int = 16,
-    batch_size: int = 32,
-    bench_batch: int = 32,
-    bench_length: int = 128,
-    bench_warmup: int = 2,
-    bench_iters: int = 5,
-    seed: int = 0,
-    device: str = "auto",
-    downstream: list[str] | None = None,
-    downstream_seeds: int = 2,
-    downstream_mode: str = "finetune",
-    downstream_head: str | None = None,
-    downstream_max_train: int | None = None,
+    masking: MaskingConfig | None = None,
+    settings: EvalSettings | None = None,
+    **overrides: Any,
 ) -> dict:
-    """Evaluate teacher, student at initialisation and distilled student on the held-out ``split`` of the shards in
-    ``data``; write report.json, report.md and loss_curves.png into ``output``; return the report dict.
+    """Evaluate teacher, student at initialisation and distilled student on the held-out ``settings.split`` of the
+    shards in ``data``; write report.json, report.md and loss_curves.png into ``output``; return the report dict.
 
     ``student_init`` defaults to ``STUDENT/../student_init`` when that exists (else that column is null); ``metrics``
-    to ``STUDENT/../metrics.jsonl``. ``max_sequences`` caps the MLM evaluation (sequences), ``max_documents`` the
-    retrieval (documents of at least ``min_doc_tokens`` tokens, sampled with ``seed``). ``downstream``: labeled tasks
-    (pretrain.tasks specs) on which the run's teacher, student_init, top-layer truncation and student are fine-tuned
-    (``downstream_mode``: or probed) with ``downstream_seeds`` seeds (``downstream_head``: the classification head,
-    ``downstream_max_train``: a cap on the train examples; default: the task family's) by
-    :func:`pretrain.downstream.run_downstream`
-    into ``output/downstream/``; the report then carries its table. Raises :class:`EvalError` on missing inputs, a
-    data directory without that split, or a vocabulary that differs from the shards'.
+    to ``STUDENT/../metrics.jsonl``. ``masking``: the MLM evaluation's masking (default :data:`MASKING`, BERT's 15%
+    and 80/10/10 with uniform selection). ``settings`` (:class:`EvalSettings`), or its fields as keywords
+    (``max_sequences=256``, ...). The report then carries the downstream table when ``settings.downstream`` is set.
+
+    Raises:
+        EvalError: missing inputs, a data directory without that split, or a vocabulary that differs from the
+            shards'. TypeError: an unknown keyword.
     """
     t_start = time.perf_counter()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    s = dataclasses.replace(settings or EvalSettings(), **overrides)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
+    inp = _inputs(student, teacher, student_init, metrics, data, s.split)
+    manifest, order = inp.ds.manifest, inp.order
+    flags = {n: "--" + n.replace("_", "-") for n in order}
+    configs = {n: _load_config(flags[n], inp.paths[n]) for n in order}
+    tokenizer = _load_tokenizer(inp.paths["teacher"], manifest)
+    check_vocab(manifest, inp.data, tokenizer, {flags[n]: (inp.paths[n], configs[n]) for n in order})
+    max_len = min(int(manifest["max_seq_length"]), int(getattr(tokenizer, "model_max_length", 10**9)))
+    models = [load_model(n, inp.paths[n], configs[n], dev) for n in order]
+    results: dict[str, dict] = {n: {"params": m.params} for n, m in zip(order, models, strict=False)}
+    meta = _meta(s, dev, inp)
+    meta["throughput"] = _throughput_step(models, tokenizer, results, s, max_len, dev)
+    meta["retrieval"] = _retrieval_step(models, inp, results, s, max_len, dev)
+    if has_mlm_head(configs["teacher"]):
+        meta["mlm"] = _mlm_step(models, inp.ds, tokenizer, results, s, masking or MASKING, dev)
+    else:
+        log.info("the teacher has no MLM head (%s): no MLM metrics", configs["teacher"].architectures)
+    downstream_result = None
+    if s.downstream:
+        downstream_result = _downstream(inp.run_dir, output, s.downstream, s.device, settings=s)
+    meta["metrics_file"] = (
+        str(inp.metrics_path) if inp.metrics_path is not None and inp.metrics_path.is_file() else None
+    )
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    report = {
+        "teacher": results["teacher"],
+        "student_init": results.get("student_init"),
+        "student": results["student"],
+        "meta": meta,
+    }
+    if downstream_result is not None:
+        report["downstream"] = downstream_result
+    write_report(report, output)
+    return report
+
+
+def _meta(s: EvalSettings, dev: torch.device, inp: _Inputs) -> dict[str, Any]:
+    """The report's ``meta`` before the measurements: split, date, device, threads, paths, split sizes."""
+    return {
+        "split": s.split,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "paths": {**{n: str(inp.paths[n]) for n in inp.order}, "data": str(inp.data)},
+        "split_sequences": len(inp.ds),
+        "split_documents": inp.ds.manifest["splits"][s.split].get("num_documents"),
+    }
+
+
+def _inputs(
+    student: str, teacher: str, student_init: str | None, metrics: str | Path | None, data: str | Path, split: str
+) -> _Inputs:
+    """Open the held-out split and resolve every model path (``student_init`` guessed as ``RUN/student_init``,
+    ``metrics`` as ``RUN/metrics.jsonl``). Raises :class:`EvalError`."""
     try:
         ds = open_split(data, split, key="--data")
     except ConfigError as e:
         raise EvalError(str(e)) from None
-    manifest = ds.manifest
-    data = Path(data)
     paths = {"teacher": _resolve("--teacher", teacher), "student": _resolve("--student", student)}
     run_dir = Path(paths["student"]).parent if Path(paths["student"]).is_dir() else None  # RUN of RUN/student
     if student_init is None:
@@ -469,153 +555,110 @@ def evaluate(
     if metrics is not None and not Path(metrics).is_file():
         raise EvalError(f"--metrics {metrics}: no such file; give the run's metrics.jsonl or leave --metrics out")
     metrics_path = Path(metrics) if metrics is not None else run_dir / "metrics.jsonl" if run_dir else None
-    order = [n for n in ("teacher", "student_init", "student") if n in paths]
-    flags = {n: "--" + n.replace("_", "-") for n in order}
-    configs = {n: _load_config(flags[n], paths[n]) for n in order}
-    tokenizer = _load_tokenizer(paths["teacher"], manifest)
-    check_vocab(manifest, data, tokenizer, {flags[n]: (paths[n], configs[n]) for n in order})
-    tok = manifest["tokenizer"]
-    pad_id, cls_id, sep_id = tok["pad_token_id"], tok["cls_token_id"], tok["sep_token_id"]
-    max_len = min(int(manifest["max_seq_length"]), int(getattr(tokenizer, "model_max_length", 10**9)))
-    pooling, normalized = pooling_mode(paths["teacher"])
+    return _Inputs(paths, run_dir, metrics_path, Path(data), ds)
 
-    models = [load_model(n, paths[n], configs[n], dev) for n in order]
-    results: dict[str, dict] = {n: {"params": m.params} for n, m in zip(order, models, strict=False)}
-    meta: dict[str, Any] = {
-        "split": split,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "paths": {**{n: str(paths[n]) for n in order}, "data": str(data)},
-        "split_sequences": len(ds),
-        "split_documents": manifest["splits"][split].get("num_documents"),
-    }
 
-    # Throughput: same batch shape for every model.
-    seq_length = min(bench_length, max_len)
+def _throughput_step(
+    models: list[Model], tokenizer: Any, results: dict[str, dict], s: EvalSettings, max_len: int, dev: torch.device
+) -> dict[str, Any]:
+    """Encoder throughput of every model on the same batch shape into ``results``; returns the meta entry."""
+    seq_length = min(s.bench_length, max_len)
     normal = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
     speeds = throughputs(
         models,
         token_ids=normal,
-        batch_size=bench_batch,
+        batch_size=s.bench_batch,
         seq_length=seq_length,
-        warmup=bench_warmup,
-        iters=bench_iters,
+        warmup=s.bench_warmup,
+        iters=s.bench_iters,
         device=dev,
-        seed=seed,
+        seed=s.seed,
     )
-    for n in order:
-        results[n]["tokens_per_s"] = speeds[n]
-        results[n]["speedup"] = results[n]["tokens_per_s"] / results["teacher"]["tokens_per_s"]
-    meta["throughput"] = {
-        "batch_size": bench_batch,
-        "seq_length": seq_length,
-        "warmup": bench_warmup,
-        "iters": bench_iters,
-    }
-    log.info("throughput (tokens/s): %s", {n: round(results[n]["tokens_per_s"]) for n in order})
+    for m in models:
+        results[m.name]["tokens_per_s"] = speeds[m.name]
+        results[m.name]["speedup"] = results[m.name]["tokens_per_s"] / results["teacher"]["tokens_per_s"]
+    log.info("throughput (tokens/s): %s", {m.name: round(results[m.name]["tokens_per_s"]) for m in models})
+    return {"batch_size": s.bench_batch, "seq_length": seq_length, "warmup": s.bench_warmup, "iters": s.bench_iters}
 
-    docs, eligible = sample_documents(ds.documents(), k=max_documents, min_tokens=min_doc_tokens, seed=seed)
-    meta["retrieval"] = {
+
+def _retrieval_step(
+    models: list[Model], inp: _Inputs, results: dict[str, dict], s: EvalSettings, max_len: int, dev: torch.device
+) -> dict[str, Any]:
+    """recall@1 and embedding cosine on sampled held-out documents into ``results``; returns the meta entry."""
+    tok = inp.ds.manifest["tokenizer"]
+    pooling, normalized = pooling_mode(inp.paths["teacher"])
+    docs, eligible = sample_documents(inp.ds.documents(), k=s.max_documents, min_tokens=s.min_doc_tokens, seed=s.seed)
+    meta = {
         "num_documents": len(docs),
         "eligible_documents": eligible,
-        "min_tokens": min_doc_tokens,
+        "min_tokens": s.min_doc_tokens,
         "max_content_tokens": max_len - 2,
         "pooling": pooling,
         "normalized": normalized,
     }
+    cls_id, sep_id = tok["cls_token_id"], tok["sep_token_id"]
     halves = [split_halves(d, max_content=max_len - 2, cls_id=cls_id, sep_id=sep_id) for d in docs]
     for n, vals in retrieval_metrics(
-        models, halves, pad_id=pad_id, batch_size=batch_size, pooling=pooling, device=dev
+        models, halves, pad_id=tok["pad_token_id"], batch_size=s.batch_size, pooling=pooling, device=dev
     ).items():
         results[n].update(vals)
+    return meta
 
-    if has_mlm_head(configs["teacher"]):
-        t0 = time.perf_counter()
-        n_seq = min(max_sequences, len(ds))
-        idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=n_seq, replace=False))
-        seqs = [np.asarray(ds[int(i)], dtype=np.int64) for i in idx]
-        # Uniform selection (no token-frequency smoothing): every held-out token counts alike.
-        masker = Masker.from_tokenizer(MASKING, tokenizer, token_counts=None, seed=seed)
-        batches = mlm_batches(seqs, masker, pad_id=pad_id, batch_size=batch_size, device=dev)
-        for n, vals in mlm_metrics(models, batches).items():
-            results[n].update(vals)
-        meta["mlm"] = {
-            "num_sequences": n_seq,
-            "num_masked": int(sum((b[2] != IGNORE).sum() for b in batches)),
-            "masking": f"{MASKING.mlm_mask_prop:.0%} of the non-special tokens, uniform, "
-            f"{MASKING.word_mask:.0%}/{MASKING.word_rand:.0%}/{MASKING.word_keep:.0%} mask/random/keep, "
-            f"seed {seed}",
-        }
-        log.info(
-            "MLM on %d sequences (%.1f s): %s",
-            n_seq,
-            time.perf_counter() - t0,
-            {
-                n: {
-                    k: round(results[n][k], 4)
-                    for k in ("mlm_loss", "kl_to_teacher", "agreement")
-                    if results[n][k] is not None
-                }
-                for n in order
-            },
-        )
-    else:
-        log.info("the teacher has no MLM head (%s): no MLM metrics", configs["teacher"].architectures)
 
-    downstream_result = None
-    if downstream:
-        downstream_result = _downstream(
-            run_dir,
-            output,
-            downstream,
-            device,
-            seeds=downstream_seeds,
-            mode=downstream_mode,
-            head=downstream_head,
-            max_train=downstream_max_train,
-        )
-    meta["metrics_file"] = str(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
-    meta["seconds"] = round(time.perf_counter() - t_start, 1)
-    report = {
-        "teacher": results["teacher"],
-        "student_init": results.get("student_init"),
-        "student": results["student"],
-        "meta": meta,
+def _mlm_step(
+    models: list[Model],
+    ds: Any,
+    tokenizer: Any,
+    results: dict[str, dict],
+    s: EvalSettings,
+    masking: MaskingConfig,
+    dev: torch.device,
+) -> dict[str, Any]:
+    """MLM metrics of every model on the same masked held-out sequences into ``results``; returns the meta entry."""
+    t0 = time.perf_counter()
+    n_seq = min(s.max_sequences, len(ds))
+    idx = np.sort(np.random.default_rng(s.seed).choice(len(ds), size=n_seq, replace=False))
+    seqs = [np.asarray(ds[int(i)], dtype=np.int64) for i in idx]
+    # Uniform selection (no token-frequency smoothing): every held-out token counts alike.
+    masker = Masker.from_tokenizer(masking, tokenizer, token_counts=None, seed=s.seed)
+    pad_id = ds.manifest["tokenizer"]["pad_token_id"]
+    batches = mlm_batches(seqs, masker, pad_id=pad_id, batch_size=s.batch_size, device=dev)
+    for n, vals in mlm_metrics(models, batches).items():
+        results[n].update(vals)
+    keys = ("mlm_loss", "kl_to_teacher", "agreement")
+    shown = {m.name: {k: round(results[m.name][k], 4) for k in keys if results[m.name][k] is not None} for m in models}
+    log.info("MLM on %d sequences (%.1f s): %s", n_seq, time.perf_counter() - t0, shown)
+    return {
+        "num_sequences": n_seq,
+        "num_masked": int(sum((b[2] != IGNORE).sum() for b in batches)),
+        "masking": f"{masking.mlm_mask_prop:.0%} of the non-special tokens, uniform, "
+        f"{masking.word_mask:.0%}/{masking.word_rand:.0%}/{masking.word_keep:.0%} mask/random/keep, "
+        f"seed {s.seed}",
     }
-    if downstream_result is not None:
-        report["downstream"] = downstream_result
-    write_report(report, output)
-    return report
 
 
 def _downstream(
-    run_dir: Path | None,
-    output,
-    tasks: list[str],
-    device: str,
-    *,
-    seeds: int,
-    mode: str,
-    head: str | None,
-    max_train: int | None,
+    run_dir: Path | None, output: str | Path, tasks: list[str], device: str, *, settings: EvalSettings
 ) -> dict:
-    """Fine-tune (probe) the run's models on ``tasks`` (:func:`pretrain.downstream.run_downstream` with
-    :func:`pretrain.downstream.run_models`) into ``output/downstream``; returns its result with ``png`` (the chart's
-    path relative to ``output``, or None). Raises :class:`EvalError` without a run directory or for a bad task."""
-    from pretrain.downstream import DownstreamError, run_downstream, run_models
-    from pretrain.tasks import SplitConfig
+    """Fine-tune (probe) the run's models on ``tasks`` (:func:`pretrain.tasks.downstream.run_downstream` with
+    :func:`pretrain.tasks.models.run_models`) into ``output/downstream``; returns its result with ``png`` (the
+    chart's path relative to ``output``, or None). Raises :class:`EvalError` without a run directory or for a bad
+    task."""
+    from pretrain.tasks.base import DownstreamError, SplitConfig
+    from pretrain.tasks.downstream import run_downstream
+    from pretrain.tasks.models import run_models
 
     if run_dir is None:
         raise EvalError("--downstream needs the student of a run directory (RUN/student) to find the run's models")
     out = Path(output) / "downstream"
+    head, max_train = settings.downstream_head, settings.downstream_max_train
     try:
         result = run_downstream(
             tasks,
             run_models(run_dir, out),
             out,
-            mode=mode,
-            seeds=seeds,
+            mode=settings.downstream_mode,
+            seeds=settings.downstream_seeds,
             device=device,
             overrides={"head": head} if head else None,
             split=SplitConfig(max_train=max_train) if max_train else None,
@@ -647,7 +690,29 @@ def write_report(report: dict, output: str | Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; exits 2 (argparse) on a malformed one or a count below 1."""
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
+    _add_input_args(p)
+    _add_size_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling, benchmark batch (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    _add_downstream_args(p)
+    args = p.parse_args(argv)
+    for name in (
+        "max_sequences",
+        "max_documents",
+        "batch_size",
+        "bench_batch",
+        "bench_length",
+        "bench_iters",
+        "downstream_seeds",
+    ):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, metavar="DIR", help="the distilled student (RUN/student)")
     p.add_argument(
         "--teacher", required=True, metavar="DIR", help="teacher: model directory, hub name or embedded:NAME"
@@ -661,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--split", default="valid", help="held-out split of the shards (default: %(default)s)")
     p.add_argument("--metrics", metavar="FILE", help="the run's metrics.jsonl (default: RUN/metrics.jsonl, if any)")
+
+
+def _add_size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-sequences",
         type=int,
@@ -713,8 +781,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="timed forwards per model, fastest taken (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling, benchmark batch (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+
+
+def _add_downstream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--downstream",
         action="append",
@@ -738,23 +807,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="cap on --downstream train examples (stratified; default: the task family's)",
     )
-    args = p.parse_args(argv)
-    for name in (
-        "max_sequences",
-        "max_documents",
-        "batch_size",
-        "bench_batch",
-        "bench_length",
-        "bench_iters",
-        "downstream_seeds",
-    ):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (0 ok, 2 user error)."""
+    """Command line entry point; returns the exit status (0 ok, the error's ``exit_code`` on a user error: 2)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="evaluate: %(message)s")
     try:
@@ -764,9 +820,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         kwargs = {k: v for k, v in vars(args).items() if k not in ("student", "teacher", "data", "output")}
         report = evaluate(args.student, args.teacher, args.data, args.output, **kwargs)
-    except EvalError as e:
+    except DistillError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(json.dumps({n: report[n] for n in ("teacher", "student_init", "student")}, indent=1))
     return 0
 

@@ -180,7 +180,7 @@ def render_markdown(report: dict, png_name: str | None) -> str:
         )
     lines.append("")
     if report.get("downstream"):
-        from pretrain.downstream import render_downstream_markdown
+        from pretrain.tasks.summary import render_downstream_markdown
 
         png = report["downstream"].get("png")
         table = render_downstream_markdown(report["downstream"], png)

@@ -271,7 +271,7 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
     )
     run = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]
     assert np.isfinite(run["score"]) and run["loss_last"] < run["loss_first"]
-    saved = tmp_path / "saved" / "a" / ds._slug(f"csv:{folder}")
+    saved = tmp_path / "saved" / "a" / ds.slug(f"csv:{folder}")
     assert (saved / "downstream_head.safetensors").is_file() and (saved / "config.json").is_file()
     # the pair reaches the model: token type 1 appears in the encoded pair
     from transformers import AutoTokenizer
@@ -460,3 +460,90 @@ def test_exported_student_loads_with_token_classification_and_qa_heads(tmp_path,
     # the encoder weights are the exported student's
     emb = student.base_model.embeddings.word_embeddings.weight
     assert torch.equal(tc.base_model.embeddings.word_embeddings.weight, emb)
+
+
+# ------------------------------------------------------------------------------- one collation, one prediction loop
+def test_collate_pads_to_a_multiple_with_segment_ids_labels_and_teacher_logits():
+    from pretrain.tasks.examples import Examples, collate
+
+    data = Examples(
+        [np.array([5, 6, 7]), np.array([8]), np.array([9, 10, 11, 12, 13])],
+        [np.array([0, 0, 1]), np.array([0]), np.array([0, 0, 0, 1, 1])],
+        np.array([2, 0, 1]),
+        teacher_logits=np.arange(6, dtype=np.float32).reshape(3, 2),
+    )
+    b = collate(data, [2, 0], pad_id=1, multiple=8, regression=False)
+    assert b["input_ids"].tolist() == [[9, 10, 11, 12, 13, 1, 1, 1], [5, 6, 7, 1, 1, 1, 1, 1]]
+    assert b["attention_mask"].sum(1).tolist() == [5, 3] and b["input_ids"].dtype == torch.int64
+    assert b["token_type_ids"].tolist()[0] == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert b["labels"].tolist() == [1, 2] and b["labels"].dtype == torch.int64
+    assert b["teacher_logits"].tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    b = collate(data, np.array([1, 0]), pad_id=0, segment_ids=False, regression=True)  # dynamic padding (multiple 1)
+    assert b["input_ids"].shape == (2, 3) and "token_type_ids" not in b and b["labels"].dtype == torch.float32
+    assert "labels" not in collate(data, [0], pad_id=0)  # no labels unless the task kind is given
+
+
+def test_one_segment_id_rule(tiny_dir):
+    """BERT-style models take segment ids, RoBERTa (one token type) does not; a model whose forward has no
+    token_type_ids does not either, whatever its config."""
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+    from pretrain.tasks.examples import uses_segment_ids
+    from pretrain.tasks.finetune import MeanPoolClassifier
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=2)
+    assert uses_segment_ids(bert) and uses_segment_ids(bert.config)
+    assert not uses_segment_ids(RobertaConfig(type_vocab_size=1))
+
+    class NoSegments(torch.nn.Module):
+        config = bert.config
+
+        def forward(self, input_ids, attention_mask):
+            return input_ids
+
+    assert not uses_segment_ids(NoSegments())
+    assert uses_segment_ids(MeanPoolClassifier(bert.base_model, 2, regression=False))
+
+
+def test_prediction_loop_keeps_example_order_whatever_the_batches(tiny_dir):
+    """run_batches writes each example's output to its own row: length-sorted and rank-strided batch orders give
+    the same logits (up to float rounding of other padding widths), and the predictions follow from them."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pretrain.tasks import Split
+    from pretrain.tasks.examples import encode, sorted_batches
+    from pretrain.tasks.predict import mean_pooled, predictions, run_batches
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    split = Split([" ".join(WORDS[: 1 + i % 9]) for i in range(11)], np.arange(11) % 2)
+    data = encode(tok, split, 32)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=3).eval()
+    a = run_batches(model, data, sorted_batches(data.lengths, 4), pad_id=tok.pad_token_id, device="cpu")
+    strided = [np.arange(r, 11, 2) for r in (0, 1)]
+    b = run_batches(model, data, strided, pad_id=tok.pad_token_id, device="cpu", multiple=8)
+    assert a.shape == (11, 3) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    one = run_batches(model, data, [np.array([7])], pad_id=tok.pad_token_id, device="cpu")
+    np.testing.assert_allclose(one[7], a[7], atol=1e-5)
+    assert not one[np.arange(11) != 7].any()  # rows of examples in no batch stay 0
+    assert predictions(a, regression=False).tolist() == a.argmax(-1).tolist()
+    assert predictions(a, regression=True).dtype == np.float32
+    pooled = run_batches(
+        model.base_model, data, [np.arange(11)], pad_id=tok.pad_token_id, device="cpu", head=mean_pooled
+    )
+    assert pooled.shape == (11, model.config.hidden_size)
+
+
+def test_entry_points_reexport_the_package():
+    """python -m pretrain.downstream / pretrain.taskmode stay thin entry points over pretrain.tasks."""
+    import pretrain.downstream as entry
+    import pretrain.taskmode as tm
+    from pretrain.tasks import downstream, downstream_cli, finetune, recipe, scoring
+
+    assert entry.run_downstream is downstream.run_downstream and entry.main is downstream_cli.main
+    assert entry.finetune is finetune.finetune and tm.TaskRecipe is recipe.TaskRecipe
+    assert tm.evaluate_classifier is scoring.evaluate_classifier
+    for module in ("pretrain.downstream", "pretrain.taskmode"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and f"python -m {module}" in proc.stdout, proc.stderr

@@ -354,3 +354,32 @@ def test_report_includes_the_downstream_table(setup, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Downstream evaluation" in md and "truncation" in md and "| student " in md
     assert json.loads((tmp_path / "out" / "report.json").read_text())["downstream"]["complete"] is True
+
+
+def test_masking_and_settings_are_parameters(setup, report, tmp_path):
+    """The MLM evaluation's masking defaults to BERT's 80/10/10 (ev.MASKING) and can be given (here the demo
+    configs' keep-everything masking: the same positions, other inputs, another loss); every other knob
+    is an EvalSettings field, given as keyword or as settings; an unknown one is a TypeError."""
+    from pretrain.masking import MaskingConfig
+
+    assert "80%/10%/10% mask/random/keep" in report["meta"]["mlm"]["masking"]
+    keep = MaskingConfig(word_mask=0.0, word_keep=1.0, word_rand=0.0)
+    settings = ev.EvalSettings(**{**KW, "max_documents": 4})
+    args = (str(setup["dirs"]["student"]), str(setup["dirs"]["teacher"]), setup["data"], tmp_path / "keep")
+    other = ev.evaluate(*args, masking=keep, settings=settings)
+    assert "0%/0%/100% mask/random/keep" in other["meta"]["mlm"]["masking"]
+    assert other["meta"]["mlm"]["num_masked"] == report["meta"]["mlm"]["num_masked"]  # the same positions
+    assert other["teacher"]["mlm_loss"] != pytest.approx(report["teacher"]["mlm_loss"], rel=1e-4)
+    assert other["meta"]["retrieval"]["num_documents"] <= 4
+    with pytest.raises(TypeError):
+        ev.evaluate(*args, no_such_setting=1)
+
+
+def test_pad_batch_is_the_tasks_collation():
+    from pretrain.tasks.examples import Examples, collate
+
+    seqs = [np.array([4, 5, 6]), np.array([7]), np.array([8, 9])]
+    ids, attn = ev.pad_batch(seqs, 0, torch.device("cpu"))
+    assert ids.tolist() == [[4, 5, 6], [7, 0, 0], [8, 9, 0]] and attn.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    b = collate(Examples(seqs), range(3), 0)
+    assert torch.equal(ids, b["input_ids"]) and torch.equal(attn, b["attention_mask"])

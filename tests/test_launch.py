@@ -22,6 +22,8 @@ COMMANDS = {
     "bert-distill-config": "pretrain.config:main",
     "bert-distill-export": "pretrain.export:main",
     "bert-distill-evaluate": "pretrain.evaluate:main",
+    "bert-distill-downstream": "pretrain.downstream:main",
+    "bert-distill-taskmode": "pretrain.taskmode:main",
 }
 
 

