@@ -18,7 +18,7 @@ same machine load; medians over the timed steps are reported:
   ``attention`` (eager attention), ``teacher-fp32`` (GPU: the teacher in fp32), ``host-sync`` (``.item()`` of every
   logged value after each micro-batch, as a loop that logs from host floats would), ``optimizer`` (torch AdamW's
   per-tensor loop instead of its fused kernel), ``allreduce`` (DeepSpeed's gradient all-reduce with one rank),
-  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``),
+  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``runtime.keep_freed_memory``),
   ``vocab-align`` (CUDA: the LM heads' vocabulary products unpadded: an odd vocabulary gives unaligned GEMMs).
   One ablation changes the recipe instead, to price a part of it: ``dropout`` (the student's dropout off, hidden
   and attention: what DistilBERT's dropout 0.1 costs per step).
@@ -239,7 +239,7 @@ class Mode:
     position, then select; ``eager``: eager attention; ``teacher_fp32``: the teacher in fp32; ``host_sync``: ``.item()``
     of the logged values after each micro-batch; ``unfused_optimizer``: torch AdamW's per-tensor loop instead of its
     fused kernel; ``allreduce``: DeepSpeed's gradient all-reduce even with one rank; ``default_malloc``: glibc's
-    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`;
+    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.runtime.keep_freed_memory`;
     ``unaligned_vocab``: the LM heads' vocabulary products without padding to a multiple of 64 (CUDA;
     :func:`pretrain.distill.aligned_vocab`); ``no_dropout``: every ``nn.Dropout`` of the student at p = 0 (its hidden
     and attention dropout; a change of the recipe, to price it)."""
@@ -289,7 +289,7 @@ class ModeSwitch:
         self.vocab_multiple = self.model.vocab_multiple
         # BERT / RoBERTa / ELECTRA / DistilBERT read their attention dropout from an nn.Dropout module's p too
         self.dropout_p = {m: m.p for m in self.model.student.modules() if isinstance(m, torch.nn.Dropout)}
-        self.fast_teacher_dtype = teacher_dtype(trainer.cfg, trainer.cuda)
+        self.fast_teacher_dtype = teacher_dtype(trainer.cfg.teacher, trainer.cfg.deepspeed, trainer.cuda)
         self.allreduce = self.engine.enable_backward_allreduce
         opt = self.engine.optimizer
         self.torch_optimizer = getattr(opt, "optimizer", opt)

@@ -43,7 +43,7 @@ from data_prep.files import atomic_write_text
 from pretrain.rundir import RunDir
 
 if TYPE_CHECKING:
-    from pretrain.config import RunConfig
+    from pretrain.config import RunConfig, TrainConfig
 
 TRAINER_MODULE = "pretrain.main"  # what each rank runs: python -m TRAINER_MODULE --config C overrides
 
@@ -377,10 +377,11 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     return cfg, cfg.to_dict()
 
 
-def build_job(args: argparse.Namespace, cfg: RunConfig) -> JobSpec:
-    """The :class:`JobSpec` of a ``submit`` command line whose config validated as ``cfg``."""
+def build_job(args: argparse.Namespace, train: TrainConfig) -> JobSpec:
+    """The :class:`JobSpec` of a ``submit`` command line whose config validated with the ``train`` section
+    (its ``output_dir``, relative to the working directory, is the run directory)."""
     workdir = Path.cwd()
-    run_dir = (workdir / cfg.train.output_dir).resolve()
+    run_dir = (workdir / train.output_dir).resolve()
     return JobSpec(
         run_dir=run_dir,
         workdir=workdir,
@@ -410,7 +411,7 @@ def submit(args: argparse.Namespace) -> int:
     elif args.gres.lower() == "none":
         args.gres = None
     cfg, resolved = validate(args)
-    job = build_job(args, cfg)
+    job = build_job(args, cfg.train)
     check_run_dir(job.run_dir, resolved, args.nodes * args.gpus_per_node, cfg.train.allow_world_size_change)
     script = render_script(job)
     if args.dry_run:
