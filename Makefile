@@ -16,7 +16,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
+# ruff (lint, then format check), mypy (pyproject.toml: pretrain, data_prep), mypy of launch/ from inside it (launch/ is
+# no package, and its pretrain.py would shadow the package's name), hadolint
 lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	cd launch && $(abspath $(VENV))/bin/mypy --config-file ../pyproject.toml pretrain.py slurm.py handover.py
 	$(VENV)/bin/hadolint Dockerfile
 
 test: setup lint

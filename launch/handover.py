@@ -26,9 +26,17 @@ import sys
 DISTRIBUTION = "bert-distill"
 
 
+def interpreter_flags() -> list[str]:
+    """This interpreter's options as command-line flags (``-X``, ``-W``, ``-E``, ...), as multiprocessing passes them
+    to its children: CPython's ``subprocess._args_from_interpreter_flags`` (private, no public equivalent); none on an
+    interpreter without it."""
+    flags = getattr(subprocess, "_args_from_interpreter_flags", None)
+    return list(flags()) if callable(flags) else []
+
+
 def command(module: str, argv: list[str]) -> list[str]:
     """The argv that runs ``python -m module argv`` with this interpreter and its options."""
-    flags = subprocess._args_from_interpreter_flags()  # what multiprocessing passes to its children
+    flags = interpreter_flags()
     if getattr(sys.stdout, "write_through", False) and "-u" not in flags:  # -u (or PYTHONUNBUFFERED) is not a flag
         flags.append("-u")
     return [sys.executable, *flags, "-m", module, *argv]

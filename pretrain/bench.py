@@ -18,7 +18,7 @@ same machine load; medians over the timed steps are reported:
   ``attention`` (eager attention), ``teacher-fp32`` (GPU: the teacher in fp32), ``host-sync`` (``.item()`` of every
   logged value after each micro-batch, as a loop that logs from host floats would), ``optimizer`` (torch AdamW's
   per-tensor loop instead of its fused kernel), ``allreduce`` (DeepSpeed's gradient all-reduce with one rank),
-  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``trainer.keep_freed_memory``),
+  ``malloc`` (CPU: glibc's allocator thresholds at their defaults instead of ``runtime.keep_freed_memory``),
   ``vocab-align`` (CUDA: the LM heads' vocabulary products unpadded: an odd vocabulary gives unaligned GEMMs).
   One ablation changes the recipe instead, to price a part of it: ``dropout`` (the student's dropout off, hidden
   and attention: what DistilBERT's dropout 0.1 costs per step).
@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from data_prep.files import atomic_write_bytes
+from pretrain.engine import OnMicroBatch
 from pretrain.flops import _dims, datasheet_peak, device_name, measure_cpu_peak, step_flops
 from pretrain.runtime import KEEP_FREED_BYTES, set_malloc_thresholds
 
@@ -239,7 +240,7 @@ class Mode:
     position, then select; ``eager``: eager attention; ``teacher_fp32``: the teacher in fp32; ``host_sync``: ``.item()``
     of the logged values after each micro-batch; ``unfused_optimizer``: torch AdamW's per-tensor loop instead of its
     fused kernel; ``allreduce``: DeepSpeed's gradient all-reduce even with one rank; ``default_malloc``: glibc's
-    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.trainer.keep_freed_memory`;
+    allocator thresholds at their defaults (after warm-up) instead of :func:`pretrain.runtime.keep_freed_memory`;
     ``unaligned_vocab``: the LM heads' vocabulary products without padding to a multiple of 64 (CUDA;
     :func:`pretrain.distill.aligned_vocab`); ``no_dropout``: every ``nn.Dropout`` of the student at p = 0 (its hidden
     and attention dropout; a change of the recipe, to price it)."""
@@ -282,14 +283,14 @@ class ModeSwitch:
         from pretrain.teacher import teacher_dtype
 
         self.trainer = trainer
-        self.on_micro_batch = None  # host-sync mode: .item() of every loss part after each micro-batch
+        self.on_micro_batch: OnMicroBatch = None  # host-sync mode: .item() of every loss part after each micro-batch
         self.model = trainer.model
         self.engine = trainer.engine
         self.attn = {m: m.config._attn_implementation for m in (self.model.student, self.model.teacher)}
         self.vocab_multiple = self.model.vocab_multiple
         # BERT / RoBERTa / ELECTRA / DistilBERT read their attention dropout from an nn.Dropout module's p too
         self.dropout_p = {m: m.p for m in self.model.student.modules() if isinstance(m, torch.nn.Dropout)}
-        self.fast_teacher_dtype = teacher_dtype(trainer.cfg, trainer.cuda)
+        self.fast_teacher_dtype = teacher_dtype(trainer.cfg.teacher, trainer.cfg.deepspeed, trainer.cuda)
         self.allreduce = self.engine.enable_backward_allreduce
         opt = self.engine.optimizer
         self.torch_optimizer = getattr(opt, "optimizer", opt)
@@ -386,7 +387,7 @@ def prepare_run(args, tmp: Path):
         tok = AutoTokenizer.from_pretrained(extra.get("teacher.name_or_path") or resolve_model(teacher))
         seq_len = args.seq_len or seq_len or 128
         modes = 1 + args.both + len(args.ablate)
-        micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu") or cfg.deepspeed.get("train_batch_size"))
+        micro = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu") or cfg.deepspeed["train_batch_size"])
         need = (args.warmup + args.steps) * modes * micro * int(cfg.deepspeed.get("gradient_accumulation_steps") or 1)
         extra["data.dir"] = str(
             write_synthetic_shards(
@@ -436,13 +437,11 @@ def _one_step(trainer, switch: ModeSwitch, cuda: bool) -> tuple[Any, list[dict],
     return res, batches, t2 - t0, t1 - t0, c2 - c0
 
 
-def _step_model_flops(trainer, model, mode: Mode, res, batches) -> int:
-    """Model FLOPs of a step: :func:`step_flops` per micro-batch, the heads on the rows they ran on."""
+def _step_model_flops(model, head_key: str, mode: Mode, res, batches) -> int:
+    """Model FLOPs of a step: :func:`step_flops` per micro-batch, the heads on the rows they ran on (``head_key``:
+    the count of ``res.parts`` the gathered heads run on, "n_masked" or "n_tokens")."""
     positions = sum(b["input_ids"].numel() for b in batches)
-    if mode.full_logits:
-        head = positions
-    else:
-        head = float(res.parts["n_masked" if trainer.cfg.loss.restrict_ce_to_mask else "n_tokens"])
+    head = positions if mode.full_logits else float(res.parts[head_key])
     return sum(
         step_flops(
             model,
@@ -454,14 +453,15 @@ def _step_model_flops(trainer, model, mode: Mode, res, batches) -> int:
     )  # a micro-batch's head rows: its share of the step's gathered rows
 
 
-def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
-    dev = trainer.device
-    cuda = dev.type == "cuda"
-    switch = ModeSwitch(trainer, modes)
-    precision = trainer.precision
-    peak_before = None if cuda or args.peak_tflops else measure_cpu_peak(args.peak_size)
-    keys = ("step_s", "data_wait_s", "cpu_s", "flops", "tokens", "sequences", "skipped")
-    stats = {m.name: {k: [] for k in keys} for m in modes}
+STAT_KEYS = ("step_s", "data_wait_s", "cpu_s", "flops", "tokens", "sequences", "skipped")
+
+
+def _timed_steps(args, trainer, switch: ModeSwitch, modes: list[Mode]) -> tuple[dict, dict[str, float], list[float]]:
+    """``--warmup`` + ``--steps`` steps of every mode, interleaved; returns (per mode: {stat: the timed steps'
+    values} over :data:`STAT_KEYS`, per mode: the first step's wall seconds, the load average before and after)."""
+    cuda = trainer.device.type == "cuda"
+    head_key = "n_masked" if trainer.cfg.loss.restrict_ce_to_mask else "n_tokens"
+    stats: dict[str, dict[str, list[float]]] = {m.name: {k: [] for k in STAT_KEYS} for m in modes}
     first: dict[str, float] = {}
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     for i in range(args.warmup + args.steps):
@@ -471,97 +471,140 @@ def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
             first.setdefault(mode.name, wall)  # includes torch.compile's compilation (train.compile)
             if i < args.warmup:
                 continue
-            st = stats[mode.name]
-            for k, v in zip(
-                keys,
-                (
-                    wall,
-                    wait,
-                    cpu,
-                    _step_model_flops(trainer, switch.model, mode, res, batches),
-                    float(res.parts["n_tokens"]),
-                    sum(b["input_ids"].shape[0] for b in batches),
-                    float(res.bad),
-                ),
-                strict=False,
-            ):
-                st[k].append(v)
+            values = (
+                wall,
+                wait,
+                cpu,
+                _step_model_flops(switch.model, head_key, mode, res, batches),
+                float(res.parts["n_tokens"]),
+                sum(b["input_ids"].shape[0] for b in batches),
+                float(res.bad),
+            )
+            for k, v in zip(STAT_KEYS, values, strict=True):
+                stats[mode.name][k].append(v)
     if hasattr(os, "getloadavg"):
         load.append(os.getloadavg()[0])
-    memory = PeakMemory(dev)
+    return stats, first, load
+
+
+def _peak_memory(trainer, switch: ModeSwitch, modes: list[Mode]) -> tuple[dict[str, int], str]:
+    """One untimed step per mode, its peak memory (bytes) from a clean start (:class:`PeakMemory`); returns (per
+    mode: the peak, what was measured)."""
+    memory = PeakMemory(trainer.device)
     peak_memory = {}
-    for mode in modes:  # one untimed step per mode, its peak memory from a clean start
+    for mode in modes:
         switch.set(mode)
         memory.reset()
-        _one_step(trainer, switch, cuda)
+        _one_step(trainer, switch, trainer.device.type == "cuda")
         peak_memory[mode.name] = memory.read()
+    return peak_memory, memory.kind
+
+
+def _peak_flops(args, device_label: str, cuda: bool, precision: str, before: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s for MFU, its source): ``--peak-tflops``; on GPU the datasheet peak of ``precision``; on CPU the
+    best of the matmul peak measured ``before`` the timed steps and one measured now."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12, "--peak-tflops"
+    if cuda or before is None:
+        return datasheet_peak(device_label, precision)
+    after = measure_cpu_peak(args.peak_size)
+    return max(before, after), (
+        f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul on {torch.get_num_threads()} "
+        f"thread(s) (before {before / 1e9:.1f}, after {after / 1e9:.1f} GFLOP/s)"
+    )
+
+
+def _mode_record(mode: Mode, values: dict[str, list[float]], **common: Any) -> dict[str, Any]:
+    """The JSON line of one mode from its timed steps' ``values`` (medians) and the run's ``common`` fields
+    (device, device_name, precision, warmup, first_step_s, peak, peak_source, peak_memory, memory_kind,
+    load_average, config)."""
+    st = {k: _median(v) for k, v in values.items()}
+    step_s, tok, peak = st["step_s"], st["tokens"], common["peak"]
+    achieved = st["flops"] / step_s
+    return {
+        "benchmark": "distill_train_step",
+        "mode": mode.name,
+        "device": common["device"],
+        "device_name": common["device_name"],
+        "precision": common["precision"],
+        "steps": len(values["step_s"]),
+        "warmup": common["warmup"],
+        "step_s": round(step_s, 4),
+        "step_s_min": round(min(values["step_s"]), 4),
+        "step_s_max": round(max(values["step_s"]), 4),
+        "first_step_s": round(common["first_step_s"], 3),
+        "cpu_s": round(st["cpu_s"], 4),
+        "data_wait_s": round(st["data_wait_s"], 5),
+        "skipped_steps": int(sum(values["skipped"])),
+        "tokens_per_step": int(tok),
+        "sequences_per_step": int(st["sequences"]),
+        "tokens_per_s": round(tok / step_s, 1),
+        "sequences_per_s": round(st["sequences"] / step_s, 3),
+        "flops_per_token": round(st["flops"] / tok),
+        "flops_per_step": int(st["flops"]),
+        "achieved_flops_per_s": round(achieved),
+        "peak_flops_per_s": None if peak is None else round(peak),
+        "peak_source": common["peak_source"],
+        "mfu": None if peak is None else float(f"{achieved / peak:.4g}"),
+        "peak_memory_mib": round(common["peak_memory"] / 2**20, 1),
+        "memory_kind": common["memory_kind"],
+        "load_average": [round(x, 2) for x in common["load_average"]],
+        "mode_detail": {k: v for k, v in dataclasses.asdict(mode).items() if k != "name"},
+        "config": common["config"],
+    }
+
+
+def _comparison(out: list[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison line of several modes' records: tokens/s of each, the first mode's speed-up over the others
+    (``speedup``: over naive)."""
+    base = out[0]
+    cmp = {
+        "benchmark": "distill_train_step",
+        "mode": "comparison",
+        "reference": base["mode"],
+        "tokens_per_s": {r["mode"]: r["tokens_per_s"] for r in out},
+        "speedup_over": {r["mode"]: round(base["tokens_per_s"] / r["tokens_per_s"], 3) for r in out[1:]},
+    }
+    if any(r["mode"] == "naive" for r in out):
+        cmp["speedup"] = cmp["speedup_over"]["naive"]
+    return cmp
+
+
+def _time_modes(args, trainer, modes: list[Mode]) -> list[dict]:
+    """Time ``modes`` on the set-up ``trainer`` (:func:`_timed_steps`), measure their peak memory and the peak
+    FLOP/s, print and return one JSON record per mode, then with several modes the comparison."""
+    dev = trainer.device
+    cuda = dev.type == "cuda"
+    switch = ModeSwitch(trainer, modes)
+    peak_before = None if cuda or args.peak_tflops else measure_cpu_peak(args.peak_size)
+    stats, first, load = _timed_steps(args, trainer, switch, modes)
+    peak_memory, memory_kind = _peak_memory(trainer, switch, modes)
     if args.profile:
         profile_step(trainer, switch, modes[0], Path(args.profile), rows=args.profile_rows)
     switch.set(FAST)
     name = device_name(dev)
-    if args.peak_tflops:
-        peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
-    elif cuda:
-        peak, peak_source = datasheet_peak(name, precision)
-    else:
-        peak_after = measure_cpu_peak(args.peak_size)
-        peak = max(peak_before, peak_after)
-        peak_source = (
-            f"measured: best fp32 {args.peak_size}x{args.peak_size} matmul on {torch.get_num_threads()} "
-            f"thread(s) (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f} GFLOP/s)"
-        )
+    peak, peak_source = _peak_flops(args, name, cuda, trainer.precision, peak_before)
+    common = {
+        "device": dev.type,
+        "device_name": name,
+        "precision": trainer.precision,
+        "warmup": args.warmup,
+        "peak": peak,
+        "peak_source": peak_source,
+        "memory_kind": memory_kind,
+        "load_average": load,
+        "config": _describe(trainer),
+    }
     out = []
-    config = _describe(trainer)
     for mode in modes:
-        st = {k: _median(v) for k, v in stats[mode.name].items()}
-        step_s, tok = st["step_s"], st["tokens"]
-        achieved = st["flops"] / step_s
-        rec = {
-            "benchmark": "distill_train_step",
-            "mode": mode.name,
-            "device": dev.type,
-            "device_name": name,
-            "precision": precision,
-            "steps": len(stats[mode.name]["step_s"]),
-            "warmup": args.warmup,
-            "step_s": round(step_s, 4),
-            "step_s_min": round(min(stats[mode.name]["step_s"]), 4),
-            "step_s_max": round(max(stats[mode.name]["step_s"]), 4),
-            "first_step_s": round(first[mode.name], 3),
-            "cpu_s": round(st["cpu_s"], 4),
-            "data_wait_s": round(st["data_wait_s"], 5),
-            "skipped_steps": int(sum(stats[mode.name]["skipped"])),
-            "tokens_per_step": int(tok),
-            "sequences_per_step": int(st["sequences"]),
-            "tokens_per_s": round(tok / step_s, 1),
-            "sequences_per_s": round(st["sequences"] / step_s, 3),
-            "flops_per_token": round(st["flops"] / tok),
-            "flops_per_step": int(st["flops"]),
-            "achieved_flops_per_s": round(achieved),
-            "peak_flops_per_s": None if peak is None else round(peak),
-            "peak_source": peak_source,
-            "mfu": None if peak is None else float(f"{achieved / peak:.4g}"),
-            "peak_memory_mib": round(peak_memory[mode.name] / 2**20, 1),
-            "memory_kind": memory.kind,
-            "load_average": [round(x, 2) for x in load],
-            "mode_detail": {k: v for k, v in dataclasses.asdict(mode).items() if k != "name"},
-            "config": config,
-        }
+        rec = _mode_record(
+            mode, stats[mode.name], first_step_s=first[mode.name], peak_memory=peak_memory[mode.name], **common
+        )
         out.append(rec)
         print(json.dumps(rec), flush=True)
     if len(modes) > 1:
-        base = out[0]
-        cmp = {
-            "benchmark": "distill_train_step",
-            "mode": "comparison",
-            "reference": base["mode"],
-            "tokens_per_s": {r["mode"]: r["tokens_per_s"] for r in out},
-            "speedup_over": {r["mode"]: round(base["tokens_per_s"] / r["tokens_per_s"], 3) for r in out[1:]},
-        }
-        if any(r["mode"] == "naive" for r in out):
-            cmp["speedup"] = cmp["speedup_over"]["naive"]
-        out.append(cmp)
-        print(json.dumps(cmp), flush=True)
+        out.append(_comparison(out))
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 

@@ -1,15 +1,17 @@
 """The distillation module: frozen teacher + student + losses in one ``nn.Module`` that DeepSpeed can wrap.
 
-Compute only what the losses read (docs/performance.md): the teacher runs under ``no_grad`` and returns hidden states only when an
-intermediate loss needs them; the LM heads (transform + decoder) of teacher and student run only on the positions the
-KL / MLM terms read, gathered first (``naive=True`` keeps the plain way: full-vocabulary logits at every position, then
-select; for tests and benchmarks). MiniLM's relation terms read the queries / keys / values of the mapped layers through
-forward hooks on the self-attention projections, so SDPA attention (which returns no probabilities) can stay on.
+Compute only what the losses read (docs/performance.md): the teacher runs under ``no_grad`` and returns hidden states
+only when an intermediate loss needs them; the LM heads (transform + decoder) of teacher and student run only on the
+positions the KL / MLM terms read, gathered first (``naive=True`` keeps the plain way: full-vocabulary logits at every
+position, then select; for tests and benchmarks). MiniLM's relation terms read the queries / keys / values of the mapped
+layers through forward hooks on the self-attention projections, so SDPA attention (which returns no probabilities) can
+stay on.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ from torch import nn
 from pretrain import losses as L
 from pretrain.schema import ConfigError
 from pretrain.student import base_model, find_layer_list, mlm_head
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 VOCAB_MULTIPLE = 64  # on CUDA the LM heads' vocabulary products run padded to a multiple of this (aligned_vocab)
@@ -43,9 +48,9 @@ def find_qkv(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
     """
     for _, mod in layer.named_modules():
         for names in QKV_NAMES:
-            found = [getattr(mod, n, None) for n in names]
-            if all(isinstance(f, nn.Linear) for f in found):
-                return tuple(found)
+            q, k, v = (getattr(mod, n, None) for n in names)
+            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(v, nn.Linear):
+                return q, k, v
     raise ValueError(
         f"{type(layer).__name__}: no separate query/key/value Linear modules found; the attention and "
         f"value relation losses (loss.alpha_att, loss.alpha_val) need them: set those weights to 0"
@@ -75,21 +80,21 @@ def aligned_vocab(linear: nn.Linear | None, multiple: int = VOCAB_MULTIPLE):
     small next to the products on a GPU). No-op for None or an aligned ``out_features``. :class:`DistillationModel`
     uses it on CUDA only: on CPU (MKL) it measured 0.88-1.07x.
     """
-    pad = 0 if linear is None else (-linear.out_features) % multiple
-    if pad == 0:
+    if linear is None or (-linear.out_features) % multiple == 0:
         yield
         return
+    lin, pad = linear, (-linear.out_features) % multiple
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        w = F.pad(linear.weight, (0, 0, 0, pad))
-        b = None if linear.bias is None else F.pad(linear.bias, (0, pad))
-        return F.linear(x, w, b)[..., : linear.out_features]
+        w = F.pad(lin.weight, (0, 0, 0, pad))
+        b = None if lin.bias is None else F.pad(lin.bias, (0, pad))
+        return F.linear(x, w, b)[..., : lin.out_features]
 
-    linear.forward = forward  # the instance attribute shadows the class's forward; hooks still run
+    vars(lin)["forward"] = forward  # an instance attribute shadows the class's forward; hooks still run
     try:
         yield
     finally:
-        del linear.forward
+        del vars(lin)["forward"]
 
 
 @torch.no_grad()
@@ -169,10 +174,12 @@ class DistillationModel(nn.Module):
     widths.
     """
 
+    _teacher: PreTrainedModel  # set with object.__setattr__: not a submodule
+
     def __init__(
         self,
-        student: nn.Module,
-        teacher: nn.Module,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
         loss_cfg: L.LossConfig,
         layer_map: list[int],
         *,
@@ -196,45 +203,59 @@ class DistillationModel(nn.Module):
                     f"loss.layer_pairs: [{s}, {t}] out of range: the student has hidden states 0..{n_s},"
                     f" the teacher 0..{n_t}"
                 )
-        # TinyBERT projections for the hidden-state losses when widths differ
-        used = set()
-        if "cos" in active:
-            used |= {s for s, _ in self.layer_pairs} if loss_cfg.cos_layers == "pairs" else {n_s}
-        if "mse" in active:
-            used |= {s for s, _ in self.layer_pairs}
-        if "pool" in active:
-            used.add(n_s)
-        self.projections = None
-        if used and sc.hidden_size != tc.hidden_size:
-            self.projections = nn.ModuleDict({f"h{s}": nn.Linear(sc.hidden_size, tc.hidden_size) for s in sorted(used)})
-            if hidden_channels is None:
-                hidden_channels = getattr(student, "pruned_hidden_channels", None)
-            if hidden_channels is not None:
-                for proj in self.projections.values():
-                    init_from_channels(proj, hidden_channels)
-        # MiniLM relations: layers and heads
+        self.projections = self._make_projections(active, hidden_channels)
+        self.relation_heads: int = loss_cfg.relation_heads or sc.num_attention_heads
         self.relation_pairs: list[list[int]] = []
-        self._qkv_s, self._qkv_t = [], []  # plain lists of (q, k, v) Linear modules: not registered
-        self.relation_heads = loss_cfg.relation_heads or sc.num_attention_heads
+        self._qkv_s: list[tuple[nn.Linear, nn.Linear, nn.Linear]] = []  # plain lists: not registered
+        self._qkv_t: list[tuple[nn.Linear, nn.Linear, nn.Linear]] = []
         if "att" in active or "val" in active:
-            if loss_cfg.relation_layers == "last":
-                self.relation_pairs = [[n_s - 1, n_t - 1]]
-            else:
-                self.relation_pairs = [[s - 1, t - 1] for s, t in self.layer_pairs if s > 0 and t > 0]
-            for width, who in ((sc.hidden_size, "student"), (tc.hidden_size, "teacher")):
-                if width % self.relation_heads:
-                    raise ConfigError(
-                        f"loss.relation_heads: {self.relation_heads} does not divide the {who} width "
-                        f"{width}; set loss.relation_heads to a common divisor of both widths"
-                    )
-            self._qkv_s = [find_qkv(find_layer_list(student)[1][s]) for s, _ in self.relation_pairs]
-            self._qkv_t = [find_qkv(find_layer_list(teacher)[1][t]) for _, t in self.relation_pairs]
+            self._find_relations()
         self._heads = (mlm_head(teacher), mlm_head(student))
         self._projections_v = [None if h is None else vocab_projection(h, tc.vocab_size) for h in self._heads]
         self._logit_losses = logit_losses
         # the heads' vocabulary products padded to a multiple of this (aligned_vocab); None: VOCAB_MULTIPLE on CUDA,
         # unpadded on CPU; 1: never (benchmark ablation)
         self.vocab_multiple: int | None = None
+
+    def _make_projections(self, active: dict[str, float], hidden_channels: list[int] | None) -> nn.ModuleDict | None:
+        """TinyBERT projections ``Linear(student_hidden, teacher_hidden)`` for the student hidden states the hidden
+        losses read, when the widths differ (None otherwise); from ``hidden_channels`` (or the student's
+        ``pruned_hidden_channels``) when given (:func:`init_from_channels`)."""
+        sc, tc, n_s = self.student.config, self._teacher.config, self.student.config.num_hidden_layers
+        used: set[int] = set()
+        if "cos" in active:
+            used |= {s for s, _ in self.layer_pairs} if self.loss_cfg.cos_layers == "pairs" else {n_s}
+        if "mse" in active:
+            used |= {s for s, _ in self.layer_pairs}
+        if "pool" in active:
+            used.add(n_s)
+        if not used or sc.hidden_size == tc.hidden_size:
+            return None
+        linears = {f"h{s}": nn.Linear(sc.hidden_size, tc.hidden_size) for s in sorted(used)}
+        if hidden_channels is None:
+            hidden_channels = getattr(self.student, "pruned_hidden_channels", None)
+        if hidden_channels is not None:
+            for proj in linears.values():
+                init_from_channels(proj, hidden_channels)
+        return nn.ModuleDict(linears)
+
+    def _find_relations(self) -> None:
+        """MiniLM relations: the layer pairs (``loss.relation_layers``: the last layers, or the hidden-state pairs)
+        and their Q / K / V modules; raises :class:`ConfigError` when ``relation_heads`` does not divide a width."""
+        n_s, n_t = self.student.config.num_hidden_layers, self._teacher.config.num_hidden_layers
+        if self.loss_cfg.relation_layers == "last":
+            self.relation_pairs = [[n_s - 1, n_t - 1]]
+        else:
+            self.relation_pairs = [[s - 1, t - 1] for s, t in self.layer_pairs if s > 0 and t > 0]
+        for model, who in ((self.student, "student"), (self._teacher, "teacher")):
+            width = model.config.hidden_size
+            if width % self.relation_heads:
+                raise ConfigError(
+                    f"loss.relation_heads: {self.relation_heads} does not divide the {who} width "
+                    f"{width}; set loss.relation_heads to a common divisor of both widths"
+                )
+        self._qkv_s = [find_qkv(find_layer_list(self.student)[1][s]) for s, _ in self.relation_pairs]
+        self._qkv_t = [find_qkv(find_layer_list(self._teacher)[1][t]) for _, t in self.relation_pairs]
 
     def compile_parts(self) -> None:
         """``torch.compile`` the student's and the teacher's encoders (in place: parameter names, checkpoints and
@@ -273,7 +294,8 @@ class DistillationModel(nn.Module):
 
     def move_teacher(self, device, dtype: torch.dtype | None = None) -> None:
         """Move the teacher (for example to the GPU in fp16: the teacher only runs forward)."""
-        self._teacher.to(device=device, dtype=dtype)
+        teacher: nn.Module = self._teacher  # nn.Module.to's signature (transformers types its override as a wrapper)
+        teacher.to(device=device, dtype=dtype)
 
     @contextlib.contextmanager
     def _capture_qkv(self):

@@ -3,19 +3,23 @@
 The ``deepspeed`` section of a run config is an ordinary DeepSpeed config; :func:`build` fills in what it leaves out
 with the DistilBERT recipe (Sanh et al., 2019; Hugging Face ``research_projects/distillation``: AdamW with train.py's
 defaults lr 5e-4, eps 1e-6, no weight decay, gradient clipping 5.0, linear warm-up over 5% of the steps then linear
-decay, and the betas (0.9, 0.98) its distiller.py sets) and derives the batch arithmetic ``train_batch_size = micro x accumulation x world size`` (:func:`batch_sizes`),
-with one clear error when it cannot hold. :func:`check_static` checks what can be checked before launch.
+decay, and the betas (0.9, 0.98) its distiller.py sets) and derives the batch arithmetic
+``train_batch_size = micro x accumulation x world size`` (:func:`batch_sizes`), with one clear error when it cannot
+hold. :func:`check_static` checks what can be checked before launch.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pretrain.schema import ConfigError, check
 
-DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0}}
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "type": "AdamW",
+    "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0},
+}
 DEFAULT_GRADIENT_CLIPPING = 5.0
 DEFAULT_WARMUP_PROPORTION = 0.05
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -42,6 +46,22 @@ def precision(ds: dict) -> str:
 def zero_stage(ds: dict) -> int:
     """ZeRO stage (0 when ``zero_optimization`` is absent)."""
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+class Resolved(NamedTuple):
+    """A run's DeepSpeed config once the world size is known (:func:`resolve`)."""
+
+    config: dict
+    plan: BatchPlan
+    precision: str
+    stage: int
+
+
+def resolve(ds_section: dict, *, max_steps: int, world_size: int, cuda: bool) -> Resolved:
+    """:func:`build`'s config (arguments as there) with its batch plan, precision and ZeRO stage. Raises
+    :class:`ConfigError` as :func:`build` does."""
+    ds = build(ds_section, max_steps=max_steps, world_size=world_size, cuda=cuda)
+    return Resolved(ds, BatchPlan(*(ds[k] for k in BATCH_KEYS)), precision(ds), zero_stage(ds))
 
 
 def _positive_int(ds: dict, key: str) -> int | None:

@@ -372,9 +372,10 @@ def combine_losses(cfg: LossConfig, parts: dict[str, torch.Tensor]) -> tuple[tor
 
     Returns:
         ``(total, logs)``: total 0-dim fp32 (with grad); logs maps "loss" and "loss_<term>" (each active term) to
-        detached 0-dim tensors. Raises ``KeyError`` when an active term is missing.
+        detached 0-dim tensors. Raises ``KeyError`` when an active term is missing, ``ValueError`` when no term is
+        active (every weight 0).
     """
-    total = None
+    total: torch.Tensor | None = None
     logs = {}
     for name, alpha in cfg.active().items():
         if name not in parts:
@@ -382,5 +383,7 @@ def combine_losses(cfg: LossConfig, parts: dict[str, torch.Tensor]) -> tuple[tor
         value = parts[name].float()
         total = alpha * value if total is None else total + alpha * value
         logs[f"loss_{name}"] = value.detach()
+    if total is None:
+        raise ValueError("no active loss term: every loss weight is 0")
     logs = {"loss": total.detach(), **logs}
     return total, logs

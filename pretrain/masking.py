@@ -91,7 +91,7 @@ def word_starts_from_tokens(tokens: list[str | None]) -> np.ndarray:
     """
     toks = [t or "" for t in tokens]
     counts = {m: sum(t.startswith(m) for t in toks) for m in ("##", "Ġ", "▁")}
-    marker = max(counts, key=counts.get)
+    marker = max(counts, key=lambda m: counts[m])
     if counts[marker] == 0:
         raise ValueError(
             "whole-word masking: cannot tell word boundaries from this vocabulary (no '##', 'Ġ' or '▁' "

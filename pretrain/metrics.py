@@ -13,13 +13,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from data_prep.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from pretrain.distill import DistillationModel
+    from pretrain.ds_config import BatchPlan
+    from pretrain.engine import StepResult
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -51,13 +56,14 @@ class MetricsLogger:
     """
 
     def __init__(self, path: Path, tensorboard_dir: Path | None, *, enabled: bool, resume_step: int):
-        self.enabled, self.path, self.tb, self.file = enabled, Path(path), None, None
+        self.enabled, self.path, self.tb = enabled, Path(path), None
         if not enabled:
             return
         if self.path.is_file():
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-        self.file = open(self.path, "a")
+        else:
+            atomic_write_text(self.path, "")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -67,8 +73,10 @@ class MetricsLogger:
         """Append one record (must hold ``step`` and ``split``); numbers go to TensorBoard as ``split/key``."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        # one append per record (a few per log interval), closed at once: no handle is held between records, so a
+        # killed process leaves at most one torn line (read_metrics skips it)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             split = record["split"]
             for k, v in record.items():
@@ -77,9 +85,8 @@ class MetricsLogger:
             self.tb.flush()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Stop logging and close the TensorBoard writer (idempotent)."""
+        self.enabled = False
         if self.tb is not None:
             self.tb.close()
             self.tb = None
@@ -95,9 +102,11 @@ class IntervalMetrics:
     Args:
         device: where the sums live; all_reduce: ``torch.distributed.all_reduce`` (sum); world_size: ranks;
         log_interval: steps between records (``train.log_interval``); peak_flops: one rank's device peak FLOP/s
-        (None: no MFU; the interval's FLOPs are summed over the ranks, so MFU divides by world_size x this); flops_per_batch: ``(sequences, seq_len) -> FLOPs`` of one micro-batch without the LM heads;
+        (None: no MFU; the interval's FLOPs are summed over the ranks, so MFU divides by world_size x this);
+        flops_per_batch: ``(sequences, seq_len) -> FLOPs`` of one micro-batch without the LM heads;
         flops_per_head_row: FLOPs of the LM heads per gathered row (0 without logit terms); head_rows_key:
-        ``"n_masked"`` or ``"n_tokens"`` (the rows the heads run on).
+        ``"n_masked"`` or ``"n_tokens"`` (the rows the heads run on). :meth:`for_model` derives the FLOP counts and
+        the peak from the module and the device.
     """
 
     def __init__(
@@ -121,6 +130,38 @@ class IntervalMetrics:
         self._reset()
         self._t0 = time.perf_counter()
 
+    @classmethod
+    def for_model(
+        cls,
+        model: DistillationModel,
+        *,
+        device: torch.device,
+        precision: str,
+        all_reduce: Callable,
+        world_size: int,
+        log_interval: int,
+        head_rows_key: str,
+    ) -> tuple[IntervalMetrics, str]:
+        """The interval metrics of a :class:`pretrain.distill.DistillationModel` on ``device``: its FLOPs per
+        micro-batch and per head row (:func:`pretrain.flops.split_flops`) and the device's peak for ``precision``
+        (:func:`pretrain.flops.peak_flops`: on CPU a matmul measured now, about 0.1 s). Returns (metrics, where the
+        peak comes from)."""
+        from pretrain.flops import peak_flops, split_flops
+
+        per_batch, per_row = split_flops(model)
+        peak, source = peak_flops(device, precision)
+        metrics = cls(
+            device=device,
+            all_reduce=all_reduce,
+            world_size=world_size,
+            log_interval=log_interval,
+            peak_flops=peak,
+            flops_per_batch=per_batch,
+            flops_per_head_row=per_row,
+            head_rows_key=head_rows_key,
+        )
+        return metrics, source
+
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
@@ -136,8 +177,8 @@ class IntervalMetrics:
         """Whether steps were accumulated since the last sync."""
         return self.steps > 0
 
-    def add(self, res, shapes: list[tuple[int, int]]) -> None:
-        """Accumulate one :class:`pretrain.trainer.StepResult` whose micro-batches had ``shapes`` ([(B, L)])."""
+    def add(self, res: StepResult, shapes: Sequence[tuple[int, ...]]) -> None:
+        """Accumulate one :class:`pretrain.engine.StepResult` whose micro-batches had ``shapes`` ([(B, L)])."""
         for k in ("n_tokens", "n_masked"):
             v = res.parts[k]
             self.counts[k] = v if k not in self.counts else self.counts[k] + v
@@ -210,6 +251,10 @@ class IntervalMetrics:
         """Start timing the next interval now (after set-up, an evaluation or a save that should not count)."""
         self._t0 = time.perf_counter()
 
+    def state_dict(self) -> dict[str, int]:
+        """The counters a checkpoint keeps: ``tokens_seen``, ``masked_tokens_seen`` (all ranks, since the start)."""
+        return {"tokens_seen": self.tokens_seen, "masked_tokens_seen": self.masked_tokens_seen}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the tokens seen from a checkpoint's client state."""
         self.tokens_seen = int(state["tokens_seen"])
@@ -226,6 +271,38 @@ def console_line(rec: dict[str, Any], max_steps: int) -> str:
         f"grad {_fmt(rec['grad_norm'], 3)} | {rec['tokens_per_s']:,.0f} tok/s{mfu} | "
         f"{rec['seconds_per_step']:.2f} s/step | {rec['tokens_seen'] / 1e6:.2f}M tokens | eta {eta / 60:.1f} min"
         + (f" | {rec['skipped_steps']} skipped" if rec["skipped_steps"] else "")
+    )
+
+
+def start_line(
+    *,
+    world_size: int,
+    device: str,
+    precision: str,
+    stage: int,
+    plan: BatchPlan,
+    model: DistillationModel,
+    layer_map: list[int],
+    resumed_from: Path | None,
+    step: int,
+    tokens_seen: int,
+    run_dir: Path,
+) -> str:
+    """The console line that starts a run: ranks, ``device`` type, precision, ZeRO ``stage``, the batch ``plan``,
+    the sizes of ``model``'s teacher and student (parameters) and the student's ``layer_map``, and either the
+    checkpoint ``resumed_from`` (with its ``step`` and ``tokens_seen``) or "fresh run", and the run directory."""
+    n_s = sum(p.numel() for p in model.student.parameters())
+    n_t = sum(p.numel() for p in model.teacher.parameters())
+    start = (
+        f"resumed from {resumed_from} (step {step}, {tokens_seen:,} tokens seen)"
+        if resumed_from is not None
+        else "fresh run"
+    )
+    return (
+        f"[pretrain] {world_size} rank(s) on {device}, {precision}, ZeRO-{stage}; "
+        f"{plan.train_batch_size} sequences/step = micro {plan.micro_batch} x accumulation "
+        f"{plan.accumulation} x {world_size} ranks; teacher {n_t / 1e6:.1f}M -> student "
+        f"{n_s / 1e6:.1f}M parameters (layers {layer_map}); {start}; run dir {run_dir}"
     )
 
 

@@ -74,8 +74,8 @@ def setup_environment() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    readable = arch and deepspeed_arch_list(arch)
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or ""
+    readable = deepspeed_arch_list(arch)
     if readable != arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = readable
         if os.environ.get("RANK", "0") == "0":
@@ -185,6 +185,22 @@ class StopFlag:
         """The signal's name, or what stopped the ranks when this rank got none."""
         return signal.Signals(self.signum).name if self.signum else "a signal on another rank"
 
+    def stopped_line(self, step: int) -> str:
+        """The console line of a run stopped (checkpoint saved) after optimizer step ``step``."""
+        return (
+            f"[pretrain] stopped by {self.describe()} at step {step}: checkpoint saved; run the same command again to "
+            f"resume"
+        )
+
+
+def all_ranks_ok(ok: bool, *, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (collective: one all-reduce, MIN, of a flag on ``device``)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
 
 class RankFailed(RunError):
     """Work that one rank did for all of them failed there; every rank raises this with that rank's message."""
@@ -215,5 +231,5 @@ def on_rank0(fn: Callable[[], Any], *, rank: int, expected: tuple[type[BaseExcep
         return status[1]
     if error is not None:
         raise error
-    kind = next((t for t in expected if t.__name__ == status[1]), None)
-    raise (kind or RankFailed)(status[2] if kind else f"rank 0 failed: {status[2]}")
+    same = next((t for t in expected if t.__name__ == status[1]), None)
+    raise (same or RankFailed)(status[2] if same else f"rank 0 failed: {status[2]}")

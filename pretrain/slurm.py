@@ -43,7 +43,7 @@ from data_prep.files import atomic_write_text
 from pretrain.rundir import RunDir
 
 if TYPE_CHECKING:
-    from pretrain.config import RunConfig
+    from pretrain.config import RunConfig, TrainConfig
 
 TRAINER_MODULE = "pretrain.main"  # what each rank runs: python -m TRAINER_MODULE --config C overrides
 
@@ -377,10 +377,11 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     return cfg, cfg.to_dict()
 
 
-def build_job(args: argparse.Namespace, cfg: RunConfig) -> JobSpec:
-    """The :class:`JobSpec` of a ``submit`` command line whose config validated as ``cfg``."""
+def build_job(args: argparse.Namespace, train: TrainConfig) -> JobSpec:
+    """The :class:`JobSpec` of a ``submit`` command line whose config validated with the ``train`` section
+    (its ``output_dir``, relative to the working directory, is the run directory)."""
     workdir = Path.cwd()
-    run_dir = (workdir / cfg.train.output_dir).resolve()
+    run_dir = (workdir / train.output_dir).resolve()
     return JobSpec(
         run_dir=run_dir,
         workdir=workdir,
@@ -410,7 +411,7 @@ def submit(args: argparse.Namespace) -> int:
     elif args.gres.lower() == "none":
         args.gres = None
     cfg, resolved = validate(args)
-    job = build_job(args, cfg)
+    job = build_job(args, cfg.train)
     check_run_dir(job.run_dir, resolved, args.nodes * args.gpus_per_node, cfg.train.allow_world_size_change)
     script = render_script(job)
     if args.dry_run:
@@ -475,13 +476,25 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: ``submit`` (:func:`_add_submit`) and ``hostfile``; ``prog`` is the installed command's
+    name when run as one, else ``python launch/slurm.py``."""
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
     prog = name if name.startswith("bert-distill") else "python launch/slurm.py"
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("submit", help="validate a run config and submit it as a preemptible, requeueing job")
+    _add_submit(sub.add_parser("submit", help="validate a run config and submit it as a preemptible, requeueing job"))
+    h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from SLURM_JOB_NODELIST (for pdsh launch)")
+    h.add_argument("--nodelist", help="SLURM host list (default $SLURM_JOB_NODELIST)")
+    h.add_argument("--slots", type=_positive, help="slots (GPUs) per host (default $SLURM_GPUS_ON_NODE)")
+    h.add_argument("-o", "--output", help="file to write (default stdout)")
+    h.set_defaults(func=hostfile)
+    return p
+
+
+def _add_submit(s: argparse.ArgumentParser) -> None:
+    """The ``submit`` subcommand's arguments."""
     s.add_argument("--config", required=True, help="run config (JSON)")
     s.add_argument("--nodes", type=_positive, required=True, help="nodes (>= 1)")
     s.add_argument(
@@ -530,12 +543,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, passed to the job as well")
     s.set_defaults(func=submit)
-    h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from SLURM_JOB_NODELIST (for pdsh launch)")
-    h.add_argument("--nodelist", help="SLURM host list (default $SLURM_JOB_NODELIST)")
-    h.add_argument("--slots", type=_positive, help="slots (GPUs) per host (default $SLURM_GPUS_ON_NODE)")
-    h.add_argument("-o", "--output", help="file to write (default stdout)")
-    h.set_defaults(func=hostfile)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,13 @@ stages add up to ``train.max_steps``. Without ``train.stages`` the run is one st
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pretrain.schema import ConfigError, check, param
+
+if TYPE_CHECKING:
+    from pretrain.config import RunConfig, TrainConfig
+    from pretrain.losses import LossConfig
 
 
 @dataclasses.dataclass
@@ -31,16 +35,25 @@ class StageConfig:
         check(self.steps >= 1, "train.stages[].steps", f"{self.steps} must be >= 1")
 
 
-def stage_losses(cfg) -> list:
-    """The :class:`pretrain.losses.LossConfig` of each stage (``cfg``: a RunConfig), validated; raises
-    :class:`ConfigError` naming ``train.stages[i]`` for unknown loss keys, bad values, a stage without any loss term,
-    or steps that do not add up to ``train.max_steps``."""
+def stage_losses(train: TrainConfig | RunConfig, loss: LossConfig | None = None) -> list[LossConfig]:
+    """The :class:`pretrain.losses.LossConfig` of each stage of the ``train`` section (``train.stages``, or one stage
+    with the ``loss`` section), validated; raises :class:`ConfigError` naming ``train.stages[i]`` for unknown loss
+    keys, bad values, a stage without any loss term, or steps that do not add up to ``train.max_steps``.
+
+    ``stage_losses(cfg)`` with a whole RunConfig (the older form) reads its train and loss sections.
+    """
     from pretrain import schema
+    from pretrain.config import TrainConfig
     from pretrain.losses import LossConfig
 
-    stages = cfg.train.stages
+    if not isinstance(train, TrainConfig):  # a whole RunConfig
+        run = train
+        train, loss = run.train, run.loss
+    if loss is None:
+        raise TypeError("stage_losses(train, loss): the loss section is missing")
+    stages = train.stages
     if stages is None:
-        return [cfg.loss]
+        return [loss]
     check(
         len(stages) > 0,
         "train.stages",
@@ -48,18 +61,18 @@ def stage_losses(cfg) -> list:
     )
     total = sum(s.steps for s in stages)
     check(
-        total == cfg.train.max_steps,
+        total == train.max_steps,
         "train.stages",
         f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), train.max_steps is "
-        f"{cfg.train.max_steps}; make them equal",
+        f"{train.max_steps}; make them equal",
     )
     out = []
-    base = dataclasses.asdict(cfg.loss)
+    base = dataclasses.asdict(loss)
     for i, stage in enumerate(stages):
-        loss = schema.from_dict(LossConfig, {**base, **stage.loss}, f"train.stages[{i}].loss")
-        if not loss.active():
+        weights = schema.from_dict(LossConfig, {**base, **stage.loss}, f"train.stages[{i}].loss")
+        if not weights.active():
             raise ConfigError(f"train.stages[{i}].loss: every loss weight is 0; give the stage at least one term")
-        out.append(loss)
+        out.append(weights)
     return out
 
 
@@ -67,13 +80,13 @@ class Stages:
     """The stage schedule of a run: which loss weights apply at each step.
 
     Args:
-        cfg: the validated RunConfig.
+        train: the validated train section (``stages``, ``max_steps``); loss: the loss section.
     """
 
-    def __init__(self, cfg):
-        self.losses = stage_losses(cfg)
-        self.names = [s.name or f"stage {i + 1}" for i, s in enumerate(cfg.train.stages or [])] or [None]
-        steps = [s.steps for s in cfg.train.stages] if cfg.train.stages else [cfg.train.max_steps]
+    def __init__(self, train: TrainConfig, loss: LossConfig):
+        self.losses = stage_losses(train, loss)
+        self.names: list[str | None] = [s.name or f"stage {i + 1}" for i, s in enumerate(train.stages or [])] or [None]
+        steps = [s.steps for s in train.stages] if train.stages else [train.max_steps]
         self.starts = [sum(steps[:i]) for i in range(len(steps))]
 
     def index(self, step: int) -> int:

@@ -8,11 +8,14 @@ this tokenizer" for the trainer and ``python -m pretrain.evaluate`` alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pretrain.schema import ConfigError
+
+if TYPE_CHECKING:
+    from pretrain.config import RunConfig, TeacherConfig
 
 # Models whose position ids start after the padding index (RoBERTa family): usable length = max_positions - pad - 1.
 PADDING_OFFSET_MODELS = {
@@ -68,8 +71,9 @@ class Preflight:
     manifest: dict
 
 
-def preflight(cfg) -> Preflight:
-    """Check a run's inputs (``cfg``: a validated :class:`pretrain.config.RunConfig`) without loading weights.
+def preflight(cfg: RunConfig) -> Preflight:
+    """Check a run's inputs (``cfg``: a validated :class:`pretrain.config.RunConfig`; its teacher, data, loss and
+    train sections) without loading weights.
 
     Checks: the teacher resolves (``data_prep.embedded.resolve_model``) and its config and tokenizer load; a teacher
     without MLM head is not asked for ``loss.alpha_ce`` / ``loss.alpha_mlm``; the shards exist and were made with the
@@ -100,7 +104,7 @@ def preflight(cfg) -> Preflight:
     has_mlm = has_mlm_head(tconf)
     from pretrain.stages import stage_losses
 
-    for loss in stage_losses(cfg):  # the loss section, or each stage's weights
+    for loss in stage_losses(cfg.train, cfg.loss):  # the loss section, or each stage's weights
         loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
     try:
         manifest = load_manifest(cfg.data.dir)
@@ -122,13 +126,14 @@ def preflight(cfg) -> Preflight:
         raise ConfigError(
             f"teacher.name_or_path: {name!r} has {tconf.vocab_size} embeddings but its tokenizer {len(tokenizer)} ids"
         )
-    _check_length(cfg, name, tconf, int(manifest["max_seq_length"]))
+    _check_length(cfg.data.pad_to_multiple_of, name, tconf, int(manifest["max_seq_length"]))
     return Preflight(path, tconf, tokenizer, has_mlm, manifest)
 
 
-def _check_length(cfg, name: str, tconf, seq: int) -> None:
+def _check_length(m: int, name: str, tconf, seq: int) -> None:
+    """Raise :class:`ConfigError` when sequences of ``seq`` tokens, padded to a multiple of ``m``
+    (``data.pad_to_multiple_of``), do not fit the position embeddings of the teacher ``name`` (config ``tconf``)."""
     limit = max_sequence_length(tconf)
-    m = cfg.data.pad_to_multiple_of
     padded = seq if tconf.model_type in PADDING_OFFSET_MODELS else -(-seq // m) * m
     if padded > limit:
         raise ConfigError(
@@ -139,21 +144,25 @@ def _check_length(cfg, name: str, tconf, seq: int) -> None:
         )
 
 
-def load_teacher(cfg, pf: Preflight) -> torch.nn.Module:
+def load_teacher(teacher: TeacherConfig | RunConfig, pf: Preflight) -> torch.nn.Module:
     """The teacher model (fp32, eval mode): ``AutoModelForMaskedLM`` when :func:`has_mlm_head`, else ``AutoModel`` (a
-    bare encoder such as a sentence-transformers model).
+    bare encoder such as a sentence-transformers model), from the ``teacher`` section (its revision and attention
+    implementation; a whole RunConfig is accepted too, for older callers) and ``pf``, :func:`preflight`'s findings.
 
     A bare encoder keeps its pooler when its checkpoint has pooler weights (the student copies it, so the exported
     student's ``pooler_output`` is the teacher's and loading it warns of nothing); when the checkpoint has none the
     pooler is dropped instead of being left random."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
+    from pretrain.config import RunConfig
+
+    section = teacher.teacher if isinstance(teacher, RunConfig) else teacher
     cls = AutoModelForMaskedLM if pf.has_mlm_head else AutoModel
     model, info = cls.from_pretrained(
         pf.teacher_path,
-        revision=cfg.teacher.revision,
+        revision=section.revision,
         dtype=torch.float32,
-        attn_implementation=cfg.teacher.attn_implementation,
+        attn_implementation=section.attn_implementation,
         output_loading_info=True,
     )
     if getattr(model, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
@@ -161,12 +170,13 @@ def load_teacher(cfg, pf: Preflight) -> torch.nn.Module:
     return model.eval()
 
 
-def teacher_dtype(cfg, cuda: bool) -> torch.dtype:
-    """The teacher's precision (``teacher.dtype``; "auto": the run's half precision on GPU, fp32 on CPU)."""
+def teacher_dtype(teacher: TeacherConfig, deepspeed: dict[str, Any], cuda: bool) -> torch.dtype:
+    """The teacher's precision: ``teacher.dtype`` of the ``teacher`` section; "auto": the half precision of the
+    ``deepspeed`` section on GPU (``cuda``), fp32 on CPU."""
     from pretrain import ds_config as dsc
 
-    if cfg.teacher.dtype != "auto":
-        return getattr(torch, cfg.teacher.dtype)
+    if teacher.dtype != "auto":
+        return getattr(torch, teacher.dtype)
     if not cuda:
         return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dsc.precision(cfg.deepspeed), torch.float32)
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dsc.precision(deepspeed), torch.float32)

@@ -77,6 +77,12 @@ def representation_sums(
     return out
 
 
+def evaluation_due(step: int, eval_interval: int, max_steps: int) -> bool:
+    """Whether the run evaluates after optimizer step ``step``: every ``eval_interval`` steps (``train.eval_interval``;
+    0: never in between) and at the last step (``max_steps``)."""
+    return bool((eval_interval and step % eval_interval == 0) or step == max_steps)
+
+
 class Validator:
     """The in-run evaluation of the student against the teacher on the valid split (collective: every rank runs it).
 
@@ -124,9 +130,9 @@ class Validator:
                 mlm += mlm_sums(head_s(hs[pos]), labels[pos], head_t(ht[pos]))
         both = torch.cat([mlm, rep])
         self.all_reduce(both)
-        mlm, rep = both[:5].tolist(), both[5:].tolist()
-        rec: dict[str, Any] = {"split": "valid", "step": step, "sequences": int(rep[2]), "tokens": int(rep[0])}
-        rec.update(mlm_summary(mlm) or {})
-        if self.same_width and rep[0] > 0:
-            rec.update(hidden_cosine=rep[1] / rep[0], pooled_cosine=rep[3] / rep[2])
+        mlm_total, (tokens, cos_sum, sequences, pooled_sum) = both[:5].tolist(), both[5:].tolist()
+        rec: dict[str, Any] = {"split": "valid", "step": step, "sequences": int(sequences), "tokens": int(tokens)}
+        rec.update(mlm_summary(mlm_total) or {})
+        if self.same_width and tokens > 0:
+            rec.update(hidden_cosine=cos_sum / tokens, pooled_cosine=pooled_sum / sequences)
         return rec
