@@ -157,7 +157,7 @@ def calibration_for(cfg: object, *, device: torch.device | str | None = None) ->
     :func:`pretrain.student.build_student` through a context variable; the sample is now an explicit argument: the
     recipe that has the data draws it (:meth:`pretrain.recipes.PretrainRecipe.build_student` with ``device=``, from
     :func:`calibration_batches`) and passes it down as ``calibration``. Yields None; ``cfg`` and ``device`` are
-    ignored."""
+    ignored. To be removed once :mod:`pretrain.trainer` calls ``recipe.build_student(teacher, device=...)``."""
     del cfg, device
     yield None
 
