@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,7 +100,7 @@ class _Chain(nn.Module):
         return x
 
 
-def mlm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def mlm_head(model: nn.Module):  # untyped result (Any) as before: callers check None by the loss terms they run
     """The MLM head of ``model`` as a callable ``[..., hidden] -> [..., vocab]`` logits, or None when it has none.
 
     Covers BERT (``cls.predictions``: transform + decoder), RoBERTa / XLM-R (``lm_head``), ELECTRA generators
