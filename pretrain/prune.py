@@ -36,20 +36,26 @@ loads with ``from_pretrained`` without custom code.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pretrain.schema import ConfigError
+from pretrain.structure import base_model, find_layer_list, find_module, model_config, new_like
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+Batch = dict[str, torch.Tensor]  # {"input_ids", "attention_mask"}: int64 [B, L]
 
 BLOCK_PARTS = {  # BERT block layout (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA with embedding_size == hidden_size)
     "query": "attention.self.query",
@@ -72,7 +78,7 @@ METHOD = (
 # Axis roles of each tensor, by name (first match wins). H: hidden channels; A: attention channels (kept heads x
 # head_dim) of the tensor's layer; F: feed-forward neurons of the tensor's layer; None: kept whole (vocabulary,
 # positions, token types).
-RULES: tuple[tuple[re.Pattern, tuple], ...] = tuple(
+RULES: tuple[tuple[re.Pattern[str], tuple[str | None, ...]], ...] = tuple(
     (re.compile(p), roles)
     for p, roles in (
         (r"\.attention\.self\.(query|key|value)\.weight$", ("A", "H")),
@@ -108,7 +114,7 @@ def calibration_batches(
     batch_size: int = 32,
     multiple: int = 8,
     device: torch.device | str | None = None,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[Batch]:
     """The calibration sample: ``n`` sequences of the train split of ``data_dir``, drawn without replacement from
     ``seed`` (``numpy.random.default_rng(seed)``; all of them when the split has fewer), in shard order, collated
     into micro-batches of ``batch_size`` (right-padded with ``pad_id``, by default the shards' tokenizer's pad id from
@@ -144,29 +150,19 @@ def calibration_batches(
     return out
 
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("calibration", default=None)
-
-
 @contextlib.contextmanager
-def calibration_for(cfg, *, device: torch.device | str | None = None):
-    """While active, :func:`pretrain.student.build_student` called without ``calibration`` (as the trainer's recipe
-    calls it) prunes with the run's calibration sample: :func:`calibration_batches` of ``cfg.data.dir`` with
-    ``n=cfg.student.calibration_sequences``, ``seed=cfg.train.seed``, on ``device``. A no-op unless
-    ``cfg.student.init == "prune"``. The sample is the same on every rank (seeded, read from the shards), so every
-    rank computes the same importance and selection. Yields the batches (or None). Raises :class:`ConfigError` as
-    :func:`calibration_batches` does."""
-    if cfg.student.init != "prune":
-        yield None
-        return
-    batches = calibration_batches(cfg.data.dir, n=cfg.student.calibration_sequences, seed=cfg.train.seed, device=device)
-    token = _ACTIVE.set(batches)
-    try:
-        yield batches
-    finally:
-        _ACTIVE.reset(token)
+def calibration_for(cfg: object, *, device: torch.device | str | None = None) -> Iterator[None]:
+    """Deprecated no-op, kept only so that a caller still written as ``with calibration_for(cfg, device=...):
+    recipe.build_student(teacher)`` runs. It used to hand the calibration sample to
+    :func:`pretrain.student.build_student` through a context variable; the sample is now an explicit argument: the
+    recipe that has the data draws it (:meth:`pretrain.recipes.PretrainRecipe.build_student` with ``device=``, from
+    :func:`calibration_batches`) and passes it down as ``calibration``. Yields None; ``cfg`` and ``device`` are
+    ignored. To be removed once :mod:`pretrain.trainer` calls ``recipe.build_student(teacher, device=...)``."""
+    del cfg, device
+    yield None
 
 
-def _sample_digest(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int, str]:
+def _sample_digest(batches: Sequence[Batch]) -> tuple[int, int, str]:
     """(sequences, real tokens, sha256 of the real token ids in order) of a calibration sample."""
     h, n_seq, n_tok = hashlib.sha256(), 0, 0
     for b in batches:
@@ -182,19 +178,12 @@ def _sample_digest(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int
 # Structure
 
 
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
 def block_parts(layer: nn.Module) -> dict[str, nn.Module]:
     """The modules of one transformer block that pruning reads (:data:`BLOCK_PARTS`, BERT's layout). Raises
     :class:`ConfigError` (``student.init``) when the block has another layout."""
-    parts = {k: _get(layer, p) for k, p in BLOCK_PARTS.items()}
-    missing = [BLOCK_PARTS[k] for k, v in parts.items() if v is None]
+    found = {k: find_module(layer, p) for k, p in BLOCK_PARTS.items()}
+    parts = {k: v for k, v in found.items() if v is not None}
+    missing = [BLOCK_PARTS[k] for k in found if k not in parts]
     if missing:
         raise ConfigError(
             f"student.init: 'prune' needs BERT's block layout (attention.self.query/key/value, "
@@ -204,23 +193,10 @@ def block_parts(layer: nn.Module) -> dict[str, nn.Module]:
     return parts
 
 
-def resolve_targets(
-    teacher_config, hidden_size: int | None, num_attention_heads: int | None, intermediate_size: int | None
-) -> tuple[int, int, int]:
-    """The student's ``(hidden_size, num_attention_heads, intermediate_size)`` for pruning a teacher with
-    ``teacher_config``; None = the teacher's hidden size / ``hidden_size // head_dim`` / the teacher's ratio of
-    intermediate to hidden size.
-
-    Pruning keeps whole teacher heads, and a standard Hugging Face config has ``head_dim = hidden_size /
-    num_attention_heads``, so the student's head size must equal the teacher's. Raises :class:`ConfigError` naming
-    the key, before any work: a target larger than the teacher's (``student.hidden_size``,
-    ``student.num_attention_heads``, ``student.intermediate_size``), a hidden size not divisible by the heads, a head
-    size different from the teacher's, a teacher with ``embedding_size != hidden_size`` (ELECTRA-small style) or with
-    heads already pruned (``config.pruned_heads``).
-    """
-    tc = teacher_config
-    t_hidden, t_heads, t_inter = tc.hidden_size, tc.num_attention_heads, tc.intermediate_size
-    head_dim = t_hidden // t_heads
+def _check_prunable(tc: PreTrainedConfig) -> None:
+    """Refuse a teacher whose config pruning cannot express: ``embedding_size != hidden_size`` (ELECTRA-small
+    style) or heads already pruned (``config.pruned_heads``). Raises :class:`ConfigError` (``student.init``)."""
+    t_hidden = tc.hidden_size
     if getattr(tc, "embedding_size", t_hidden) not in (None, t_hidden):
         raise ConfigError(
             f"student.init: 'prune' needs embedding_size == hidden_size; the teacher has "
@@ -231,11 +207,13 @@ def resolve_targets(
             "student.init: the teacher already has pruned heads (config.pruned_heads): its layers have "
             "different head counts, which 'prune' does not read. Use student.init='random'"
         )
-    hidden = hidden_size or t_hidden
-    if hidden > t_hidden:
-        raise ConfigError(
-            f"student.hidden_size: {hidden} is larger than the teacher's {t_hidden}; pruning can only remove channels"
-        )
+
+
+def _target_heads(hidden: int, num_attention_heads: int | None, t_hidden: int, t_heads: int) -> int:
+    """The student's head count for a hidden size of ``hidden`` (None = ``hidden // head_dim``), checked against
+    the teacher's ``t_heads`` heads of ``head_dim = t_hidden // t_heads`` channels. Raises :class:`ConfigError`
+    (``student.hidden_size``, ``student.num_attention_heads``) as :func:`resolve_targets` says."""
+    head_dim = t_hidden // t_heads
     if num_attention_heads is None:
         if hidden % head_dim:
             raise ConfigError(
@@ -261,6 +239,35 @@ def resolve_targets(
             f"(student.hidden_size / {head_dim})"
             + ("" if hidden % head_dim == 0 else f" with a student.hidden_size that is a multiple of {head_dim}")
         )
+    return heads
+
+
+def resolve_targets(
+    teacher_config: PreTrainedConfig,
+    hidden_size: int | None,
+    num_attention_heads: int | None,
+    intermediate_size: int | None,
+) -> tuple[int, int, int]:
+    """The student's ``(hidden_size, num_attention_heads, intermediate_size)`` for pruning a teacher with
+    ``teacher_config``; None = the teacher's hidden size / ``hidden_size // head_dim`` / the teacher's ratio of
+    intermediate to hidden size.
+
+    Pruning keeps whole teacher heads, and a standard Hugging Face config has ``head_dim = hidden_size /
+    num_attention_heads``, so the student's head size must equal the teacher's. Raises :class:`ConfigError` naming
+    the key, before any work: a target larger than the teacher's (``student.hidden_size``,
+    ``student.num_attention_heads``, ``student.intermediate_size``), a hidden size not divisible by the heads, a head
+    size different from the teacher's, a teacher with ``embedding_size != hidden_size`` (ELECTRA-small style) or with
+    heads already pruned (``config.pruned_heads``).
+    """
+    tc = teacher_config
+    t_hidden, t_heads, t_inter = tc.hidden_size, tc.num_attention_heads, tc.intermediate_size
+    _check_prunable(tc)
+    hidden = hidden_size or t_hidden
+    if hidden > t_hidden:
+        raise ConfigError(
+            f"student.hidden_size: {hidden} is larger than the teacher's {t_hidden}; pruning can only remove channels"
+        )
+    heads = _target_heads(hidden, num_attention_heads, t_hidden, t_heads)
     inter = intermediate_size or round(t_inter * hidden / t_hidden)
     if inter > t_inter:
         raise ConfigError(
@@ -297,10 +304,97 @@ def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+@dataclasses.dataclass
+class _Sums:
+    """What the importance hooks accumulate: per teacher layer t, ``heads[t]`` [num_attention_heads] and
+    ``neurons[t]`` [intermediate_size], and ``channels`` [hidden_size], each the sum over the sequences run so far of
+    the per-sequence means (fp32, CPU); ``mask``: float [B, L] of the micro-batch being run."""
+
+    heads: dict[int, torch.Tensor]
+    neurons: dict[int, torch.Tensor]
+    channels: torch.Tensor
+    mask: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
+
+
+def _check_sample(batches: Sequence[Batch]) -> None:
+    """Raise :class:`ConfigError` (``student.calibration_sequences``) for a sample without any real token."""
+    if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
+        raise ConfigError(
+            "student.calibration_sequences: the calibration sample is empty (no sequence with a real "
+            "token); pruning needs at least one"
+        )
+
+
+def _embeddings_layer_norm(teacher: nn.Module) -> nn.Module:
+    """The teacher's ``embeddings.LayerNorm``; :class:`ConfigError` (``student.init``) when it has none."""
+    emb_ln = find_module(base_model(teacher), "embeddings.LayerNorm")
+    if emb_ln is None:
+        raise ConfigError(
+            f"student.init: 'prune' needs the embeddings' LayerNorm (embeddings.LayerNorm); "
+            f"{type(teacher).__name__} has none. Use student.init='random'"
+        )
+    return emb_ln
+
+
+def _add(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target += value`` summed over the sequences (value [B, ...], target [...] on the CPU)."""
+    target += value.sum(0).cpu()
+
+
+def _hook_importance(
+    emb_ln: nn.Module, parts: dict[int, dict[str, nn.Module]], sums: _Sums, n_heads: int, head_dim: int
+) -> list[RemovableHandle]:
+    """Register the forward hooks that add each micro-batch's per-sequence means to ``sums``: the heads' output
+    norms (input of ``attn_out``), |neurons| (output of ``intermediate``) and |LayerNorm outputs| (the embeddings'
+    and both of every block in ``parts``, teacher layer -> :func:`block_parts`). Returns the handles, in the order
+    registered."""
+
+    def on_heads(t: int):
+        def hook(_m, args):
+            x = args[0]  # [B, L, heads * head_dim]: the heads' outputs, concatenated, before the projection
+            norms = x.float().reshape(*x.shape[:2], n_heads, head_dim).norm(dim=-1)  # [B, L, heads]
+            _add(sums.heads[t], _seq_mean(norms, sums.mask))
+
+        return hook
+
+    def on_neurons(t: int):
+        def hook(_m, _args, out):  # [B, L, intermediate] after the activation function
+            _add(sums.neurons[t], _seq_mean(out.abs(), sums.mask))
+
+        return hook
+
+    def on_ln(_m, _args, out):  # [B, L, hidden]
+        _add(sums.channels, _seq_mean(out.abs(), sums.mask))
+
+    handles = [emb_ln.register_forward_hook(on_ln)]
+    for t, p in parts.items():
+        handles.append(p["attn_out"].register_forward_pre_hook(on_heads(t)))
+        handles.append(p["intermediate"].register_forward_hook(on_neurons(t)))
+        handles.append(p["attn_ln"].register_forward_hook(on_ln))
+        handles.append(p["out_ln"].register_forward_hook(on_ln))
+    return handles
+
+
+def _run_sample(teacher: nn.Module, batches: Sequence[Batch], sums: _Sums, handles: list[RemovableHandle]) -> None:
+    """Run the teacher's encoder over ``batches`` in eval mode, on the batches' device (the teacher is moved there
+    and back; its training mode is restored), setting ``sums.mask`` per micro-batch; removes ``handles`` after."""
+    was_training = teacher.training
+    home = next(teacher.parameters()).device
+    device = batches[0]["input_ids"].device
+    teacher.eval().to(device)
+    try:
+        encoder = base_model(teacher)
+        for b in batches:
+            sums.mask = b["attention_mask"].to(device).float()
+            encoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.to(home).train(was_training)
+
+
 @torch.no_grad()
-def compute_importance(
-    teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers: Sequence[int]
-) -> Importance:
+def compute_importance(teacher: nn.Module, batches: Sequence[Batch], layers: Sequence[int]) -> Importance:
     """Score the heads, neurons (of teacher ``layers``, 0-based) and hidden channels of ``teacher`` on ``batches``.
 
     Args:
@@ -316,73 +410,25 @@ def compute_importance(
     :class:`ConfigError` (``student.calibration_sequences``) for an empty sample, (``student.init``) for a teacher
     without BERT's block layout.
     """
-    from pretrain.student import base_model, find_layer_list
-
-    if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
-        raise ConfigError(
-            "student.calibration_sequences: the calibration sample is empty (no sequence with a real "
-            "token); pruning needs at least one"
-        )
-    tc = teacher.config
+    _check_sample(batches)
+    tc = model_config(teacher)
     n_heads, head_dim = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
     _, blocks = find_layer_list(teacher)
-    emb_ln = _get(base_model(teacher), "embeddings.LayerNorm")
-    if emb_ln is None:
-        raise ConfigError(
-            f"student.init: 'prune' needs the embeddings' LayerNorm (embeddings.LayerNorm); "
-            f"{type(teacher).__name__} has none. Use student.init='random'"
-        )
+    emb_ln = _embeddings_layer_norm(teacher)
     parts = {t: block_parts(blocks[t]) for t in layers}
-    heads = {t: torch.zeros(n_heads) for t in layers}
-    neurons = {t: torch.zeros(tc.intermediate_size) for t in layers}
-    channels = torch.zeros(tc.hidden_size)
-    state: dict[str, torch.Tensor] = {}
-
-    def add(target: torch.Tensor, value: torch.Tensor) -> None:  # value [B, ...] -> summed over the sequences
-        target += value.sum(0).cpu()
-
-    def on_heads(t):
-        def hook(_m, args):
-            x = args[0]  # [B, L, heads * head_dim]: the heads' outputs, concatenated, before the projection
-            norms = x.float().reshape(*x.shape[:2], n_heads, head_dim).norm(dim=-1)  # [B, L, heads]
-            add(heads[t], _seq_mean(norms, state["mask"]))
-
-        return hook
-
-    def on_neurons(t):
-        def hook(_m, _args, out):  # [B, L, intermediate] after the activation function
-            add(neurons[t], _seq_mean(out.abs(), state["mask"]))
-
-        return hook
-
-    def on_ln(_m, _args, out):  # [B, L, hidden]
-        add(channels, _seq_mean(out.abs(), state["mask"]))
-
-    handles = [emb_ln.register_forward_hook(on_ln)]
-    for t, p in parts.items():
-        handles.append(p["attn_out"].register_forward_pre_hook(on_heads(t)))
-        handles.append(p["intermediate"].register_forward_hook(on_neurons(t)))
-        handles.append(p["attn_ln"].register_forward_hook(on_ln))
-        handles.append(p["out_ln"].register_forward_hook(on_ln))
-    was_training = teacher.training
-    home = next(teacher.parameters()).device
-    device = batches[0]["input_ids"].device
-    teacher.eval().to(device)
-    try:
-        encoder = base_model(teacher)
-        for b in batches:
-            state["mask"] = b["attention_mask"].to(device).float()
-            encoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        teacher.to(home).train(was_training)
+    sums = _Sums(
+        heads={t: torch.zeros(n_heads) for t in layers},
+        neurons={t: torch.zeros(tc.intermediate_size) for t in layers},
+        channels=torch.zeros(tc.hidden_size),
+    )
+    handles = _hook_importance(emb_ln, parts, sums, n_heads, head_dim)
+    _run_sample(teacher, batches, sums, handles)
     n_seq, n_tok, digest = _sample_digest(batches)
     scale = 1.0 / n_seq
     return Importance(
-        heads={t: v * scale for t, v in heads.items()},
-        neurons={t: v * scale for t, v in neurons.items()},
-        channels=channels * scale,
+        heads={t: v * scale for t, v in sums.heads.items()},
+        neurons={t: v * scale for t, v in sums.neurons.items()},
+        channels=sums.channels * scale,
         sequences=n_seq,
         tokens=n_tok,
         sha256=digest,
@@ -433,12 +479,52 @@ def select(
 # Slicing
 
 
-def roles_of(key: str) -> tuple | None:
+def roles_of(key: str) -> tuple[str | None, ...] | None:
     """The axis roles of a state-dict tensor (:data:`RULES`), or None when no rule names it."""
     for pattern, roles in RULES:
         if pattern.search(key):
             return roles
     return None
+
+
+def _teacher_key(key: str, prefix: str, layer_map: Sequence[int]) -> tuple[str, int | None]:
+    """The teacher tensor a student tensor is cut from, and the student layer it belongs to (None outside the layer
+    list ``prefix``): student layer i reads teacher layer ``layer_map[i]``."""
+    if not key.startswith(prefix):
+        return key, None
+    idx, rest = key[len(prefix) :].split(".", 1)
+    layer = int(idx)
+    return f"{prefix}{layer_map[layer]}.{rest}", layer
+
+
+def _slice_axes(
+    key: str,
+    value: torch.Tensor,
+    roles: tuple[str | None, ...],
+    layer: int | None,
+    sel: Selection,
+    head_dim: int,
+) -> tuple[torch.Tensor, list[str]]:
+    """``value`` with each axis cut to the kept indices of its role (H: channels, A: the layer's kept heads'
+    channels, F: the layer's neurons, None: whole), and the label of each axis. ``ValueError`` for an A or F axis
+    outside a layer."""
+    channels = torch.tensor(sel.channels)
+    names = []
+    for axis, role in enumerate(roles):
+        if role is None:
+            names.append(":")
+            continue
+        if role == "H":
+            index, label = channels, "channels"
+        elif layer is None:
+            raise ValueError(f"{key}: role {role} outside a layer")
+        elif role == "A":
+            index, label = torch.tensor(sel.attention_channels(layer, head_dim)), f"heads{sel.heads[layer]}"
+        else:
+            index, label = torch.tensor(sel.neurons[layer]), "neurons"
+        value = value.index_select(axis, index)
+        names.append(label)
+    return value, names
 
 
 def slice_state(
@@ -463,14 +549,9 @@ def slice_state(
     student's shape.
     """
     prefix = layer_prefix + "."
-    channels = torch.tensor(sel.channels)
     state, copied = {}, {}
     for key, shape in student_shapes.items():
-        src, layer = key, None
-        if key.startswith(prefix):
-            idx, rest = key[len(prefix) :].split(".", 1)
-            layer = int(idx)
-            src = f"{prefix}{sel.layer_map[layer]}.{rest}"
+        src, layer = _teacher_key(key, prefix, sel.layer_map)
         if src not in teacher_state:
             raise ValueError(f"student tensor {key} has no teacher counterpart {src}")
         value = teacher_state[src].detach().to(torch.float32)
@@ -483,21 +564,7 @@ def slice_state(
                 )
             state[key], copied[key] = value.clone(), src
             continue
-        names = []
-        for axis, role in enumerate(roles):
-            if role is None:
-                names.append(":")
-                continue
-            if role == "H":
-                index, label = channels, "channels"
-            elif layer is None:
-                raise ValueError(f"{key}: role {role} outside a layer")
-            elif role == "A":
-                index, label = torch.tensor(sel.attention_channels(layer, head_dim)), f"heads{sel.heads[layer]}"
-            else:
-                index, label = torch.tensor(sel.neurons[layer]), "neurons"
-            value = value.index_select(axis, index)
-            names.append(label)
+        value, names = _slice_axes(key, value, roles, layer, sel, head_dim)
         if tuple(value.shape) != tuple(shape):
             raise ValueError(
                 f"student tensor {key}: the slice of {src} is {tuple(value.shape)}, the student's {tuple(shape)}"
@@ -510,90 +577,133 @@ def _scores(t: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in t.tolist()]
 
 
+def _pruned_config(tc: PreTrainedConfig, hidden: int, heads: int, inter: int, depth: int) -> PreTrainedConfig:
+    """A copy of the teacher's config with the student's sizes (the embedding size follows the hidden size when the
+    teacher's equals its hidden size)."""
+    config = copy.deepcopy(tc)
+    config.hidden_size, config.num_attention_heads = hidden, heads
+    config.intermediate_size, config.num_hidden_layers = inter, depth
+    if getattr(config, "embedding_size", None) == tc.hidden_size:
+        config.embedding_size = hidden
+    return config
+
+
+def _check_tie(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
+    """``ValueError`` when the teacher's decoder is tied to its word embeddings and the student's is not."""
+    t_out, s_out = teacher.get_output_embeddings(), student.get_output_embeddings()
+    t_tied = t_out is not None and t_out.weight is teacher.get_input_embeddings().weight
+    if t_tied and s_out.weight is not student.get_input_embeddings().weight:
+        raise ValueError("the pruned student lost the tie between the decoder and the word embeddings")
+
+
+def _check_calibration(calibration: Sequence[Batch] | None) -> Sequence[Batch]:
+    """The calibration sample, or :class:`ConfigError` when none (``student.init``) or an empty one
+    (``student.calibration_sequences``) was given."""
+    if calibration is None:
+        raise ConfigError(
+            "student.init: 'prune' needs a calibration sample of the train shards and none was given: pass "
+            "calibration=pretrain.prune.calibration_batches(data.dir, n=student.calibration_sequences, "
+            "seed=train.seed) to pretrain.student.build_student (the pretraining recipe, "
+            "pretrain.recipes.PretrainRecipe.build_student, does); use student.init='teacher' or 'random' where "
+            "there are no shards to draw it from"
+        )
+    if not calibration:
+        raise ConfigError(
+            "student.calibration_sequences: student.init='prune' needs a calibration sample and the one given "
+            "has no batches: draw it from the train split with pretrain.prune.calibration_batches"
+        )
+    return calibration
+
+
+def _prune_record(
+    tc: PreTrainedConfig, layer_map: list[int], imp: Importance, sel: Selection, sizes: tuple[int, int, int]
+) -> dict[str, Any]:
+    """The ``prune`` entry of the student record (JSON-serialisable; see :func:`build_pruned`)."""
+    hidden, heads, inter = sizes
+    return {
+        "method": METHOD,
+        "calibration": {
+            "sequences": imp.sequences,
+            "tokens": imp.tokens,
+            "sha256": imp.sha256,
+            "source": "train split of data.dir, drawn with train.seed",
+        },
+        "hidden_size": [tc.hidden_size, hidden],
+        "num_attention_heads": [tc.num_attention_heads, heads],
+        "intermediate_size": [tc.intermediate_size, inter],
+        "hidden_channels": sel.channels,
+        "heads": sel.heads,
+        "neurons": sel.neurons,
+        "scores": {
+            "hidden_channels": _scores(imp.channels),
+            "heads": [_scores(imp.heads[t]) for t in layer_map],
+            "neurons": [_scores(imp.neurons[t]) for t in layer_map],
+        },
+    }
+
+
+def _prune_note(tc: PreTrainedConfig, layer_map: list[int], imp: Importance, sizes: tuple[int, int, int]) -> str:
+    """The record's one-line note: layers and sizes, teacher -> student, and the calibration sample's size."""
+    hidden, heads, inter = sizes
+    return (
+        f"pruned (Minitron): {len(layer_map)} of {tc.num_hidden_layers} layers, hidden {tc.hidden_size} -> "
+        f"{hidden}, heads {tc.num_attention_heads} -> {heads} (head size "
+        f"{tc.hidden_size // tc.num_attention_heads}), intermediate {tc.intermediate_size} -> {inter}; "
+        f"importance on {imp.sequences} calibration sequences ({imp.tokens:,} tokens)"
+    )
+
+
 def build_pruned(
-    teacher: nn.Module, cfg, layer_map: list[int], calibration: Sequence[dict[str, torch.Tensor]] | None
-) -> tuple[nn.Module, dict[str, Any]]:
+    teacher: PreTrainedModel,
+    layer_map: list[int],
+    calibration: Sequence[Batch] | None,
+    *,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    intermediate_size: int | None = None,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The pruned student (``student.init="prune"``; called by :func:`pretrain.student.build_student`).
 
-    ``type(teacher)`` with ``len(layer_map)`` layers and the target sizes of ``cfg`` (:func:`resolve_targets`),
-    every tensor sliced from the teacher (:func:`slice_state`) after :func:`compute_importance` on ``calibration`` and
+    ``type(teacher)`` with ``len(layer_map)`` layers and the target sizes (``student.hidden_size``,
+    ``num_attention_heads``, ``intermediate_size``; None = derived from the teacher, :func:`resolve_targets`), every
+    tensor sliced from the teacher (:func:`slice_state`) after :func:`compute_importance` on ``calibration`` and
     :func:`select`. Returns ``(student, record)``: record has ``layer_map``, ``copied``, ``initialized`` (empty),
     ``notes`` and ``prune`` (JSON-serialisable: the method, the calibration sample's size and sha256, the sizes
     [teacher, student], the kept ``hidden_channels``, ``heads`` and ``neurons`` per student layer as teacher
     indices, and the importance ``scores`` of every channel, head and neuron of the mapped layers).
 
-    ``calibration``: micro-batches (:func:`calibration_batches`); None = the sample of the enclosing
-    :func:`calibration_for`. The student also gets a plain attribute ``pruned_hidden_channels`` (the kept channels;
-    not saved) from which :class:`pretrain.distill.DistillationModel` initialises its hidden-state projections.
+    ``calibration``: the micro-batches the importance is measured on (:func:`calibration_batches`; the forwards run
+    on their device). The student also gets a plain attribute ``pruned_hidden_channels`` (the kept channels; not
+    saved) from which :class:`pretrain.distill.DistillationModel` initialises its hidden-state projections.
 
-    Raises :class:`ConfigError` for bad targets (before the calibration forwards), an empty or missing calibration
-    sample (``student.calibration_sequences``) or a teacher without BERT's layout (``student.init``).
+    Raises :class:`ConfigError` for bad targets (before the calibration forwards), no calibration sample
+    (``student.init``), an empty one (``student.calibration_sequences``) or a teacher without BERT's layout
+    (``student.init``).
     """
-    from pretrain.student import _new_like, base_model, find_layer_list
-
     t_name, blocks = find_layer_list(teacher)
     for t in layer_map:
         block_parts(blocks[t])
-    hidden, heads, inter = resolve_targets(
-        teacher.config, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
-    )
-    calibration = _ACTIVE.get() if calibration is None else calibration
-    if not calibration:
-        raise ConfigError(
-            "student.calibration_sequences: student.init='prune' needs a calibration sample (none "
-            "given: pass calibration batches from the train split, pretrain.prune.calibration_batches, "
-            "or build inside pretrain.prune.calibration_for(cfg))"
-        )
-    imp = compute_importance(teacher, calibration, layer_map)
-    sel = select(imp, layer_map, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter)
     tc = teacher.config
-    config = copy.deepcopy(tc)
-    config.hidden_size, config.num_attention_heads = hidden, heads
-    config.intermediate_size, config.num_hidden_layers = inter, len(layer_map)
-    if getattr(config, "embedding_size", None) == tc.hidden_size:
-        config.embedding_size = hidden
-    student = _new_like(type(teacher), config, like=base_model(teacher))
+    sizes = resolve_targets(tc, hidden_size, num_attention_heads, intermediate_size)
+    imp = compute_importance(teacher, _check_calibration(calibration), layer_map)
+    hidden, heads, inter = sizes
+    sel = select(imp, layer_map, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter)
+    student = new_like(type(teacher), _pruned_config(tc, *sizes, len(layer_map)), like=base_model(teacher))
     s_name, _ = find_layer_list(student)
     if s_name != t_name:
         raise ValueError(f"layer list found at {s_name!r} in the student but {t_name!r} in the teacher")
     shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     state, copied = slice_state(teacher.state_dict(), shapes, t_name, sel, tc.hidden_size // tc.num_attention_heads)
     student.load_state_dict(state, strict=True)
-    t_out, s_out = teacher.get_output_embeddings(), student.get_output_embeddings()
-    if t_out is not None and t_out.weight is teacher.get_input_embeddings().weight:
-        if s_out.weight is not student.get_input_embeddings().weight:
-            raise ValueError("the pruned student lost the tie between the decoder and the word embeddings")
-    # a plain attribute (not saved, not in the config): DistillationModel starts its projections from it
-    student.pruned_hidden_channels = list(sel.channels)
+    _check_tie(teacher, student)
+    # a plain attribute (not saved, not in the config): DistillationModel starts its projections from it. torch's
+    # stub of nn.Module.__setattr__ admits only tensors and modules; any value is stored as a plain attribute.
+    student.pruned_hidden_channels = list(sel.channels)  # type: ignore[assignment]
     record = {
         "layer_map": list(layer_map),
         "copied": copied,
         "initialized": [],
-        "notes": [
-            f"pruned (Minitron): {len(layer_map)} of {tc.num_hidden_layers} layers, hidden {tc.hidden_size} -> "
-            f"{hidden}, heads {tc.num_attention_heads} -> {heads} (head size "
-            f"{tc.hidden_size // tc.num_attention_heads}), intermediate {tc.intermediate_size} -> {inter}; "
-            f"importance on {imp.sequences} calibration sequences ({imp.tokens:,} tokens)"
-        ],
-        "prune": {
-            "method": METHOD,
-            "calibration": {
-                "sequences": imp.sequences,
-                "tokens": imp.tokens,
-                "sha256": imp.sha256,
-                "source": "train split of data.dir, drawn with train.seed",
-            },
-            "hidden_size": [tc.hidden_size, hidden],
-            "num_attention_heads": [tc.num_attention_heads, heads],
-            "intermediate_size": [tc.intermediate_size, inter],
-            "hidden_channels": sel.channels,
-            "heads": sel.heads,
-            "neurons": sel.neurons,
-            "scores": {
-                "hidden_channels": _scores(imp.channels),
-                "heads": [_scores(imp.heads[t]) for t in layer_map],
-                "neurons": [_scores(imp.neurons[t]) for t in layer_map],
-            },
-        },
+        "notes": [_prune_note(tc, layer_map, imp, sizes)],
+        "prune": _prune_record(tc, layer_map, imp, sel, sizes),
     }
     return student, record

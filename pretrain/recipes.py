@@ -84,14 +84,34 @@ class PretrainRecipe:
 
         return load_teacher(self.cfg, self.info)
 
-    def build_student(self, teacher: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def build_student(
+        self, teacher: torch.nn.Module, *, device: torch.device | str | None = None
+    ) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The student and its record (:func:`pretrain.student.build_student`); parameters no loss reaches are
-        frozen (:func:`pretrain.student.freeze_unused`)."""
+        frozen (:func:`pretrain.student.freeze_unused`). With ``student.init="prune"`` the calibration sample is
+        drawn here (:meth:`calibration`) and passed down; its forwards run on ``device`` (default: the teacher's).
+        Raises :class:`ConfigError` as those do."""
         from pretrain.student import build_student, freeze_unused
 
-        student, record = build_student(teacher, self.cfg.student)
+        if device is None:
+            device = next(teacher.parameters()).device
+        student, record = build_student(teacher, self.cfg.student, self.calibration(device))
         freeze_unused(student)
         return student, record
+
+    def calibration(self, device: torch.device | str | None = None) -> list[dict[str, torch.Tensor]] | None:
+        """The pruning importance's calibration sample when ``student.init="prune"`` (else None):
+        :func:`pretrain.prune.calibration_batches` of the train split of ``data.dir``, ``student.calibration_sequences``
+        sequences drawn with ``train.seed`` (the same on every rank), int64 [B, L] micro-batches on ``device`` (CPU
+        by default). Raises :class:`ConfigError` (``data.dir``) for a missing or empty train split."""
+        cfg = self.cfg
+        if cfg.student.init != "prune":
+            return None
+        from pretrain.prune import calibration_batches
+
+        return calibration_batches(
+            cfg.data.dir, n=cfg.student.calibration_sequences, seed=cfg.train.seed, device=device
+        )
 
     def build_model(self, student, teacher, record: dict, loss_cfg) -> torch.nn.Module:
         """The module DeepSpeed wraps: :class:`pretrain.distill.DistillationModel`."""

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import itertools
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from pretrain.prune import Batch, build_pruned
 from pretrain.schema import ConfigError, check, param
+
+# the structure helpers moved to pretrain.structure; imported here too for the modules that read them from here
+from pretrain.structure import base_model, find_layer_list, mlm_head, new_like, pretrained
+
+if TYPE_CHECKING:
+    from transformers import DistilBertConfig, PreTrainedConfig, PreTrainedModel
 
 LAYER_SPECS = ("every_other", "distilbert")
 INITS = ("teacher", "random", "prune")
@@ -83,30 +90,51 @@ class StudentConfig:
 
     def validate(self) -> None:
         """Check the section's values; raises :class:`ConfigError` naming ``student.<key>``."""
-        if isinstance(self.layers, str):
-            check(
-                self.layers in LAYER_SPECS,
-                "student.layers",
-                f"{self.layers!r} is not one of {list(LAYER_SPECS)} or a list of teacher layer indices",
-            )
-        else:
-            check(len(self.layers) > 0, "student.layers", "the list is empty; give at least one teacher layer index")
-            check(
-                all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers),
-                "student.layers",
-                f"{self.layers!r}: indices must be non-negative integers (0 = first layer)",
-            )
-            check(
-                len(set(self.layers)) == len(self.layers),
-                "student.layers",
-                f"{self.layers!r} repeats a layer; list each teacher layer at most once",
-            )
+        self._validate_layers()
         check(
             self.architecture in ("same", "distilbert"),
             "student.architecture",
             f"{self.architecture!r} is not one of ['same', 'distilbert']",
         )
         check(self.init in INITS, "student.init", f"{self.init!r} is not one of {list(INITS)}")
+        self._validate_sizes()
+        if self.init == "prune":
+            self._validate_prune()
+        check(
+            isinstance(self.calibration_sequences, int) and self.calibration_sequences > 0,
+            "student.calibration_sequences",
+            f"{self.calibration_sequences!r} must be a positive integer",
+        )
+        if self.hidden_size and self.num_attention_heads:
+            check(
+                self.hidden_size % self.num_attention_heads == 0,
+                "student.num_attention_heads",
+                f"{self.num_attention_heads} does not divide student.hidden_size={self.hidden_size}",
+            )
+
+    def _validate_layers(self) -> None:
+        """``student.layers``: one of :data:`LAYER_SPECS`, or a non-empty list of distinct non-negative indices."""
+        if isinstance(self.layers, str):
+            check(
+                self.layers in LAYER_SPECS,
+                "student.layers",
+                f"{self.layers!r} is not one of {list(LAYER_SPECS)} or a list of teacher layer indices",
+            )
+            return
+        check(len(self.layers) > 0, "student.layers", "the list is empty; give at least one teacher layer index")
+        check(
+            all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers),
+            "student.layers",
+            f"{self.layers!r}: indices must be non-negative integers (0 = first layer)",
+        )
+        check(
+            len(set(self.layers)) == len(self.layers),
+            "student.layers",
+            f"{self.layers!r} repeats a layer; list each teacher layer at most once",
+        )
+
+    def _validate_sizes(self) -> None:
+        """The size keys: only with ``init`` "random" or "prune", and positive integers."""
         sizes = {
             k: getattr(self, k)
             for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
@@ -121,29 +149,20 @@ class StudentConfig:
                 f"its sizes from the teacher); remove it or set student.init='random'",
             )
             check(isinstance(value, int) and value > 0, f"student.{key}", f"{value!r} must be a positive integer")
-        if self.init == "prune":
-            check(
-                self.num_hidden_layers is None,
-                "student.num_hidden_layers",
-                f"{self.num_hidden_layers}: with student.init='prune' the depth is the layer map's; choose the "
-                f"teacher layers with student.layers",
-            )
-            check(
-                self.architecture == "same",
-                "student.architecture",
-                f"{self.architecture!r}: student.init='prune' keeps the teacher's class; use 'same'",
-            )
+
+    def _validate_prune(self) -> None:
+        """``init="prune"``: the depth is the layer map's and the class the teacher's."""
         check(
-            isinstance(self.calibration_sequences, int) and self.calibration_sequences > 0,
-            "student.calibration_sequences",
-            f"{self.calibration_sequences!r} must be a positive integer",
+            self.num_hidden_layers is None,
+            "student.num_hidden_layers",
+            f"{self.num_hidden_layers}: with student.init='prune' the depth is the layer map's; choose the "
+            f"teacher layers with student.layers",
         )
-        if self.hidden_size and self.num_attention_heads:
-            check(
-                self.hidden_size % self.num_attention_heads == 0,
-                "student.num_attention_heads",
-                f"{self.num_attention_heads} does not divide student.hidden_size={self.hidden_size}",
-            )
+        check(
+            self.architecture == "same",
+            "student.architecture",
+            f"{self.architecture!r}: student.init='prune' keeps the teacher's class; use 'same'",
+        )
 
 
 def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[int]:
@@ -178,84 +197,12 @@ def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[in
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Structure helpers (shared with pretrain.distill)
-
-
-def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The encoder's list of transformer blocks, found by structure.
-
-    Returns ``(qualified name, module list)``: the ``nn.ModuleList`` with ``config.num_hidden_layers`` entries of one
-    class holding the most parameters (``bert.encoder.layer``, ``roberta.encoder.layer``,
-    ``distilbert.transformer.layer``, ...). Raises ``ValueError`` when there is none.
-    """
-    n = model.config.num_hidden_layers
-    found = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0 and len({type(m) for m in mod}) == 1:
-            found.append((sum(p.numel() for p in mod.parameters()), name, mod))
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__}: no nn.ModuleList of {n} transformer blocks found; is this a BERT-like encoder?"
-        )
-    _, name, mod = max(found, key=lambda x: x[0])
-    return name, mod
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The encoder without task head (``model.base_model`` of Hugging Face models: BertModel, RobertaModel, ...)."""
-    return getattr(model, "base_model", model)
-
-
-class _Chain(nn.Module):
-    """Apply modules in order (a head made of sibling modules, like DistilBERT's vocab_transform ... projector)."""
-
-    def __init__(self, *mods):
-        super().__init__()
-        self.mods = list(mods)  # plain list: not registered, the model already owns them
-
-    def forward(self, x):
-        for m in self.mods:
-            x = m(x)
-        return x
-
-
-def mlm_head(model: nn.Module):
-    """The MLM head of ``model`` as a callable ``[..., hidden] -> [..., vocab]`` logits, or None when it has none.
-
-    Covers BERT (``cls.predictions``: transform + decoder), RoBERTa / XLM-R (``lm_head``), ELECTRA generators
-    (``generator_predictions`` + ``generator_lm_head``) and DistilBERT (``vocab_transform``, activation,
-    ``vocab_layer_norm``, ``vocab_projector``). A head applied to ``hidden[positions]`` gives exactly
-    ``full_logits[positions]``: it is position-wise.
-    """
-    if hasattr(model, "cls") and isinstance(model.cls, nn.Module):
-        return getattr(model.cls, "predictions", model.cls)
-    if isinstance(getattr(model, "lm_head", None), nn.Module):
-        return model.lm_head
-    if hasattr(model, "generator_lm_head"):
-        return _Chain(model.generator_predictions, model.generator_lm_head)
-    if hasattr(model, "vocab_projector"):
-        return _Chain(model.vocab_transform, model.activation, model.vocab_layer_norm, model.vocab_projector)
-    return None
-
-
-def _new_like(cls: type, config, like: nn.Module | None = None) -> nn.Module:
-    """``cls(config)`` with SDPA attention where supported; keeps ``add_pooling_layer`` as in ``like``."""
-    config = copy.deepcopy(config)
-    if getattr(cls, "_supports_sdpa", False):
-        config._attn_implementation = "sdpa"
-    kwargs = {}
-    if like is not None and "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
-        kwargs["add_pooling_layer"] = getattr(like, "pooler", None) is not None
-    return cls(config, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Builders
 
 
 def build_student(
-    teacher: nn.Module, cfg: StudentConfig, calibration: list[dict[str, torch.Tensor]] | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
+    teacher: nn.Module, cfg: StudentConfig, calibration: Sequence[Batch] | None = None
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Build the student for ``teacher`` (a Hugging Face BERT-like encoder, with or without MLM head).
 
     Returns ``(student, record)``. The student is an fp32 Hugging Face ``PreTrainedModel`` in train mode, using SDPA
@@ -266,43 +213,52 @@ def build_student(
     (student tensor name -> teacher tensor name or a formula), ``initialized`` (student tensors left random) and
     ``notes``.
 
-    ``init="prune"`` (:func:`pretrain.prune.build_pruned`) reads ``calibration`` (micro-batches of
-    ``{"input_ids", "attention_mask"}`` int64 [B, L] from :func:`pretrain.prune.calibration_batches`; ignored by the
-    other inits) and adds ``prune`` to the record: the kept hidden channels, heads and neurons (teacher indices) and
-    the importance scores.
+    ``init="prune"`` (:func:`pretrain.prune.build_pruned`) needs ``calibration``: the micro-batches of
+    ``{"input_ids", "attention_mask"}`` int64 [B, L] the importance is measured on (from
+    :func:`pretrain.prune.calibration_batches`; the pretraining recipe draws them from the train shards); the other
+    inits ignore it. It adds ``prune`` to the record: the kept hidden channels, heads and neurons (teacher indices)
+    and the importance scores.
 
     Raises :class:`ConfigError` for a layer map that does not fit the teacher, ``architecture="distilbert"`` with
     a teacher that is not BERT-shaped (absolute positions, BERT block layout), and for ``init="prune"``: targets
-    larger than the teacher's, a head size other than the teacher's, an empty calibration sample (naming the key).
-    ``cfg`` is trusted: it was validated when the run config was loaded (:func:`pretrain.schema.from_dict`).
+    larger than the teacher's, a head size other than the teacher's, no calibration sample (``student.init``) or an
+    empty one (``student.calibration_sequences``). ``TypeError`` when ``teacher`` is not a Hugging Face
+    ``PreTrainedModel``. ``cfg`` is trusted: it was validated when the run config was loaded
+    (:func:`pretrain.schema.from_dict`).
     """
-    n_teacher = teacher.config.num_hidden_layers
+    model = pretrained(teacher)
+    n_teacher = model.config.num_hidden_layers
     layer_map = resolve_layer_map(cfg.layers, n_teacher)
     if cfg.init == "random":
-        student, record = _build_random(teacher, cfg, layer_map)
+        student, record = _build_random(model, cfg, layer_map)
     elif cfg.init == "prune":
-        from pretrain.prune import build_pruned
-
-        student, record = build_pruned(teacher, cfg, layer_map, calibration)
+        student, record = build_pruned(
+            model,
+            layer_map,
+            calibration,
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+        )
     elif cfg.architecture == "distilbert":
-        student, record = _build_distilbert(teacher, layer_map)
+        student, record = _build_distilbert(model, layer_map)
     else:
-        student, record = _build_same(teacher, layer_map)
+        student, record = _build_same(model, layer_map)
     record.update(
         architecture=cfg.architecture,
         init=cfg.init,
         teacher_layers=n_teacher,
-        teacher_class=type(teacher).__name__,
+        teacher_class=type(model).__name__,
         student_class=type(student).__name__,
     )
     return student.float().train(), record
 
 
-def _build_same(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Module, dict]:
+def _build_same(teacher: PreTrainedModel, layer_map: list[int]) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Teacher's class with ``len(layer_map)`` layers; every tensor copied (layer i from teacher layer map[i])."""
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layer_map)
-    student = _new_like(type(teacher), config, like=base_model(teacher))
+    student = new_like(type(teacher), config, like=base_model(teacher))
     t_name, _ = find_layer_list(teacher)
     s_name, _ = find_layer_list(student)
     if s_name != t_name:
@@ -323,16 +279,17 @@ def _build_same(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Module, di
     return student, {"layer_map": layer_map, "copied": copied, "initialized": [], "notes": []}
 
 
-def _bert_parts(teacher: nn.Module) -> dict[str, nn.Module]:
-    """The BERT pieces the DistilBERT conversion reads; ConfigError when the teacher is not BERT-shaped."""
+def _bert_embeddings(teacher: PreTrainedModel) -> nn.Module:
+    """The BERT embeddings module the DistilBERT conversion reads; ConfigError when the teacher is not
+    BERT-shaped (absolute positions, token-type embeddings, hidden_act gelu or relu)."""
     base = base_model(teacher)
     emb = getattr(base, "embeddings", None)
     need = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
-    ok = emb is not None and all(hasattr(emb, n) for n in need)
+    ok = isinstance(emb, nn.Module) and all(hasattr(emb, n) for n in need)
     ok = ok and not hasattr(emb, "create_position_ids_from_input_ids")  # RoBERTa-style offset positions
     ok = ok and not hasattr(base, "embeddings_project")  # ELECTRA with embedding_size != hidden_size
     ok = ok and getattr(teacher.config, "position_embedding_type", "absolute") == "absolute"
-    if not ok:
+    if not ok or not isinstance(emb, nn.Module):
         raise ConfigError(
             f"student.architecture: 'distilbert' needs a BERT teacher (absolute positions, token-type embeddings); "
             f"{type(teacher).__name__} is not one. Use student.architecture='same' (for RoBERTa this gives the "
@@ -344,21 +301,45 @@ def _bert_parts(teacher: nn.Module) -> dict[str, nn.Module]:
             f"student.architecture: 'distilbert' supports hidden_act gelu or relu, the teacher has "
             f"{act!r}; use student.architecture='same'"
         )
-    return {"base": base, "emb": emb}
+    return emb
 
 
-def _build_distilbert(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Module, dict]:
-    """BERT -> DistilBERT with the weights mapped; positions absorb the type-0 token-type embedding."""
-    from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertModel
+# DistilBERT block module <- BERT block module (weight and bias of each)
+DISTILBERT_BLOCK = {
+    "attention.q_lin": "attention.self.query",
+    "attention.k_lin": "attention.self.key",
+    "attention.v_lin": "attention.self.value",
+    "attention.out_lin": "attention.output.dense",
+    "sa_layer_norm": "attention.output.LayerNorm",
+    "ffn.lin1": "intermediate.dense",
+    "ffn.lin2": "output.dense",
+    "output_layer_norm": "output.LayerNorm",
+}
 
-    parts = _bert_parts(teacher)
-    tc = teacher.config
-    head = mlm_head(teacher)
-    config = DistilBertConfig(
+
+class _StateCopy:
+    """A student state dict filled from a teacher's (fp32 copies), with where each tensor came from."""
+
+    def __init__(self, teacher_state: dict[str, torch.Tensor]):
+        self.teacher = teacher_state
+        self.state: dict[str, torch.Tensor] = {}
+        self.copied: dict[str, str] = {}
+
+    def put(self, s_key: str, t_key: str, value: torch.Tensor | None = None, how: str | None = None) -> None:
+        """Student ``s_key`` <- teacher ``t_key`` (or ``value`` computed from it, recorded as ``how``)."""
+        self.state[s_key] = (self.teacher[t_key] if value is None else value).detach().to(torch.float32).clone()
+        self.copied[s_key] = how or t_key
+
+
+def _distilbert_config(tc: PreTrainedConfig, n_layers: int) -> DistilBertConfig:
+    """The DistilBERT config of a BERT teacher's sizes with ``n_layers`` layers (learned positions, as BERT)."""
+    from transformers import DistilBertConfig
+
+    return DistilBertConfig(
         vocab_size=tc.vocab_size,
         max_position_embeddings=tc.max_position_embeddings,
         sinusoidal_pos_embds=False,
-        n_layers=len(layer_map),
+        n_layers=n_layers,
         n_heads=tc.num_attention_heads,
         dim=tc.hidden_size,
         hidden_dim=tc.intermediate_size,
@@ -369,74 +350,92 @@ def _build_distilbert(teacher: nn.Module, layer_map: list[int]) -> tuple[nn.Modu
         pad_token_id=tc.pad_token_id,
         tie_word_embeddings=getattr(tc, "tie_word_embeddings", True),
     )
-    student = _new_like(DistilBertForMaskedLM if head is not None else DistilBertModel, config)
-    s_prefix = "distilbert." if head is not None else ""
-    t_names = {id(m): n for n, m in teacher.named_modules()}
-    t_layers_name, _t_layers = find_layer_list(teacher)
 
-    t_state = teacher.state_dict()
-    new_state, copied = {}, {}
 
-    def put(s_key: str, t_key: str, value: torch.Tensor | None = None, how: str | None = None):
-        new_state[s_key] = (t_state[t_key] if value is None else value).detach().to(torch.float32).clone()
-        copied[s_key] = how or t_key
-
-    e = t_names[id(parts["emb"])] + "."
-    put(f"{s_prefix}embeddings.word_embeddings.weight", e + "word_embeddings.weight")
-    fold = t_state[e + "position_embeddings.weight"].float() + t_state[e + "token_type_embeddings.weight"][0].float()
-    put(
+def _copy_distilbert_embeddings(c: _StateCopy, e: str, s_prefix: str) -> None:
+    """Word embeddings and LayerNorm copied; positions absorb the type-0 token-type embedding (``e``: the teacher's
+    embeddings prefix)."""
+    c.put(f"{s_prefix}embeddings.word_embeddings.weight", e + "word_embeddings.weight")
+    fold = (
+        c.teacher[e + "position_embeddings.weight"].float() + c.teacher[e + "token_type_embeddings.weight"][0].float()
+    )
+    c.put(
         f"{s_prefix}embeddings.position_embeddings.weight",
         e + "position_embeddings.weight",
         fold,
         f"{e}position_embeddings.weight + {e}token_type_embeddings.weight[0]",
     )
     for p in ("weight", "bias"):
-        put(f"{s_prefix}embeddings.LayerNorm.{p}", f"{e}LayerNorm.{p}")
-    block = {
-        "attention.q_lin": "attention.self.query",
-        "attention.k_lin": "attention.self.key",
-        "attention.v_lin": "attention.self.value",
-        "attention.out_lin": "attention.output.dense",
-        "sa_layer_norm": "attention.output.LayerNorm",
-        "ffn.lin1": "intermediate.dense",
-        "ffn.lin2": "output.dense",
-        "output_layer_norm": "output.LayerNorm",
-    }
+        c.put(f"{s_prefix}embeddings.LayerNorm.{p}", f"{e}LayerNorm.{p}")
+
+
+def _copy_distilbert_blocks(c: _StateCopy, t_layers_name: str, layer_map: list[int], s_prefix: str) -> None:
+    """Student block i <- teacher block ``layer_map[i]`` (:data:`DISTILBERT_BLOCK`); ConfigError for a teacher
+    block without BERT's layout."""
     for i, t_i in enumerate(layer_map):
-        for s_mod, t_mod in block.items():
+        for s_mod, t_mod in DISTILBERT_BLOCK.items():
             for p in ("weight", "bias"):
                 t_key = f"{t_layers_name}.{t_i}.{t_mod}.{p}"
-                if t_key not in t_state:
+                if t_key not in c.teacher:
                     raise ConfigError(
                         f"student.architecture: 'distilbert' needs BERT's block layout; the teacher has "
                         f"no {t_key}. Use student.architecture='same'"
                     )
-                put(f"{s_prefix}transformer.layer.{i}.{s_mod}.{p}", t_key)
-    if head is not None:
-        h = t_names[id(head)] + "."
-        if h + "transform.dense.weight" not in t_state:
-            raise ConfigError(
-                f"student.architecture: 'distilbert' needs BERT's MLM head (cls.predictions); "
-                f"{type(teacher).__name__} has another. Use student.architecture='same'"
-            )
-        for p in ("weight", "bias"):
-            put(f"vocab_transform.{p}", f"{h}transform.dense.{p}")
-            put(f"vocab_layer_norm.{p}", f"{h}transform.LayerNorm.{p}")
-            put(f"vocab_projector.{p}", f"{h}decoder.{p}")
-    s_state = student.state_dict()
-    missing = sorted(set(s_state) - set(new_state))
-    if missing:
-        raise ValueError(f"DistilBERT conversion left tensors unmapped: {missing}")
-    student.load_state_dict(new_state, strict=True)
+                c.put(f"{s_prefix}transformer.layer.{i}.{s_mod}.{p}", t_key)
+
+
+def _copy_distilbert_head(c: _StateCopy, h: str, teacher_class: str) -> None:
+    """BERT's MLM head (``h``: its prefix, ``cls.predictions.``) -> DistilBERT's vocab_transform / vocab_layer_norm
+    / vocab_projector; ConfigError for another head."""
+    if h + "transform.dense.weight" not in c.teacher:
+        raise ConfigError(
+            f"student.architecture: 'distilbert' needs BERT's MLM head (cls.predictions); "
+            f"{teacher_class} has another. Use student.architecture='same'"
+        )
+    for p in ("weight", "bias"):
+        c.put(f"vocab_transform.{p}", f"{h}transform.dense.{p}")
+        c.put(f"vocab_layer_norm.{p}", f"{h}transform.LayerNorm.{p}")
+        c.put(f"vocab_projector.{p}", f"{h}decoder.{p}")
+
+
+def _distilbert_notes(teacher: PreTrainedModel) -> list[str]:
+    """What the DistilBERT conversion changes, for the record."""
+    tc = teacher.config
     notes = ["token_type_embeddings[0] folded into position_embeddings (DistilBERT has no token types)"]
     if getattr(base_model(teacher), "pooler", None) is not None:
         notes.append("teacher pooler dropped (DistilBERT has none)")
     if abs(getattr(tc, "layer_norm_eps", 1e-12) - 1e-12) > 1e-15:
         notes.append(f"teacher layer_norm_eps={tc.layer_norm_eps}, DistilBERT uses 1e-12: outputs differ slightly")
-    return student, {"layer_map": layer_map, "copied": copied, "initialized": [], "notes": notes}
+    return notes
 
 
-def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) -> tuple[nn.Module, dict]:
+def _build_distilbert(teacher: PreTrainedModel, layer_map: list[int]) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """BERT -> DistilBERT with the weights mapped; positions absorb the type-0 token-type embedding."""
+    from transformers import DistilBertForMaskedLM, DistilBertModel
+
+    emb = _bert_embeddings(teacher)
+    head = mlm_head(teacher)
+    config = _distilbert_config(teacher.config, len(layer_map))
+    student = new_like(DistilBertForMaskedLM if head is not None else DistilBertModel, config)
+    s_prefix = "distilbert." if head is not None else ""
+    t_names = {id(m): n for n, m in teacher.named_modules()}
+    t_layers_name, _ = find_layer_list(teacher)
+    c = _StateCopy(teacher.state_dict())
+    _copy_distilbert_embeddings(c, t_names[id(emb)] + ".", s_prefix)
+    _copy_distilbert_blocks(c, t_layers_name, layer_map, s_prefix)
+    if head is not None:
+        _copy_distilbert_head(c, t_names[id(head)] + ".", type(teacher).__name__)
+    missing = sorted(set(student.state_dict()) - set(c.state))
+    if missing:
+        raise ValueError(f"DistilBERT conversion left tensors unmapped: {missing}")
+    student.load_state_dict(c.state, strict=True)
+    record = {"layer_map": layer_map, "copied": c.copied, "initialized": [], "notes": _distilbert_notes(teacher)}
+    return student, record
+
+
+def _build_random(
+    teacher: PreTrainedModel, cfg: StudentConfig, layer_map: list[int]
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """A freshly initialised student (TinyBERT / MiniLM style) of the configured sizes; nothing copied."""
     tc = teacher.config
     hidden = cfg.hidden_size or tc.hidden_size
@@ -457,10 +456,11 @@ def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) 
             )
         n = tc.num_hidden_layers  # TinyBERT's uniform map g(m) = m * N / M, as 0-based layer indices
         layer_map = [max(0, math.floor((i + 1) * n / depth + 0.5) - 1) for i in range(depth)]
+    config: PreTrainedConfig
     if cfg.architecture == "distilbert":
         from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertModel
 
-        _bert_parts(teacher)
+        _bert_embeddings(teacher)
         config = DistilBertConfig(
             vocab_size=tc.vocab_size,
             max_position_embeddings=tc.max_position_embeddings,
@@ -475,14 +475,14 @@ def _build_random(teacher: nn.Module, cfg: StudentConfig, layer_map: list[int]) 
             pad_token_id=tc.pad_token_id,
         )
         cls = DistilBertForMaskedLM if mlm_head(teacher) is not None else DistilBertModel
-        student = _new_like(cls, config)
+        student = new_like(cls, config)
     else:
         config = copy.deepcopy(tc)
         if getattr(config, "embedding_size", None) == tc.hidden_size:
             config.embedding_size = hidden
         config.hidden_size, config.num_attention_heads = hidden, heads
         config.intermediate_size, config.num_hidden_layers = inter, depth
-        student = _new_like(type(teacher), config, like=base_model(teacher))
+        student = new_like(type(teacher), config, like=base_model(teacher))
     return student, {
         "layer_map": layer_map,
         "copied": {},

@@ -244,15 +244,54 @@ def test_bad_config_is_refused_at_load(spec, key):
 
 def test_empty_calibration_is_a_config_error(bert_tok, tmp_path):
     teacher = tiny.bert_model(bert_tok, layers=2)
-    with pytest.raises(ConfigError, match="student.calibration_sequences"):
+    with pytest.raises(ConfigError, match=r"student\.calibration_sequences"):
         build_student(teacher, cfg(hidden_size=16), calibration=[])
     empty = [{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.zeros(2, 8, dtype=torch.long)}]
-    with pytest.raises(ConfigError, match="student.calibration_sequences"):
+    with pytest.raises(ConfigError, match=r"student\.calibration_sequences"):
         build_student(teacher, cfg(hidden_size=16), calibration=empty)
-    with pytest.raises(ConfigError, match="data.dir.*calibration"):
+    with pytest.raises(ConfigError, match=r"data\.dir.*calibration"):
         calibration_batches(tmp_path / "none", n=4, seed=0)
-    with pytest.raises(ConfigError, match="student.calibration_sequences"):
+    with pytest.raises(ConfigError, match=r"student\.calibration_sequences"):
         calibration_batches(tmp_path, n=0, seed=0)
+
+
+def test_pruning_without_a_calibration_sample_says_what_to_pass(bert_tok):
+    teacher = tiny.bert_model(bert_tok, layers=2)
+    with pytest.raises(ConfigError, match=r"student\.init: 'prune' needs a calibration sample.*calibration_batches"):
+        build_student(teacher, cfg(hidden_size=16))
+
+
+def test_the_recipe_passes_its_calibration_sample_explicitly(tmp_path):
+    """PretrainRecipe draws the sample from data.dir (student.calibration_sequences, train.seed) and hands it to
+    build_student as an argument; nothing reaches build_student any other way, not even inside the old
+    calibration_for block the trainer still opens."""
+    from transformers import AutoModelForMaskedLM
+
+    from pretrain.config import load
+    from pretrain.prune import calibration_for
+    from pretrain.recipes import PretrainRecipe
+    from tests.test_train_common import REPO, assets, tiny_overrides
+
+    prune = {"student.init": "prune", "student.hidden_size": 16, "student.calibration_sequences": 12}
+    run = load(
+        REPO / "configs" / "tiny-cpu.json", tiny_overrides("bert", tmp_path, steps=3, **prune, **{"train.seed": 5})
+    )
+    recipe = PretrainRecipe(run)
+    expected = calibration_batches(run.data.dir, n=12, seed=5)
+    sample = recipe.calibration("cpu")
+    assert sample is not None and len(sample) == len(expected)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(sample, expected, strict=True))
+    teacher = AutoModelForMaskedLM.from_pretrained(assets()["bert"])
+    student, record = recipe.build_student(teacher)
+    direct, direct_record = build_student(teacher, run.student, expected)
+    assert record["prune"] == direct_record["prune"] and record["prune"]["calibration"]["sequences"] == 12
+    assert all(
+        torch.equal(a, b) for a, b in zip(student.state_dict().values(), direct.state_dict().values(), strict=True)
+    )
+    with calibration_for(run, device="cpu"), pytest.raises(ConfigError, match=r"student\.init: 'prune' needs"):
+        build_student(teacher, run.student)
+    other = load(REPO / "configs" / "tiny-cpu.json", tiny_overrides("bert", tmp_path, steps=3))
+    assert PretrainRecipe(other).calibration() is None  # only pruning draws a sample
 
 
 def test_other_layouts_are_refused(bert_tok):
@@ -260,9 +299,9 @@ def test_other_layouts_are_refused(bert_tok):
 
     conf = DistilBertConfig(vocab_size=len(bert_tok), dim=32, n_layers=2, n_heads=4, hidden_dim=64)
     teacher = DistilBertForMaskedLM(conf).eval()
-    with pytest.raises(ConfigError, match="student.init"):
+    with pytest.raises(ConfigError, match=r"student\.init"):
         build_student(teacher, cfg(hidden_size=16), batches(bert_tok))
-    with pytest.raises(ConfigError, match="student.init"):
+    with pytest.raises(ConfigError, match=r"student\.init"):
         resolve_targets(
             type(
                 "C", (), {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "embedding_size": 16}

@@ -53,7 +53,7 @@ def test_layer_maps():
         assert m[0] == 0 or n < 4
     assert resolve_layer_map([1, 3], 4) == [1, 3]
     for bad in ([4], [2, 1], [], "every_third"):
-        with pytest.raises(ConfigError, match="student.layers"):
+        with pytest.raises(ConfigError, match=r"student\.layers"):
             resolve_layer_map(bad, 4)
 
 
@@ -159,7 +159,7 @@ def test_distilbert_conversion(mlm, bert_tok):
 
 
 def test_distilbert_needs_bert(roberta_tok):
-    with pytest.raises(ConfigError, match="student.architecture.*'same'"):
+    with pytest.raises(ConfigError, match=r"student\.architecture.*'same'"):
         build_student(teacher_for("roberta", roberta_tok), StudentConfig(architecture="distilbert"))
 
 
@@ -186,7 +186,48 @@ def test_random_init(bert_tok):
     assert record["layer_map"] == [0, 2, 3]  # TinyBERT's uniform map for 4 -> 3 layers
     with torch.no_grad():
         assert student(**batch(bert_tok)).logits.shape[-1] == teacher.config.vocab_size
-    with pytest.raises(ConfigError, match="student.layers"):
+    with pytest.raises(ConfigError, match=r"student\.layers"):
         build_student(teacher, StudentConfig(init="random", layers=[0, 1], num_hidden_layers=3))
     d, _ = build_student(teacher, StudentConfig(init="random", architecture="distilbert", hidden_size=16))
     assert type(d).__name__ == "DistilBertForMaskedLM" and d.config.n_layers == 2 and d.config.dim == 16
+
+
+def pretrain_imports() -> dict[str, set[str]]:
+    """pretrain module -> the pretrain modules its file imports, at module level or inside functions (parsed)."""
+    import ast
+    from pathlib import Path
+
+    graph = {}
+    for path in (Path(__file__).resolve().parents[1] / "pretrain").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pretrain":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pretrain."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pretrain.")}
+        graph[path.stem] = deps
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), set()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_student_prune_and_structure_import_one_way():
+    """student -> prune -> structure, never back (no cycle, even through imports inside functions)."""
+    graph = pretrain_imports()
+    assert "student" not in reachable(graph, "prune")
+    assert "prune" in graph["student"] and "structure" in graph["prune"]
+    assert graph["structure"] == set()  # the structure helpers import no pretrain module
+
+
+def test_build_student_refuses_a_module_that_is_not_a_hugging_face_model():
+    with pytest.raises(TypeError, match=r"Linear is not a Hugging Face PreTrainedModel"):
+        build_student(torch.nn.Linear(2, 2), StudentConfig())
