@@ -35,12 +35,11 @@ loads with ``from_pretrained`` without custom code.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,18 +147,6 @@ def calibration_batches(
         batch = collate(seqs[start : start + batch_size], pad_id, multiple)
         out.append({k: v.to(device) if device is not None else v for k, v in batch.items()})
     return out
-
-
-@contextlib.contextmanager
-def calibration_for(cfg: object, *, device: torch.device | str | None = None) -> Iterator[None]:
-    """Deprecated no-op, kept only so that a caller still written as ``with calibration_for(cfg, device=...):
-    recipe.build_student(teacher)`` runs. It used to hand the calibration sample to
-    :func:`pretrain.student.build_student` through a context variable; the sample is now an explicit argument: the
-    recipe that has the data draws it (:meth:`pretrain.recipes.PretrainRecipe.build_student` with ``device=``, from
-    :func:`calibration_batches`) and passes it down as ``calibration``. Yields None; ``cfg`` and ``device`` are
-    ignored. To be removed once :mod:`pretrain.trainer` calls ``recipe.build_student(teacher, device=...)``."""
-    del cfg, device
-    yield None
 
 
 def _sample_digest(batches: Sequence[Batch]) -> tuple[int, int, str]:

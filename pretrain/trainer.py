@@ -147,10 +147,8 @@ class Trainer:
         ``student_init/`` on a fresh run."""
         seed_everything(self.cfg.train.seed)
         teacher = self.recipe.load_teacher()
-        from pretrain.prune import calibration_for  # student.init="prune": the seeded sample of the train shards
-
-        with calibration_for(self.cfg, device=self.device):
-            student, self.student_record = self.recipe.build_student(teacher)
+        # student.init="prune": the recipe draws the calibration sample and scores the teacher on this device
+        student, self.student_record = self.recipe.build_student(teacher, device=self.device)
         self.model = self.recipe.build_model(student, teacher, self.student_record, self.stages.loss_union())
         self.model.move_teacher(self.device, teacher_dtype(self.cfg.teacher, self.cfg.deepspeed, self.cuda))
         if self.cfg.train.compile:

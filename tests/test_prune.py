@@ -263,12 +263,10 @@ def test_pruning_without_a_calibration_sample_says_what_to_pass(bert_tok):
 
 def test_the_recipe_passes_its_calibration_sample_explicitly(tmp_path):
     """PretrainRecipe draws the sample from data.dir (student.calibration_sequences, train.seed) and hands it to
-    build_student as an argument; nothing reaches build_student any other way, not even inside the old
-    calibration_for block the trainer still opens."""
+    build_student as an argument; nothing reaches build_student any other way (no context variable)."""
     from transformers import AutoModelForMaskedLM
 
     from pretrain.config import load
-    from pretrain.prune import calibration_for
     from pretrain.recipes import PretrainRecipe
     from tests.test_train_common import REPO, assets, tiny_overrides
 
@@ -288,7 +286,7 @@ def test_the_recipe_passes_its_calibration_sample_explicitly(tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(student.state_dict().values(), direct.state_dict().values(), strict=True)
     )
-    with calibration_for(run, device="cpu"), pytest.raises(ConfigError, match=r"student\.init: 'prune' needs"):
+    with pytest.raises(ConfigError, match=r"student\.init: 'prune' needs"):
         build_student(teacher, run.student)
     other = load(REPO / "configs" / "tiny-cpu.json", tiny_overrides("bert", tmp_path, steps=3))
     assert PretrainRecipe(other).calibration() is None  # only pruning draws a sample

@@ -70,9 +70,13 @@ class TaskRecipe:
         )
         return model.eval()
 
-    def build_student(self, teacher: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def build_student(
+        self, teacher: Any, *, device: torch.device | str | None = None
+    ) -> tuple[torch.nn.Module, dict[str, Any]]:
         """(a) the teacher's layers and head (:func:`pretrain.student.build_student`), or (b) ``task.student`` with
-        the teacher's head or a new one. Label names go into the student's config for the export."""
+        the teacher's head or a new one. Label names go into the student's config for the export. ``device`` is
+        accepted for the recipes' common signature and unused: task mode refuses ``student.init="prune"``, the only
+        init that runs the teacher while building."""
         from pretrain.student import build_student, resolve_layer_map
 
         student: Any
