@@ -35,22 +35,10 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_prep.errors import DataPrepError
+from data_prep.errors import DiskFullError, OutputExistsError
 
 MIB = 2**20
-
-
-class DiskFullError(DataPrepError):
-    """A write failed for lack of space (``ENOSPC``, ``EDQUOT``, ``EFBIG``) or at the I/O level (``EIO``). The message
-    (one line, :func:`disk_full_message`) names what was being written, where, the space needed and free, and what is
-    intact; nothing half-written is left. Exit status 1 (a command that cannot go on, not bad input)."""
-
-    exit_code = 1
-
-
-class OutputExistsError(DataPrepError):
-    """A folder writer refused a target it did not write (:func:`check_replaceable`); the message names the folder
-    and what to do. Exit status 2."""
+__all__ = ["DiskFullError", "OutputExistsError"]  # defined in data_prep.errors, raised here
 
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
@@ -111,7 +99,7 @@ def disk_full_message(
     free = free_bytes(where)
     free_text = f"{free / MIB:,.1f} MiB are free on that file system" if free is not None else "free space unknown"
     need = f"it needs about {needed / MIB:,.1f} MiB and " if needed else ""
-    return f"could not write {what} {where} ({cause}); {need}{free_text}; {intact}. {todo}"
+    return f"could not write {what} {where} ({cause}); {need}{free_text}; {intact}" + (f". {todo}" if todo else "")
 
 
 @contextlib.contextmanager
