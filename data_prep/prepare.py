@@ -490,7 +490,23 @@ class _Run:
         self.cursor += n
         self.new_tokens += int(lengths.sum())
 
+    def _encoded(self, batches) -> tuple[ProcessPoolExecutor | None, Iterator]:
+        """``(executor or None, iterator of (batch, (ids, lengths)))``: batches tokenized in ``num_proc`` spawned
+        workers, in submission order, or in this process when ``num_proc`` is 0."""
+        if self.cfg.num_proc > 0:
+            executor = ProcessPoolExecutor(
+                self.cfg.num_proc,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.tokenizer_json, self.dtype.str, True),
+            )
+            return executor, _ordered_map(executor, batches, 2 * self.cfg.num_proc + 2)
+        encoder = Encoder(self.tokenizer_json, self.dtype)
+        return None, ((b, encoder(b[1])) for b in batches)
+
     def execute(self) -> dict:
+        """Tokenize, split, pack and write every document from the cursor on, checkpointing after each finished
+        shard; then the token counts and the manifest. Returns the manifest."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -511,18 +527,7 @@ class _Run:
             file=sys.stderr,
             dynamic_ncols=True,
         )
-        executor = None
-        if cfg.num_proc > 0:
-            executor = ProcessPoolExecutor(
-                cfg.num_proc,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self.tokenizer_json, self.dtype.str, True),
-            )
-            results = _ordered_map(executor, batches, 2 * cfg.num_proc + 2)
-        else:
-            encoder = Encoder(self.tokenizer_json, self.dtype)
-            results = ((b, encoder(b[1])) for b in batches)
+        executor, results = self._encoded(batches)
         last_post = 0.0
         try:
             for (srcs, _texts), (ids, lengths) in results:

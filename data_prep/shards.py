@@ -425,6 +425,31 @@ class ShardWriter:
                 path.unlink()
 
 
+def _check_index(path: Path, record: dict) -> bool:
+    """Whether the index file ``path`` has the offsets a shard of ``record`` (manifest entry) needs: shape
+    ``[num_sequences + 1]``, 0 first, ``num_tokens`` last, strictly increasing."""
+    idx = np.load(path, allow_pickle=False)
+    return not (
+        idx.shape != (record["num_sequences"] + 1,)
+        or idx[0] != 0
+        or idx[-1] != record["num_tokens"]
+        or np.any(np.diff(idx) <= 0)
+    )
+
+
+def _check_token_counts(directory: Path, manifest: dict) -> str | None:
+    """A problem line when ``token_counts.npy`` does not have ``vocab_size`` entries summing to the train tokens."""
+    tc = manifest["token_counts"]
+    counts = np.load(directory / tc["file"], allow_pickle=False)
+    train_tokens = manifest["splits"].get("train", {}).get("num_tokens", 0)
+    if counts.shape != (manifest["tokenizer"]["vocab_size"],) or int(counts.sum()) != train_tokens:
+        return (
+            f"{directory / tc['file']}: shape {counts.shape} / sum {int(counts.sum())} does not "
+            f"match vocab_size {manifest['tokenizer']['vocab_size']} / train tokens {train_tokens}"
+        )
+    return None
+
+
 def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
     """Check every shard's and index's size and sha256 (and the token counts) against the manifest.
 
@@ -464,15 +489,8 @@ def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
                 problems.append(
                     f"{directory / s['file']}: manifest says {s['num_tokens']} tokens but {s['bytes']} bytes"
                 )
-            elif ok:
-                idx = np.load(directory / s["index_file"], allow_pickle=False)
-                if (
-                    idx.shape != (s["num_sequences"] + 1,)
-                    or idx[0] != 0
-                    or idx[-1] != s["num_tokens"]
-                    or np.any(np.diff(idx) <= 0)
-                ):
-                    problems.append(f"{directory / s['index_file']}: offsets inconsistent with the manifest")
+            elif ok and not _check_index(directory / s["index_file"], s):
+                problems.append(f"{directory / s['index_file']}: offsets inconsistent with the manifest")
             totals["shards"] += 1
             seqs += s["num_sequences"]
             toks += s["num_tokens"]
@@ -484,12 +502,6 @@ def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
         totals["sequences"] += seqs
         totals["tokens"] += toks
     tc = manifest.get("token_counts")
-    if tc and check(tc["file"], tc["bytes"], tc["sha256"]):
-        counts = np.load(directory / tc["file"], allow_pickle=False)
-        train_tokens = manifest["splits"].get("train", {}).get("num_tokens", 0)
-        if counts.shape != (manifest["tokenizer"]["vocab_size"],) or int(counts.sum()) != train_tokens:
-            problems.append(
-                f"{directory / tc['file']}: shape {counts.shape} / sum {int(counts.sum())} does not "
-                f"match vocab_size {manifest['tokenizer']['vocab_size']} / train tokens {train_tokens}"
-            )
+    if tc and check(tc["file"], tc["bytes"], tc["sha256"]) and (problem := _check_token_counts(directory, manifest)):
+        problems.append(problem)
     return problems, totals
