@@ -609,9 +609,7 @@ def test_a_killed_atomic_write_leaves_a_temp_file_that_prepare_finds(tmp_path):
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     """The export's and downstream's folder writes: the old folder stays as it was when the block fails, and is
     replaced whole when it succeeds; no temporary folder is left either way."""
-    from data_prep.files import atomic_dir
-
-    from data_prep.files import OUTPUT_MARKER
+    from data_prep.files import OUTPUT_MARKER, atomic_dir
 
     out = tmp_path / "student"
     with atomic_dir(out) as tmp:
