@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import DistillError
+from data_prep.errors import DiskFullError, DistillError
 from data_prep.files import atomic_write_text
 
 IDENTITY_KEYS = (
@@ -209,10 +209,15 @@ class RunLock:
 
 def write_config(run: RunDir, resolved: dict) -> list[str] | None:
     """Write ``config.json`` (atomically); returns the changed ``section.key`` names when an older one differed,
-    else None."""
+    else None. A full disk raises :class:`pretrain.runtime.RunError` (one line, exit 1; the old file is kept)."""
     new = json.dumps(resolved, indent=2) + "\n"
     old_text = run.config_file.read_text() if run.config_file.is_file() else None
-    atomic_write_text(run.config_file, new)
+    try:
+        atomic_write_text(run.config_file, new, what="run config")
+    except DiskFullError as e:
+        from pretrain.runtime import RunError
+
+        raise RunError(str(e)) from e
     if old_text is None or old_text == new:
         return None
     before = json.loads(old_text)
