@@ -290,8 +290,8 @@ class CheckpointManager:
         frozen = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
         weight = trainable[0].element_size() if trainable else 4
         stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)() or 0)
-        n = sum(p.numel() for p in trainable)
-        other = sum(t.numel() * t.element_size() for t in frozen)
+        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)  # ZeRO-3 partitions: ds_numel
+        other = sum(int(getattr(t, "ds_numel", t.numel())) * t.element_size() for t in frozen)
         ckpt = estimate_checkpoint_bytes(n, other, weight_bytes=weight, fp32_master=stage > 0 or weight < 4)
         return self.preflight_space(ckpt, n * 4)
 
