@@ -164,6 +164,32 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_run, tmp_path
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
 
+def test_initial_export_on_a_full_disk_is_a_one_line_run_error(tmp_path, monkeypatch, capsys):
+    """student_init/ (the copied or pruned student before training): the trainer's path, a RunError (exit 1)."""
+    import transformers.modeling_utils as mu
+
+    from pretrain.checkpoint import CheckpointError, CheckpointManager
+    from pretrain.export import write_hf_meta
+    from pretrain.rundir import RunDir
+    from tests import tiny
+
+    tok = tiny.bert_tokenizer()
+    student = tiny.bert_model(tok, layers=2)
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    ckpt = CheckpointManager(run, rank=0, world_size=1, keep_last=1, save_interval=0, all_ok=lambda ok: ok)
+
+    def full(*a, **k):
+        raise ENOSPC
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.export_init(student, lambda d: write_hf_meta(d, student.config, tok, {}, "BertForMaskedLM"), {})
+    assert str(e.value).startswith(f"could not write export {run.student_init} (OSError: [Errno 28]")
+    assert f"nothing was written at {run.student_init}" in str(e.value)
+    assert list(run.root.iterdir()) == []  # no temporary folder, no partial student_init/
+
+
 def test_prepare_on_a_full_disk_is_one_line_keeps_what_resumes_and_resumes(tmp_path, monkeypatch, capsys):
     from data_prep import shards
     from data_prep.__main__ import main as data_prep_main
