@@ -1,7 +1,8 @@
 """``python -m data_prep {prepare,verify,inspect,fetch-embedded,bench}``: the data preparation command line.
 
 Heavy imports (transformers, datasets) happen inside the subcommands, so worker processes that import this module
-start fast. User errors print ``error: ...`` and exit with status 2; ``verify`` exits 1 when a file is bad.
+start fast. User errors print ``error: ...`` and exit with status 2; ``verify`` exits 1 when a file is bad, and any
+command exits 1 with one ``error: could not write ...`` line when the disk is full.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _add_prepare(sub) -> None:
         help="tokens per sequence including CLS and SEP (e.g. 512)",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    _add_prepare_options(p)
+
+
+def _add_prepare_options(p) -> None:
+    """``prepare``'s optional arguments (its split, sharding, workers and output handling)."""
     p.add_argument(
         "--valid-fraction",
         type=float,
@@ -79,7 +85,10 @@ def _add_prepare(sub) -> None:
         "substitute U+FFFD (replace)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a different (finished or unfinished) run's output in --output"
+        "--overwrite",
+        action="store_true",
+        help="replace a different (finished or unfinished) run's output in --output (only prepare's own files are "
+        "deleted; a training run directory is refused always)",
     )
     p.add_argument(
         "--batch-chars",
@@ -209,15 +218,15 @@ COMMANDS = {"prepare": _prepare, "verify": _verify, "inspect": _inspect, "fetch-
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; returns the exit status (0 ok, 1 verify found problems, 2 user error)."""
-    from data_prep.errors import DataPrepError
+    """Run one subcommand; returns the exit status (0 ok, 1 verify found problems or a full disk, 2 user error)."""
+    from data_prep.errors import DistillError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except DataPrepError as e:
+    except DistillError as e:  # DataPrepError: 2; DiskFullError: 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last finished shard", file=sys.stderr)
         return 130

@@ -38,6 +38,60 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _prepare_once(docs: list[str], tokenizer: str, max_seq_length: int, num_proc: int, workdir: str | None):
+    """Write ``docs`` as JSON Lines and run ``python -m data_prep prepare`` on them in a subprocess (in ``workdir`` or a
+    temporary folder); returns ``(prepare's --stats-json dict, the command's wall seconds)``."""
+    with tempfile.TemporaryDirectory(prefix="data_prep_bench-") as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        corpus = work / "corpus.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:  # bench input, not project output (deleted with the folder)
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+        stats_path = work / "prepare_stats.json"
+        cmd = [sys.executable, "-m", "data_prep", "prepare", "--source", f"jsonl:{corpus}", "--tokenizer", tokenizer]
+        cmd += ["--max-seq-length", str(max_seq_length), "--output", str(work / "shards"), "--num-proc", str(num_proc)]
+        cmd += ["--overwrite", "--no-progress", "--stats-json", str(stats_path)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        command_s = time.perf_counter() - t
+        return json.loads(stats_path.read_text()), command_s
+
+
+def _ceilings(tok, docs: list[str]) -> dict[str, float]:
+    """The Rust backend's ``encode_batch_fast`` over all documents and ``tokenizer.encode`` per line: tokens and
+    seconds of each (``rust_tokens``, ``rust_s``, ``per_line_tokens``, ``per_line_s``)."""
+    backend = tok.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    t = time.perf_counter()
+    rust_tokens = sum(len(e.ids) for e in backend.encode_batch_fast(docs, add_special_tokens=False))
+    rust_s = time.perf_counter() - t
+    lines = [line for d in docs for line in d.split("\n") if line.strip()]
+    t = time.perf_counter()
+    per_line_tokens = sum(len(tok.encode(line, add_special_tokens=False)) for line in lines)
+    return {
+        "rust_tokens": rust_tokens,
+        "rust_s": rust_s,
+        "per_line_tokens": per_line_tokens,
+        "per_line_s": time.perf_counter() - t,
+    }
+
+
+def _corpus(tok, min_tokens: int) -> tuple[list[str], int, float]:
+    """The embedded documents (stripped, non-empty) repeated until they hold ``min_tokens`` tokens: ``(documents,
+    repeats, seconds of the first, warm-up tokenization)``."""
+    from data_prep.sources import embedded_documents
+
+    base = [d.strip() for d in embedded_documents()]
+    base = [d for d in base if d]
+    t = time.perf_counter()
+    base_tokens = sum(map(len, tok(base, add_special_tokens=False)["input_ids"]))
+    warmup_s = time.perf_counter() - t
+    repeats = max(1, math.ceil(min_tokens / base_tokens))
+    return base * repeats, repeats, warmup_s
+
+
 def run_bench(
     tokenizer: str = "embedded:minilm-l6",
     num_proc: int | None = None,
@@ -47,18 +101,11 @@ def run_bench(
 ) -> dict:
     """Run the benchmark (see the module docstring); returns the numbers as a dict (rates in tokens/s)."""
     from data_prep.prepare import default_num_proc
-    from data_prep.sources import embedded_documents
     from data_prep.tokenizer import load_tokenizer
 
     num_proc = default_num_proc() if num_proc is None else num_proc
     tok = load_tokenizer(tokenizer)
-    base = [d.strip() for d in embedded_documents()]
-    base = [d for d in base if d]
-    t = time.perf_counter()
-    base_tokens = sum(map(len, tok(base, add_special_tokens=False)["input_ids"]))
-    warmup_s = time.perf_counter() - t
-    repeats = max(1, math.ceil(min_tokens / base_tokens))
-    docs = base * repeats
+    docs, repeats, warmup_s = _corpus(tok, min_tokens)
 
     def batched() -> tuple[int, float, float]:
         t, c = time.perf_counter(), _cpu_s()
@@ -67,52 +114,9 @@ def run_bench(
 
     load_before = os.getloadavg()[0]
     batched_tokens, batched_s1, batched_cpu1 = batched()  # before and after prepare: the load drifts
-    with tempfile.TemporaryDirectory(prefix="data_prep_bench-") as tmp:
-        work = Path(workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        corpus = work / "corpus.jsonl"
-        with open(corpus, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps({"text": d}) + "\n")
-        stats_path = work / "prepare_stats.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "data_prep",
-            "prepare",
-            "--source",
-            f"jsonl:{corpus}",
-            "--tokenizer",
-            tokenizer,
-            "--max-seq-length",
-            str(max_seq_length),
-            "--output",
-            str(work / "shards"),
-            "--num-proc",
-            str(num_proc),
-            "--overwrite",
-            "--no-progress",
-            "--stats-json",
-            str(stats_path),
-        ]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        command_s = time.perf_counter() - t
-        stats = json.loads(stats_path.read_text())
+    stats, command_s = _prepare_once(docs, tokenizer, max_seq_length, num_proc, workdir)
     _, batched_s2, batched_cpu2 = batched()
-
-    backend = tok.backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
-    t = time.perf_counter()
-    rust_tokens = sum(len(e.ids) for e in backend.encode_batch_fast(docs, add_special_tokens=False))
-    rust_s = time.perf_counter() - t
-
-    lines = [line for d in docs for line in d.split("\n") if line.strip()]
-    t = time.perf_counter()
-    per_line_tokens = sum(len(tok.encode(line, add_special_tokens=False)) for line in lines)
-    per_line_s = time.perf_counter() - t
-
+    c = _ceilings(tok, docs)
     prepare_rate = stats["tokens_per_s"]
     batched_rate = batched_tokens / ((batched_s1 + batched_s2) / 2)
     batched_cpu_rate = batched_tokens / ((batched_cpu1 + batched_cpu2) / 2)
@@ -133,8 +137,8 @@ def run_bench(
             round(batched_tokens / batched_s1),
             round(batched_tokens / batched_s2),
         ],
-        "per_line_encode_tokens_per_s": round(per_line_tokens / per_line_s),
-        "rust_encode_batch_fast_tokens_per_s": round(rust_tokens / rust_s),
+        "per_line_encode_tokens_per_s": round(c["per_line_tokens"] / c["per_line_s"]),
+        "rust_encode_batch_fast_tokens_per_s": round(c["rust_tokens"] / c["rust_s"]),
         "ratio_prepare_to_batched": round(prepare_rate / batched_rate, 3),
         "ratio_command_to_batched": round(stats["document_tokens"] / command_s / batched_rate, 3),
         "prepare_tokens_per_cpu_s": round(stats["tokens_per_cpu_s"]),

@@ -7,8 +7,10 @@ the file, key or value and says what to do) without a traceback, and exits with 
 | class | where | exit |
 | --- | --- | --- |
 | ``DataPrepError`` | data_prep: bad source, file, tokenizer, shards | 2 |
+| ``DataPrepError`` > ``OutputExistsError`` | a folder writer refused a folder it did not write | 2 |
+| ``DataPrepError`` > ``DiskFullError`` | any write stopped by a full disk (data_prep.files) | 1 |
 | ``pretrain.schema.ConfigError`` | a config file, key, value or override | 2 |
-| ``pretrain.tasks.TaskError`` / ``DownstreamError`` / ``EvalError`` | labeled tasks, fine-tuning, evaluation input | 2 |
+| ``pretrain.tasks.TaskError`` / ``DownstreamError`` / ``EvalError`` | labeled tasks, fine-tuning, evaluation | 2 |
 | ``pretrain.slurm.SubmitError`` | SLURM submission | 2 |
 | ``pretrain.runtime.RunError`` (``TrainingError``, ``CheckpointError``, ``RankFailed``) | a run that failed | 1 |
 | ``pretrain.rundir.RunLocked`` | another live run holds the run directory | 1 |
@@ -32,3 +34,17 @@ class DataPrepError(DistillError):
     """
 
     exit_code = 2
+
+
+class DiskFullError(DataPrepError):
+    """A write failed for lack of space (``ENOSPC``, ``EDQUOT``, ``EFBIG``) or at the I/O level (``EIO``), raised by
+    :mod:`data_prep.files`. The message (one line, :func:`data_prep.files.disk_full_message`) names what was being
+    written, where, the space needed and free, and what is intact; nothing half-written is left. Exit status 1 (a
+    command that cannot go on, not bad input)."""
+
+    exit_code = 1
+
+
+class OutputExistsError(DataPrepError):
+    """A folder writer refused a target it did not write (:func:`data_prep.files.check_replaceable`); the message
+    names the folder and what to do. Exit status 2."""

@@ -32,12 +32,21 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from data_prep import shards
 from data_prep.errors import DataPrepError
-from data_prep.files import atomic_write_bytes, leftover_temps, sha256_file
+from data_prep.files import (
+    DiskFullError,
+    atomic_write_bytes,
+    disk_full_message,
+    holds_run,
+    is_disk_full,
+    leftover_temps,
+    sha256_file,
+)
 from data_prep.shards import MANIFEST, SPLITS, TOKEN_COUNTS, ShardWriter
 from data_prep.sources import Source, parse_source
 from data_prep.tokenizer import (
@@ -239,8 +248,9 @@ def _remove_ours(out: Path) -> None:
 
 def _save_state(out: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-    atomic_write_bytes(out / STATE, buf.getvalue())
+    named: dict[str, Any] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays}
+    np.savez(buf, **named)
+    atomic_write_bytes(out / STATE, buf.getvalue(), what="resume state")
 
 
 def _load_state(out: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
@@ -283,13 +293,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline (see the module docstring) and return the manifest (also in ``OUTPUT/manifest.json``).
 
     If ``OUTPUT`` already holds this run's manifest, nothing is redone; if it holds an unfinished run with the same
-    arguments (same sources, file sizes, tokenizer, packing and split settings), that run is resumed.
+    arguments (same sources, file sizes, tokenizer, packing and split settings), that run is resumed. Only files
+    prepare writes (manifest, token counts, resume state, shards, their temporary files) are ever deleted.
 
     Raises:
         DataPrepError: bad options, bad sources (see :mod:`data_prep.sources`), a tokenizer that cannot be loaded
-            or has no cls/sep (bos/eos) tokens, an output folder holding a different run (unless ``overwrite``),
-            an empty corpus. Nothing is left that looks like finished output: the manifest is written only at the
-            very end, and an error before the first checkpoint removes the partial files.
+            or has no cls/sep (bos/eos) tokens, an output folder holding a different run (unless ``overwrite``) or
+            a training run (always), an empty corpus. Nothing is left that looks like finished output: the manifest
+            is written only at the very end, and an error before the first checkpoint removes the partial files.
+        DiskFullError: the file system filled up (one line: the folder, the space free, what is kept).
     """
     t_start = time.perf_counter()
     cfg.validate()
@@ -299,24 +311,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     dtype = token_dtype(record["vocab_size"])
     config, run_id = _fingerprint(cfg, sources, record)
     out = Path(cfg.output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataPrepError(f"--output {out}: exists and is not a directory")
-
-    if (out / MANIFEST).exists():
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-        except ValueError:
-            old = {}
-        if old.get("config_sha256") == run_id and not cfg.overwrite:
-            (out / STATE).unlink(missing_ok=True)  # killed after the manifest was written
-            _say(f"{out}: already complete for these arguments (manifest.json); nothing to do")
-            return old
-        if not cfg.overwrite:
-            raise DataPrepError(
-                f"{out / MANIFEST}: the folder holds the output of a different run "
-                f"(its config: {json.dumps(old.get('config'))}); pass --overwrite to replace it, "
-                "or choose another --output"
-            )
+    done = _finished_run(cfg, out, run_id)
+    if done is not None:
+        return done
     state = None if cfg.overwrite else _load_state(out) if out.is_dir() else None
     if state is not None and state[0].get("run_id") != run_id:
         raise DataPrepError(
@@ -336,18 +333,67 @@ def prepare(cfg: PrepareConfig) -> dict:
     run = _Run(cfg, sources, tok, record, dtype, config, run_id, out, state)
     try:
         manifest = run.execute()
-    except BaseException:
+    except BaseException as e:
         run.abandon()
         if not (out / STATE).exists():
             _remove_ours(out)
             if created and not any(out.iterdir()):
                 out.rmdir()
+        full = _disk_full(out, e)
+        if full is not None:
+            raise full from e
         raise
     stats = run.stats(time.perf_counter() - t_start)
     run.print_summary(manifest, stats)
     if cfg.stats_json:
-        atomic_write_bytes(cfg.stats_json, json.dumps(stats, indent=1).encode())
+        atomic_write_bytes(cfg.stats_json, json.dumps(stats, indent=1).encode(), what="statistics")
     return manifest
+
+
+def _finished_run(cfg: PrepareConfig, out: Path, run_id: str) -> dict | None:
+    """The manifest when ``out`` already holds this run's finished output (nothing to do), else None.
+
+    Raises DataPrepError when ``out`` is a file, a training run directory (never written into), or holds a
+    different run's finished output and ``overwrite`` is off."""
+    if out.exists() and not out.is_dir():
+        raise DataPrepError(f"--output {out}: exists and is not a directory")
+    if holds_run(out):
+        raise DataPrepError(
+            f"--output {out}: holds a training run (config.json with checkpoints/ or metrics.jsonl); give a new "
+            "folder for the shards (refused even with --overwrite)"
+        )
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+    except ValueError:
+        old = {}
+    if old.get("config_sha256") == run_id and not cfg.overwrite:
+        (out / STATE).unlink(missing_ok=True)  # killed after the manifest was written
+        _say(f"{out}: already complete for these arguments (manifest.json); nothing to do")
+        return old
+    if not cfg.overwrite:
+        raise DataPrepError(
+            f"{out / MANIFEST}: the folder holds the output of a different run "
+            f"(its config: {json.dumps(old.get('config'))}); pass --overwrite to replace it, "
+            "or choose another --output"
+        )
+    return None
+
+
+def _disk_full(out: Path, e: BaseException) -> DiskFullError | None:
+    """The one-line error of a prepare run stopped by a full disk (``e`` raised by a shard, index, state or manifest
+    write), after its cleanup; None for any other error."""
+    cause = e.__cause__ if isinstance(e, DiskFullError) and e.__cause__ else e
+    if not (isinstance(e, DiskFullError) or is_disk_full(cause)):
+        return None
+    intact = (
+        f"the finished shards and the resume state {STATE} are kept (no manifest.json, so nothing reads them as "
+        "complete); free space and run the same command again to resume"
+        if (out / STATE).exists()
+        else "everything this run wrote was removed; free space and run the same command again"
+    )
+    return DiskFullError(disk_full_message("prepared shards", out, cause, intact=intact, todo=""))
 
 
 class _Run:
@@ -444,7 +490,23 @@ class _Run:
         self.cursor += n
         self.new_tokens += int(lengths.sum())
 
+    def _encoded(self, batches) -> tuple[ProcessPoolExecutor | None, Iterator]:
+        """``(executor or None, iterator of (batch, (ids, lengths)))``: batches tokenized in ``num_proc`` spawned
+        workers, in submission order, or in this process when ``num_proc`` is 0."""
+        if self.cfg.num_proc > 0:
+            executor = ProcessPoolExecutor(
+                self.cfg.num_proc,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.tokenizer_json, self.dtype.str, True),
+            )
+            return executor, _ordered_map(executor, batches, 2 * self.cfg.num_proc + 2)
+        encoder = Encoder(self.tokenizer_json, self.dtype)
+        return None, ((b, encoder(b[1])) for b in batches)
+
     def execute(self) -> dict:
+        """Tokenize, split, pack and write every document from the cursor on, checkpointing after each finished
+        shard; then the token counts and the manifest. Returns the manifest."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -465,18 +527,7 @@ class _Run:
             file=sys.stderr,
             dynamic_ncols=True,
         )
-        executor = None
-        if cfg.num_proc > 0:
-            executor = ProcessPoolExecutor(
-                cfg.num_proc,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker,
-                initargs=(self.tokenizer_json, self.dtype.str, True),
-            )
-            results = _ordered_map(executor, batches, 2 * cfg.num_proc + 2)
-        else:
-            encoder = Encoder(self.tokenizer_json, self.dtype)
-            results = ((b, encoder(b[1])) for b in batches)
+        executor, results = self._encoded(batches)
         last_post = 0.0
         try:
             for (srcs, _texts), (ids, lengths) in results:
@@ -554,7 +605,7 @@ class _Run:
             "config": self.config,
             "config_sha256": self.run_id,
         }
-        atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), what="manifest")
         (self.out / STATE).unlink(missing_ok=True)
         return manifest
 

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -94,6 +98,42 @@ def load_token_counts(directory: str | os.PathLike) -> np.ndarray:
     return counts.astype(np.int64, copy=False)
 
 
+class _BackgroundHasher:
+    """One daemon thread per process that hashes files (:func:`data_prep.files.sha256_file`) in the order asked,
+    each version of a file (path, size, mtime) once; ``hashlib`` and file reads release the GIL, so training goes
+    on meanwhile. A daemon thread: a process that ends does not wait for the queue."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[Path, Future[str]]] = queue.Queue()
+        self._results: dict[tuple[str, int, int], Future[str]] = {}
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: Path) -> Future[str]:
+        """A future of ``path``'s hex sha256 (``OSError`` when unreadable)."""
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key not in self._results:
+                self._results[key] = Future()
+                self._queue.put((path, self._results[key]))
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="shard-sha256", daemon=True)
+                    self._thread.start()
+            return self._results[key]
+
+    def _run(self) -> None:
+        while True:
+            path, fut = self._queue.get()
+            try:
+                fut.set_result(sha256_file(path))
+            except OSError as e:
+                fut.set_exception(e)
+
+
+HASHER = _BackgroundHasher()
+
+
 class ShardedTokens:
     """Random access to one split of a prepared directory, memory-mapped (nothing is read until asked for).
 
@@ -130,12 +170,46 @@ class ShardedTokens:
         self._index: list[np.ndarray | None] = [None] * len(self._shards)
         self._tokens: list[np.ndarray | None] = [None] * len(self._shards)
         self._lengths: np.ndarray | None = None
+        self._hashes: list[tuple[Path, str, Future[str]]] = []
+
+    def start_verify(self) -> None:
+        """Hash this split's shard and index files in the background (:data:`HASHER`; each file once per process),
+        to compare with the manifest's sha256 in :meth:`verify_problem`. Returns at once."""
+        self._hashes = [
+            (self.directory / s[name], s[digest], HASHER.submit(self.directory / s[name]))
+            for s in self._shards
+            for name, digest in (("file", "sha256"), ("index_file", "index_sha256"))
+        ]
+
+    def verify_problem(self) -> str | None:
+        """The first file whose finished background hash (:meth:`start_verify`) differs from the manifest, as one
+        line naming it, the expected and actual sha256 and what to run; None while none differs (hashes still
+        running are not waited for). Cheap: finished files are checked once."""
+        problem, keep = None, []
+        for path, expected, fut in self._hashes:
+            if problem is not None or not fut.done():
+                keep.append((path, expected, fut))
+                continue
+            try:
+                actual = fut.result()
+            except OSError as e:
+                actual = f"unreadable ({e})"
+            if actual != expected:
+                keep.append((path, expected, fut))  # reported again at the next call
+                problem = (
+                    f"{path}: sha256 {actual} does not match the manifest's {expected} (the file changed since "
+                    f"prepare wrote it); run `python -m data_prep verify {self.directory}`, then prepare the data "
+                    "again (python -m data_prep prepare ... --overwrite)"
+                )
+        self._hashes = keep
+        return problem
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def _idx(self, s: int) -> np.ndarray:
-        if self._index[s] is None:
+        cached = self._index[s]
+        if cached is None:
             path = self.directory / self._shards[s]["index_file"]
             try:
                 idx = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -148,13 +222,14 @@ class ShardedTokens:
                     f"{path}: index shape {idx.shape} does not match the manifest's "
                     f"{self._shards[s]['num_sequences']} sequences"
                 )
-            self._index[s] = idx
-        return self._index[s]
+            self._index[s] = cached = idx
+        return cached
 
     def _tok(self, s: int) -> np.ndarray:
-        if self._tokens[s] is None:
-            self._tokens[s] = np.memmap(self.directory / self._shards[s]["file"], dtype=self.dtype, mode="r")
-        return self._tokens[s]
+        tokens = self._tokens[s]
+        if tokens is None:
+            tokens = self._tokens[s] = np.memmap(self.directory / self._shards[s]["file"], dtype=self.dtype, mode="r")
+        return tokens
 
     def __getitem__(self, i: int) -> np.ndarray:
         n = len(self)
@@ -197,7 +272,7 @@ class ShardedTokens:
                 content = block[keep]
                 cuts = np.flatnonzero(content == sep)
                 start = 0
-                for c in cuts:
+                for c in cuts.tolist():
                     carry.append(content[start:c])
                     yield np.concatenate(carry) if len(carry) > 1 else carry[0].copy()
                     carry = []
@@ -211,6 +286,7 @@ class ShardedTokens:
         state = self.__dict__.copy()
         state["_index"] = [None] * len(self._shards)
         state["_tokens"] = [None] * len(self._shards)
+        state["_hashes"] = []
         return state
 
 
@@ -230,7 +306,7 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self.done: list[dict] = []  # finished shards' manifest records
         self.finished_since_checkpoint = False
-        self._file = None
+        self._file: BinaryIO | None = None
         self._tokens = 0  # tokens in the current shard
         self._offsets: list[np.ndarray] = [np.zeros(1, np.int64)]  # current shard's offsets, in pieces
 
@@ -245,7 +321,7 @@ class ShardWriter:
     def _open(self):
         if self._file is None:
             path = self._paths()[0]
-            self._file = open(path.with_name(path.name + PARTIAL), "ab")
+            self._file = path.with_name(path.name + PARTIAL).open("ab")
         return self._file
 
     def write(self, rows: np.ndarray) -> None:
@@ -349,6 +425,31 @@ class ShardWriter:
                 path.unlink()
 
 
+def _check_index(path: Path, record: dict) -> bool:
+    """Whether the index file ``path`` has the offsets a shard of ``record`` (manifest entry) needs: shape
+    ``[num_sequences + 1]``, 0 first, ``num_tokens`` last, strictly increasing."""
+    idx = np.load(path, allow_pickle=False)
+    return not (
+        idx.shape != (record["num_sequences"] + 1,)
+        or idx[0] != 0
+        or idx[-1] != record["num_tokens"]
+        or np.any(np.diff(idx) <= 0)
+    )
+
+
+def _check_token_counts(directory: Path, manifest: dict) -> str | None:
+    """A problem line when ``token_counts.npy`` does not have ``vocab_size`` entries summing to the train tokens."""
+    tc = manifest["token_counts"]
+    counts = np.load(directory / tc["file"], allow_pickle=False)
+    train_tokens = manifest["splits"].get("train", {}).get("num_tokens", 0)
+    if counts.shape != (manifest["tokenizer"]["vocab_size"],) or int(counts.sum()) != train_tokens:
+        return (
+            f"{directory / tc['file']}: shape {counts.shape} / sum {int(counts.sum())} does not "
+            f"match vocab_size {manifest['tokenizer']['vocab_size']} / train tokens {train_tokens}"
+        )
+    return None
+
+
 def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
     """Check every shard's and index's size and sha256 (and the token counts) against the manifest.
 
@@ -388,15 +489,8 @@ def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
                 problems.append(
                     f"{directory / s['file']}: manifest says {s['num_tokens']} tokens but {s['bytes']} bytes"
                 )
-            elif ok:
-                idx = np.load(directory / s["index_file"], allow_pickle=False)
-                if (
-                    idx.shape != (s["num_sequences"] + 1,)
-                    or idx[0] != 0
-                    or idx[-1] != s["num_tokens"]
-                    or np.any(np.diff(idx) <= 0)
-                ):
-                    problems.append(f"{directory / s['index_file']}: offsets inconsistent with the manifest")
+            elif ok and not _check_index(directory / s["index_file"], s):
+                problems.append(f"{directory / s['index_file']}: offsets inconsistent with the manifest")
             totals["shards"] += 1
             seqs += s["num_sequences"]
             toks += s["num_tokens"]
@@ -408,12 +502,6 @@ def verify(directory: str | os.PathLike) -> tuple[list[str], dict]:
         totals["sequences"] += seqs
         totals["tokens"] += toks
     tc = manifest.get("token_counts")
-    if tc and check(tc["file"], tc["bytes"], tc["sha256"]):
-        counts = np.load(directory / tc["file"], allow_pickle=False)
-        train_tokens = manifest["splits"].get("train", {}).get("num_tokens", 0)
-        if counts.shape != (manifest["tokenizer"]["vocab_size"],) or int(counts.sum()) != train_tokens:
-            problems.append(
-                f"{directory / tc['file']}: shape {counts.shape} / sum {int(counts.sum())} does not "
-                f"match vocab_size {manifest['tokenizer']['vocab_size']} / train tokens {train_tokens}"
-            )
+    if tc and check(tc["file"], tc["bytes"], tc["sha256"]) and (problem := _check_token_counts(directory, manifest)):
+        problems.append(problem)
     return problems, totals

@@ -61,7 +61,7 @@ class Source:
 
     def describe(self) -> dict:
         """The manifest's record of this source (no machine-specific paths)."""
-        d = {"spec": self.spec, "kind": self.kind}
+        d: dict[str, object] = {"spec": self.spec, "kind": self.kind}
         if self.files:
             d["files"] = len(self.files)
         if self.hf:
@@ -88,10 +88,12 @@ class Source:
         elif self.kind == "parquet":
             for path in self.files:
                 yield from parquet_documents(path, self.field)
+        elif self.hf is None:
+            raise DataPrepError(f"--source {self.spec}: no dataset given")
         elif self.kind == "bookcorpus":
-            yield from group_sentences(hf_documents(*self.hf, self.field), BOOKCORPUS_SENTENCES_PER_DOC)
+            yield from group_sentences(hf_documents(*self.hf, field=self.field), BOOKCORPUS_SENTENCES_PER_DOC)
         else:  # hf, wikipedia
-            yield from hf_documents(*self.hf, self.field)
+            yield from hf_documents(*self.hf, field=self.field)
 
 
 def parse_source(spec: str) -> Source:

@@ -156,5 +156,8 @@ def init_worker(tokenizer_json: str, dtype: str, single_thread: bool) -> None:
 
 
 def encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Pool task: encode one batch with the worker's encoder (see :class:`Encoder`)."""
+    """Pool task: encode one batch with the worker's encoder (see :class:`Encoder`). Raises ``RuntimeError`` in a
+    process where :func:`init_worker` did not run."""
+    if _WORKER_ENCODER is None:
+        raise RuntimeError("encode_in_worker: init_worker did not run in this process")
     return _WORKER_ENCODER(texts)

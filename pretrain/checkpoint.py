@@ -6,8 +6,8 @@ Layout of ``output_dir/checkpoints/``::
         mp_rank_00_model_states.pt     DeepSpeed (module, client_state: step, data cursor, tokens seen, config)
         *_optim_states.pt              DeepSpeed (ZeRO partitions, one per rank)
         rng_rank_00000.pt ...          this rank's python / numpy / torch (/ cuda) RNG states
-        hf/                            student config + tokenizer (+ sentence-transformers files): export needs nothing else
-        checkpoint.json                written last, by rank 0 after a barrier: step, world size, every file's size and sha256
+        hf/                            student config + tokenizer (+ sentence-transformers files): all export needs
+        checkpoint.json                written last, by rank 0 after a barrier: step, world size, files' size, sha256
     latest                             the newest complete tag, replaced atomically after checkpoint.json
     zero_to_fp32.py                    DeepSpeed's recovery script
 
@@ -17,7 +17,6 @@ resume for the previous complete one, with a warning naming it (:meth:`Checkpoin
 
 from __future__ import annotations
 
-import errno
 import json
 import random
 import re
@@ -29,7 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.files import atomic_path, atomic_write_text, sha256_file
+from data_prep.errors import DataPrepError
+from data_prep.files import (
+    MIB,
+    DiskFullError,
+    atomic_path,
+    atomic_write_text,
+    disk_full_message,
+    free_bytes,
+    is_disk_full,
+    sha256_file,
+)
 from pretrain.rundir import RunDir
 from pretrain.runtime import RunError
 from pretrain.schema import ConfigError
@@ -44,8 +53,9 @@ def tag_for(step: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`data_prep.files.atomic_path`)."""
-    with atomic_path(path) as tmp:
+    """``torch.save`` to ``path`` atomically (:func:`data_prep.files.atomic_path`; a full disk raises
+    :class:`data_prep.files.DiskFullError`)."""
+    with atomic_path(path, what="checkpoint file") as tmp:
         torch.save(obj, tmp)
 
 
@@ -97,7 +107,7 @@ def verify(tag_dir: Path) -> dict[str, Any]:
             for i in files.values()
         )
     )
-    if not well_formed:
+    if not well_formed or not isinstance(files, dict):
         raise ValueError(f"malformed {MANIFEST} (expected step, world_size and files with bytes and sha256)")
     for name, info in files.items():
         path = tag_dir / name
@@ -111,22 +121,27 @@ def verify(tag_dir: Path) -> dict[str, Any]:
 
 
 class CheckpointError(RunError):
-    """A checkpoint could not be written (a full disk, an I/O error); the last complete checkpoint is intact."""
+    """A checkpoint or an export of the run could not be written (a full disk, an I/O error, an export folder that
+    may not be replaced); the last complete checkpoint is intact. Exit status 1, one line."""
 
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    """Whether an exception from a writer (``OSError``, torch's or safetensors' ``RuntimeError``) says the disk is
-    full or the write failed at the I/O level."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(
-        s in text for s in ("no space", "quota", "iostream error", "failed writing", "unexpected pos", "i/o error")
-    )
+def estimate_checkpoint_bytes(
+    trainable: int, other_bytes: int = 0, *, weight_bytes: int = 4, fp32_master: bool = True
+) -> int:
+    """Bytes one checkpoint takes on the file system, all ranks together (each rank writes about 1/ranks of it).
+
+    ``trainable * (weight_bytes + 8 + 4 * fp32_master) + other_bytes``: the module's weights at their dtype
+    (``weight_bytes``: 4 fp32, 2 fp16/bf16; in ``mp_rank_00_model_states.pt``), AdamW's two fp32 moments (8 bytes),
+    and the fp32 master copy that ZeRO-1/2/3 and mixed precision keep (4 bytes; not ZeRO-0 fp32), in the
+    ``*_optim_states.pt`` partitions; ``other_bytes``: frozen parameters and buffers saved with the module. The RNG
+    files, ``hf/`` and ``checkpoint.json`` add a few hundred KiB. Measured on the tiny BERT run (ZeRO-2, fp32, 42,929
+    trainable parameters): 16 bytes per parameter estimated, 17.4 written (with the RNG and ``hf/`` files).
+    """
+    return int(trainable) * (int(weight_bytes) + 8 + (4 if fp32_master else 0)) + int(other_bytes)
 
 
 class CheckpointManager:
@@ -156,6 +171,8 @@ class CheckpointManager:
         self.rank, self.world_size, self.keep_last, self.save_interval = rank, world_size, keep_last, save_interval
         self.all_ok = all_ok
         self.last_saved: int | None = None
+        self._preflight_done = False
+        self._config: dict = {}
 
     def should_save(self, step: int, *, last: bool, stopping: bool) -> bool:
         """Whether to checkpoint after ``step``: at the interval, at the last step, and when the ranks stop."""
@@ -168,45 +185,56 @@ class CheckpointManager:
 
         ``client_state`` goes into DeepSpeed's model-states file; each rank adds its RNG states; rank 0 runs
         ``write_extra(tag_dir)`` (the ``hf/`` folder), then, once every rank is done, writes ``checkpoint.json``
-        and moves ``latest``, then deletes checkpoints beyond ``keep_last``. Returns the tag directory.
+        and moves ``latest``, then deletes checkpoints beyond ``keep_last``. Returns the tag directory. The first
+        save of a fresh run without ``student_init/`` checks the free space first (:meth:`preflight_engine`).
 
         Raises :class:`CheckpointError` on every rank when a rank could not write (one line: the folder, the space
         needed and free, and that the last complete checkpoint is intact); ``latest`` then still names that one.
         """
         tag = tag_for(step)
         tag_dir = self.root / tag
-        if self.rank == 0 and tag_dir.exists():  # a cut-off save of the same step, or a re-save: start clean
-            shutil.rmtree(tag_dir)
+        if self.rank == 0:
+            self.preflight_engine(engine)
+            if tag_dir.exists():  # a cut-off save of the same step, or a re-save: start clean
+                shutil.rmtree(tag_dir)
         self.all_ok(True)
-        error = None
+        error: BaseException | None = None
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
             atomic_torch_save(rng_state(), tag_dir / f"rng_rank_{self.rank:05d}.pt")
             if self.rank == 0 and write_extra is not None:
                 write_extra(tag_dir)
-        except (OSError, RuntimeError) as e:
-            if not _is_disk_full(e):
+        except Exception as e:
+            if not (isinstance(e, DiskFullError) or is_disk_full(e)):
                 raise
-            error = e
+            error = e.__cause__ if isinstance(e, DiskFullError) and e.__cause__ else e
         if not self.all_ok(error is None):
             raise self._save_failed(tag_dir, error)
         if self.rank == 0:
-            files = {}
-            for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
-                files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            manifest = {
-                "step": step,
-                "tag": tag,
-                "world_size": self.world_size,
-                "files": files,
-                "config": client_state.get("config"),
-            }
-            atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-            atomic_write_text(self.run.latest_file, tag)
-            self._prune(keep=tag)
+            self._write_manifest(tag_dir, step, client_state)
         self.all_ok(True)
         self.last_saved = step
         return tag_dir
+
+    def _write_manifest(self, tag_dir: Path, step: int, client_state: dict[str, Any]) -> None:
+        """Rank 0, after every rank wrote: ``checkpoint.json`` (every file's size and sha256), then ``latest``, then
+        the pruning of older tags."""
+        files = {}
+        for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+            files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest = {
+            "step": step,
+            "tag": tag_dir.name,
+            "world_size": self.world_size,
+            "files": files,
+            "config": client_state.get("config"),
+        }
+        try:
+            atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1), what="checkpoint manifest")
+            atomic_write_text(self.run.latest_file, tag_dir.name, what="checkpoint pointer")
+        except DiskFullError as e:
+            raise self._save_failed(tag_dir, e.__cause__ or e) from None
+        self._prune(keep=tag_dir.name)
 
     def _save_failed(self, tag_dir: Path, error: BaseException | None) -> CheckpointError:
         """The error of a failed save; rank 0 removes the partial tag (its space is needed, and it is not
@@ -215,18 +243,57 @@ class CheckpointManager:
         size = _folder_bytes(self.root / complete[0]) if complete else _folder_bytes(tag_dir)
         if self.rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        free = shutil.disk_usage(self.root).free
         intact = (
             f"the last complete checkpoint {self.root / complete[0]} is intact and a rerun resumes from it"
             if complete
             else "there is no complete checkpoint yet"
         )
-        what = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "failed on another rank"
-        return CheckpointError(
-            f"could not write checkpoint {tag_dir} ({what}); a checkpoint needs about "
-            f"{size / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free on that file system; "
-            f"{intact}. Free space and run the same command again"
+        return CheckpointError(disk_full_message("checkpoint", tag_dir, error, needed=size, intact=intact))
+
+    # -- free space --------------------------------------------------------------------------------------------
+
+    def preflight_space(self, checkpoint_bytes: int, export_bytes: int) -> str | None:
+        """Warn (one ``[pretrain] WARNING`` line naming the folder) when the run directory's file system has less
+        free space than the run will still write; once per manager, on rank 0. Returns the warning or None.
+
+        The run writes ``checkpoint_bytes x (keep_last + 1)`` (a new checkpoint is complete before the oldest one is
+        deleted) plus ``export_bytes x 2`` (``student_init/`` and ``student/``); what ``checkpoints/``,
+        ``student_init/`` and ``student/`` already hold is counted as available (it is replaced or pruned).
+        :func:`estimate_checkpoint_bytes` gives ``checkpoint_bytes`` before the first save.
+        """
+        if self._preflight_done or self.rank != 0:
+            return None
+        self._preflight_done = True
+        planned = int(checkpoint_bytes) * (self.keep_last + 1) + int(export_bytes) * 2
+        held = sum(_folder_bytes(p) for p in (self.root, self.run.student_init, self.run.student) if p.is_dir())
+        free = free_bytes(self.run.root)
+        if free is None or free + held >= planned:
+            return None
+        from pretrain.runtime import warn
+
+        msg = (
+            f"{self.run.root}: the run will write about {planned / MIB:,.1f} MiB (checkpoints of about "
+            f"{checkpoint_bytes / MIB:,.1f} MiB x train.keep_last {self.keep_last} + 1, and the student_init/ and "
+            f"student/ exports of {export_bytes / MIB:,.1f} MiB each) and {(free + held) / MIB:,.1f} MiB are "
+            f"available on that file system; free space, lower train.keep_last, or choose another train.output_dir"
         )
+        warn(msg)
+        return msg
+
+    def preflight_engine(self, engine) -> str | None:
+        """:meth:`preflight_space` from the DeepSpeed engine's module (before the first save of a run whose start did
+        not check: ``train.export_init`` off): trainable parameters at their dtype, frozen ones and buffers."""
+        if self._preflight_done:
+            return None
+        module = getattr(engine, "module", engine)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        frozen = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
+        weight = trainable[0].element_size() if trainable else 4
+        stage = int(getattr(engine, "zero_optimization_stage", lambda: 0)() or 0)
+        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)  # ZeRO-3 partitions: ds_numel
+        other = sum(int(getattr(t, "ds_numel", t.numel())) * t.element_size() for t in frozen)
+        ckpt = estimate_checkpoint_bytes(n, other, weight_bytes=weight, fp32_master=stage > 0 or weight < 4)
+        return self.preflight_space(ckpt, n * 4)
 
     def _prune(self, keep: str) -> None:
         complete = [t for s, t in list_tags(self.root) if (self.root / t / MANIFEST).is_file()]
@@ -271,8 +338,13 @@ class CheckpointManager:
             raise ConfigError(f"train.output_dir: {e}") from None
         for note in notes:
             warn(note)
+        self._config = mine
         if tag is None:
             return None
+        assert manifest is not None  # find_resume returns both or neither
+        ckpt = sum(int(i["bytes"]) for i in manifest["files"].values())
+        states = manifest["files"].get("mp_rank_00_model_states.pt", {}).get("bytes", 0)
+        self.preflight_space(ckpt, _folder_bytes(self.run.student_init) if self.run.student_init.is_dir() else states)
         try:
             self.run.check_same_run(manifest, mine, self.world_size, allow_world_size_change)
         except ValueError as e:
@@ -292,7 +364,8 @@ class CheckpointManager:
 
     def export_final(self) -> tuple[Path, bool]:
         """Rank 0 exports the latest checkpoint to ``student/`` unless it holds that export already; returns
-        ``(folder, exported now)``. Not collective (the caller adds the barrier)."""
+        ``(folder, exported now)``. Not collective (the caller adds the barrier). Raises :class:`CheckpointError`
+        (one line) for a full disk or a ``student/`` folder the export may not replace."""
         from pretrain.export import export_checkpoint
 
         tag = self.run.latest_tag()
@@ -300,18 +373,42 @@ class CheckpointManager:
             raise FileNotFoundError(f"{self.run.latest_file}: no checkpoint to export")
         if self.run.finished():
             return self.run.student, False
-        export_checkpoint(self.root, self.run.student, tag)
+        try:
+            export_checkpoint(self.root, self.run.student, tag)
+        except DataPrepError as e:  # DiskFullError, OutputExistsError: one line, exit status 1
+            raise CheckpointError(str(e)) from e
         return self.run.student, True
 
     def export_init(self, student: torch.nn.Module, write_meta: Callable[[Path], None], info: dict) -> Path | None:
-        """Save ``student`` (before training) to ``student_init/`` once (rank 0); None when it exists already."""
+        """Save ``student`` (before training) to ``student_init/`` once (rank 0); None when it exists already.
+
+        First checks the free space for the run (:meth:`preflight_space`, the checkpoint estimated from the
+        student's parameters and the config's precision and ZeRO stage). Raises :class:`CheckpointError` (one line)
+        for a full disk or a folder the export may not replace."""
         import tempfile
 
         from pretrain.export import save_student
 
         if self.run.student_init.is_dir():
             return None
-        with tempfile.TemporaryDirectory(dir=self.run.root) as meta:
-            write_meta(Path(meta))
-            save_student(student, self.run.student_init, Path(meta), info)
+        self.preflight_space(*self._estimate_from(student))
+        try:
+            with tempfile.TemporaryDirectory(dir=self.run.root) as meta:
+                write_meta(Path(meta))
+                save_student(student, self.run.student_init, Path(meta), info)
+        except DataPrepError as e:
+            raise CheckpointError(str(e)) from e
         return self.run.student_init
+
+    def _estimate_from(self, student: torch.nn.Module) -> tuple[int, int]:
+        """``(checkpoint bytes, export bytes)`` of a run training ``student`` with the resolved config seen by
+        :meth:`resume_point` (precision, ZeRO stage): :func:`estimate_checkpoint_bytes`."""
+        ds = self._config.get("deepspeed") or {}
+        mixed = any(bool((ds.get(k) or {}).get("enabled")) for k in ("fp16", "bf16"))
+        stage = int((ds.get("zero_optimization") or {}).get("stage") or 0)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        frozen = sum(p.numel() * 4 for p in student.parameters() if not p.requires_grad)
+        ckpt = estimate_checkpoint_bytes(
+            trainable, frozen, weight_bytes=2 if mixed else 4, fp32_master=mixed or stage > 0
+        )
+        return ckpt, sum(p.numel() * 4 for p in student.parameters())

@@ -10,6 +10,13 @@ batches it would have read.
 
 :class:`BatchLoader` turns the order into collated micro-batches (``input_ids``, ``attention_mask``) padded to a
 multiple of 8 and prepares the next ones in a background thread while the current step runs.
+
+Integrity: :func:`open_split` refuses a shard whose size differs from ``manifest.json`` at once, and starts hashing
+every shard and index file of the split in a background thread (each file once per process,
+``ShardedTokens.start_verify``), so the first step does not wait for a read of the whole corpus. The first micro-batch
+fetched after a hash turned out different from the manifest (:class:`BatchLoader`, :func:`eval_batches`) raises
+:class:`ShardIntegrityError` naming the file, both sha256 and what to run. A run shorter than the hashing of its
+corpus ends before every file is checked.
 """
 
 from __future__ import annotations
@@ -52,12 +59,29 @@ class DataConfig:
         check(self.prefetch >= 0, "data.prefetch", f"{self.prefetch} must be >= 0")
 
 
-def open_split(directory: str | Path, split: str, *, key: str = "data.dir"):
+class ShardIntegrityError(ConfigError):
+    """A shard or index file's sha256 differs from its ``manifest.json`` record (found by the background hash of
+    :func:`open_split`); the message names the file, the expected and actual sha256 and says to run
+    ``python -m data_prep verify DIR``, then prepare again. Exit status 2 (bad input)."""
+
+
+def check_shards(dataset, key: str = "data.dir") -> None:
+    """Raise :class:`ShardIntegrityError` (prefixed with ``key``) when a finished background hash of ``dataset``'s
+    files (``ShardedTokens.verify_problem``) differs from the manifest; a no-op for datasets without one. Does not
+    wait for hashes still running."""
+    problem = getattr(dataset, "verify_problem", lambda: None)()
+    if problem:
+        raise ShardIntegrityError(f"{key}: {problem}")
+
+
+def open_split(directory: str | Path, split: str, *, key: str = "data.dir", verify: bool = True):
     """``data_prep.shards.ShardedTokens(directory, split)`` (its ``manifest`` attribute holds manifest.json).
 
     Raises :class:`ConfigError` naming ``key`` (the config key or command-line flag that gave ``directory``) when the
-    directory, its manifest or the split is missing, a shard file is incomplete, or the split has no sequence; the
-    message says how to prepare shards. The trainer and ``python -m pretrain.evaluate`` both open splits here.
+    directory, its manifest or the split is missing, a shard file is missing or not of the manifest's size, or the
+    split has no sequence; the message says how to prepare shards. The trainer and ``python -m pretrain.evaluate``
+    both open splits here. With ``verify`` every shard and index file of the split is hashed in a background thread
+    (see the module docstring; :func:`check_shards` reports a mismatch).
     """
     from data_prep.errors import DataPrepError
     from data_prep.shards import ShardedTokens
@@ -79,6 +103,8 @@ def open_split(directory: str | Path, split: str, *, key: str = "data.dir"):
             f"{key}: {directory!r}: manifest.json has no sequences in split {split!r}; {prepare} (with "
             f"a held-out fraction, --valid-fraction, for a valid split)"
         )
+    if verify:
+        ds.start_verify()
     return ds
 
 
@@ -214,7 +240,9 @@ class BatchLoader:
         pin_memory: pin the batches (for asynchronous host-to-GPU copies).
         collate_fn: ``[dataset items] -> {name: tensor}`` (default: :func:`collate` of token arrays).
 
-    ``next(loader)`` returns ``{"input_ids": int64 [B, L], "attention_mask": int64 [B, L]}`` (CPU tensors).
+    ``next(loader)`` returns ``{"input_ids": int64 [B, L], "attention_mask": int64 [B, L]}`` (CPU tensors); it raises
+    :class:`ShardIntegrityError` once a background hash of the dataset's files differs from the manifest
+    (:func:`check_shards`).
     """
 
     def __init__(
@@ -249,6 +277,7 @@ class BatchLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        check_shards(self.dataset)
         pos = self.order.next()
         if self._pool is None:
             return self._make(*pos)
@@ -289,6 +318,7 @@ def eval_batches(
     collectives inside the forward (ZeRO-3 gathers) stay matched across ranks. Yields nothing when the split has fewer
     sequences than ranks.
     """
+    check_shards(dataset)
     n = len(dataset) if not max_sequences else min(len(dataset), int(max_sequences))
     per_rank = n // world_size
     idx = np.arange(rank, per_rank * world_size, world_size)

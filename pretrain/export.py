@@ -15,14 +15,19 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from data_prep.files import atomic_dir
+from data_prep.errors import DistillError
+from data_prep.files import atomic_dir, check_replaceable
 from pretrain.rundir import EXPORT_INFO as INFO
 from pretrain.rundir import latest_tag_in
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 HF_DIR = "hf"
@@ -44,10 +49,10 @@ def sentence_transformers_files(teacher: str) -> dict[str, Path]:
 
         # None for a file the repository does not have, or when the hub is unreachable and the file is not cached;
         # any other hub error (a gated or missing repository, a bad revision) surfaces
-        p = cached_file(
+        found = cached_file(
             teacher, rel, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
         )
-        return Path(p) if p else None
+        return Path(found) if found else None
 
     modules = get("modules.json")
     if modules is None:
@@ -91,19 +96,36 @@ def write_hf_meta(folder: Path, config, tokenizer, st_files: dict[str, Path], ar
                 dst.write_text(json.dumps(module, indent=2))
 
 
-def save_student(model: torch.nn.Module, out: str | Path, meta_dir: Path, info: dict[str, Any]) -> Path:
+def save_student(
+    model: torch.nn.Module,
+    out: str | Path,
+    meta_dir: Path,
+    info: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+) -> Path:
     """Save ``model`` (fp32 safetensors) with the files of ``meta_dir`` (see :func:`write_hf_meta`) to ``out``.
 
-    Atomic: written to a temporary sibling directory, then renamed over ``out``. ``info`` goes to
-    ``distill_export.json`` (provenance: checkpoint, step). Returns ``out``.
+    Atomic (:func:`data_prep.files.atomic_dir`, writer kind ``"export"``): written to a temporary sibling directory,
+    then renamed over ``out``, which must be new, empty, an earlier export or (``overwrite``) another non-empty folder;
+    a run directory or a folder containing one of ``inputs`` is refused
+    (:class:`data_prep.files.OutputExistsError`). ``info`` goes to ``distill_export.json`` (provenance: checkpoint,
+    step). A full disk raises :class:`data_prep.files.DiskFullError` (the export's size, the free space; ``out`` is
+    unchanged). Returns ``out``.
     """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"save_student: a transformers PreTrainedModel is needed, got {type(model).__name__}")
     out = Path(out)
-    with atomic_dir(out) as tmp:
-        for src in Path(meta_dir).rglob("*"):
-            if src.is_file():  # config.json too: save_pretrained rewrites it
-                dst = tmp / src.relative_to(meta_dir)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
+    meta_files = [p for p in Path(meta_dir).rglob("*") if p.is_file()]
+    needed = sum(p.numel() * 4 for p in model.parameters()) + sum(p.stat().st_size for p in meta_files)
+    with atomic_dir(out, kind="export", overwrite=overwrite, inputs=inputs, needed=needed) as tmp:
+        for src in meta_files:  # config.json too: save_pretrained rewrites it
+            dst = tmp / src.relative_to(meta_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / INFO).write_text(json.dumps(info, indent=1))
     return out
@@ -147,7 +169,7 @@ def student_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k[len("student.") :]: v.float() for k, v in full.items() if k.startswith("student.")}
 
 
-def build_student_like(meta_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def build_student_like(meta_dir: Path, state: dict[str, torch.Tensor]) -> PreTrainedModel:
     """A randomly initialised student of the class and config saved in ``meta_dir/config.json`` (without a pooler
     when ``state`` has none, like a student of a sentence encoder)."""
     import inspect
@@ -159,12 +181,24 @@ def build_student_like(meta_dir: Path, state: dict[str, torch.Tensor]) -> torch.
     kwargs = {}
     if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
         kwargs["add_pooling_layer"] = any(k.startswith("pooler.") or ".pooler." in k for k in state)
-    return cls(config, **kwargs)
+    model = cls(config, **kwargs)
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise RuntimeError(f"{meta_dir / 'config.json'}: architecture {cls.__name__} is not a transformers model")
+    return model
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
-    """Export a checkpoint's student to the Hugging Face directory ``out`` (see the module docstring)."""
+def export_checkpoint(
+    checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, *, overwrite: bool = False
+) -> Path:
+    """Export a checkpoint's student to the Hugging Face directory ``out`` (see the module docstring).
+
+    ``out`` is checked before anything is read (:func:`data_prep.files.check_replaceable`): new, empty or an earlier
+    export; another non-empty folder only with ``overwrite``; never a run directory or a folder that contains the
+    checkpoint. Raises :class:`data_prep.files.OutputExistsError`, :class:`data_prep.files.DiskFullError`,
+    ``FileNotFoundError`` (no checkpoint), ``RuntimeError`` (weights that do not fit the student).
+    """
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    check_replaceable(out, kind="export", overwrite=overwrite, inputs=[tag_dir, checkpoint_dir])
     meta = tag_dir / HF_DIR
     state = student_state_dict(tag_dir)
     model = build_student_like(meta, state)
@@ -176,23 +210,36 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, tag: str | No
             f"{tag_dir}: checkpoint weights do not fit {type(model).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    model.tie_weights()
     step = None
     if (tag_dir / "checkpoint.json").is_file():
         step = json.loads((tag_dir / "checkpoint.json").read_text()).get("step")
-    return save_student(model.eval(), out, meta, {"checkpoint": str(tag_dir.resolve()), "step": step})
+    info = {"checkpoint": str(tag_dir.resolve()), "step": step}
+    return save_student(model.eval(), out, meta, info, overwrite=overwrite, inputs=[tag_dir, checkpoint_dir])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m pretrain.export CHECKPOINT_DIR OUT [--tag TAG]``."""
+    """CLI: ``python -m pretrain.export CHECKPOINT_DIR OUT [--tag TAG] [--overwrite]``; exit 0, 1 (a full disk) or 2
+    (no checkpoint, a refused OUT, weights that do not fit), the error on one line without a traceback."""
     p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint_dir", help="a run's checkpoints/ directory (uses 'latest') or one step_* directory")
-    p.add_argument("out", help="output Hugging Face model directory (replaced atomically if it exists)")
+    p.add_argument(
+        "out",
+        help="output Hugging Face model directory: new, empty or an earlier export (replaced atomically); never a "
+        "run directory or a folder that contains CHECKPOINT_DIR",
+    )
     p.add_argument("--tag", help="checkpoint tag under CHECKPOINT_DIR, e.g. step_00001000")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT even when it is a non-empty folder this command did not write (its files are deleted)",
+    )
     args = p.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint_dir, args.out, args.tag)
+        out = export_checkpoint(args.checkpoint_dir, args.out, args.tag, overwrite=args.overwrite)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

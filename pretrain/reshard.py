@@ -105,6 +105,45 @@ def is_converted(checkpoints_root: Path, tag: str) -> bool:
         return False
 
 
+def _convert(src: Path, files: list[Path], dest: Path, workers: int) -> None:
+    """Run DeepSpeed's ``ds_to_universal`` on links to ``files`` (the DeepSpeed files of the tag folder ``src``) in a
+    temporary folder beside ``dest``; rename its output, with :data:`MARKER` naming the source, over ``dest``.
+    Raises ``RuntimeError`` with DeepSpeed's output when the converter fails; the temporary folder is removed."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag, parent = dest.name, dest.parent
+    source = _source(src)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f".{tag}."))
+    try:
+        staged, out = work / "in" / tag, work / "out" / tag
+        staged.mkdir(parents=True)
+        for f in files:
+            (staged / f.name).symlink_to(f.resolve())
+        args = argparse.Namespace(
+            input_folder=str(staged),
+            output_folder=str(out),
+            num_extract_workers=workers,
+            num_merge_workers=workers,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )  # our engines record no universal_checkpoint_info
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+        except Exception as e:
+            raise RuntimeError(
+                f"converting {src} to a universal checkpoint failed: {type(e).__name__}: {e}\n{log.getvalue()[-4000:]}"
+            ) from e
+        (out / MARKER).write_text(json.dumps(source, indent=1))
+        if dest.exists():  # a stale conversion of an earlier save of this tag
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def to_universal(checkpoints_root: Path, tag: str, *, workers: int = 1) -> tuple[Path, str]:
     """Convert the ZeRO checkpoint ``checkpoints_root/tag`` into a universal checkpoint; returns ``(root, tag)`` for
     ``engine.load_checkpoint(str(root), tag=tag)`` by an engine configured with :func:`with_universal_load`.
@@ -124,8 +163,6 @@ def to_universal(checkpoints_root: Path, tag: str, *, workers: int = 1) -> tuple
     Raises ``FileNotFoundError`` when the tag has no ZeRO optimizer partitions (``*_optim_states.pt``: ZeRO-0 needs
     no conversion), ``RuntimeError`` naming the tag and DeepSpeed's output when the converter fails.
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     root = Path(checkpoints_root)
     src, dest = root / tag, universal_dir(root, tag)
     files = _deepspeed_files(src) if src.is_dir() else []
@@ -137,37 +174,7 @@ def to_universal(checkpoints_root: Path, tag: str, *, workers: int = 1) -> tuple
     parent = dest.parent
     parent.mkdir(exist_ok=True)
     if not is_converted(root, tag):
-        source = _source(src)
-        work = Path(tempfile.mkdtemp(dir=parent, prefix=f".{tag}."))
-        try:
-            staged, out = work / "in" / tag, work / "out" / tag
-            staged.mkdir(parents=True)
-            for f in files:
-                (staged / f.name).symlink_to(f.resolve())
-            args = argparse.Namespace(
-                input_folder=str(staged),
-                output_folder=str(out),
-                num_extract_workers=workers,
-                num_merge_workers=workers,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=True,
-            )  # our engines record no universal_checkpoint_info
-            log = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                    ds_to_universal.main(args)
-            except Exception as e:
-                raise RuntimeError(
-                    f"converting {src} to a universal checkpoint failed: {type(e).__name__}: {e}\n"
-                    f"{log.getvalue()[-4000:]}"
-                ) from e
-            (out / MARKER).write_text(json.dumps(source, indent=1))
-            if dest.exists():  # a stale conversion of an earlier save of this tag
-                shutil.rmtree(dest)
-            os.replace(out, dest)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        _convert(src, files, dest, workers)
     for other in parent.iterdir():  # older conversions, cut-off ones
         if other.name != tag:
             shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)

@@ -13,8 +13,10 @@ Layout of ``train.output_dir`` (every other module asks :class:`RunDir` for thes
 
 Identity (:func:`identity_differences`): a directory holds *the same run* when its checkpoint's config has the same
 values for the keys the checkpoint's tensors depend on: ``teacher.name_or_path``, ``teacher.revision`` and every
-``student`` key, and in task distillation ``task.name``, ``task.student`` and ``task.head`` (a key the checkpoint's config lacks, added to the project since, is not compared). Everything else (``teacher.dtype``, a longer schedule, other intervals, loss weights) may change
-between starts of one run. The trainer and ``pretrain.slurm submit`` both apply this rule.
+``student`` key, and in task distillation ``task.name``, ``task.student`` and ``task.head`` (a key the checkpoint's
+config lacks, added to the project since, is not compared). Everything else (``teacher.dtype``, a longer schedule,
+other intervals, loss weights) may change between starts of one run. The trainer and ``pretrain.slurm submit``
+both apply this rule.
 
 ``python -m pretrain.rundir finished RUN`` exits 0 when RUN's latest checkpoint is exported to ``student/`` (the run
 is done), 1 otherwise; the SLURM batch script asks it before requeueing.
@@ -32,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import DistillError
+from data_prep.errors import DiskFullError, DistillError
 from data_prep.files import atomic_write_text
 
 IDENTITY_KEYS = (
@@ -170,7 +172,7 @@ class RunLock:
                 raise RunLocked(
                     f"{self.path.parent} is in use by a live run ({holder}); wait for it to end, stop "
                     f"it (SIGTERM or SIGUSR1 saves a checkpoint), or choose another train.output_dir"
-                )
+                ) from None
             print(
                 f"[pretrain] WARNING: {self.path}: the file system does not support locks ({e.strerror}); a "
                 f"second run on this directory cannot be detected",
@@ -187,6 +189,8 @@ class RunLock:
         os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
 
     def _holder(self) -> str:
+        if self.fd is None:
+            return "holder unknown"
         try:
             info = json.loads(os.pread(self.fd, 4096, 0).decode() or "{}")
         except (OSError, ValueError):
@@ -205,10 +209,15 @@ class RunLock:
 
 def write_config(run: RunDir, resolved: dict) -> list[str] | None:
     """Write ``config.json`` (atomically); returns the changed ``section.key`` names when an older one differed,
-    else None."""
+    else None. A full disk raises :class:`pretrain.runtime.RunError` (one line, exit 1; the old file is kept)."""
     new = json.dumps(resolved, indent=2) + "\n"
     old_text = run.config_file.read_text() if run.config_file.is_file() else None
-    atomic_write_text(run.config_file, new)
+    try:
+        atomic_write_text(run.config_file, new, what="run config")
+    except DiskFullError as e:
+        from pretrain.runtime import RunError
+
+        raise RunError(str(e)) from e
     if old_text is None or old_text == new:
         return None
     before = json.loads(old_text)

@@ -609,11 +609,11 @@ def test_a_killed_atomic_write_leaves_a_temp_file_that_prepare_finds(tmp_path):
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     """The export's and downstream's folder writes: the old folder stays as it was when the block fails, and is
     replaced whole when it succeeds; no temporary folder is left either way."""
-    from data_prep.files import atomic_dir
+    from data_prep.files import OUTPUT_MARKER, atomic_dir
 
     out = tmp_path / "student"
-    out.mkdir()
-    (out / "config.json").write_text("old")
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("old")
     with pytest.raises(RuntimeError, match="disk full"), atomic_dir(out) as tmp:
         (tmp / "config.json").write_text("half")
         raise RuntimeError("disk full")
@@ -621,4 +621,4 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "model.safetensors").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "model.safetensors"]

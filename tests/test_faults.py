@@ -105,6 +105,49 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
         subprocess.run(["umount", str(disk)])
 
 
+def test_full_disk_while_saving_without_root_via_injected_enospc(tmp_path):
+    """The tmpfs test above without root: the entry point runs with ENOSPC injected into torch.save (DeepSpeed's
+    writer) for the second checkpoint. Exit 1, one line, the last complete checkpoint intact and resumed from."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(
+        "import errno, sys, torch\n"
+        "save = torch.save\n"
+        "def full(obj, f, *a, **k):\n"
+        "    if 'step_00000004' in str(f):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return save(obj, f, *a, **k)\n"
+        "torch.save = full\n"
+        "from pretrain.main import main\n"
+        "sys.exit(main())\n"
+    )
+    out = tmp_path / "run"
+    over = tiny_overrides(
+        "bert",
+        out,
+        steps=6,
+        **{
+            "train.save_interval": 2,
+            "train.eval_interval": 0,
+            "train.export_init": False,
+            "train.keep_last": 1,
+            "train.tensorboard": False,
+        },
+    )
+    for attempt in range(2):  # the rerun resumes from the intact checkpoint and fails the same clear way
+        r = run_cmd([PY, str(script), "--config", str(TINY), *over])
+        err = r.stdout + r.stderr
+        assert r.returncode == 1, err
+        lines = [x for x in err.splitlines() if "error:" in x]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        tag4 = out / "checkpoints" / "step_00000004"
+        assert lines[0].startswith(f"[rank 0] error: could not write checkpoint {tag4} (OSError: [Errno 28]"), err
+        assert "MiB are free" in err and "step_00000002 is intact" in err, err
+        assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+        assert not tag4.exists()  # the partial save is removed
+        if attempt:
+            assert f"resumed from {out / 'checkpoints' / 'step_00000002'}" in r.stdout
+
+
 def test_an_error_on_rank0_reaches_the_other_rank(tmp_path):
     """on_rank0: an unexpected exception on rank 0 (a KeyError) ends rank 1 at once with rank 0's message, instead of
     leaving it blocked in the broadcast; an expected type is re-raised as that type on every rank."""
