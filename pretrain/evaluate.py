@@ -680,12 +680,12 @@ def write_report(report: dict, output: str | Path) -> None:
         png = "loss_curves.png"
     elif metrics_file:
         log.info("%s has no loss values: no loss curves", metrics_file)
-    atomic_write_text(output / "report.md", render_markdown(report, png))
+    atomic_write_text(output / "report.md", render_markdown(report, png), what="evaluation report")
     target = output / "report.json"
     if target.exists():
         log.warning("%s exists already: keeping the previous report as %s", target, output / "report.prev.json")
         atomic_write_bytes(output / "report.prev.json", target.read_bytes())
-    atomic_write_text(target, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(target, json.dumps(report, indent=2) + "\n", what="evaluation report")
     log.info("wrote %s and %s", target, output / "report.md")
 
 

@@ -56,20 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from data_prep.errors import DistillError
     from pretrain.config import load
     from pretrain.schema import ConfigError
 
     rank = os.environ.get("RANK", "0")
     try:
         cfg = load(args.config, args.overrides)
-        from pretrain.runtime import RunError
         from pretrain.trainer import run
 
-        try:
-            return run(cfg)
-        except RunError as e:  # diverged, a checkpoint that cannot be written, another rank failed, old torch
-            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
-            return 1
+        return run(cfg)
     except ConfigError as e:
         print(
             f"[rank {rank}] error: {args.config}: {e}"
@@ -78,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        return 2
+        return e.exit_code
+    except DistillError as e:  # diverged, a full disk, another rank failed, a corrupted shard, old torch: one line
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     finally:
         # A USR1/TERM that arrives while a finished rank shuts down would kill it with the signal's default action
         # (Python restores defaults at exit; seen under SLURM as exit 138/143): the work is saved, so ignore them.

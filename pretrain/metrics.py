@@ -61,9 +61,9 @@ class MetricsLogger:
             return
         if self.path.is_file():
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep), what="metrics log")
         else:
-            atomic_write_text(self.path, "")
+            atomic_write_text(self.path, "", what="metrics log")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 

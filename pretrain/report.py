@@ -128,7 +128,7 @@ def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
+    atomic_write_bytes(png_path, buf.getvalue(), what="loss curves plot")
     return True
 
 

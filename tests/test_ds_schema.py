@@ -108,7 +108,10 @@ def test_a_mistyped_override_is_blamed_with_a_suggestion():
     """The error names the override, not the file, and suggests the key (issue 24 item 9)."""
     proc = _config_cli("train.max_steps=100", "train.max_step=3")
     assert proc.returncode == 2
-    assert "demo.json: override 'train.max_step=3': train: unknown key(s) ['max_step'] (did you mean 'max_steps'?)" in proc.stderr
+    assert (
+        "demo.json: override 'train.max_step=3': train: unknown key(s) ['max_step'] (did you mean 'max_steps'?)"
+        in proc.stderr
+    )
 
 
 def test_an_error_of_the_file_is_still_blamed_on_the_file(tmp_path):

@@ -298,7 +298,7 @@ def save_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]) -> N
     """Save a fine-tuned model folder atomically (temporary sibling folder, then rename over ``out``). A
     :class:`MeanPoolClassifier` is saved as its encoder's folder plus ``downstream_head.safetensors``
     (``classifier.weight`` [num_labels, hidden], ``classifier.bias``)."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, what="fine-tuned model (--save-model)") as tmp:
         with quiet_transformers():
             if isinstance(model, MeanPoolClassifier):
                 from safetensors.torch import save_file

@@ -119,7 +119,8 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
     if not 0 < k <= n:
         raise DownstreamError(f"truncation baseline: k={k} layers, but the teacher {teacher_path} has {n}")
     student: Any = build_student(teacher, StudentConfig(layers=list(range(k))))[0]  # a Hugging Face model
-    with atomic_dir(out) as tmp:
+    source = (teacher_path,) if Path(teacher_path).is_dir() else ()
+    with atomic_dir(out, what=f"truncation baseline ({k} layers of {teacher_path})", inputs=source) as tmp:
         with quiet_transformers():
             student.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)

@@ -272,8 +272,14 @@ def write_outputs(result: dict[str, Any], output: str | os.PathLike, *, plot: bo
     each atomically (:mod:`data_prep.files`), so a ``downstream.json`` present is always a complete result."""
     out = Path(output)
     png = plot and plot_downstream(result, out / "downstream.png")
-    atomic_write_text(out / "downstream.md", render_downstream_markdown(result, "downstream.png" if png else None))
-    atomic_write_text(out / "downstream.json", json.dumps(result, indent=1, default=_json_default) + "\n")
+    atomic_write_text(
+        out / "downstream.md",
+        render_downstream_markdown(result, "downstream.png" if png else None),
+        what="downstream report",
+    )
+    atomic_write_text(
+        out / "downstream.json", json.dumps(result, indent=1, default=_json_default) + "\n", what="downstream results"
+    )
 
 
 def _json_default(o):
