@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pretrain.data import BatchLoader, DataOrder, eval_batches, open_split
+from pretrain.masking import Masker
 from pretrain.schema import ConfigError
 
 
@@ -42,7 +43,7 @@ class PretrainRecipe:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.masker = None
+        self.masker: Masker | None = None  # built by preflight (it needs the tokenizer and the token counts)
         self.st_files: dict = {}
 
     # -- before any weights ------------------------------------------------------------------------------------
@@ -128,7 +129,6 @@ class PretrainRecipe:
         """The resumable train loader over the shards (and the masker, from the train split's token counts)."""
         from data_prep.errors import DataPrepError
         from data_prep.shards import load_token_counts
-        from pretrain.masking import Masker
 
         cfg = self.cfg
         try:
@@ -161,6 +161,8 @@ class PretrainRecipe:
         deterministically from (seed, step, rank, micro_step)."""
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
+        if self.masker is None:
+            raise RuntimeError("PretrainRecipe.inputs before preflight: the masker is built there")
         masked, labels = self.masker(ids, mask, step=step, rank=rank, micro_step=micro_step)
         return masked, mask, labels
 

@@ -30,6 +30,7 @@ and exact resume, stop signals, SLURM submission, metrics and stages (:mod:`pret
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedModel
 
 from pretrain import losses as L
 from pretrain.config import LOGIT_TERMS
@@ -46,8 +47,8 @@ class TaskDistillationModel(DistillationModel):
 
     def __init__(
         self,
-        student: torch.nn.Module,
-        teacher: torch.nn.Module,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
         loss_cfg: LossConfig,
         layer_map: list[int],
         *,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from pretrain.data import BatchLoader, DataOrder
 from pretrain.tasks.base import REGRESSION
@@ -93,7 +94,7 @@ class TaskRecipe:
         return student, record
 
     def build_model(
-        self, student: torch.nn.Module, teacher: torch.nn.Module, record: dict, loss_cfg: Any
+        self, student: PreTrainedModel, teacher: PreTrainedModel, record: dict, loss_cfg: Any
     ) -> TaskDistillationModel:
         """The module DeepSpeed wraps: :class:`TaskDistillationModel` (kept: its teacher computes the precomputed
         logits, on the device and in the dtype the trainer gave it)."""
