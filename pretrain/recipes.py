@@ -28,7 +28,7 @@ def make_recipe(cfg):
     """The recipe of a run config: :class:`pretrain.taskmode.TaskRecipe` when ``task.name`` is set, else
     :class:`PretrainRecipe`."""
     if getattr(cfg, "task", None) is not None and cfg.task.name:
-        from pretrain.taskmode import TaskRecipe
+        from pretrain.tasks.recipe import TaskRecipe  # core -> tasks: this lazy import only
 
         return TaskRecipe(cfg)
     return PretrainRecipe(cfg)
