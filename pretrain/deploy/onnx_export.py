@@ -12,6 +12,7 @@ against 11 s for a tiny BERT here) and is kept as an option. Both agree with PyT
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,37 @@ def dummy_inputs(names: list[str], vocab_size: int, batch: int = 2, seq: int = 1
     return {k: out[k] for k in names}
 
 
+def _export(wrapped: torch.nn.Module, args: tuple, out_path: Path, names: list[str], kind: str, exporter: str) -> None:
+    output = OUTPUT_NAME[kind]
+    if exporter == "dynamo":
+        dims = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length")}
+        torch.onnx.export(
+            wrapped,
+            args,
+            str(out_path),
+            input_names=names,
+            output_names=[output],
+            dynamic_shapes=dict.fromkeys(names, dims),
+            opset_version=OPSET,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
+        return
+    token_axes = {0: "batch_size", 1: "sequence_length"}
+    out_axes = {0: "batch_size"} if kind == "classifier" else token_axes  # classifier logits: [batch, labels]
+    torch.onnx.export(
+        wrapped,
+        args,
+        str(out_path),
+        input_names=names,
+        output_names=[output],
+        dynamic_axes={**dict.fromkeys(names, token_axes), output: out_axes},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
 def export_model(model: torch.nn.Module, kind: str, out_path: str | Path, *, exporter: str = "dynamo") -> Path:
     """Export the eval-mode PyTorch ``model`` of ``kind`` to the single ONNX file ``out_path`` (weights inside, not
     external data; a model over 2 GiB would need external data and is not a student). Returns ``out_path``.
@@ -65,38 +97,16 @@ def export_model(model: torch.nn.Module, kind: str, out_path: str | Path, *, exp
     cfg = getattr(model, "config", None)
     args = tuple(dummy_inputs(names, int(getattr(cfg, "vocab_size", 100))).values())
     wrapped = _Wrapped(model, OUTPUT_NAME[kind]).eval()
-    out_axes = {0: "batch_size"} if kind == "classifier" else {0: "batch_size", 1: "sequence_length"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings are about them, not the user
-        if exporter == "dynamo":
-            dims = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length")}
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(out_path),
-                input_names=names,
-                output_names=[OUTPUT_NAME[kind]],
-                dynamic_shapes=dict.fromkeys(names, dims),
-                opset_version=OPSET,
-                external_data=False,
-                dynamo=True,
-                verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(out_path),
-                input_names=names,
-                output_names=[OUTPUT_NAME[kind]],
-                dynamic_axes={
-                    **{n: {0: "batch_size", 1: "sequence_length"} for n in names},
-                    OUTPUT_NAME[kind]: out_axes,
-                },
-                opset_version=17,
-                dynamo=False,
-            )
-    model.eval()
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporters' deprecation / tracer warnings are not for the user
+            _export(wrapped, args, Path(out_path), names, kind, exporter)
+    finally:
+        registration.setLevel(level)
+        model.eval()  # an export can leave the module in train mode (dropout on): compare only after this
     return Path(out_path)
 
 
