@@ -91,17 +91,22 @@ def deploy(
             checks.append(check_int8(kind, files["fp32"], q, tokenizer, texts, labels, int8_tolerance))
         records = []
         if bench:
-            runtimes = {f"onnxruntime-{k}": p for k, p in files.items()}
-            records = benchmark(model_dir, runtimes, kind=kind, threads=threads, repeats=repeats)
-            atomic_write_text(tmp / "bench.json", json.dumps(records, indent=2) + "\n", 0o644)
-            atomic_write_text(tmp / "bench.md", markdown_table(records), 0o644)
-        for c in checks:
-            c.file = str(out / Path(c.file).name)
-        atomic_write_text(
-            tmp / "checks.json", json.dumps([dataclasses.asdict(c) for c in checks], indent=2) + "\n", 0o644
-        )
+            onnx_files = {f"onnxruntime-{k}": p for k, p in files.items()}
+            records = benchmark(model_dir, onnx_files, kind=kind, threads=threads, repeats=repeats)
+        _write_reports(tmp, out, checks, records)
     files = {k: out / p.name for k, p in files.items()}
     return DeployResult(out, files, checks, records)
+
+
+def _write_reports(tmp: Path, out: Path, checks: list[CheckResult], records: list[dict]) -> None:
+    """checks.json (file paths as they will be after the rename to ``out``) and, with records, bench.json / .md."""
+    for c in checks:
+        c.file = str(out / Path(c.file).name)
+    rows = [dataclasses.asdict(c) for c in checks]
+    atomic_write_text(tmp / "checks.json", json.dumps(rows, indent=2) + "\n", 0o644)
+    if records:
+        atomic_write_text(tmp / "bench.json", json.dumps(records, indent=2) + "\n", 0o644)
+        atomic_write_text(tmp / "bench.md", markdown_table(records), 0o644)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,14 @@ def _time(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def _stats(times: list[float], batch: int) -> dict[str, float]:
+    return {
+        "p50_ms": 1000 * float(np.percentile(times, 50)),
+        "p95_ms": 1000 * float(np.percentile(times, 95)),
+        "throughput_seq_s": batch * len(times) / sum(times),
+    }
+
+
 def _inputs(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
     ids = np.random.default_rng(0).integers(5, max(vocab, 6), (batch, seq_len), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
@@ -78,21 +86,9 @@ def benchmark(
             for batch in batches:
                 inputs = _inputs(batch, seq_len, vocab)
                 times = _time(functools.partial(run, inputs), warmup, repeats)
-                records.append(
-                    {
-                        "runtime": name,
-                        "batch": batch,
-                        "seq_len": seq_len,
-                        "threads": threads,
-                        "repeats": repeats,
-                        "p50_ms": 1000 * float(np.percentile(times, 50)),
-                        "p95_ms": 1000 * float(np.percentile(times, 95)),
-                        "throughput_seq_s": batch * len(times) / sum(times),
-                        "cpu": info["model"],
-                        "isa": " ".join(info["isa"]),
-                        "loadavg_1m": load,
-                    }
-                )
+                base = {"runtime": name, "batch": batch, "seq_len": seq_len, "threads": threads, "repeats": repeats}
+                records.append({**base, **_stats(times, batch), "cpu": info["model"], "isa": " ".join(info["isa"])})
+                records[-1]["loadavg_1m"] = load
     finally:
         torch.set_num_threads(before)
     return records
