@@ -24,6 +24,7 @@ COMMANDS = {
     "bert-distill-evaluate": "pretrain.evaluate:main",
     "bert-distill-downstream": "pretrain.downstream:main",
     "bert-distill-taskmode": "pretrain.taskmode:main",
+    "bert-distill-deploy": "pretrain.deploy.cli:main",
 }
 
 
