@@ -245,7 +245,7 @@ def test_a_report_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_
     monkeypatch.setattr(files, "open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k)), raising=False)
     with pytest.raises(DiskFullError) as e:
         evaluate.write_report({"meta": {}}, tmp_path)
-    assert str(e.value).startswith(f"could not write file {tmp_path / 'report.md'} (OSError: [Errno 28]")
+    assert str(e.value).startswith(f"could not write evaluation report {tmp_path / 'report.md'} (OSError: [Errno 28]")
     assert f"{tmp_path / 'report.md'} is unchanged" in str(e.value) and "it needs about 0.0 MiB" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
     assert (tmp_path / "report.md").read_text() == "old report"
