@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pretrain import bench, flops
-from tests.test_train_common import REPO, saved_signal_handlers
+from tests.helpers import REPO, saved_signal_handlers
 
 SMALL = REPO / "configs" / "bench-cpu-small.json"
 TINY_TEACHER = (

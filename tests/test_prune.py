@@ -167,7 +167,7 @@ def test_bare_encoder_with_pooler(bert_tok):
 
 
 def test_selection_is_deterministic_from_the_seed_and_the_sample(bert_tok, tmp_path):
-    from tests.test_train_common import assets
+    from tests.helpers import assets
 
     shards = assets()["shards-bert"]
     a = calibration_batches(shards, n=10, seed=3, pad_id=0)
@@ -281,7 +281,7 @@ def test_training_run_with_a_pruned_student(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     from pretrain.config import load
-    from tests.test_train_common import REPO, read_metrics, tiny_overrides, train_in_process
+    from tests.helpers import REPO, read_metrics, tiny_overrides, train_in_process
 
     out = tmp_path / "run"
     over = tiny_overrides(

@@ -17,7 +17,7 @@ from pretrain import losses as L
 from pretrain.config import load
 from pretrain.schema import ConfigError
 from tests import tiny
-from tests.test_train_common import REPO, assert_same_losses, losses, read_metrics, train_in_process
+from tests.helpers import REPO, assert_same_losses, losses, read_metrics, train_in_process
 
 TINY = REPO / "configs" / "tiny-cpu.json"
 TASK = "embedded:trec"

@@ -122,7 +122,7 @@ def test_eval_batches_equal_counts_disjoint_ranks():
 
 def test_real_shards_through_the_loader():
     from data_prep.shards import ShardedTokens
-    from tests.test_train_common import assets
+    from tests.helpers import assets
 
     ds = ShardedTokens(assets()["shards-roberta"], "train")
     order = DataOrder(len(ds), micro_batch=4, world_size=2, rank=0, seed=1)
