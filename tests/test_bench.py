@@ -1,5 +1,5 @@
-"""The training-step benchmark: its FLOP counter (hand count and PyTorch's FlopCounterMode), peaks, synthetic teacher and
-shards, the fast/naive mode switch on a real trainer, and one short run of `python -m pretrain.bench` in both modes.
+"""The training-step benchmark: its FLOP counter (hand count and PyTorch's FlopCounterMode), peaks, synthetic teacher
+and shards, the fast/naive mode switch on a real trainer, and one short run of `python -m pretrain.bench` in both modes.
 No timing assertions (performance is measured by the benchmark command itself, docs/performance.md)."""
 
 from __future__ import annotations

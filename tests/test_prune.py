@@ -12,6 +12,7 @@ from pretrain.prune import calibration_batches, compute_importance, resolve_targ
 from pretrain.schema import ConfigError, from_dict
 from pretrain.student import StudentConfig, build_student, find_layer_list
 from tests import tiny
+from tests.helpers import assert_close_recorded
 
 
 def batches(tokenizer, n: int = 12, length: int = 24, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -123,7 +124,13 @@ def test_importance_ranks_a_silenced_head_neuron_and_channel_last(bert_tok):
     # pruning away the silenced neuron leaves the outputs unchanged (up to the order of the sums)
     student, record = build_student(teacher, cfg(layers=[0, 1], intermediate_size=127), cal)
     assert all(5 not in kept for kept in record["prune"]["neurons"])
-    torch.testing.assert_close(outputs(teacher, cal).logits, outputs(student, cal).logits, rtol=1e-5, atol=1e-5)
+    assert_close_recorded(
+        "logits after pruning a silenced neuron",
+        outputs(student, cal).logits,
+        outputs(teacher, cal).logits,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # heads go with channels (a standard config has hidden = heads x head size): the silenced head is dropped first
     _, record2 = build_student(teacher, cfg(layers=[1], hidden_size=24, intermediate_size=128), cal)
     assert record2["prune"]["heads"] == [[0, 1, 3]] and 7 not in record2["prune"]["hidden_channels"]
@@ -244,14 +251,14 @@ def test_bad_config_is_refused_at_load(spec, key):
 
 def test_empty_calibration_is_a_config_error(bert_tok, tmp_path):
     teacher = tiny.bert_model(bert_tok, layers=2)
-    with pytest.raises(ConfigError, match="student.calibration_sequences"):
+    with pytest.raises(ConfigError, match=r"student\.calibration_sequences"):
         build_student(teacher, cfg(hidden_size=16), calibration=[])
     empty = [{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.zeros(2, 8, dtype=torch.long)}]
-    with pytest.raises(ConfigError, match="student.calibration_sequences"):
+    with pytest.raises(ConfigError, match=r"student\.calibration_sequences"):
         build_student(teacher, cfg(hidden_size=16), calibration=empty)
-    with pytest.raises(ConfigError, match="data.dir.*calibration"):
+    with pytest.raises(ConfigError, match=r"data\.dir.*calibration"):
         calibration_batches(tmp_path / "none", n=4, seed=0)
-    with pytest.raises(ConfigError, match="student.calibration_sequences"):
+    with pytest.raises(ConfigError, match=r"student\.calibration_sequences"):
         calibration_batches(tmp_path, n=0, seed=0)
 
 
@@ -260,9 +267,9 @@ def test_other_layouts_are_refused(bert_tok):
 
     conf = DistilBertConfig(vocab_size=len(bert_tok), dim=32, n_layers=2, n_heads=4, hidden_dim=64)
     teacher = DistilBertForMaskedLM(conf).eval()
-    with pytest.raises(ConfigError, match="student.init"):
+    with pytest.raises(ConfigError, match=r"student\.init"):
         build_student(teacher, cfg(hidden_size=16), batches(bert_tok))
-    with pytest.raises(ConfigError, match="student.init"):
+    with pytest.raises(ConfigError, match=r"student\.init"):
         resolve_targets(
             type(
                 "C", (), {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "embedding_size": 16}
