@@ -163,9 +163,10 @@ def task_overrides(teacher: str, out, *, steps: int, **extra) -> list[str]:
 
 
 def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
-    """Student = teacher layers [0] with the head copied (exactly); 200 steps of KD on the teacher's 1,500 questions
-    raise its dev accuracy well above its start (measured +0.24, docs/testing.md); the export loads in a
-    text-classification pipeline and predicts the dev examples as the trainer's evaluation did."""
+    """Student = the teacher's top layer [3] alone with the head copied (exactly): it starts far below the teacher
+    (dev accuracy ~0.32, teacher ~0.63); 300 steps of KD on the teacher's 1,500 questions bring it near the teacher
+    (a gain of ~0.3 on every CPU kernel set measured, docs/testing.md). The export loads in a text-classification
+    pipeline and predicts the dev examples as the trainer's evaluation did."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, pipeline
 
@@ -177,11 +178,11 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
         task_overrides(
             teacher,
             out,
-            steps=200,
+            steps=300,
             **{
-                "student.layers": [0],
+                "student.layers": [3],
                 "task.max_train_examples": TEACHER_TRAIN,
-                "train.eval_interval": 100,
+                "train.eval_interval": 150,
                 "deepspeed.optimizer.params.lr": 3e-3,
             },
         ),
@@ -195,7 +196,7 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
         assert torch.equal(s_state[k], t_state[k]), k
     valid = read_metrics(out, "valid")
     start = _accuracy(out / "student_init", trainer)
-    assert valid[-1]["step"] == 200 and "agreement" in valid[-1]
+    assert valid[-1]["step"] == 300 and "agreement" in valid[-1]
     assert_effect("dev accuracy gain over the start", valid[-1]["task_accuracy"] - start, 0.1, (start, valid))
     majority = float(np.bincount(trainer.validator.data.labels).max() / len(trainer.validator.data.labels))
     assert_effect("teacher dev accuracy - majority class", valid[-1]["teacher_score"] - majority, 0.15, valid[-1])
