@@ -1,8 +1,57 @@
-"""Fixtures shared by the test modules: the in-process tokenizers of tests/tiny.py."""
+"""Fixtures shared by the test modules: the in-process tokenizers of tests/tiny.py; the global random generators seeded
+for each module and each test, and the process state (torch threads, ``OMP_NUM_THREADS``, the generators) restored
+after every test."""
 
+import os
+import random
+
+import numpy as np
 import pytest
+import torch
 
 from tests import tiny
+
+
+def _global_random_state():
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_global_random_state(states) -> None:
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+
+
+def _seed_everything(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def seeded_module():
+    """Each module's fixtures (tiny models, teachers) start from the same global random state whatever ran before,
+    so a selection of tests (-k, one file) measures what the full run measures; the state is restored afterwards."""
+    states = _global_random_state()
+    _seed_everything()
+    yield
+    _set_global_random_state(states)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads_and_rng():
+    """Each test starts from seed 0 of the torch / numpy / random global generators, and leaves the next test as it
+    found them: generators, torch's thread count and ``OMP_NUM_THREADS`` restored."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    states = _global_random_state()
+    _seed_everything()
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+    _set_global_random_state(states)
 
 
 @pytest.fixture(scope="module")

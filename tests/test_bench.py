@@ -5,13 +5,12 @@ modes. No timing assertions (performance is measured by the benchmark command it
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from pretrain import bench, flops
-from tests.test_train_common import REPO, saved_signal_handlers
+from tests.helpers import REPO, saved_signal_handlers, torch_threads
 
 SMALL = REPO / "configs" / "bench-cpu-small.json"
 TINY_TEACHER = (
@@ -205,8 +204,7 @@ def test_mode_switch_gives_the_same_loss_and_restores_the_fast_step(tmp_path):
         both=True,
         ablate=[],
     )
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with saved_signal_handlers():
+    with torch_threads(1), saved_signal_handlers():
         cfg = bench.prepare_run(args, tmp_path)
         trainer = Trainer(cfg)
         try:
@@ -252,8 +250,7 @@ def test_mode_switch_gives_the_same_loss_and_restores_the_fast_step(tmp_path):
 
 
 def test_bench_runs_both_modes_and_prints_the_documented_keys(tmp_path, capsys):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with saved_signal_handlers():
+    with torch_threads(1), saved_signal_handlers():
         rc = bench.main(
             [
                 "--config",

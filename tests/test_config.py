@@ -168,7 +168,7 @@ def test_cross_section_rule(tmp_path):
     cfg = C.load(write(tmp_path, minimal()))
     cfg.masking = dataclasses.replace(cfg.masking)
     object.__setattr__(cfg.masking, "mlm_mask_prop", 0.0)
-    with pytest.raises(ConfigError, match="masking.mlm_mask_prop"):
+    with pytest.raises(ConfigError, match=r"masking\.mlm_mask_prop"):
         cfg.validate()
 
 
@@ -303,7 +303,8 @@ def test_cli_validates_and_prints_resolved_config(tmp_path, capsys):
         ),
         (
             {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 0}}},
-            r"deepspeed\.scheduler\.params\.warmup_num_steps: 0 must be an integer between 1 and the schedule's 100 steps",
+            r"deepspeed\.scheduler\.params\.warmup_num_steps: 0 must be an integer between 1 and the schedule's "
+            r"100 steps",
         ),
         (
             {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": float("nan")}}},

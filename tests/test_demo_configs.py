@@ -19,7 +19,7 @@ import torch
 
 from pretrain import ds_config
 from pretrain.config import load
-from tests.test_train_common import REPO, read_metrics, train_in_process
+from tests.helpers import REPO, read_metrics, train_in_process
 
 DEMO = REPO / "configs" / "demo.json"
 MLM = REPO / "configs" / "embedded-mlm.json"

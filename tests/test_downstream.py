@@ -26,6 +26,7 @@ from pretrain.tasks import (
     score,
 )
 from tests import tiny
+from tests.helpers import assert_effect, thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for the cores)."""
+    """Tiny models run faster on one thread (and do not fight other processes for the cores); $OMP_NUM_THREADS where
+    set (docs/testing.md)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(thread_count())
     yield
     torch.set_num_threads(n)
 
@@ -211,8 +213,8 @@ def test_finetune_lowers_the_loss_and_beats_chance_on_real_data(bert_tiny, tmp_p
     )
     r = ds.finetune(spec, task, cfg, seed=0, device=torch.device("cpu"), save_dir=tmp_path / "saved")
     majority = np.bincount(task.splits["test"].labels).max() / len(task.splits["test"])
-    assert r["loss_last"] < 0.8 * r["loss_first"], r
-    assert r["metrics"]["test"]["accuracy"] > majority + 0.15, (r, majority)  # measured 0.76 vs 0.23
+    assert_effect("loss drop (1 - last / first)", 1 - r["loss_last"] / r["loss_first"], 0.2, r)
+    assert_effect("test accuracy - majority", r["metrics"]["test"]["accuracy"] - majority, 0.15, r)
     assert r["epoch"] in (1, 2) and r["steps"] == 2 * 25 and r["train_examples_per_s"] > 0
     # the saved model is the selected one and reloads as a sequence classifier with the label names
     from transformers import AutoModelForSequenceClassification
@@ -226,7 +228,7 @@ def test_probe_beats_chance(bert_tiny):
     spec = ds.check_model(ds.ModelSpec("bert-tiny", bert_tiny))
     r = ds.probe(spec, task, ds.FinetuneConfig(max_length=32), device=torch.device("cpu"))
     majority = np.bincount(task.splits["test"].labels).max() / len(task.splits["test"])
-    assert r["metrics"]["test"]["accuracy"] > majority + 0.2, (r, majority)  # measured 0.70 vs 0.23
+    assert_effect("test accuracy - majority", r["metrics"]["test"]["accuracy"] - majority, 0.2, r)
     assert r["c"] in ds.PROBE_C and r["embed_examples_per_s"] > 0
 
 
@@ -270,7 +272,8 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
         progress=lambda s: None,
     )
     run = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]
-    assert np.isfinite(run["score"]) and run["loss_last"] < run["loss_first"]
+    assert np.isfinite(run["score"])
+    assert_effect("mean-head loss drop (1 - last / first)", 1 - run["loss_last"] / run["loss_first"], 0.0, run)
     saved = tmp_path / "saved" / "a" / ds.slug(f"csv:{folder}")
     assert (saved / "downstream_head.safetensors").is_file() and (saved / "config.json").is_file()
     # the pair reaches the model: token type 1 appears in the encoded pair

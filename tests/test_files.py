@@ -23,7 +23,7 @@ from data_prep.files import (
     check_replaceable,
     disk_full_message,
 )
-from tests.test_train_common import REPO, assets, tiny_overrides, train_in_process
+from tests.helpers import REPO, assets, tiny_overrides, train_in_process
 
 TINY = REPO / "configs" / "tiny-cpu.json"
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")

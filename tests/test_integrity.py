@@ -13,7 +13,7 @@ import pytest
 
 from data_prep.files import sha256_file
 from pretrain.schema import ConfigError
-from tests.test_train_common import REPO, assets, tiny_overrides, train_in_process
+from tests.helpers import REPO, assets, tiny_overrides, train_in_process
 
 TINY = REPO / "configs" / "tiny-cpu.json"
 

@@ -42,7 +42,8 @@ def test_kd_kl_matches_kldivloss():
 
 
 def test_kd_kl_temperature_scaling():
-    """With the T^2 factor the loss tends to a T-independent limit, (1/2V) sum (d - mean d)^2, d = t - s (Hinton 2015)."""
+    """With the T^2 factor the loss tends to a T-independent limit, (1/2V) sum (d - mean d)^2, d = t - s
+    (Hinton 2015)."""
     s, t = torch.randn(20, 64, dtype=torch.float64) * 3, torch.randn(20, 64, dtype=torch.float64) * 3
     d = t - s
     limit = ((d - d.mean(-1, keepdim=True)) ** 2).sum(-1).mean() / (2 * 64)
@@ -103,18 +104,19 @@ def test_pooled_mse(mask):
     assert float(L.pooled_mse(t, t, mask)) == 0.0
 
 
+def _head_probs(a, b, i: int, n: int, h: int, heads: int):
+    """softmax(a_h b_h^T / sqrt(d)) of sequence ``i`` (its first ``n`` positions) and relation head ``h``."""
+    d = a.shape[-1] // heads
+    a_h, b_h = a[i, :n, h * d : (h + 1) * d].double(), b[i, :n, h * d : (h + 1) * d].double()
+    return F.softmax(a_h @ b_h.T / d**0.5, dim=-1)
+
+
 def _hand_relation_kl(sa, sb, ta, tb, mask, heads):
     """Loop over sequences (cut to their real length) and heads; KLDivLoss(sum) per query row, mean over rows."""
     total, rows = 0.0, 0
     for i, n in enumerate(mask.sum(1).tolist()):
         for h in range(heads):
-
-            def probs(a, b):
-                d = a.shape[-1] // heads
-                a_h, b_h = a[i, :n, h * d : (h + 1) * d].double(), b[i, :n, h * d : (h + 1) * d].double()
-                return F.softmax(a_h @ b_h.T / d**0.5, dim=-1)
-
-            p_t, p_s = probs(ta, tb), probs(sa, sb)
+            p_t, p_s = _head_probs(ta, tb, i, n, h, heads), _head_probs(sa, sb, i, n, h, heads)
             total += float(nn.KLDivLoss(reduction="sum")(p_s.log(), p_t))
             rows += n
     return total / rows
@@ -167,7 +169,7 @@ def test_loss_config_validation():
     for raw, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             from_dict(L.LossConfig, raw, "loss")
-    with pytest.raises(ConfigError, match="loss.alpha_ce.*BertModel"):
+    with pytest.raises(ConfigError, match=r"loss\.alpha_ce.*BertModel"):
         cfg.check_models(teacher_has_mlm_head=False, student_has_mlm_head=False, teacher_name="BertModel")
     L.LossConfig(alpha_ce=0, alpha_mlm=0, alpha_pool=1).check_models(
         teacher_has_mlm_head=False, student_has_mlm_head=False

@@ -44,13 +44,13 @@ def real_positions(ids, am):
 
 def test_config_validation():
     assert from_dict(MaskingConfig, {}, "masking") == MaskingConfig()
-    with pytest.raises(ConfigError, match="masking.word_mask"):
+    with pytest.raises(ConfigError, match=r"masking\.word_mask"):
         from_dict(MaskingConfig, {"word_mask": 0.7}, "masking")
-    with pytest.raises(ConfigError, match="masking.mlm_mask_prop"):
+    with pytest.raises(ConfigError, match=r"masking\.mlm_mask_prop"):
         from_dict(MaskingConfig, {"mlm_mask_prop": 0.0}, "masking")
-    with pytest.raises(ConfigError, match="masking.mlm_smoothing"):
+    with pytest.raises(ConfigError, match=r"masking\.mlm_smoothing"):
         from_dict(MaskingConfig, {"mlm_smoothing": -1.0}, "masking")
-    with pytest.raises(ConfigError, match="masking.mlm_smoothing: inf must be a finite number >= 0"):
+    with pytest.raises(ConfigError, match=r"masking\.mlm_smoothing: inf must be a finite number >= 0"):
         from_dict(MaskingConfig, {"mlm_smoothing": float("inf")}, "masking")
     for key in ("mlm_mask_prop", "word_mask"):
         with pytest.raises(ConfigError, match=f"masking.{key}: nan"):

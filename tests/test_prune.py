@@ -12,6 +12,7 @@ from pretrain.prune import calibration_batches, compute_importance, resolve_targ
 from pretrain.schema import ConfigError, from_dict
 from pretrain.student import StudentConfig, build_student, find_layer_list
 from tests import tiny
+from tests.helpers import assert_close_recorded
 
 
 def batches(tokenizer, n: int = 12, length: int = 24, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -123,7 +124,13 @@ def test_importance_ranks_a_silenced_head_neuron_and_channel_last(bert_tok):
     # pruning away the silenced neuron leaves the outputs unchanged (up to the order of the sums)
     student, record = build_student(teacher, cfg(layers=[0, 1], intermediate_size=127), cal)
     assert all(5 not in kept for kept in record["prune"]["neurons"])
-    torch.testing.assert_close(outputs(teacher, cal).logits, outputs(student, cal).logits, rtol=1e-5, atol=1e-5)
+    assert_close_recorded(
+        "logits after pruning a silenced neuron",
+        outputs(student, cal).logits,
+        outputs(teacher, cal).logits,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # heads go with channels (a standard config has hidden = heads x head size): the silenced head is dropped first
     _, record2 = build_student(teacher, cfg(layers=[1], hidden_size=24, intermediate_size=128), cal)
     assert record2["prune"]["heads"] == [[0, 1, 3]] and 7 not in record2["prune"]["hidden_channels"]
@@ -167,7 +174,7 @@ def test_bare_encoder_with_pooler(bert_tok):
 
 
 def test_selection_is_deterministic_from_the_seed_and_the_sample(bert_tok, tmp_path):
-    from tests.test_train_common import assets
+    from tests.helpers import assets
 
     shards = assets()["shards-bert"]
     a = calibration_batches(shards, n=10, seed=3, pad_id=0)
@@ -268,7 +275,7 @@ def test_the_recipe_passes_its_calibration_sample_explicitly(tmp_path):
 
     from pretrain.config import load
     from pretrain.recipes import PretrainRecipe
-    from tests.test_train_common import REPO, assets, tiny_overrides
+    from tests.helpers import REPO, assets, tiny_overrides
 
     prune = {"student.init": "prune", "student.hidden_size": 16, "student.calibration_sequences": 12}
     run = load(
@@ -318,7 +325,7 @@ def test_training_run_with_a_pruned_student(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     from pretrain.config import load
-    from tests.test_train_common import REPO, read_metrics, tiny_overrides, train_in_process
+    from tests.helpers import REPO, read_metrics, tiny_overrides, train_in_process
 
     out = tmp_path / "run"
     over = tiny_overrides(

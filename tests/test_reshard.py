@@ -14,6 +14,7 @@ exactly, the weights equal zero_to_fp32's consolidation of the source, and the l
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import record_effect
 
 REPO = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, MICRO, LR = 4, 2, 1e-2
@@ -224,22 +227,23 @@ def launch(tmp: Path, name: str, ranks: int, **spec) -> dict:
     )
     logs = [tmp / f"{name}.rank{r}.log" for r in range(ranks)]
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, json.dumps(spec)],
-            cwd=REPO,
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-        )
-        for r, log in enumerate(logs)
-    ]
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    with contextlib.ExitStack() as files:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, json.dumps(spec)],
+                cwd=REPO,
+                stdout=files.enter_context(open(log, "w")),  # the rank's own log, closed when the ranks are done
+                stderr=subprocess.STDOUT,
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            )
+            for r, log in enumerate(logs)
+        ]
+        try:
+            codes = [p.wait(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
     assert codes == [0] * ranks, f"{name}: exit codes {codes}\n" + "\n".join(log.read_text()[-5000:] for log in logs)
     report = torch.load(spec["report"], weights_only=False)
     report["wall_s"] = time.perf_counter() - start
@@ -253,6 +257,12 @@ def assert_same_state(got: dict, want: dict, tol: float = 1e-6) -> None:
     import torch
 
     assert got["params"].keys() == want["params"].keys()
+    share = max(
+        (got["params"][n][k] - ref).abs().max().item() / (tol * ref.abs().max().item())
+        for n, states in want["params"].items()
+        for k, ref in states.items()
+    )
+    record_effect("weights and moments: max difference / (tol x largest value)", share, 1.0, "tolerance share <=")
     for name, states in want["params"].items():
         for key, ref in states.items():
             value, scale = got["params"][name][key], ref.abs().max().item()
@@ -269,6 +279,9 @@ def assert_same_state(got: dict, want: dict, tol: float = 1e-6) -> None:
 
 
 def assert_losses(got: dict, want: dict, steps, tol: float) -> None:
+    record_effect(
+        f"losses: max difference / {tol:g}", max(abs(got[s] - want[s]) / tol for s in steps), 1.0, "tolerance share <="
+    )
     for s in steps:
         assert abs(got[s] - want[s]) <= tol, f"step {s}: {got[s]} vs {want[s]} (tol {tol})"
 
@@ -329,6 +342,8 @@ def test_two_ranks_to_one_to_two_keep_weights_and_adam_moments(stage, tmp_path):
         )
         assert all(s["exp_avg"].abs().max() == 0 for s in restart["loaded"]["params"].values())
         gap, kept = (abs(r["losses"][6] - straight["losses"][6]) for r in (restart, b))
+        record_effect("restart's loss gap / 1e-4", gap / 1e-4, 1.0, ">")
+        record_effect("restart's loss gap / resumed run's", gap / max(kept, 1e-30), 100.0, ">")
         assert gap > 1e-4 and gap > 100 * kept, (gap, kept)
 
     # 1 rank -> 2 ranks

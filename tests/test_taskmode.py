@@ -17,10 +17,19 @@ from pretrain import losses as L
 from pretrain.config import load
 from pretrain.schema import ConfigError
 from tests import tiny
-from tests.test_train_common import REPO, assert_same_losses, losses, read_metrics, train_in_process
+from tests.helpers import (
+    REPO,
+    assert_effect,
+    assert_same_losses,
+    losses,
+    read_metrics,
+    torch_threads,
+    train_in_process,
+)
 
 TINY = REPO / "configs" / "tiny-cpu.json"
 TASK = "embedded:trec"
+TEACHER_TRAIN = 1500  # questions the teacher is fine-tuned on (20 epochs): dev accuracy ~0.63, the largest class 0.23
 
 
 # ------------------------------------------------------------------------------------------------------ loss terms
@@ -76,7 +85,8 @@ def test_distillator_combination_as_a_config():
 # ----------------------------------------------------------------------------------------------- a tiny real task
 @functools.cache
 def _teacher(root_str: str) -> str:
-    """A tiny RoBERTa classifier (byte-level BPE: any English) fine-tuned on 600 TREC questions, saved."""
+    """A tiny RoBERTa classifier (byte-level BPE: any English) fine-tuned on 1,500 TREC questions, saved. Trained far
+    enough (dev accuracy ~0.63) that a one-layer student has much to gain from it (docs/testing.md)."""
     from pathlib import Path
 
     from transformers import RobertaConfig, RobertaForSequenceClassification
@@ -84,7 +94,7 @@ def _teacher(root_str: str) -> str:
     from pretrain.tasks import SplitConfig, load_task
 
     root = Path(root_str)
-    task = load_task(TASK, split=SplitConfig(max_train=600, max_eval=300))
+    task = load_task(TASK, split=SplitConfig(max_train=TEACHER_TRAIN, max_eval=300))
     tok = tiny.roberta_tokenizer()
     cfg = RobertaConfig(
         vocab_size=len(tok),
@@ -104,15 +114,16 @@ def _teacher(root_str: str) -> str:
     labels = torch.from_numpy(task.splits["train"].labels)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    torch.set_num_threads(1)
-    for _ in range(6):  # epochs
-        for idx in torch.randperm(len(labels), generator=g).split(32):
-            loss = F.cross_entropy(
-                model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx]).logits, labels[idx]
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    with torch_threads():
+        for _ in range(20):  # epochs
+            for idx in torch.randperm(len(labels), generator=g).split(32):
+                loss = F.cross_entropy(
+                    model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx]).logits,
+                    labels[idx],
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     out = root / "teacher"
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
@@ -152,9 +163,10 @@ def task_overrides(teacher: str, out, *, steps: int, **extra) -> list[str]:
 
 
 def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
-    """Student = teacher layers [0] with the head copied (exactly); 120 steps of KD raise its dev accuracy above
-    its start; the export loads in a text-classification pipeline and predicts the dev examples as the trainer's
-    evaluation did."""
+    """Student = the teacher's top layer [3] alone with the head copied (exactly): it starts far below the teacher
+    (dev accuracy ~0.3, teacher ~0.63); 300 steps of KD on the teacher's 1,500 questions bring it near the teacher
+    (gains of 0.23-0.39 across CPU kernel sets and thread counts, docs/testing.md). The export loads in a
+    text-classification pipeline and predicts the dev examples as the trainer's evaluation did."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, pipeline
 
@@ -166,8 +178,13 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
         task_overrides(
             teacher,
             out,
-            steps=120,
-            **{"student.layers": [0], "train.eval_interval": 60, "deepspeed.optimizer.params.lr": 3e-3},
+            steps=300,
+            **{
+                "student.layers": [3],
+                "task.max_train_examples": TEACHER_TRAIN,
+                "train.eval_interval": 150,
+                "deepspeed.optimizer.params.lr": 3e-3,
+            },
         ),
     )
     trainer = train_in_process(cfg)
@@ -179,8 +196,10 @@ def test_head_is_copied_and_the_dev_metric_improves(teacher, tmp_path):
         assert torch.equal(s_state[k], t_state[k]), k
     valid = read_metrics(out, "valid")
     start = _accuracy(out / "student_init", trainer)
-    assert valid[-1]["step"] == 120 and valid[-1]["task_accuracy"] > start + 0.1, (start, valid)
-    assert valid[-1]["teacher_score"] > 0.3 and "agreement" in valid[-1]  # 6 classes; the largest is 23%
+    assert valid[-1]["step"] == 300 and "agreement" in valid[-1]
+    assert_effect("dev accuracy gain over the start", valid[-1]["task_accuracy"] - start, 0.1, (start, valid))
+    majority = float(np.bincount(trainer.validator.data.labels).max() / len(trainer.validator.data.labels))
+    assert_effect("teacher dev accuracy - majority class", valid[-1]["teacher_score"] - majority, 0.15, valid[-1])
     model = AutoModelForSequenceClassification.from_pretrained(out / "student")
     assert [model.config.id2label[i] for i in range(6)] == list(load_task(TASK).label_names)
     dev = load_task(TASK, split=SplitConfig(max_train=600, max_eval=300)).splits["dev"]

@@ -79,7 +79,7 @@ def test_layout_change_refused_unless_allowed():
     assert (b.epoch, b.batch) == (0, 3)  # first global micro-batch (16 sequences) starting at or after 40: 48
     with pytest.raises(ConfigError, match="100 sequences"):
         DataOrder(99, micro_batch=4, world_size=2, rank=0, seed=3).load_state_dict(a.state_dict())
-    with pytest.raises(ConfigError, match="train.seed"):
+    with pytest.raises(ConfigError, match=r"train\.seed"):
         DataOrder(100, micro_batch=4, world_size=2, rank=0, seed=4).load_state_dict(a.state_dict())
     with pytest.raises(ConfigError, match="fewer than one global micro-batch"):
         DataOrder(7, micro_batch=4, world_size=2, rank=0, seed=3)
@@ -122,7 +122,7 @@ def test_eval_batches_equal_counts_disjoint_ranks():
 
 def test_real_shards_through_the_loader():
     from data_prep.shards import ShardedTokens
-    from tests.test_train_common import assets
+    from tests.helpers import assets
 
     ds = ShardedTokens(assets()["shards-roberta"], "train")
     order = DataOrder(len(ds), micro_batch=4, world_size=2, rank=0, seed=1)
@@ -162,7 +162,7 @@ def test_verify_detects_partial_truncated_and_corrupted(tmp_path):
     data = bytearray(f.read_bytes())
     data[50] ^= 1
     f.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt does not match its sha256"):
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt does not match its sha256"):
         verify(tag)
     f.write_bytes(bytes(data[:60]))
     with pytest.raises(ValueError, match="has 60 bytes"):

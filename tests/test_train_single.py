@@ -18,7 +18,7 @@ import torch
 
 from pretrain.config import load
 from pretrain.schema import ConfigError
-from tests.test_train_common import (
+from tests.helpers import (
     PY,
     REPO,
     assert_same_losses,

@@ -26,15 +26,25 @@ def corpus(repeat: int = 20) -> list[str]:
     return [line for _ in range(repeat) for line in TEXT if line.strip()]
 
 
+# The WordPiece trainer of `tokenizers` breaks ties between equally frequent pairs in hash order, so its vocabulary
+# changes from one process to the next (366 to 369 tokens at vocab_size 400). The default tokenizer uses this file
+# instead: one output of that same trainer (vocab_size 400 on corpus()), one token per line in id order.
+BERT_VOCAB = Path(__file__).with_name("tiny_bert_vocab.txt")
+
+
 @functools.cache
 def _bert_tokenizer_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if vocab_size == 400:
+        tok = Tokenizer(models.WordPiece(models.WordPiece.read_file(str(BERT_VOCAB)), unk_token="[UNK]"))
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    if vocab_size != 400:
+        tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -63,7 +73,8 @@ def _roberta_tokenizer_json(vocab_size: int) -> str:
 
 
 def bert_tokenizer(vocab_size: int = 400):
-    """A WordPiece BertTokenizerFast trained on :func:`corpus` ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4)."""
+    """A WordPiece BertTokenizerFast trained on :func:`corpus` ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4); the default
+    size reads the frozen vocabulary :data:`BERT_VOCAB` (the same in every process), other sizes are trained here."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
