@@ -16,9 +16,13 @@ keep the range checks of :mod:`pretrain.ds_config`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
+import io
+import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,12 +91,27 @@ def top_level_keys() -> frozenset[str]:
     Recorded by constructing ``DeepSpeedConfig`` from a minimal batch-only config wrapped in a recording dict; no
     distributed setup is needed. Cached per process (about 0.1 s after DeepSpeed is imported).
     """
-    from deepspeed.runtime.config import DeepSpeedConfig
-
     seen: set[str] = set()
     minimal = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
-    DeepSpeedConfig(_Recorder(minimal, seen))
+    with _stdout_to_stderr():
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        DeepSpeedConfig(_Recorder(minimal, seen))
     return frozenset(seen)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Keep stdout clean while DeepSpeed is imported for a config check (``python -m pretrain.config`` prints JSON
+    there): DeepSpeed logs its accelerator choice to stdout on import. What it prints goes to stderr instead, and a
+    DeepSpeed logger created meanwhile gets stdout back as its stream, so a training run's logs go where they did."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    sys.stderr.write(buf.getvalue())
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is buf:
+            handler.setStream(sys.stdout)
 
 
 def _suggest(key: str, valid: set[str] | frozenset[str]) -> str:

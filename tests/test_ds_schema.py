@@ -141,3 +141,17 @@ def test_the_plan_is_printed_and_a_missing_data_dir_warns(tmp_path):
     assert "micro-batch 4 sequences x accumulation 1 x 2 rank(s) = 8 sequences per step" in proc.stderr
     assert "240 steps = 1,920 sequences" in proc.stderr
     assert "student keeps teacher layers [0, 2, 4] of 6" in proc.stderr
+
+
+def test_stdout_holds_only_the_resolved_config():
+    """Checking the deepspeed section imports DeepSpeed, which logs to stdout on import; scripts read the resolved
+    config from stdout (scripts/demo.sh), so it must parse as JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.config", "configs/demo.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["train"]["max_steps"] == 240
