@@ -199,23 +199,9 @@ def _check_scheduler_params(params: dict, max_steps: int) -> None:
         )
 
 
-def check_static(ds: dict, max_steps: int) -> None:
-    """Checks of a ``deepspeed`` section that need no world size.
-
-    Args:
-        ds: the run config's ``deepspeed`` section (a DeepSpeed config dict, before :func:`build`).
-        max_steps: ``train.max_steps``, the schedule's default length.
-
-    Checks every key against DeepSpeed's own schema (:func:`pretrain.ds_schema.check`: unknown keys with a "did you
-    mean", the pydantic-described sections by their models), then the batch keys, precision, ZeRO stage, gradient
-    clipping, and the optimizer's and scheduler's parameters
-    that the section gives (lr, betas, eps, weight decay, warm-up and schedule length, warm-up learning rates), so that
-    a NaN or negative value is refused here rather than by torch at the first step. Raises :class:`ConfigError`
-    naming ``deepspeed.<key>``.
-    """
-    from pretrain import ds_schema  # imports DeepSpeed: only when a section is checked
-
-    ds_schema.check(ds)
+def _check_batch_keys(ds: dict) -> None:
+    """The batch keys that no world size can reconcile: none given, or a step that is not a whole number of
+    micro-batches (x accumulation). Raises :class:`ConfigError` naming ``deepspeed.train_batch_size``."""
     tbs, micro, gas = (_positive_int(ds, k) for k in BATCH_KEYS)
     check(
         bool(tbs or micro),
@@ -236,6 +222,26 @@ def check_static(ds: dict, max_steps: int) -> None:
             f"{tbs} is not micro {micro} x accumulation {gas} x a whole number of ranks; give only two of the "
             f"three and the third is derived",
         )
+
+
+def check_static(ds: dict, max_steps: int) -> None:
+    """Checks of a ``deepspeed`` section that need no world size.
+
+    Args:
+        ds: the run config's ``deepspeed`` section (a DeepSpeed config dict, before :func:`build`).
+        max_steps: ``train.max_steps``, the schedule's default length.
+
+    Checks every key against DeepSpeed's own schema (:func:`pretrain.ds_schema.check`: unknown keys with a "did you
+    mean", the pydantic-described sections by their models), then the batch keys, precision, ZeRO stage, gradient
+    clipping, and the optimizer's and scheduler's parameters
+    that the section gives (lr, betas, eps, weight decay, warm-up and schedule length, warm-up learning rates), so that
+    a NaN or negative value is refused here rather than by torch at the first step. Raises :class:`ConfigError`
+    naming ``deepspeed.<key>``.
+    """
+    from pretrain import ds_schema  # imports DeepSpeed: only when a section is checked
+
+    ds_schema.check(ds)
+    _check_batch_keys(ds)
     for key in ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler"):
         if key in ds:
             check(isinstance(ds[key], dict), f"deepspeed.{key}", f"{ds[key]!r} must be an object")
