@@ -159,12 +159,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean")
 
 
 def pooling_mode(model_dir: str) -> tuple[str, bool]:
-    """(pooling mode, normalised) of a sentence-transformers model directory, read from ``modules.json`` and the
-    Pooling module's ``config.json``; ("mean", False) for a plain Hugging Face directory or a hub name."""
-    modules_file = Path(model_dir) / "modules.json"
-    if not modules_file.is_file():
+    """(pooling mode, normalised) of a sentence-transformers model, read from its ``modules.json`` and the Pooling
+    module's ``config.json``: a local directory, or a hub name through the Hugging Face cache
+    (:func:`pretrain.export.sentence_transformers_files`, which the export uses too); ("mean", False) for a model
+    without ``modules.json``."""
+    from pretrain.export import sentence_transformers_files
+
+    files = sentence_transformers_files(model_dir)
+    if "modules.json" not in files:
         return "mean", False
-    modules = json.loads(modules_file.read_text())
+    modules = json.loads(files["modules.json"].read_text())
     mode, normalize = "mean", any(m.get("type", "").endswith(".Normalize") for m in modules)
     known = (".Transformer", ".Pooling", ".Normalize")
     other = [m.get("type") for m in modules if not m.get("type", "").endswith(known)]
@@ -172,12 +176,12 @@ def pooling_mode(model_dir: str) -> tuple[str, bool]:
         log.warning(
             "%s lists modules after pooling that are not applied here: %s; the embeddings are the pooled "
             "(normalised) output without them",
-            modules_file,
+            files["modules.json"],
             other,
         )
     for m in modules:
-        cfg_file = Path(model_dir) / m.get("path", "") / "config.json"
-        if m.get("type", "").endswith(".Pooling") and cfg_file.is_file():
+        cfg_file = files.get(f"{m.get('path', '')}/config.json")
+        if m.get("type", "").endswith(".Pooling") and cfg_file is not None:
             cfg = json.loads(cfg_file.read_text())
             if cfg.get("pooling_mode_cls_token"):
                 mode = "cls"

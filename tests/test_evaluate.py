@@ -7,6 +7,7 @@ Models (tests/tiny.py): a 4-layer random BERT teacher with MLM head, a student c
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import numpy as np
@@ -386,3 +387,29 @@ def test_pad_batch_is_the_tasks_collation():
     assert ids.tolist() == [[4, 5, 6], [7, 0, 0], [8, 9, 0]] and attn.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     b = collate(Examples(seqs), range(3), 0)
     assert torch.equal(ids, b["input_ids"]) and torch.equal(attn, b["attention_mask"])
+
+
+def test_pooling_mode_of_a_hub_name_reads_its_modules_json(tmp_path):
+    """A teacher given by hub name is pooled as its modules.json says (issue 24 item 6), read through the Hugging
+    Face cache: here a CLS-pooling model laid out in a cache folder, offline."""
+    import subprocess
+    import sys
+
+    snap = tmp_path / "hub" / "models--org--cls-encoder" / "snapshots" / ("a" * 40)
+    (snap / "1_Pooling").mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--cls-encoder" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cls-encoder" / "refs" / "main").write_text("a" * 40)
+    (snap / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (snap / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = "from pretrain.evaluate import pooling_mode; print(pooling_mode('org/cls-encoder'))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "('cls', False)"
