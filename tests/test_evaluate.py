@@ -7,8 +7,8 @@ Models (tests/tiny.py): a 4-layer random BERT teacher with MLM head, a student c
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 
 import numpy as np
 import pytest
