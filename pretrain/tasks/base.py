@@ -82,6 +82,8 @@ class LocalFields:
     pair: str | None = None
     label: str = "label"
     kind: str = "auto"
+    # how the user named the three fields, for messages: the CLI's flags, or the config's keys in task mode
+    flags: tuple[str, str, str] = ("--text-field", "--pair-field", "--label-field")
 
 
 @dataclasses.dataclass
@@ -103,3 +105,12 @@ class DownstreamError(DistillError, ValueError):
     """A user-facing error of the downstream evaluation (bad task, model, flag): the message says what to do."""
 
     exit_code = 2
+
+
+def slug(name: str) -> str:
+    """A task name as a folder name (``embedded:rotten-tomatoes`` -> ``embedded_rotten-tomatoes``): the last part of
+    ``python -m pretrain.downstream --save-model DIR``'s ``DIR/<model>/<task>``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+MEAN_HEAD_FILE = "downstream_head.safetensors"  # a --head mean fine-tune's head beside its encoder's folder

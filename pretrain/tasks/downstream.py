@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pretrain.tasks.base import DownstreamError, LocalFields, SplitConfig, Task
+from pretrain.tasks.base import DownstreamError, LocalFields, SplitConfig, Task, slug
 from pretrain.tasks.finetune import FinetuneConfig, defaults_for, finetune
 from pretrain.tasks.models import ModelSpec, check_model, resolve_device
 from pretrain.tasks.probe import probe
@@ -237,13 +237,9 @@ def _runs(
         progress(
             f"[downstream] {task.name} {spec.name} seed {seed}: score {r['score']:.4f} "
             f"({_fmt_metrics(r['metrics'])}; {r['seconds']:.0f} s)"
+            + (f"; saved to {save}" if mode == "finetune" and save is not None else "")
         )
     return runs
-
-
-def slug(name: str) -> str:
-    """A task name as a folder name (``embedded:rotten-tomatoes`` -> ``embedded_rotten-tomatoes``)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _fmt_metrics(metrics: dict[str, dict[str, float]]) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from data_prep.files import atomic_dir
 from pretrain.losses import mean_pool
-from pretrain.tasks.base import REGRESSION, Task
+from pretrain.tasks.base import MEAN_HEAD_FILE, REGRESSION, Task
 from pretrain.tasks.examples import Examples, collate, encode, length_grouped_batches, sorted_batches, uses_segment_ids
 from pretrain.tasks.metrics import compute_metrics, score
 from pretrain.tasks.models import ModelSpec, quiet_transformers
@@ -306,7 +306,7 @@ def save_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]) -> N
                 model.encoder.save_pretrained(tmp, safe_serialization=True)
                 save_file(
                     {f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
-                    str(tmp / "downstream_head.safetensors"),
+                    str(tmp / MEAN_HEAD_FILE),
                 )
             else:
                 model.save_pretrained(tmp, safe_serialization=True)

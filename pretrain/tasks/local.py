@@ -39,19 +39,20 @@ def _columns(rows: list[dict], path: Path, fields: LocalFields) -> tuple[list[st
     if not rows:
         raise TaskError(f"{path}: no rows; a {path.suffix.lstrip('.') or 'local'} task needs labeled examples")
     have = set().union(*(r.keys() for r in rows[:100] if isinstance(r, dict)))
-    need = {"--text-field": fields.text, "--label-field": fields.label}
+    text_flag, pair_flag, label_flag = fields.flags
+    need = {text_flag: fields.text, label_flag: fields.label}
     if fields.pair:
-        need["--pair-field"] = fields.pair
+        need[pair_flag] = fields.pair
     missing = [f"{flag} {name!r}" for flag, name in need.items() if name not in have]
     if missing:
         raise TaskError(f"{path}: no field {', '.join(missing)}; the file has {sorted(have)}")
     if fields.pair and fields.pair == fields.text:
-        raise TaskError(f"{path}: --pair-field {fields.pair!r} is the --text-field; a pair task needs two text fields")
+        raise TaskError(f"{path}: {pair_flag} {fields.pair!r} is the {text_flag}; a pair task needs two text fields")
     partner = fields.text[:-1] + "2" if fields.text.endswith("1") else None
     if not fields.pair and partner in have:
         raise TaskError(
             f"{path}: looks like a pair task ({fields.text!r} and {partner!r}) but only one text field was "
-            f"given; add --pair-field {partner}"
+            f"given; add {pair_flag} {partner}"
         )
     texts: list[str] = []
     pairs: list[str] | None = [] if fields.pair else None
@@ -66,7 +67,7 @@ def _columns(rows: list[dict], path: Path, fields: LocalFields) -> tuple[list[st
         if pairs is not None:
             pairs.append(str(p))
     if pairs is not None and pairs and not any(p.strip() for p in pairs):
-        raise TaskError(f"{path}: --pair-field {fields.pair!r} is empty in every row; a pair task needs two texts")
+        raise TaskError(f"{path}: {pair_flag} {fields.pair!r} is empty in every row; a pair task needs two texts")
     return texts, pairs, labels
 
 

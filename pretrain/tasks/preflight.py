@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pretrain.schema import ConfigError
-from pretrain.tasks.base import REGRESSION, LocalFields, SplitConfig, Task, TaskError
+from pretrain.tasks.base import MEAN_HEAD_FILE, REGRESSION, LocalFields, SplitConfig, Task, TaskError, slug
 from pretrain.tasks.registry import load_task
 
 if TYPE_CHECKING:
@@ -51,7 +51,12 @@ def load_task_of(tc: TaskConfig) -> Task:
         return load_task(
             tc.name,
             split=SplitConfig(seed=tc.split_seed, max_train=tc.max_train_examples, max_eval=tc.max_eval_examples),
-            fields=LocalFields(tc.text_field, tc.pair_field, tc.label_field),
+            fields=LocalFields(
+                tc.text_field,
+                tc.pair_field,
+                tc.label_field,
+                flags=("task.text_field", "task.pair_field", "task.label_field"),
+            ),
         )
     except (TaskError, DataPrepError) as e:
         raise ConfigError(f"task.name: {e}") from None
@@ -62,10 +67,19 @@ def check_teacher(tconf: Any, name: str, task: Task) -> None:
     label order. Raises :class:`ConfigError` saying how to make one."""
     archs = getattr(tconf, "architectures", None) or []
     if not any(a.endswith(CLASSIFIER_SUFFIX) for a in archs):
+        make = (
+            f"`python -m pretrain.downstream --task {task.name} --model teacher={name} --seeds 1 --head cls "
+            f"--save-model DIR` and give teacher.name_or_path=DIR/teacher/{slug(task.name)}"
+        )
+        if (Path(name) / MEAN_HEAD_FILE).is_file():
+            raise ConfigError(
+                f"teacher.name_or_path: {name!r} was fine-tuned with --head mean (its head, {MEAN_HEAD_FILE}, "
+                f"pools the mean of the tokens, which a transformers *ForSequenceClassification cannot hold); task "
+                f"distillation copies a [CLS]-pooler head: fine-tune the teacher with {make}"
+            )
         raise ConfigError(
             f"teacher.name_or_path: {name!r} has no classification head (architectures {archs}); task "
-            f"distillation needs a teacher fine-tuned on {task.name}: make one with `python -m pretrain.downstream "
-            f"--task {task.name} --model teacher={name} --seeds 1 --save-model DIR` and give DIR"
+            f"distillation needs a teacher fine-tuned on {task.name}: make one with {make}"
         )
     regression = task.kind == REGRESSION
     if (tconf.num_labels == 1) != regression or tconf.num_labels != task.num_labels:
