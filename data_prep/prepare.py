@@ -504,6 +504,10 @@ class _Run:
         encoder = Encoder(self.tokenizer_json, self.dtype)
         return None, ((b, encoder(b[1])) for b in batches)
 
+    def _rate(self, seconds: float) -> str:
+        """The progress bar's token count (the summary's "document tokens") and rate."""
+        return f"{self.new_tokens:,} document tokens, {self.new_tokens / max(seconds, 1e-9) / 1e3:.0f}k tokens/s"
+
     def execute(self) -> dict:
         """Tokenize, split, pack and write every document from the cursor on, checkpointing after each finished
         shard; then the token counts and the manifest. Returns the manifest."""
@@ -517,10 +521,12 @@ class _Run:
             next(docs, None)
         batches = _batches(docs, cfg.batch_chars)
         tty = sys.stderr.isatty()
+        counts = [src.num_documents() for src in self.sources]
         bar = tqdm(
             desc="prepare",
             unit=" docs",
             unit_scale=True,
+            total=sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None,
             initial=self.cursor,
             disable=not cfg.progress,
             mininterval=0.5 if tty else 30.0,
@@ -538,10 +544,8 @@ class _Run:
                 now = time.perf_counter()
                 if now - last_post > 1.0:
                     last_post = now
-                    bar.set_postfix_str(
-                        f"{self.new_tokens / 1e6:.1f}M tokens, {self.new_tokens / (now - t0) / 1e3:.0f}k tokens/s",
-                        refresh=False,
-                    )
+                    bar.set_postfix_str(self._rate(now - t0), refresh=False)
+            bar.set_postfix_str(self._rate(time.perf_counter() - t0))  # the final count, as the summary gives it
             if executor is not None:
                 # The executor has no public list of its workers; _processes exists since Python 3.2.
                 workers = list(getattr(executor, "_processes", {}) or {})
@@ -635,7 +639,8 @@ class _Run:
             f"pipeline, {self.cfg.num_proc} worker processes)"
         )
         print(
-            f"  documents: {manifest['documents']['read']:,} read, {sp['train']['num_documents']:,} train, "
+            f"  documents: {manifest['documents']['read']:,} read ({stats['document_tokens']:,} document tokens), "
+            f"{sp['train']['num_documents']:,} train, "
             f"{sp['valid']['num_documents']:,} valid, dropped {d['empty']['documents']:,} empty and "
             f"{d['short']['documents']:,} short ({d['short']['tokens']:,} tokens)"
         )

@@ -622,3 +622,23 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
         (tmp / "model.safetensors").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "model.safetensors"]
+
+
+def test_progress_has_a_total_and_ends_at_the_summarys_token_count(tmp_path, bpe_dir, wiki_texts, capsys):
+    """prepare's bar knows how many documents a jsonl source holds (total and ETA), and its last token count is the
+    summary's "document tokens" (issue 24 item 10: it stopped at 1.4M of 2.35M)."""
+    docs = wiki_texts[:60]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": d}) + "\n" + ("\n" if i % 7 == 0 else "") for i, d in enumerate(docs))
+    )
+    from data_prep.sources import parse_source
+
+    assert parse_source(f"jsonl:{corpus}").num_documents() == 60  # blank lines are not documents
+    manifest = prepare(cfg([f"jsonl:{corpus}"], bpe_dir, tmp_path / "out", max_seq_length=64, progress=True))
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()
+    last = [line for line in final if line.startswith("prepare")][-1]
+    assert "100%" in last and "/60.0 " in last
+    tokens = sum(src["tokens"] for src in manifest["sources"])  # every document's tokens, dropped ones included
+    assert f"{tokens:,} document tokens" in last
