@@ -84,9 +84,12 @@ def _task_run(teacher: str, task: str, out: Path, **extra) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
 
 
-def test_own_csv_teacher_then_task_distillation(csv_task, encoder, tmp_path):
+def test_own_csv_teacher_then_task_distillation(csv_task, encoder, tmp_path, capsys):
     task = f"csv:{csv_task}"
     lines = _finetune(encoder, task, tmp_path, "cls")
+    err = capsys.readouterr().err.replace("\r", "\n")
+    # per-epoch progress with its total (10 batches of 16 of the 160 train rows) and the dev score (issue 24 item 10)
+    assert "teacher seed 0 epoch 2/2" in err and "10/10" in err and "dev score" in err
     saved = tmp_path / "models" / "teacher" / ds.slug(task)
     assert any(line.endswith(f"saved to {saved}") for line in lines), lines  # downstream says where it went
     run = tmp_path / "run"

@@ -194,9 +194,11 @@ def _fit(
     select: str | None,
     pad_id: int,
     device: torch.device,
+    desc: str = "fine-tune",
 ) -> _Fit:
     """Train ``cfg.epochs`` epochs of length-grouped batches (order from ``numpy.random.default_rng(seed)``); after
-    each epoch score the ``select`` split and keep the best state (not after the last epoch: the model is it)."""
+    each epoch score the ``select`` split and keep the best state (not after the last epoch: the model is it). A
+    progress bar per epoch (stderr, ``desc``: batches done of the epoch's total, ETA, the last dev score)."""
     regression = task.kind == REGRESSION
     train = encoded["train"]
     segment_ids = uses_segment_ids(model)
@@ -206,7 +208,9 @@ def _fit(
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        for idx in length_grouped_batches(train.lengths, cfg.batch_size, rng):
+        batches = length_grouped_batches(train.lengths, cfg.batch_size, rng)
+        bar = progress_bar(len(batches), f"{desc} seed {seed} epoch {epoch}/{cfg.epochs}", "batches")
+        for idx in batches:
             batch = collate(train, idx, pad_id, segment_ids=segment_ids, regression=regression)
             out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
@@ -216,6 +220,7 @@ def _fit(
             opt.zero_grad(set_to_none=True)
             fit.losses.append(float(out.loss.detach()))
             fit.seen += len(idx)
+            bar.update(1)
         fit.train_time += time.perf_counter() - t0
         if select is not None:
             preds, _ = predict(
@@ -227,9 +232,21 @@ def _fit(
                 regression=regression,
             )
             dev = score({select: compute_metrics(task.metrics, preds, encoded[select].labels)})
+            bar.set_postfix_str(f"{select} score {dev:.4f}")
             if dev > fit.best[0]:
                 fit.best = (dev, epoch, _state_copy(model) if epoch < cfg.epochs else None)
+        bar.close()
     return fit
+
+
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar on stderr: redrawn twice a second on a terminal, every 30 s into a log file."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, mininterval=0.5 if tty else 30.0)
 
 
 def finetune(
@@ -265,7 +282,7 @@ def finetune(
     model = _classifier(spec, task, cfg.head, seed, device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     select = task.select_split if task.select_split not in task.report_splits else None
-    fit = _fit(model, task, cfg, encoded, seed, select=select, pad_id=pad_id, device=device)
+    fit = _fit(model, task, cfg, encoded, seed, select=select, pad_id=pad_id, device=device, desc=spec.name)
     if select is not None and fit.best[2] is not None:
         model.load_state_dict(fit.best[2])
     metrics, speeds = {}, []
