@@ -145,6 +145,11 @@ def resolve_tag_dir(checkpoint_dir: str | Path, tag: str | None = None) -> Path:
                 f"directory, one of its step_* directories, or --tag"
             )
     tag_dir = root / tag
+    if not tag_dir.exists():
+        kept = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+        raise FileNotFoundError(
+            f"{root}: no checkpoint {tag!r} (train.keep_last deletes older ones); the kept tags are {kept or 'none'}"
+        )
     if not (tag_dir / HF_DIR).is_dir():
         raise FileNotFoundError(f"{tag_dir}: not a checkpoint of this project (no {HF_DIR}/ folder)")
     return tag_dir

@@ -365,3 +365,17 @@ def test_the_checkpoint_estimate_is_close_to_the_tiny_runs_checkpoint(tiny_run):
     written = sum(p.stat().st_size for p in (tiny_run / "checkpoints" / "step_00000002").rglob("*") if p.is_file())
     estimate = estimate_checkpoint_bytes(trainable)  # ZeRO-2, fp32: weights + moments + master = 16 bytes
     assert 0.85 * written < estimate < written, (estimate, written)
+
+
+def test_export_names_the_kept_tags_when_a_tag_is_gone(tmp_path):
+    """README once exported --tag step_00002500, which keep_last: 3 deletes by step 5,000 (issue 24 item 11)."""
+    from pretrain.export import resolve_tag_dir
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (4500, 4750, 5000):
+        (ckpts / f"step_{step:08d}" / "hf").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_tag_dir(ckpts, "step_00002500")
+    assert "no checkpoint 'step_00002500' (train.keep_last deletes older ones)" in str(e.value)
+    assert "['step_00004500', 'step_00004750', 'step_00005000']" in str(e.value)
+    assert resolve_tag_dir(ckpts, "step_00005000") == ckpts / "step_00005000"
