@@ -311,15 +311,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     dtype = token_dtype(record["vocab_size"])
     config, run_id = _fingerprint(cfg, sources, record)
     out = Path(cfg.output).expanduser()
-    done = _finished_run(cfg, out, run_id)
+    done = _finished_run(cfg, out, run_id, config)
     if done is not None:
         return done
     state = None if cfg.overwrite else _load_state(out) if out.is_dir() else None
     if state is not None and state[0].get("run_id") != run_id:
         raise DataPrepError(
-            f"{out / STATE}: the folder holds an unfinished run with different arguments or "
-            f"inputs (its config: {json.dumps(state[0].get('config'))}); run that command again "
-            "to finish it, or pass --overwrite to start this one"
+            f"{out / STATE}: the folder holds an unfinished run of other arguments or inputs "
+            f"({_differences(state[0].get('config'), config)}); run that command again to finish it, or pass "
+            "--overwrite to start this one"
         )
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -350,7 +350,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
-def _finished_run(cfg: PrepareConfig, out: Path, run_id: str) -> dict | None:
+def _finished_run(cfg: PrepareConfig, out: Path, run_id: str, config: dict) -> dict | None:
     """The manifest when ``out`` already holds this run's finished output (nothing to do), else None.
 
     Raises DataPrepError when ``out`` is a file, a training run directory (never written into), or holds a
@@ -374,11 +374,37 @@ def _finished_run(cfg: PrepareConfig, out: Path, run_id: str) -> dict | None:
         return old
     if not cfg.overwrite:
         raise DataPrepError(
-            f"{out / MANIFEST}: the folder holds the output of a different run "
-            f"(its config: {json.dumps(old.get('config'))}); pass --overwrite to replace it, "
-            "or choose another --output"
+            f"{out / MANIFEST}: the folder holds the output of another run "
+            f"({_differences(old.get('config'), config)}); pass --overwrite to replace it, or choose another --output"
         )
     return None
+
+
+# the fingerprint's keys as the command line names them
+ARGUMENT_OF = {
+    "sources": "--source",
+    "tokenizer": "--tokenizer",
+    "tokenizer_sha256": "--tokenizer (its files)",
+    "max_seq_length": "--max-seq-length",
+    "shard_tokens": "--shard-tokens",
+    "seed": "--seed",
+    "valid_fraction": "--valid-fraction",
+    "min_doc_tokens": "--min-doc-tokens",
+    "format_version": "the shard format version",
+}
+
+
+def _differences(old: Any, new: dict) -> str:
+    """What differs between an earlier run's fingerprint ``old`` and this one's, by argument: ``--max-seq-length:
+    128 there, 512 here``; the input files themselves when every argument is equal."""
+    if not isinstance(old, dict):
+        return "its arguments are not recorded"
+    diffs = [
+        f"{ARGUMENT_OF.get(k, k)}: {old.get(k)!r} there, {new.get(k)!r} here"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    return "; ".join(diffs) or "the same arguments, but the input files changed since (their sizes differ)"
 
 
 def _disk_full(out: Path, e: BaseException) -> DiskFullError | None:

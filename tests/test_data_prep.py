@@ -224,7 +224,8 @@ def test_already_complete_and_different_run(tmp_path, capsys, wiki_texts):
     assert code == 0 and "already complete" in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     code, _, err = run(capsys, *base, "--max-seq-length", 32)
-    assert code == 2 and "different run" in err and "--overwrite" in err
+    assert code == 2 and "the output of another run (--max-seq-length: 64 there, 32 here)" in err
+    assert "--overwrite" in err  # the argument that differs is named, not the old config dumped (issue 24 item 9)
     assert load_manifest(out)["max_seq_length"] == 64  # untouched
     (out / "notes.txt").write_text("mine")
     (out / "train-notes.bin").write_text("mine too")
