@@ -118,21 +118,19 @@ def list_tasks() -> None:
 
 
 def models_of(args: argparse.Namespace, output: Path) -> list[ModelSpec]:
-    """The models of ``--run`` (built truncation baseline included) and of each ``--model NAME=PATH``. Raises
-    :class:`DownstreamError` for a malformed ``--model``."""
+    """The models of ``--run`` (built truncation baseline included), ``--teacher NAME=PATH``, each ``--model
+    NAME=PATH`` and ``--student NAME=PATH``, in that order (a bare ``--teacher``/``--student`` NAME adds none).
+    Raises :class:`DownstreamError` for a malformed ``--model``, ``--teacher`` or ``--student``."""
     models: list[ModelSpec] = []
     if args.run:
         models += run_models(args.run, output)
-    for flag in ("teacher", "student"):
-        name, sep, path = (getattr(args, flag) or "").partition("=")
-        if sep and (not name or not path):
-            raise DownstreamError(f"--{flag} {getattr(args, flag)!r}: expected NAME or NAME=PATH")
-        if sep:
-            models.append(ModelSpec(name, path))
-    for item in args.model:
+    items = [("--teacher", args.teacher)] * bool(args.teacher and "=" in args.teacher)
+    items += [("--model", m) for m in args.model]
+    items += [("--student", args.student)] * bool(args.student and "=" in args.student)
+    for flag, item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise DownstreamError(f"--model {item!r}: expected NAME=PATH")
+            raise DownstreamError(f"{flag} {item!r}: expected NAME=PATH")
         models.append(ModelSpec(name, path))
     return models
 
