@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace OUT even when it is a non-empty folder this command did not write (its files are deleted)",
+        help="replace the output folder even when it is non-empty and this command did not write it (its files are "
+        "deleted)",
     )
     args = p.parse_args(argv)
     if args.out and args.output and Path(args.out).resolve() != Path(args.output).resolve():
