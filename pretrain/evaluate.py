@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.cli import HelpFormatter, prog
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError, DistillError
 from data_prep.files import atomic_write_bytes, atomic_write_text
@@ -695,11 +696,15 @@ def write_report(report: dict, output: str | Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line; exits 2 (argparse) on a malformed one or a count below 1."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog("python -m pretrain.evaluate"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     _add_input_args(p)
     _add_size_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of masking, sampling, benchmark batch (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ... (default: auto)"
+    )
     _add_downstream_args(p)
     args = p.parse_args(argv)
     for name in (
@@ -796,8 +801,20 @@ def _add_downstream_args(p: argparse.ArgumentParser) -> None:
         "labeled task (repeatable; e.g. embedded:rotten-tomatoes, glue:sst2; docs/downstream.md) and "
         "put the table in the report",
     )
-    p.add_argument("--downstream-seeds", type=int, default=2, metavar="N", help="seeds per model (default 2)")
-    p.add_argument("--downstream-mode", choices=("finetune", "probe"), default="finetune")
+    p.add_argument(
+        "--downstream-seeds",
+        type=int,
+        default=2,
+        metavar="N",
+        help="fine-tuning seeds per model and task (default: %(default)s; the downstream command's --seeds "
+        "defaults to 3)",
+    )
+    p.add_argument(
+        "--downstream-mode",
+        choices=("finetune", "probe"),
+        default="finetune",
+        help="finetune the whole model, or probe (train only the head on frozen states) (default: %(default)s)",
+    )
     p.add_argument(
         "--downstream-head",
         choices=("cls", "mean"),

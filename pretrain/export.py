@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_dir, check_replaceable
 from pretrain.rundir import EXPORT_INFO as INFO
@@ -224,24 +225,34 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m pretrain.export CHECKPOINT_DIR OUT [--tag TAG] [--overwrite]``; exit 0, 1 (a full disk) or 2
+    """CLI: ``python -m pretrain.export CHECKPOINT_DIR --output DIR [--tag TAG] [--overwrite]`` (``OUT`` positional
+    instead of ``--output`` as before; both given and different: exit 2); exit 0, 1 (a full disk) or 2
     (no checkpoint, a refused OUT, weights that do not fit), the error on one line without a traceback."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog("python -m pretrain.export"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("checkpoint_dir", help="a run's checkpoints/ directory (uses 'latest') or one step_* directory")
     p.add_argument(
-        "out",
+        "--output",
+        metavar="DIR",
         help="output Hugging Face model directory: new, empty or an earlier export (replaced atomically); never a "
         "run directory or a folder that contains CHECKPOINT_DIR",
     )
+    p.add_argument("out", nargs="?", metavar="OUT", help="the same as --output DIR (older spelling, kept)")
     p.add_argument("--tag", help="checkpoint tag under CHECKPOINT_DIR, e.g. step_00001000")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace OUT even when it is a non-empty folder this command did not write (its files are deleted)",
+        help="replace the output folder even when it is non-empty and this command did not write it (its files are "
+        "deleted)",
     )
     args = p.parse_args(argv)
+    if args.out and args.output and Path(args.out).resolve() != Path(args.output).resolve():
+        p.error(f"OUT {args.out} and --output {args.output} differ; give one of them")
+    if not (args.out or args.output):
+        p.error("give the output folder: --output DIR (or a second positional OUT)")
     try:
-        out = export_checkpoint(args.checkpoint_dir, args.out, args.tag, overwrite=args.overwrite)
+        out = export_checkpoint(args.checkpoint_dir, args.output or args.out, args.tag, overwrite=args.overwrite)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

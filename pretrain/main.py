@@ -28,17 +28,13 @@ import os
 import signal
 import sys
 
-
-def _prog() -> str:
-    """The program name for usage lines: the installed command's, or ``python -m pretrain.main`` (which is also what
-    ``launch/pretrain.py`` runs)."""
-    name = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return name if name.startswith("bert-distill") else "python -m pretrain.main"
+from data_prep.cli import HelpFormatter, prog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog=_prog(),
+        prog=prog("python -m pretrain.main"),  # also what launch/pretrain.py runs
+        formatter_class=HelpFormatter,
         description="Task-agnostic distillation pretraining (DeepSpeed).",
         epilog="Overrides: any config field as section.key=value, e.g. train.max_steps=100 "
         "deepspeed.zero_optimization.stage=3 (values parsed as JSON when they parse).",
@@ -47,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config", required=True, help="run config JSON (see configs/ and `python -m pretrain.config --reference`)"
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides (see the epilog)")
     return p.parse_args(argv)
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_prep.cli import HelpFormatter, RawHelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_write_text
 from pretrain.rundir import RunDir
@@ -478,14 +479,22 @@ def _positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     """The command line: ``submit`` (:func:`_add_submit`) and ``hostfile``; ``prog`` is the installed command's
     name when run as one, else ``python launch/slurm.py``."""
-    name = os.path.basename(sys.argv[0]) if sys.argv else ""
-    prog = name if name.startswith("bert-distill") else "python launch/slurm.py"
     p = argparse.ArgumentParser(
-        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("python launch/slurm.py"), description=__doc__.split("\n\n")[0], formatter_class=RawHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    _add_submit(sub.add_parser("submit", help="validate a run config and submit it as a preemptible, requeueing job"))
-    h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from SLURM_JOB_NODELIST (for pdsh launch)")
+    _add_submit(
+        sub.add_parser(
+            "submit",
+            help="validate a run config and submit it as a preemptible, requeueing job",
+            formatter_class=HelpFormatter,
+        )
+    )
+    h = sub.add_parser(
+        "hostfile",
+        help="write a DeepSpeed hostfile from SLURM_JOB_NODELIST (for pdsh launch)",
+        formatter_class=HelpFormatter,
+    )
     h.add_argument("--nodelist", help="SLURM host list (default $SLURM_JOB_NODELIST)")
     h.add_argument("--slots", type=_positive, help="slots (GPUs) per host (default $SLURM_GPUS_ON_NODE)")
     h.add_argument("-o", "--output", help="file to write (default stdout)")

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_dir, atomic_write_text
 from pretrain.deploy.common import CheckFailed, DeployError, detect_kind, load_tokenizer, load_torch_model
@@ -111,7 +112,9 @@ def _write_reports(tmp: Path, out: Path, checks: list[CheckResult], records: lis
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of :func:`main`."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.deploy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog("python -m pretrain.deploy"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("model_dir", help="a Hugging Face model folder (python -m pretrain.export wrote it)")
     p.add_argument("--output", help="output folder (default MODEL_DIR/onnx, where sentence-transformers looks)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamic-int8 model_qint8_<isa>.onnx")
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (CPUs without VNNI)")
     p.add_argument("--keep-embeddings-fp32", action="store_true", help="int8: leave the embedding Gather in fp32")
     p.add_argument("--tolerance", type=float, default=TOLERANCES["fp32"], help="fp32 ONNX vs PyTorch max |diff|")
-    p.add_argument("--int8-tolerance", type=float, help="int8 check tolerance (default per kind, docs/deployment.md)")
+    p.add_argument("--int8-tolerance", type=float, help="int8 check tolerance (default: per kind, docs/deployment.md)")
     p.add_argument("--texts", help="check texts: one per line, or .jsonl with 'text' (+ 'label' for a classifier)")
     p.add_argument("--kind", choices=["encoder", "mlm", "classifier"], help="override the kind found in config.json")
     p.add_argument("--exporter", choices=list(EXPORTERS), default="dynamo", help="torch.onnx exporter")

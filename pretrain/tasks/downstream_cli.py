@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from pretrain.tasks.base import DownstreamError, LocalFields, SplitConfig
 from pretrain.tasks.downstream import run_downstream
@@ -23,7 +24,8 @@ OVERRIDES = ("epochs", "lr", "batch_size", "max_length", "warmup_ratio", "weight
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line (argparse exits 2 on a malformed one)."""
     p = argparse.ArgumentParser(
-        prog="python -m pretrain.downstream",
+        prog=prog("python -m pretrain.downstream"),
+        formatter_class=HelpFormatter,
         description="Fine-tune (or probe) models on labeled tasks and write downstream.json / .md / .png. "
         f"Tasks: {', '.join(known_tasks())}.",
     )
@@ -32,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=None,
         metavar="SPEC",
-        help=f"task (repeatable); default {DEFAULT_TASK}. Offline: {', '.join(OFFLINE_TASKS)}",
+        help=f"task (repeatable; default: {DEFAULT_TASK}). Offline: {', '.join(OFFLINE_TASKS)}",
     )
     p.add_argument(
         "--model",
@@ -46,18 +48,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="RUNDIR",
         help="a distillation run: teacher, student_init, truncation baseline (built), student",
     )
-    p.add_argument("--output", metavar="DIR", help="where to write downstream.*; default RUNDIR/downstream")
-    p.add_argument("--mode", choices=("finetune", "probe"), default="finetune")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning runs per model and task (seeds 0..N-1)")
-    p.add_argument("--teacher", help="model the shares refer to (default: teacher, else the first)")
-    p.add_argument("--student", help="the distilled model compared with the baselines (default: student, else last)")
+    p.add_argument("--output", metavar="DIR", help="where to write downstream.* (default: RUNDIR/downstream)")
+    p.add_argument(
+        "--mode",
+        choices=("finetune", "probe"),
+        default="finetune",
+        help="finetune the whole model, or probe (train only the head on frozen states)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="fine-tuning runs per model and task, seeds 0..N-1 (default: %(default)s; "
+        "pretrain.evaluate's --downstream-seeds defaults to 2)",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="NAME[=PATH]",
+        help="the model the shares refer to: NAME=PATH adds the model (PATH as in pretrain.evaluate's --teacher: "
+        "folder, hub name or embedded:NAME) under NAME; a bare NAME names one of the models "
+        "(default: teacher, else the first)",
+    )
+    p.add_argument(
+        "--student",
+        metavar="NAME[=PATH]",
+        help="the distilled model compared with the baselines: NAME=PATH adds it, a bare NAME names one of the "
+        "models (default: student, else the last)",
+    )
     g = p.add_argument_group("fine-tuning settings (default: per task family, see docs/downstream.md)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--epochs", type=int, help="passes over the train split")
+    g.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    g.add_argument("--batch-size", type=int, help="examples per optimizer step")
     g.add_argument("--max-length", type=int, help="tokens per example (truncation)")
-    g.add_argument("--warmup-ratio", type=float)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-ratio", type=float, help="share of the steps with a linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     g.add_argument("--max-train", type=int, help="cap on train examples (stratified); 0 = all")
     g.add_argument("--max-eval", type=int, help="cap on each evaluation split (stratified); 0 = all")
     g.add_argument(
@@ -68,13 +92,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     s = p.add_argument_group("splits and local files")
     s.add_argument("--split-seed", type=int, default=0, help="seed of the deterministic splits and caps")
-    s.add_argument("--text-field", default="text")
+    s.add_argument("--text-field", default="text", help="field of the text in local csv/jsonl tasks")
     s.add_argument("--pair-field", default=None, help="second text of pair tasks (csv/jsonl)")
-    s.add_argument("--label-field", default="label")
-    s.add_argument("--task-type", choices=("auto", "classification", "regression"), default="auto")
+    s.add_argument("--label-field", default="label", help="field of the label in local csv/jsonl tasks")
+    s.add_argument(
+        "--task-type",
+        choices=("auto", "classification", "regression"),
+        default="auto",
+        help="kind of a local task; auto: regression when the labels are non-integer numbers",
+    )
     p.add_argument("--save-model", metavar="DIR", help="save each seed-0 fine-tuned model to DIR/<model>/<task>")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw downstream.png")
     p.add_argument("--list-tasks", action="store_true", help="print the known tasks and exit")
     return p.parse_args(argv)
 
@@ -89,15 +118,19 @@ def list_tasks() -> None:
 
 
 def models_of(args: argparse.Namespace, output: Path) -> list[ModelSpec]:
-    """The models of ``--run`` (built truncation baseline included) and of each ``--model NAME=PATH``. Raises
-    :class:`DownstreamError` for a malformed ``--model``."""
+    """The models of ``--run`` (built truncation baseline included), ``--teacher NAME=PATH``, each ``--model
+    NAME=PATH`` and ``--student NAME=PATH``, in that order (a bare ``--teacher``/``--student`` NAME adds none).
+    Raises :class:`DownstreamError` for a malformed ``--model``, ``--teacher`` or ``--student``."""
     models: list[ModelSpec] = []
     if args.run:
         models += run_models(args.run, output)
-    for item in args.model:
+    items = [("--teacher", args.teacher)] * bool(args.teacher and "=" in args.teacher)
+    items += [("--model", m) for m in args.model]
+    items += [("--student", args.student)] * bool(args.student and "=" in args.student)
+    for flag, item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise DownstreamError(f"--model {item!r}: expected NAME=PATH")
+            raise DownstreamError(f"{flag} {item!r}: expected NAME=PATH")
         models.append(ModelSpec(name, path))
     return models
 
@@ -125,13 +158,18 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
         split=split,
         fields=LocalFields(text=args.text_field, pair=args.pair_field, label=args.label_field, kind=args.task_type),
         overrides={k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None},
-        teacher=args.teacher,
-        student=args.student,
+        teacher=args.teacher and args.teacher.partition("=")[0],
+        student=args.student and args.student.partition("=")[0],
         device=args.device,
         save_model=args.save_model,
         plot=not args.no_plot,
     )
     return result, output
+
+
+def wrote_line(output: Path, *, plot: bool) -> str:
+    """The files the command wrote, for its last line; ``downstream.png`` only when ``plot`` (not ``--no-plot``)."""
+    return f"wrote {output / 'downstream.json'}, downstream.md" + (", downstream.png" if plot else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     print(render_downstream_markdown(result))
-    print(f"[downstream] wrote {output / 'downstream.json'}, downstream.md, downstream.png")
+    print(f"[downstream] {wrote_line(output, plot=not args.no_plot)}")
     return 0
 
 

@@ -7,25 +7,42 @@ import argparse
 import json
 import sys
 
+from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from pretrain.tasks.base import SplitConfig, TaskError
 from pretrain.tasks.registry import load_task
 from pretrain.tasks.scoring import evaluate_classifier
 
-DESCRIPTION = "python -m pretrain.taskmode evaluate --model NAME=DIR ... --task T [--split test]: metrics of saved"
+DESCRIPTION = (
+    "Tools of task distillation. evaluate: the metrics of saved classifiers (--model NAME=DIR, repeatable) on a "
+    "split of a task, as they are, as JSON on stdout."
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line (argparse exits 2 on a malformed one)."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.taskmode", description=DESCRIPTION)
+    p = argparse.ArgumentParser(
+        prog=prog("python -m pretrain.taskmode"), description=DESCRIPTION, formatter_class=HelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("evaluate", help="score saved classifiers on a task split")
-    e.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
-    e.add_argument("--task", required=True)
-    e.add_argument("--split", default="test")
-    e.add_argument("--split-seed", type=int, default=0)
+    e = sub.add_parser(
+        "evaluate",
+        help="score saved classifiers on a task split",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    e.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a saved sequence classifier under a display name (repeatable)",
+    )
+    e.add_argument("--task", required=True, metavar="SPEC", help="the task, e.g. embedded:rotten-tomatoes, glue:sst2")
+    e.add_argument("--split", default="test", help="the task split to score")
+    e.add_argument("--split-seed", type=int, default=0, help="seed of the deterministic splits and caps")
     e.add_argument("--max-eval", type=int, default=1000, help="cap on the split (stratified; 0 = all)")
-    e.add_argument("--max-length", type=int, default=128)
+    e.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation)")
     return p.parse_args(argv)
 
 
