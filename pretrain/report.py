@@ -83,8 +83,8 @@ def loss_curves_figure(records: list[dict]) -> Any:
     """The matplotlib Figure of :func:`plot_loss_curves` for ``metrics.jsonl`` records, or None with nothing to draw.
 
     Panels: train loss (total) with the valid losses as markers; the train loss parts (log scale when all positive);
-    the valid scores. A valid series is drawn only with two or more points (one point is no curve: its value belongs
-    in the report's table); a panel left without series is left out. Score axes start at 0."""
+    the valid scores. Linear axes start at 0. A valid series is drawn only with two or more points (one point is no
+    curve: its value belongs in the report's table); a panel left without series is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,6 +110,7 @@ def loss_curves_figure(records: list[dict]) -> Any:
                 ax.plot(*_series(valid, k), "o-", ms=4, lw=0.8, label=f"valid {k}")
             title = "train loss" + (" and valid losses" if valid_losses else "")
             ax.set(xlabel="optimizer step", ylabel="loss (nats)", title=title)
+            ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
         elif panel == "parts":
             positive = True
             for k in parts:
@@ -233,7 +234,7 @@ def _provenance_lines(meta: dict) -> list[str]:
         lines.append(
             f"- Training (from metrics.jsonl): {tr.get('steps')} optimizer steps, "
             + (f"{tokens:,} tokens seen" if _number(tokens) else "tokens seen not logged")
-            + (f", wall time {wall:,.0f} s" if _number(wall) else ", wall time not logged")
+            + (f", {wall:,.0f} s from the first step to the last record" if _number(wall) else ", time not logged")
             + f", ranks: {tr.get('world_size') if tr.get('world_size') is not None else 'not recorded'}. "
             "The run directory records no training hardware."
         )

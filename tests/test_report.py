@@ -93,6 +93,7 @@ def test_one_point_eval_series_gives_no_panel():
     fig = loss_curves_figure(_records([30]))
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["train loss", "train loss terms"]  # no valid panel, no valid marker on the loss panel
+    assert fig.axes[0].get_ylim()[0] == 0.0 and fig.axes[0].get_ylabel() == "loss (nats)"
     assert all("valid" not in t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts())
     plt.close(fig)
 
@@ -146,7 +147,7 @@ def test_report_has_provenance_and_speed_spread(tmp_path):
     report = _eval_report((9100.0, 9688.0, 9900.0), tmp_path)
     assert report["meta"]["training"]["wall_seconds"] == pytest.approx(30.0)  # 10 s before step 10, 20 s to step 30
     md = render_markdown(report, None)
-    assert "30 optimizer steps, 1,500 tokens seen, wall time 30 s, ranks: 2" in md
+    assert "30 optimizer steps, 1,500 tokens seen, 30 s from the first step to the last record, ranks: 2" in md
     assert "CPU Test CPU 9000, GPU none; torch 2.x, transformers 5.x" in md
     assert "| 4,100 [4,000-4,200] | 9,593 [9,000-9,800] | 9,688 [9,100-9,900] |" in md
     assert "valid pooled cosine 0.6000" in md and 'not the training log\'s "valid pooled cosine"' in md
