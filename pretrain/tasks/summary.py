@@ -296,7 +296,8 @@ def downstream_figure(result: dict[str, Any]) -> Any:
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel(f"{shared} (%)" if shared else "task score (%), metric and split under each task")
     ax.set_title(
-        f"downstream {result['mode']}: score per task and model ({result['seeds']} seed(s), mean ± std)", fontsize=9
+        f"downstream {result['mode']}: score per task and model\n(mean ± std over {result['seeds']} seed(s))",
+        fontsize=9,
     )
     ax.legend(fontsize=7, ncol=min(4, len(models)))
     fig.tight_layout()
