@@ -5,8 +5,8 @@
 
 For the teacher, the student at initialisation (before distillation) and the distilled student it measures:
 
-- size and speed: encoder parameters; inference throughput (tokens/s) of the encoder on one fixed batch shape, and
-  the speed-up over the teacher;
+- size and speed: encoder parameters; inference throughput (tokens/s, median and min-max of the timed repeats) of the
+  encoder on one fixed batch shape, and the speed-up over the teacher;
 - sentence embeddings, sentence-transformers convention (Reimers & Gurevych, 2019): the last hidden state pooled over
   non-pad tokens (mean pooling, unless the teacher's ``modules.json`` / ``1_Pooling`` config says CLS or max); the
   cosine to the teacher's embedding of the same text; and recall@1 of a retrieval task made from the held-out
@@ -45,7 +45,7 @@ from data_prep.files import atomic_write_bytes, atomic_write_text
 from pretrain.data import open_split
 from pretrain.losses import mean_pool
 from pretrain.masking import Masker, MaskingConfig
-from pretrain.report import plot_loss_curves, render_markdown
+from pretrain.report import plot_loss_curves, render_markdown, training_provenance
 from pretrain.schema import ConfigError
 from pretrain.student import mlm_head
 from pretrain.tasks.examples import Examples, collate, sorted_batches
@@ -345,13 +345,13 @@ def throughputs(
     iters: int,
     device: torch.device,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """Encoder inference throughput of each model in tokens/s on one random batch [batch_size, seq_length] (no
     padding; ids drawn from ``token_ids``, with ``seed``): ``warmup`` untimed forwards per model, then ``iters`` rounds
-    that time one forward of every model in turn; tokens/s = batch_size * seq_length / fastest forward time.
+    that time one forward of every model in turn; one tokens/s = batch_size * seq_length / forward time per round.
 
-    Interleaving the models and taking the fastest forward (as ``timeit`` does: slower runs measure interference,
-    not the model) keep other work on a shared machine from favouring one of them. Returns {model name: tokens/s}.
+    Interleaving the models keeps other work on a shared machine from favouring one of them; the repeats give the
+    spread (:func:`speed_stats`). Returns {model name: [tokens/s per timed forward]} (``iters`` values each).
     """
     rng = np.random.default_rng(seed)
     ids = torch.from_numpy(rng.choice(token_ids, size=(batch_size, seq_length)).astype(np.int64)).to(device)
@@ -368,7 +368,33 @@ def throughputs(
             m.encoder(input_ids=ids, attention_mask=attn)
             sync()
             times[m.name].append(time.perf_counter() - t0)
-    return {n: batch_size * seq_length / min(t) for n, t in times.items()}
+    return {n: [batch_size * seq_length / x for x in t] for n, t in times.items()}
+
+
+def speed_stats(samples: list[float]) -> dict[str, float | int]:
+    """``median``, ``min`` and ``max`` tokens/s of the timed repeats, and their number ``repeats``."""
+    return {
+        "median": float(np.median(samples)),
+        "min": float(min(samples)),
+        "max": float(max(samples)),
+        "repeats": len(samples),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """The evaluating machine: ``cpu`` (model name from /proc/cpuinfo, else ``platform.processor()``), ``gpu``
+    (CUDA device name or None), ``torch`` and ``transformers`` versions."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -497,7 +523,7 @@ def evaluate(
     models = [load_model(n, inp.paths[n], configs[n], dev) for n in order]
     results: dict[str, dict] = {n: {"params": m.params} for n, m in zip(order, models, strict=False)}
     meta = _meta(s, dev, inp)
-    meta["throughput"] = _throughput_step(models, tokenizer, results, s, max_len, dev)
+    meta["throughput"], meta["speed_spread"] = _throughput_step(models, tokenizer, results, s, max_len, dev)
     meta["retrieval"] = _retrieval_step(models, inp, results, s, max_len, dev)
     if has_mlm_head(configs["teacher"]):
         meta["mlm"] = _mlm_step(models, inp.ds, tokenizer, results, s, masking or MASKING, dev)
@@ -509,6 +535,7 @@ def evaluate(
     meta["metrics_file"] = (
         str(inp.metrics_path) if inp.metrics_path is not None and inp.metrics_path.is_file() else None
     )
+    meta["training"] = training_provenance(inp.metrics_path)
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     report = {
         "teacher": results["teacher"],
@@ -529,6 +556,7 @@ def _meta(s: EvalSettings, dev: torch.device, inp: _Inputs) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "environment": environment(),
         "paths": {**{n: str(inp.paths[n]) for n in inp.order}, "data": str(inp.data)},
         "split_sequences": len(inp.ds),
         "split_documents": inp.ds.manifest["splits"][s.split].get("num_documents"),
@@ -565,8 +593,10 @@ def _inputs(
 
 def _throughput_step(
     models: list[Model], tokenizer: Any, results: dict[str, dict], s: EvalSettings, max_len: int, dev: torch.device
-) -> dict[str, Any]:
-    """Encoder throughput of every model on the same batch shape into ``results``; returns the meta entry."""
+) -> tuple[dict[str, Any], dict[str, dict[str, float | int]]]:
+    """Encoder throughput of every model on the same batch shape into ``results`` (``tokens_per_s``: the median of
+    the repeats); returns the meta entries ``throughput`` (the settings) and ``speed_spread`` ({model:
+    :func:`speed_stats`})."""
     seq_length = min(s.bench_length, max_len)
     normal = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
     speeds = throughputs(
@@ -579,11 +609,16 @@ def _throughput_step(
         device=dev,
         seed=s.seed,
     )
+    spread = {m.name: speed_stats(speeds[m.name]) for m in models}
     for m in models:
-        results[m.name]["tokens_per_s"] = speeds[m.name]
+        results[m.name]["tokens_per_s"] = spread[m.name]["median"]
         results[m.name]["speedup"] = results[m.name]["tokens_per_s"] / results["teacher"]["tokens_per_s"]
-    log.info("throughput (tokens/s): %s", {m.name: round(results[m.name]["tokens_per_s"]) for m in models})
-    return {"batch_size": s.bench_batch, "seq_length": seq_length, "warmup": s.bench_warmup, "iters": s.bench_iters}
+    log.info(
+        "throughput (tokens/s, median [min-max]): %s",
+        {n: [round(v) for v in (x["median"], x["min"], x["max"])] for n, x in spread.items()},
+    )
+    settings = {"batch_size": s.bench_batch, "seq_length": seq_length, "warmup": s.bench_warmup, "iters": s.bench_iters}
+    return settings, spread
 
 
 def _retrieval_step(
@@ -788,7 +823,7 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         metavar="N",
-        help="timed forwards per model, fastest taken (default: %(default)s)",
+        help="timed forwards per model: median and min-max reported (default: %(default)s)",
     )
 
 

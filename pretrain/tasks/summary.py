@@ -109,7 +109,8 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 def render_downstream_markdown(result: dict[str, Any], png_name: str | None = None) -> str:
     """Markdown of a :func:`pretrain.tasks.downstream.run_downstream` result: one table per task (model, parameters,
-    inference examples/s, each metric and the score as mean ± std over seeds in percent, share of the teacher's
+    inference examples/s (median [min-max] over the seeds' runs; same-architecture models whose ranges overlap are
+    said to have the same speed), each metric and the score as mean ± std over seeds in percent, share of the teacher's
     score), the macro-average table and the gains of the distilled student over each baseline with the seed spread.
     ``png_name``: a bar chart to link. Pure function of ``result`` (the run report includes it)."""
     mode, seeds = result["mode"], result["seeds"]
@@ -167,8 +168,7 @@ def _task_table(tname: str, t: dict[str, Any], mode: str, models: dict[str, Any]
     lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|")
     for m, r in t["results"].items():
         n = len(r["runs"])
-        speed = np.mean([x["inference_examples_per_s"] for x in r["runs"]])
-        row = [f"`{m}`", _params(models[m]["params"]), f"{speed:,.0f}"]
+        row = [f"`{m}`", _params(models[m]["params"]), _speed([x["inference_examples_per_s"] for x in r["runs"]])]
         row += [_pm(r["metrics_mean"][k], r["metrics_std"][k], n) for k in mkeys]
         if len(mkeys) > 1:
             row.append(_pm(r["score_mean"], r["score_std"], n))
@@ -176,7 +176,33 @@ def _task_table(tname: str, t: dict[str, Any], mode: str, models: dict[str, Any]
         row.append("-" if share is None else f"{100 * share:.1f}%")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += _same_speed_lines(t["results"], models)
     return lines
+
+
+def _speed(samples: list[float]) -> str:
+    """Examples/s of a model's runs: the one value, or ``median [min-max]`` over the runs (seeds)."""
+    if len(samples) == 1:
+        return f"{samples[0]:,.0f}"
+    return f"{np.median(samples):,.0f} [{min(samples):,.0f}-{max(samples):,.0f}]"
+
+
+def _same_speed_lines(results: dict[str, Any], models: dict[str, Any]) -> list[str]:
+    """A line per pair of models with equal parameter counts (same architecture) whose examples/s ranges over the
+    runs overlap (or that have one run each): their speed difference is timing noise."""
+    names = list(results)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if models[a]["params"] != models[b]["params"]:
+                continue
+            sa = [x["inference_examples_per_s"] for x in results[a]["runs"]]
+            sb = [x["inference_examples_per_s"] for x in results[b]["runs"]]
+            single = len(sa) == 1 and len(sb) == 1
+            if single or (min(sa) <= max(sb) and min(sb) <= max(sa)):
+                why = "one timing each" if single else "their ranges over the runs overlap"
+                out.append(f"`{a}` and `{b}` have the same architecture ({why}): the same speed within timing noise.")
+    return [*out, ""] if out else []
 
 
 def _macro_table(result: dict[str, Any]) -> list[str]:
@@ -228,39 +254,63 @@ def _throughput_line(result: dict[str, Any]) -> str:
     )
 
 
-def plot_downstream(result: dict[str, Any], path: str | os.PathLike) -> bool:
-    """A grouped bar chart (one group per task, plus the macro average when there are several tasks; one bar per
-    model; error bars = std over seeds) written atomically as PNG to ``path``. False when matplotlib is missing."""
-    try:
-        import matplotlib
+def score_name(task: dict[str, Any]) -> str:
+    """What a task's score is, with its split: ``"test accuracy"`` for one metric, ``"mean of test f1, test
+    accuracy"`` for several (:func:`pretrain.tasks.metrics.score`: the mean over the reported splits' metrics)."""
+    first = next(iter(task["results"].values()))
+    names = [k.replace("/", " ") for k in first["metrics_mean"]]
+    return names[0] if len(names) == 1 else "mean of " + ", ".join(names)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return False
+
+def downstream_figure(result: dict[str, Any]) -> Any:
+    """The matplotlib Figure of :func:`plot_downstream`: a grouped bar chart (one group per task, plus the macro
+    average when there are several tasks; one bar per model; error bars = std over seeds). The y-axis runs from 0 (or
+    the lowest negative score) to at least 100 and names the metric and split (in the y label when all tasks share
+    one, else under each task's name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     models = list(result["models"])
     groups = list(result["tasks"])
+    what = {t: score_name(result["tasks"][t]) for t in groups}
     vals = {m: [result["tasks"][t]["results"][m]["score_mean"] * 100 for t in groups] for m in models}
     errs = {m: [result["tasks"][t]["results"][m]["score_std"] * 100 for t in groups] for m in models}
+    shared = what[groups[0]] if len(set(what.values())) == 1 else None
+    labels = list(groups) if shared else [f"{t}\n({what[t]})" for t in groups]
     if len(groups) > 1 and result.get("macro"):
-        groups.append("macro average")
+        labels.append("macro average")
         for m in models:
             vals[m].append(result["macro"][m]["mean"] * 100)
             errs[m].append(result["macro"][m]["std"] * 100)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * max(1, len(models)) / 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels) * max(1, len(models)) / 2), 3.6))
     width = 0.8 / max(1, len(models))
-    x = np.arange(len(groups))
+    x = np.arange(len(labels))
     for i, m in enumerate(models):
         ax.bar(x + (i - (len(models) - 1) / 2) * width, vals[m], width, yerr=errs[m], capsize=3, label=m)
     lo = min(min(v) for v in vals.values())
-    hi = max(max(v) for v in vals.values())
-    ax.set_ylim(max(0, lo - 0.2 * (hi - lo + 1) - 2), hi + 0.15 * (hi - lo + 1) + 1)
+    hi = max(max(v) + max(e) for v, e in zip(vals.values(), errs.values(), strict=False))
+    ax.set_ylim(min(0.0, 1.1 * lo), max(100.0, 1.05 * hi))  # from 0 (below it only for negative correlations)
     ax.set_xticks(x)
-    ax.set_xticklabels(groups, fontsize=8)
-    ax.set_ylabel("score (%)")
-    ax.set_title(f"downstream ({result['mode']}, {result['seeds']} seed(s), mean ± std)", fontsize=9)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(f"{shared} (%)" if shared else "task score (%), metric and split under each task")
+    ax.set_title(
+        f"downstream {result['mode']}: score per task and model\n(mean ± std over {result['seeds']} seed(s))",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, ncol=min(4, len(models)))
     fig.tight_layout()
+    return fig
+
+
+def plot_downstream(result: dict[str, Any], path: str | os.PathLike) -> bool:
+    """:func:`downstream_figure` written atomically as PNG to ``path``. False when matplotlib is missing."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return False
+    fig = downstream_figure(result)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
