@@ -382,19 +382,10 @@ def speed_stats(samples: list[float]) -> dict[str, float | int]:
 
 
 def environment() -> dict[str, Any]:
-    """The evaluating machine: ``cpu`` (model name from /proc/cpuinfo, else ``platform.processor()``), ``gpu``
-    (CUDA device name or None), ``torch`` and ``transformers`` versions."""
-    import platform
+    """The evaluating machine (:func:`pretrain.runtime.environment`)."""
+    from pretrain.runtime import environment as machine
 
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__}
+    return machine()
 
 
 # ------------------------------------------------------------------------------------------------------------- data

@@ -175,7 +175,12 @@ def training_provenance(metrics_path: str | Path | None) -> dict[str, Any] | Non
         if manifest.is_file():
             world_size = json.loads(manifest.read_text()).get("world_size")
     valid = [r for r in records if _is_valid_record(r)]
+    try:  # the machine of each start of the run (pretrain.rundir.record_start)
+        starts = json.loads((Path(metrics_path).parent / "environment.json").read_text()).get("starts", [])
+    except (OSError, ValueError, AttributeError):
+        starts = []
     return {
+        "starts": starts,
         "steps": last["step"],
         "tokens_seen": last.get("tokens_seen"),
         "wall_seconds": wall,
@@ -224,6 +229,22 @@ def _same_speed_note(report: dict, cols: list[str], names: dict[str, str]) -> st
     return "".join(notes)
 
 
+def _training_machines(starts: list[dict]) -> str:
+    """One sentence on the machines the run was trained on (its ``environment.json`` starts), each distinct one once."""
+    if not starts:
+        return "The run directory records no training hardware (a run from before environment.json)."
+    seen: list[str] = []
+    for st in starts:
+        gpu = f"{st.get('gpus')} x {st.get('gpu')}" if st.get("gpu") else "no GPU"
+        text = (
+            f"CPU {st.get('cpu')}, {gpu}, {st.get('world_size')} rank(s); torch {st.get('torch')}, "
+            f"transformers {st.get('transformers')}, DeepSpeed {st.get('deepspeed')}"
+        )
+        if text not in seen:
+            seen.append(text)
+    return f"Trained on {'; then on '.join(seen)} ({len(starts)} start(s), environment.json)."
+
+
 def _provenance_lines(meta: dict) -> list[str]:
     """The training run's provenance (:func:`training_provenance`) and the evaluating machine's environment."""
     env, tr = meta.get("environment") or {}, meta.get("training")
@@ -236,7 +257,7 @@ def _provenance_lines(meta: dict) -> list[str]:
             + (f"{tokens:,} tokens seen" if _number(tokens) else "tokens seen not logged")
             + (f", {wall:,.0f} s from the first step to the last record" if _number(wall) else ", time not logged")
             + f", ranks: {tr.get('world_size') if tr.get('world_size') is not None else 'not recorded'}. "
-            "The run directory records no training hardware."
+            + _training_machines(tr.get("starts") or [])
         )
         if tr.get("valid"):
             vals = ", ".join(f"{SCORE_LABELS.get(k, k)} {v:.4f}" for k, v in tr["valid"].items())

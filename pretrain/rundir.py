@@ -91,6 +91,9 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints", doc="``checkpoints/`` (tags and ``latest``)")
     latest_file = property(lambda self: self.checkpoints / LATEST, doc="``checkpoints/latest``: the newest tag")
     config_file = property(lambda self: self.root / "config.json")
+    environment_file = property(
+        lambda self: self.root / "environment.json", doc="``environment.json``: the machine of each start"
+    )
     metrics_file = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
     student = property(lambda self: self.root / "student", doc="the final export")
@@ -228,6 +231,24 @@ def write_config(run: RunDir, resolved: dict) -> list[str] | None:
         for k in resolved[s]
         if (before.get(s) or {}).get(k) != resolved[s][k]
     ]
+
+
+def record_start(run: RunDir, start: dict) -> None:
+    """Append ``start`` (the machine, ranks and step of this start of the run: :func:`pretrain.runtime.environment`
+    plus ``world_size``, ``step``, ``time``) to ``environment.json``'s ``starts`` (written atomically; an unreadable
+    older file is started anew). A full disk raises :class:`pretrain.runtime.RunError`."""
+    try:
+        starts = json.loads(run.environment_file.read_text()).get("starts", [])
+    except (OSError, ValueError, AttributeError):
+        starts = []
+    try:
+        atomic_write_text(
+            run.environment_file, json.dumps({"starts": [*starts, start]}, indent=1) + "\n", what="run environment"
+        )
+    except DiskFullError as e:
+        from pretrain.runtime import RunError
+
+        raise RunError(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> int:

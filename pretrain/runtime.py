@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,3 +234,35 @@ def on_rank0(fn: Callable[[], Any], *, rank: int, expected: tuple[type[BaseExcep
         raise error
     same = next((t for t in expected if t.__name__ == status[1]), None)
     raise (same or RankFailed)(status[2] if same else f"rank 0 failed: {status[2]}")
+
+
+def environment() -> dict[str, Any]:
+    """This machine and its frameworks: ``cpu`` (model name from /proc/cpuinfo, else ``platform.processor()``),
+    ``gpu`` (the first CUDA device's name, or None), ``gpus`` (visible CUDA devices), ``python``, ``torch``,
+    ``transformers`` and ``deepspeed`` versions (None where not installed). Used for the run directory's
+    ``environment.json`` (the training machine) and by the evaluation report (the evaluating machine)."""
+    import importlib.metadata
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "deepspeed": version("deepspeed"),
+    }

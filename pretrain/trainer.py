@@ -47,12 +47,13 @@ from pretrain.engine import (
 from pretrain.metrics import IntervalMetrics, MetricsLogger, console_line, start_line, valid_line
 from pretrain.recipes import make_recipe
 from pretrain.resume import ResumePoint
-from pretrain.rundir import RunDir, RunLock, RunLocked, write_config
+from pretrain.rundir import RunDir, RunLock, RunLocked, record_start, write_config
 from pretrain.runtime import (
     StopFlag,
     all_ranks_ok,
     check_torch,
     console,
+    environment,
     init_distributed,
     on_rank0,
     rank_seed,
@@ -203,6 +204,8 @@ class Trainer:
             changed = write_config(self.run, self.cfg.to_dict())
             if resumed and changed:
                 console(f"[pretrain] config changed since the last run: {changed}; config.json updated")
+            start = {**environment(), "world_size": self.world_size, "step": self.step, "time": time.time()}
+            record_start(self.run, start)
         self.logger = MetricsLogger(
             self.run.metrics_file,
             self.run.tensorboard if self.cfg.train.tensorboard else None,

@@ -78,6 +78,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_run_records_its_machine(tiny_run):
+    """environment.json: each start's machine, frameworks, ranks and step (the report's training provenance)."""
+    import json
+
+    import torch
+
+    (start,) = json.loads((tiny_run / "environment.json").read_text())["starts"]
+    assert start["world_size"] == 1 and start["step"] == 0 and start["torch"] == torch.__version__
+    assert start["gpu"] is None and start["cpu"] and start["deepspeed"]
+
+
 def _load(over):
     from pretrain.config import load
 

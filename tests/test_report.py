@@ -114,6 +114,9 @@ def _eval_report(student_speeds: tuple[float, float, float], tmp_path) -> dict:
     (run / "checkpoints" / "latest").write_text("step_00000030")
     (run / "checkpoints" / "step_00000030" / "checkpoint.json").write_text(json.dumps({"world_size": 2}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records([30])))
+    machine = {"cpu": "Train CPU 1", "gpu": "H200", "gpus": 2, "torch": "2.13", "transformers": "5.25"}
+    starts = [{**machine, "deepspeed": "0.19.8", "world_size": 2, "step": s, "time": 0.0} for s in (0, 20)]
+    (run / "environment.json").write_text(json.dumps({"starts": starts}))
 
     def row(p: int, s: tuple[float, float, float]) -> dict:
         return {
@@ -149,6 +152,11 @@ def test_report_has_provenance_and_speed_spread(tmp_path):
     md = render_markdown(report, None)
     assert "30 optimizer steps, 1,500 tokens seen, 30 s from the first step to the last record, ranks: 2" in md
     assert "CPU Test CPU 9000, GPU none; torch 2.x, transformers 5.x" in md
+    # the training machine from the run's environment.json, each distinct machine once (two starts, one machine)
+    assert (
+        "Trained on CPU Train CPU 1, 2 x H200, 2 rank(s); torch 2.13, transformers 5.25, DeepSpeed 0.19.8 "
+        "(2 start(s), environment.json)." in md
+    )
     assert "| 4,100 [4,000-4,200] | 9,593 [9,000-9,800] | 9,688 [9,100-9,900] |" in md
     assert "valid pooled cosine 0.6000" in md and 'not the training log\'s "valid pooled cosine"' in md
 
