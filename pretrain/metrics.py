@@ -104,8 +104,9 @@ class IntervalMetrics:
         log_interval: steps between records (``train.log_interval``); peak_flops: one rank's device peak FLOP/s
         (None: no MFU; the interval's FLOPs are summed over the ranks, so MFU divides by world_size x this);
         flops_per_batch: ``(sequences, seq_len) -> FLOPs`` of one micro-batch without the LM heads;
-        flops_per_head_row: FLOPs of the LM heads per gathered row (0 without logit terms); head_rows_key:
-        ``"n_masked"`` or ``"n_tokens"`` (the rows the heads run on). :meth:`for_model` derives the FLOP counts and
+        flops_per_head_row: ``() -> FLOPs`` of the heads per row for the current loss terms (0 when no head runs;
+        called per step: stages switch the terms); head_rows_key: ``"n_masked"`` or ``"n_tokens"`` (the rows the
+        heads run on; the sequences in task distillation). :meth:`for_model` derives the FLOP counts and
         the peak from the module and the device.
     """
 
@@ -118,7 +119,7 @@ class IntervalMetrics:
         log_interval: int,
         peak_flops: float | None,
         flops_per_batch: Callable[[int, int], int],
-        flops_per_head_row: int,
+        flops_per_head_row: Callable[[], int],
         head_rows_key: str,
     ):
         self.device, self.all_reduce, self.world_size, self.log_interval = device, all_reduce, world_size, log_interval
@@ -167,6 +168,7 @@ class IntervalMetrics:
         self.counts: dict[str, torch.Tensor] = {}
         self.micro = self.steps = self.skipped = 0
         self.batch_flops = 0
+        self.head_flops = torch.zeros((), dtype=torch.float64, device=self.device)
         self.lr = 0.0
 
     def should_log(self, step: int) -> bool:
@@ -185,6 +187,7 @@ class IntervalMetrics:
         self.steps += 1
         self.lr = res.lr
         self.batch_flops += sum(self.flops_per_batch(b, n) for b, n in shapes)
+        self.head_flops = self.head_flops + res.parts[self.head_rows_key].double() * self.flops_per_head_row()
         if res.bad:
             self.skipped += 1
             return
@@ -202,19 +205,19 @@ class IntervalMetrics:
             [
                 self.counts.get("n_tokens", zero),
                 self.counts.get("n_masked", zero),
-                self.counts.get(self.head_rows_key, zero),
+                self.head_flops,
                 torch.tensor(float(self.batch_flops), device=self.device),
             ]
             + [self.sums[k] for k in keys]
         ).double()
         self.all_reduce(vec)
         values = vec.tolist()
-        tokens, masked, head_rows, flops = int(values[0]), int(values[1]), values[2], values[3]
+        tokens, masked, head_flops, flops = int(values[0]), int(values[1]), values[2], values[3]
         self.tokens_seen += tokens
         self.masked_tokens_seen += masked
         denom = max(1, self.micro * self.world_size)
         out = {k: v / denom for k, v in zip(keys, values[4:], strict=False)}
-        out.update(tokens=tokens, masked=masked, flops=flops + head_rows * self.flops_per_head_row)
+        out.update(tokens=tokens, masked=masked, flops=flops + head_flops)
         return out
 
     def record(self, step: int, epoch: int, grad_norm: float | None, loss_scale: float) -> dict[str, Any] | None:
@@ -307,10 +310,15 @@ def start_line(
 
 
 def valid_line(rec: dict[str, Any]) -> str:
-    """The console line of a valid record."""
+    """The console line of a valid record: the task metrics first in task distillation (``task_<metric>``,
+    ``task_score``, ``teacher_score``), then the pretraining / agreement fields present."""
+    task = [k for k in rec if k.startswith("task_") and k != "task_score" and isinstance(rec[k], (int, float))]
     shown = " | ".join(
         f"{k} {rec[k]:.4f}"
         for k in (
+            *task,
+            "task_score",
+            "teacher_score",
             "mlm_loss",
             "perplexity",
             "mlm_accuracy",

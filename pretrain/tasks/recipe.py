@@ -99,9 +99,12 @@ class TaskRecipe:
         """The module DeepSpeed wraps: :class:`TaskDistillationModel` (kept: its teacher computes the precomputed
         logits, on the device and in the dtype the trainer gave it)."""
         self.model = TaskDistillationModel(student, teacher, loss_cfg, record["layer_map"], regression=self.regression)
+        # the FLOP count (pretrain.flops.teacher_runs): no teacher forward in a step when its logits are precomputed
+        self.model.precomputed_teacher_logits = self.tc.teacher_logits == "precompute"
         return self.model
 
     def head_rows_key(self) -> str:
+        """The rows the classification heads run on (for the FLOP count): ``n_masked``, here the sequences."""
         return "n_masked"
 
     # -- data --------------------------------------------------------------------------------------------------
