@@ -1,11 +1,12 @@
-"""What every command line of the project shares: its program name (:func:`prog`) and its help formatter
-(:class:`HelpFormatter`, which shows each option's default)."""
+"""What every command line of the project shares: its program name (:func:`prog`), its help formatter
+(:class:`HelpFormatter`, which shows each option's default) and its progress bars (:func:`progress_bar`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Any
 
 
 def prog(fallback: str) -> str:
@@ -31,3 +32,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """:class:`HelpFormatter` that keeps the description's line breaks."""
+
+
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar on stderr: redrawn twice a second on a terminal, every 30 s into a log file."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, mininterval=0.5 if tty else 30.0)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.cli import HelpFormatter, prog
+from data_prep.cli import HelpFormatter, prog, progress_bar
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError, DistillError
 from data_prep.files import atomic_write_bytes, atomic_write_text
@@ -206,8 +206,16 @@ def embed(
         return pool(output.last_hidden_state.float(), batch["attention_mask"], pooling)
 
     batches = sorted_batches(data.lengths, batch_size)
-    out = run_batches(model.encoder, data, batches, pad_id=pad_id, device=device, head=pooled)
+    with progress_bar(len(batches), f"evaluate: embed {model.name}", "batches") as bar:
+        out = run_batches(model.encoder, data, bar_iter(batches, bar), pad_id=pad_id, device=device, head=pooled)
     return F.normalize(torch.from_numpy(out), dim=-1)
+
+
+def bar_iter(items: list, bar: Any) -> Any:
+    """Yield ``items``, advancing the progress bar ``bar`` after each."""
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 def recall_at_1(queries: torch.Tensor, keys: torch.Tensor) -> float:

@@ -221,7 +221,7 @@ def test_student_that_is_the_teacher_matches_and_previous_report_is_kept(setup, 
     assert again["student_init"]["kl_to_teacher"] == pytest.approx(report["student"]["kl_to_teacher"], rel=1e-6)
 
 
-def test_embedding_ignores_padding_and_recall(setup):
+def test_embedding_ignores_padding_and_recall(setup, capsys):
     m = ev.load_model(
         "t",
         str(setup["dirs"]["teacher"]),
@@ -230,7 +230,10 @@ def test_embedding_ignores_padding_and_recall(setup):
     )
     short, long = np.arange(5, 12), np.arange(20, 45)
     alone = ev.embed(m, [short], pad_id=0, batch_size=2, pooling="mean", device=torch.device("cpu"))
+    capsys.readouterr()
     padded = ev.embed(m, [short, long], pad_id=0, batch_size=2, pooling="mean", device=torch.device("cpu"))
+    err = capsys.readouterr().err  # the progress bar (issue 24 item 10): every batch of the total
+    assert "evaluate: embed t: 100%" in err and "1/1" in err
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
     assert padded[0].norm().item() == pytest.approx(1.0, abs=1e-6)
     q = torch.eye(4)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.cli import progress_bar
 from data_prep.files import atomic_dir
 from pretrain.losses import mean_pool
 from pretrain.tasks.base import MEAN_HEAD_FILE, REGRESSION, Task
@@ -237,16 +238,6 @@ def _fit(
                 fit.best = (dev, epoch, _state_copy(model) if epoch < cfg.epochs else None)
         bar.close()
     return fit
-
-
-def progress_bar(total: int, desc: str, unit: str) -> Any:
-    """A tqdm bar on stderr: redrawn twice a second on a terminal, every 30 s into a log file."""
-    import sys
-
-    from tqdm import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, mininterval=0.5 if tty else 30.0)
 
 
 def finetune(
