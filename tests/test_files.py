@@ -78,6 +78,16 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_every_metrics_field_of_a_run_is_documented(tiny_run):
+    """docs/metrics.md names every field a run writes to metrics.jsonl (issue 24 item 11: none did)."""
+    from pretrain.metrics import read_metrics
+
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    keys = {k for r in read_metrics(tiny_run / "metrics.jsonl") for k in r}
+    assert keys >= {"split", "step", "loss", "tokens_per_s", "mfu"}
+    assert not {k for k in keys if f"`{k}`" not in doc}
+
+
 def test_the_run_records_its_machine(tiny_run):
     """environment.json: each start's machine, frameworks, ranks and step (the report's training provenance)."""
     import json

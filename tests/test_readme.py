@@ -30,3 +30,17 @@ def test_reference_names_every_section_and_standard_terms():
         "`keep_last`",
     ):
         assert key in text, key
+
+
+def test_docs_prepare_the_folders_the_configs_read():
+    """Every `--output data/...` a document prepares for a shipped GPU config is that config's data.dir (issue 24
+    item 11: docs/data.md prepared data/wiki-books-roberta, configs/distilroberta.json read
+    data/wikibooks-roberta-512)."""
+    import json
+    import re
+
+    dirs = {json.loads(p.read_text())["data"].get("dir") for p in (ROOT / "configs").glob("distil*.json")}
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for out in re.findall(r"--output (data/[\w.-]+)", doc.read_text()):
+            if "roberta" in out or "bert" in out:
+                assert out in dirs, f"{doc.name}: prepares {out}, which no configs/distil*.json reads ({sorted(dirs)})"
