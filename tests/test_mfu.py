@@ -115,3 +115,16 @@ def test_task_runs_report_mfu_at_most_one_and_the_task_metric(task_teacher, tmp_
 def test_pretraining_valid_line_is_unchanged():
     rec = {"step": 5, "mlm_loss": 2.0, "perplexity": 7.389, "agreement": 0.5, "split": "valid"}
     assert valid_line(rec) == "valid @ step 5 | mlm_loss 2.0000 | perplexity 7.3890 | agreement 0.5000"
+
+
+def test_two_step_and_pruned_runs_report_mfu_at_most_one(task_teacher, tmp_path):
+    """The modes not run above: two-step task distillation (train.stages, the logit terms off in stage 1) and a
+    pruned, narrower pretraining student: every train record's 0 < mfu <= 1 (issue 24 item 3)."""
+    from tests.helpers import tiny_overrides
+
+    stages = [{"steps": 2, "loss": {"alpha_ce": 0.0, "alpha_mse": 1.0}}, {"steps": 2}]
+    two_step = _task_run(task_teacher, tmp_path / "two", **{"train.stages": stages})
+    over = tiny_overrides("bert", tmp_path / "pruned", steps=4, **{"student.init": "prune", "student.hidden_size": 16})
+    train_in_process(load(TINY, over))
+    mfus = [r["mfu"] for r in two_step + read_metrics(tmp_path / "pruned") if r.get("split") == "train"]
+    assert len(mfus) == 8 and all(0 < m <= 1 for m in mfus), mfus
