@@ -5,7 +5,6 @@ same CSV. A --head mean teacher, a missing field and a bare encoder are refused 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from pretrain.schema import ConfigError
 from pretrain.tasks import LocalFields
 from tests import tiny
 from tests.helpers import REPO, read_metrics, train_in_process
+from tests.test_taskmode import task_overrides
 
 WORDS = {0: ["dull", "slow", "bad", "boring", "weak"], 1: ["great", "fun", "bright", "sharp", "good"]}
 
@@ -60,28 +60,9 @@ def _finetune(encoder: str, task: str, out: Path, head: str) -> list[str]:
 
 
 def _task_run(teacher: str, task: str, out: Path, **extra) -> list[str]:
-    items = {
-        "teacher.name_or_path": teacher,
-        "task.name": task,
-        "task.text_field": "review",
-        "task.label_field": "verdict",
-        "task.max_length": 16,
-        "student.layers": [1],
-        "train.output_dir": str(out),
-        "train.max_steps": 4,
-        "train.log_interval": 1,
-        "train.eval_interval": 0,
-        "train.save_interval": 0,
-        "deepspeed.train_batch_size": 16,
-        "deepspeed.train_micro_batch_size_per_gpu": 8,
-        "deepspeed.gradient_accumulation_steps": None,
-        "loss.alpha_mlm": 0.0,
-        "loss.alpha_cos": 0.0,
-        "loss.alpha_ce": 1.0,
-        "data.dir": "",
-        **extra,
-    }
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
+    """test_taskmode's tiny task overrides on the CSV task, its fields named as the config names them."""
+    fields = {"task.name": task, "task.text_field": "review", "task.label_field": "verdict", "student.layers": [1]}
+    return task_overrides(teacher, out, steps=4, **{"task.max_length": 16, **fields, **extra})
 
 
 def test_own_csv_teacher_then_task_distillation(csv_task, encoder, tmp_path, capsys):
