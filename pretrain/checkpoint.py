@@ -341,7 +341,8 @@ class CheckpointManager:
         self._config = mine
         if tag is None:
             return None
-        assert manifest is not None  # find_resume returns both or neither
+        if manifest is None:  # find_resume returns both or neither
+            raise RuntimeError(f"checkpoint {tag}: resume point without its manifest")
         ckpt = sum(int(i["bytes"]) for i in manifest["files"].values())
         states = manifest["files"].get("mp_rank_00_model_states.pt", {}).get("bytes", 0)
         self.preflight_space(ckpt, _folder_bytes(self.run.student_init) if self.run.student_init.is_dir() else states)

@@ -87,7 +87,8 @@ def probe(spec: ModelSpec, task: Task, cfg: FinetuneConfig, *, device: torch.dev
         )
         if best is None or dev > best[0]:
             best = (dev, value, clf)
-    assert best is not None  # the grid is never empty
+    if best is None:  # the grid is never empty
+        raise RuntimeError("probe: no regularisation value was tried")
     dev, value, clf = best
     metrics = {s: compute_metrics(task.metrics, clf.predict(feats[s]), labels[s]) for s in task.report_splits}
     return {

@@ -149,7 +149,8 @@ class TaskRecipe:
         """The teacher's logits for every train example (:func:`teacher_logits_cache` under ``RUN/``)."""
         from pretrain.rundir import RunDir
 
-        assert self.model is not None  # the trainer builds the model before the loader
+        if self.model is None:  # the trainer builds the model before the loader
+            raise RuntimeError("TaskRecipe: the teacher-logit cache needs build_model first")
         teacher = self.model.teacher
         path = RunDir(self.cfg.train.output_dir).root / "teacher_logits.pt"
         return teacher_logits_cache(path, self.teacher_path, self.train, teacher, self.tokenizer.pad_token_id)
