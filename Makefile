@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint demo showcase downstream task-demo prune-demo reference clean
+.PHONY: setup test test-fast test-gpu lint demo showcase downstream task-demo prune-demo reference clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: setup lint
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow and not slurm"
+
+# the CUDA tests (marker gpu; deselected on CPU) with the machine's own CUDA torch: docs/testing.md, "GPU tests"
+test-gpu:
+	scripts/gpu_tests.sh
 
 demo: setup
 	scripts/demo.sh $(PY)

@@ -64,3 +64,26 @@ def bert_tok():
 def roberta_tok():
     """A byte-level BPE tokenizer trained on tiny.corpus() (tiny.roberta_tokenizer)."""
     return tiny.roberta_tokenizer()
+
+
+_GPU_DESELECTED: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: on a machine without it they are deselected (not skipped one by one), and the
+    summary says how many and how to run them (scripts/gpu_tests.sh on a GPU machine; docs/testing.md)."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        _GPU_DESELECTED.extend(item.nodeid for item in gpu)
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _GPU_DESELECTED:
+        terminalreporter.write_line(
+            f"{len(_GPU_DESELECTED)} gpu tests not run: no CUDA device here; scripts/gpu_tests.sh runs them on a GPU "
+            "machine (docs/testing.md, 'GPU tests')"
+        )
