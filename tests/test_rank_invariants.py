@@ -72,21 +72,27 @@ def overrides(out, teacher) -> list[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def shards():
-    """The train split of the tiny RoBERTa shards: (sequences as int64 arrays, the manifest)."""
+def shard_sequences(family: str = "roberta") -> tuple[list[np.ndarray], dict]:
+    """The train split of the tiny ``family`` shards of tests/helpers.assets: (sequences as int64 arrays, the
+    manifest)."""
     from data_prep.shards import ShardedTokens
 
-    ds = ShardedTokens(assets()["shards-roberta"], "train")
+    ds = ShardedTokens(assets()[f"shards-{family}"], "train")
     return [np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))], ds.manifest
 
 
-def reference_ids(n: int, global_micro: int) -> np.ndarray:
-    """Sequence ids of global micro-batch ``global_micro`` (all ranks, in rank order) as docs/data.md defines the
-    order: epoch e is ``default_rng([seed, e]).permutation(n)`` cut into runs of ``PER_STEP`` sequences."""
-    epoch, batch = divmod(global_micro, n // PER_STEP)
-    perm = np.random.default_rng([SEED, epoch]).permutation(n)
-    return perm[batch * PER_STEP : (batch + 1) * PER_STEP]
+@pytest.fixture(scope="module")
+def shards():
+    return shard_sequences()
+
+
+def reference_ids(n: int, global_micro: int, *, size: int = PER_STEP, seed: int = SEED) -> np.ndarray:
+    """Sequence ids of global micro-batch ``global_micro`` of ``size`` sequences (micro-batch x ranks) as
+    pretrain/data.py documents the order: epoch e is ``default_rng([seed, e]).permutation(n)`` cut into runs of
+    ``size`` (the tail that does not fill one is left out); rank r takes positions r, r + ranks, ... of a run."""
+    epoch, batch = divmod(global_micro, n // size)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[batch * size : (batch + 1) * size]
 
 
 def reference_counts(seqs: list[np.ndarray], vocab: int) -> np.ndarray:
@@ -213,9 +219,9 @@ def test_the_masker_of_a_real_run_has_the_shards_token_counts(two_ranks, one_ran
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)  # float32 rounding of the same float64 values
 
 
-def _step_tokens(seqs, ids, special) -> tuple[int, int]:
-    """(tokens, masked tokens) of one micro-batch of the sequences ``ids``: every token of each sequence; masked:
-    ceil(0.15 x its non-special tokens) (pretrain/masking.py)."""
+def micro_batch_counts(seqs: list[np.ndarray], ids, special: list[int]) -> tuple[int, int]:
+    """(tokens, masked tokens) of one micro-batch of the sequences ``ids``: every token of each sequence (no
+    padding); masked: ceil(0.15 x the micro-batch's non-special tokens) (pretrain/masking.py, token masking)."""
     batch = [seqs[i] for i in ids]
     real = sum(int(np.isin(s, special, invert=True).sum()) for s in batch)
     return sum(len(s) for s in batch), math.ceil(0.15 * real - 1e-6)
@@ -247,7 +253,7 @@ def test_one_rank_two_micro_batches_logs_what_two_ranks_log(two_ranks, one_rank,
     worst = 0.0
     for s, (a, b) in enumerate(zip(one, two, strict=True)):
         for rank in (0, 1):  # each rank's micro-batch is masked on its own: the count is per micro-batch
-            t, m = _step_tokens(seqs, reference_ids(len(seqs), s)[rank : rank + 1], special)
+            t, m = micro_batch_counts(seqs, reference_ids(len(seqs), s)[rank : rank + 1], special)
             tokens, masked = tokens + t, masked + m
         assert a["tokens_seen"] == b["tokens_seen"] == tokens, (s, a["tokens_seen"], b["tokens_seen"], tokens)
         assert a["masked_tokens_seen"] == b["masked_tokens_seen"] == masked
