@@ -41,7 +41,8 @@ from tests.helpers import (
 from tests.rank_probe import probe_file
 
 TINY = REPO / "configs" / "tiny-cpu.json"
-STEPS, PER_STEP, SEED, PAD_MULTIPLE = 3, 2, 56, 48
+STEPS, PER_STEP, PAD_MULTIPLE = 3, 2, 48
+SEED = json.loads(TINY.read_text())["train"]["seed"]  # the data order's and the masking's
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,7 @@ def shard_sequences(family: str = "roberta") -> tuple[list[np.ndarray], dict]:
 
 @pytest.fixture(scope="module")
 def shards():
+    """:func:`shard_sequences` of the RoBERTa shards the runs read."""
     return shard_sequences()
 
 
