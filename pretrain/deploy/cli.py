@@ -53,7 +53,7 @@ def deploy(
     out_dir: str | Path | None = None,
     *,
     quantize: str | None = None,
-    per_channel: bool = False,
+    per_channel: bool = True,
     reduce_range: bool = False,
     keep_embeddings_fp32: bool = False,
     tolerance: float = TOLERANCES["fp32"],
@@ -152,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a Hugging Face model folder (python -m pretrain.export wrote it)")
     p.add_argument("--output", help="output folder (default MODEL_DIR/onnx, where sentence-transformers looks)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamic-int8 model_qint8_<isa>.onnx")
-    p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
+    p.add_argument(
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: one weight scale per output channel (default; --no-per-channel: one per tensor)",
+    )
     p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (CPUs without VNNI)")
     p.add_argument(
         "--int8-mode",

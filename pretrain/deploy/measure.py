@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from pretrain.deploy.retrieval import calibration_batches, onnx_embeddings, reca
 from pretrain.deploy.speed import benchmark
 from pretrain.deploy.verify import TOLERANCES, CheckResult, OnnxRunner, check_outputs
 
-INT8_MODES = ("dynamic", "dynamic-per-channel", "static")
+INT8_MODES = ("dynamic", "dynamic-per-channel", "dynamic-per-channel-fp32-embeddings", "static")
 
 
 @dataclasses.dataclass
@@ -72,7 +73,8 @@ def _check_texts(tokenizer: Any, seqs: list[np.ndarray], n: int = 32) -> list[st
 def _int8(fp32: Path, out: Path, mode: str, data: str | Path) -> Path:
     if mode == "static":
         return quantize_static_int8(fp32, out, calibration_batches(data))
-    return quantize_int8(fp32, out, per_channel=mode == "dynamic-per-channel")
+    per_channel, keep = mode.startswith("dynamic-per-channel"), mode.endswith("fp32-embeddings")
+    return quantize_int8(fp32, out, per_channel=per_channel, exclude_embeddings=keep)
 
 
 def _retrieval_check(
@@ -110,7 +112,7 @@ def deploy_run(
     """The deployment step of the run in ``run_dir`` (the module docstring); returns the section written to
     deploy.json and report.json. Raises :class:`DeployError` without RUN/student or RUN/report.json, or for an
     unknown int8 mode."""
-    s, run_dir, t0 = settings or RunDeploySettings(), Path(run_dir), time.perf_counter()
+    s, run_dir, t0, load = settings or RunDeploySettings(), Path(run_dir), time.perf_counter(), os.getloadavg()[0]
     if s.int8 not in INT8_MODES:
         raise DeployError(f"int8 mode {s.int8!r} is not one of {', '.join(INT8_MODES)}")
     report_path, student = run_dir / "report.json", run_dir / "student"
@@ -137,7 +139,7 @@ def deploy_run(
         },
         "files": {"student": _sizes(st32, st8, run_dir), "teacher": _sizes(te32, te8, run_dir)},
         "speed": rows,
-        "machine": {**cpu_info(), "threads": s.threads, "exporter": s.exporter},
+        "machine": {**cpu_info(), "threads": s.threads, "exporter": s.exporter, "loadavg_1m": load},
         "png": "deploy_speed.png" if plot_speed(rows, run_dir / "deploy_speed.png") else None,
     }
     section["seconds"] = round(time.perf_counter() - t0, 1)

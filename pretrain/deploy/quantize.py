@@ -90,11 +90,14 @@ def quantize_static_int8(
     per_channel: bool = True,
     reduce_range: bool = False,
     op_types: Sequence[str] = ("MatMul",),
+    linear_only: bool = True,
 ) -> Path:
     """Static int8 (``onnxruntime.quantization.quantize_static``, QDQ format, MinMax calibration): weights QInt8,
     activations QInt8 with ranges fixed from ``calibration`` (numpy batches ``{input_ids, attention_mask[,
     token_type_ids]}`` int64 ``[batch, seq]``, e.g. a few batches of the run's training sequences), only the nodes of
-    ``op_types`` quantized (default MatMul; LayerNorm, Softmax and GELU stay fp32). Returns ``out_path``.
+    ``op_types`` quantized (default MatMul; LayerNorm, Softmax and GELU stay fp32), and with ``linear_only`` only
+    those with a weight (an initializer input): attention's activation x activation MatMuls stay fp32. Returns
+    ``out_path``.
 
     Raises :class:`DeployError` when ``onnx_path`` does not exist or ``calibration`` is None or empty (static
     quantization cannot fix activation ranges without data: give calibration batches, or use the dynamic
@@ -115,6 +118,7 @@ def quantize_static_int8(
         )
     names = [i.name for i in ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()]
     reader = _Batches(batches, names)
+    nodes = _weight_nodes(onnx_path, op_types) if linear_only else None
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:
@@ -124,6 +128,7 @@ def quantize_static_int8(
             reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(op_types),
+            nodes_to_quantize=nodes,
             per_channel=per_channel,
             reduce_range=reduce_range,
             activation_type=QuantType.QInt8,
@@ -133,3 +138,12 @@ def quantize_static_int8(
     finally:
         logging.getLogger().setLevel(quiet)
     return out_path
+
+
+def _weight_nodes(onnx_path: Path, op_types: Sequence[str]) -> list[str]:
+    """Names of the nodes of ``op_types`` in the graph at ``onnx_path`` that have an initializer (a weight) input."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in op_types and any(i in weights for i in n.input)]

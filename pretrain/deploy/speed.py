@@ -105,9 +105,11 @@ def markdown_table(records: list[dict]) -> str:
     if not records:
         return ""
     r0 = records[0]
+    calls = ", ".join(sorted({f"batch {r['batch']}: {r['repeats']}" for r in records}))
     head = (
         f"CPU: {r0['cpu']} ({r0['isa']}); {r0['threads']} threads; sequence {r0['seq_len']}; "
-        f"{r0['repeats']} timed calls after warm-up; load average (1 min) {r0['loadavg_1m']:.2f}\n\n"
+        f"timed calls after warm-up: {calls}; "
+        f"load average (1 min) {r0['loadavg_1m']:.2f}\n\n"
     )
     rows = ["| runtime | batch | p50 ms | p95 ms | sequences/s |", "| --- | ---: | ---: | ---: | ---: |"]
     rows += [
