@@ -408,3 +408,25 @@ def test_int8_outside_tolerance_is_written_and_marked_failing(tiny_run):
     section = {**tiny_run["section"], "int8": {**tiny_run["section"]["int8"], "student": dataclasses.asdict(check)}}
     line = next(ln for ln in render_deployment_markdown(section) if ln.startswith("| student int8"))
     assert line.endswith(f"| {100 * check.value:.2f}% | -100.0% | **FAIL** |")
+
+
+def test_export_onnx_quantize_flags(encoder_dir, tmp_path, monkeypatch, capsys):
+    """``python -m pretrain.export CKPT OUT --onnx --quantize int8`` runs the deployment export on OUT (the checkpoint
+    export itself is stubbed with a copy of a model folder: tests/test_export.py covers it)."""
+    import shutil
+
+    from pretrain import export
+
+    out = tmp_path / "student"
+
+    def fake_export(checkpoint_dir, dest, tag=None, *, overwrite=False):
+        shutil.copytree(encoder_dir, dest, ignore=shutil.ignore_patterns("onnx"))
+        return dest
+
+    monkeypatch.setattr(export, "export_checkpoint", fake_export)
+    assert export.main([str(tmp_path / "ckpt"), str(out), "--onnx", "--quantize", "int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"exported {out}" and lines[1].startswith("PASS fp32 ONNX vs PyTorch")
+    assert {"model.onnx", quantize.int8_filename(), "checks.json"} <= {p.name for p in (out / "onnx").iterdir()}
+    shutil.rmtree(out)
+    assert export.main([str(tmp_path / "ckpt"), str(out)]) == 0 and not (out / "onnx").exists()  # no flag: no ONNX
