@@ -124,8 +124,11 @@ if [[ -f $RUN/deploy.json && $RUN/deploy.json -nt $RUN/student/model.safetensors
 else
   rc=0
   "$PY" -m pretrain.deploy.measure "$RUN" --teacher "$TEACHER" --data "$DATA" || rc=$?
-  [[ $rc -eq 1 ]] && echo "[demo] a check is outside its tolerance: its graph is written and the report marks it FAIL with the number"
-  [[ $rc -gt 1 ]] && fail "5 (deploy)" "See the error above; the trained student and the report are in $RUN." 7
+  if [[ $rc -eq 1 ]]; then
+    echo "[demo] a check is outside its tolerance: its graph is written and the report marks it FAIL with the number"
+  elif [[ $rc -gt 1 ]]; then
+    fail "5 (deploy)" "See the error above; the trained student and the report are in $RUN." 7
+  fi
 fi
 echo
 awk '/^## Deployment/ {on=1} /^## Loss curves/ {on=0} on' "$RUN/report.md"
