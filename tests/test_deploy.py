@@ -64,8 +64,8 @@ def classifier_dir(tmp_path_factory, roberta_tok):
         max_position_embeddings=130,
         pad_token_id=roberta_tok.pad_token_id,
         type_vocab_size=1,
-        num_labels=3,
     )
+    cfg.num_labels = 3  # a PretrainedConfig property (the config class's typed __init__ does not list it)
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(cfg).eval()
     folder = tiny.save_model_dir(tmp_path_factory.mktemp("cls") / "model", model, roberta_tok)
@@ -317,7 +317,8 @@ def test_export_model_leaves_eval_mode(bert_tok, tmp_path):
 # ------------------------------------------------------------------------------------ static int8, the run's step
 def test_static_int8_needs_calibration_and_tracks_fp32(encoder_dir, bert_tok, tmp_path):
     fp32 = encoder_dir / "onnx/model.onnx"
-    for missing in (None, []):
+    nothing: list[list[dict[str, np.ndarray]] | None] = [None, []]
+    for missing in nothing:
         with pytest.raises(common.DeployError, match="needs a calibration set"):
             quantize.quantize_static_int8(fp32, tmp_path / "s.onnx", missing)
     assert not (tmp_path / "s.onnx").exists()
@@ -359,8 +360,8 @@ def tiny_run(tmp_path_factory):
         valid_fraction=0.5, num_proc=0, progress=False,
     )  # fmt: skip
     prepare(cfg)
-    kw = {"bench_batch": 2, "bench_length": 8, "bench_warmup": 1, "bench_iters": 1, "batch_size": 16}
-    report = ev.evaluate(str(s_dir), str(t_dir), data, root / "run", **kw)
+    kw = ev.EvalSettings(bench_batch=2, bench_length=8, bench_warmup=1, bench_iters=1, batch_size=16)
+    report = ev.evaluate(str(s_dir), str(t_dir), data, root / "run", settings=kw)
     settings = RunDeploySettings(threads=1, batches=(1, 2), seq_len=16, warmup={1: 1, 2: 1}, repeats={1: 2, 2: 2})
     return {"run": root / "run", "report": report, "section": deploy_run(root / "run", t_dir, data, settings)}
 
