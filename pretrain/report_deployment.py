@@ -80,7 +80,8 @@ def render_deployment_markdown(dep: dict[str, Any]) -> list[str]:
         calls = ", ".join(sorted({f"batch {r['batch']}: {r['repeats']} timed calls" for r in rows}))
         lines += [
             f"- Speed: sequence {rows[0]['seq_len']} tokens (random ids, no padding), {m.get('threads')} threads for "
-            f"every runtime, after warm-up calls ({calls}); CPU {m.get('model')}, {m.get('cores')} logical cores, "
+            f"every runtime (PyTorch with SDPA attention), after warm-up calls ({calls}); CPU {m.get('model')}, "
+            f"{m.get('cores')} logical cores, "
             f"ISA flags {' '.join(m.get('isa') or []) or 'none found'}; graphs exported with {m.get('exporter')}. "
             f"Speed-ups are throughput ratios. Load average (1 min) at the start: {m.get('loadavg_1m', 0):.1f}; "
             "timings on a busy machine are noisy.",
