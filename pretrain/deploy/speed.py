@@ -40,6 +40,10 @@ def _stats(times: list[float], batch: int) -> dict[str, float]:
     }
 
 
+def _per_batch(calls: int | Mapping[int, int], batch: int) -> int:
+    return calls if isinstance(calls, int) else int(calls[batch])
+
+
 def _inputs(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
     ids = np.random.default_rng(0).integers(5, max(vocab, 6), (batch, seq_len), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
@@ -53,12 +57,13 @@ def benchmark(
     threads: int = 2,
     batches: tuple[int, ...] = (1, 32),
     seq_len: int = 128,
-    warmup: int = 3,
-    repeats: int = 20,
+    warmup: int | Mapping[int, int] = 3,
+    repeats: int | Mapping[int, int] = 20,
 ) -> list[dict]:
     """Time ``pytorch-fp32`` (the folder's model) and each ``{runtime name: ONNX file}`` of ``onnx_paths`` (e.g.
     ``{"onnxruntime-fp32": ..., "onnxruntime-int8": ...}``) at each batch size of ``batches`` with ``seq_len`` tokens,
     ``threads`` intra-op threads for every runtime (``torch.set_num_threads`` / ``intra_op_num_threads``).
+    ``warmup`` / ``repeats``: untimed / timed calls, one number for every batch size or ``{batch: calls}``.
 
     Returns one dict per (runtime, batch): runtime, batch, seq_len, threads, repeats, p50_ms, p95_ms,
     throughput_seq_s, cpu, isa, loadavg_1m. torch's thread count is restored afterwards.
@@ -85,8 +90,9 @@ def benchmark(
         for name, run in runners.items():
             for batch in batches:
                 inputs = _inputs(batch, seq_len, vocab)
-                times = _time(functools.partial(run, inputs), warmup, repeats)
-                base = {"runtime": name, "batch": batch, "seq_len": seq_len, "threads": threads, "repeats": repeats}
+                n_warm, n_rep = _per_batch(warmup, batch), _per_batch(repeats, batch)
+                times = _time(functools.partial(run, inputs), n_warm, n_rep)
+                base = {"runtime": name, "batch": batch, "seq_len": seq_len, "threads": threads, "repeats": n_rep}
                 records.append({**base, **_stats(times, batch), "cpu": info["model"], "isa": " ".join(info["isa"])})
                 records[-1]["loadavg_1m"] = load
     finally:
@@ -99,9 +105,11 @@ def markdown_table(records: list[dict]) -> str:
     if not records:
         return ""
     r0 = records[0]
+    calls = ", ".join(sorted({f"batch {r['batch']}: {r['repeats']}" for r in records}))
     head = (
         f"CPU: {r0['cpu']} ({r0['isa']}); {r0['threads']} threads; sequence {r0['seq_len']}; "
-        f"{r0['repeats']} timed calls after warm-up; load average (1 min) {r0['loadavg_1m']:.2f}\n\n"
+        f"timed calls after warm-up: {calls}; "
+        f"load average (1 min) {r0['loadavg_1m']:.2f}\n\n"
     )
     rows = ["| runtime | batch | p50 ms | p95 ms | sequences/s |", "| --- | ---: | ---: | ---: | ---: |"]
     rows += [
