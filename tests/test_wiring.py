@@ -150,12 +150,9 @@ def project(model: DistillationModel, s: int, h: torch.Tensor) -> torch.Tensor:
 def reference_terms(model: DistillationModel, cfg: LossConfig, batch) -> dict[str, torch.Tensor]:
     """Every active term of ``cfg`` from the raw model outputs (fp64, differentiable w.r.t. the student)."""
     ids, am, labels = batch
-    student, teacher = model.student, model.teacher
     with torch.no_grad():
-        t_out = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
-    s_out = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
-    t_hs, s_hs = t_out.hidden_states, s_out.hidden_states
-    n_s, n_t = len(s_hs) - 1, len(t_hs) - 1
+        t_out = model.teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
+    s_out = model.student(input_ids=ids, attention_mask=am, output_hidden_states=True)
     active, out = cfg.active(), {}
     rows = labels != -100 if cfg.restrict_ce_to_mask else am.bool()
     if "ce" in active:
@@ -163,6 +160,14 @@ def reference_terms(model: DistillationModel, cfg: LossConfig, batch) -> dict[st
     if "mlm" in active:
         sel = labels != -100
         out["mlm"] = cross_entropy(s_out.logits[sel], labels[sel])
+    out.update(representation_reference(model, cfg, s_out.hidden_states, t_out.hidden_states, am))
+    return out
+
+
+def representation_reference(model, cfg: LossConfig, s_hs, t_hs, am: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The hidden-state and relation terms of ``cfg`` from the hidden-state tuples (index 0 = embeddings output)."""
+    n_s, n_t = len(s_hs) - 1, len(t_hs) - 1
+    active, out = cfg.active(), {}
     if "cos" in active:
         pairs = [(n_s, n_t)] if cfg.cos_layers == "last" else PAIRS
         out["cos"] = torch.stack(
@@ -173,13 +178,13 @@ def reference_terms(model: DistillationModel, cfg: LossConfig, batch) -> dict[st
     if "pool" in active:
         diff = mean_pooled(project(model, n_s, s_hs[n_s]), am) - mean_pooled(t_hs[n_t], am)
         out["pool"] = diff.pow(2).mean()
-    heads = cfg.relation_heads or student.config.num_attention_heads
+    heads = cfg.relation_heads or model.student.config.num_attention_heads
     layers = [(n_s - 1, n_t - 1)] if cfg.relation_layers == "last" else [(s - 1, t - 1) for s, t in PAIRS]
     for term in ("att", "val"):
         if term in active:
             kls = []
             for ls, lt in layers:
-                (qs, ks, vs), (qt, kt, vt) = qkv(student, s_hs, ls), qkv(teacher, t_hs, lt)
+                (qs, ks, vs), (qt, kt, vt) = qkv(model.student, s_hs, ls), qkv(model.teacher, t_hs, lt)
                 t_pair, s_pair = ((qt, kt), (qs, ks)) if term == "att" else ((vt, vt), (vs, vs))
                 kls.append(relation_kl(t_pair, s_pair, am, heads))
             out[term] = torch.stack(kls).mean()
@@ -205,26 +210,28 @@ def assert_grads_close(name: str, got: list[torch.Tensor], want: list[torch.Tens
     assert_close_recorded(f"{name} gradients", g, w, rtol=GRAD_RTOL, atol=GRAD_FLOOR * scale)
 
 
-def check_against_reference(model, cfg: LossConfig, batch, *, min_value: float = 1e-3) -> dict[str, float]:
+def check_against_reference(model, cfg: LossConfig, batch) -> dict[str, float]:
     """The module's reported terms and total, and the gradient of its loss w.r.t. every trainable parameter, against
     :func:`reference_terms`; returns the reference values."""
-    params = trainable(model)
     loss, logs = model(*batch)
-    ref = reference_terms(model, cfg, batch)
+    return assert_matches(model, cfg, loss, logs, reference_terms(model, cfg, batch))
+
+
+def assert_matches(model, cfg: LossConfig, loss, logs, ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``logs["loss_<term>"]`` == ``ref[term]`` for every active term (each > 1e-3: a term that could not be wrong is
+    no test), ``loss`` == sum of alpha x ref, and their gradients w.r.t. the model's trainable parameters agree."""
     active = cfg.active()
     assert set(ref) == set(active)
     assert {k for k in logs if k.startswith("loss_")} == {f"loss_{n}" for n in active}
-    for name, value in ref.items():
-        assert float(value.detach()) > min_value, (
-            name,
-            float(value.detach()),
-        )  # a term that could not be wrong is no test
-        got = float(logs[f"loss_{name}"])
-        assert_close_recorded(f"loss_{name}", got, float(value.detach()), rtol=VALUE_RTOL, atol=0)
+    values = {n: float(v.detach()) for n, v in ref.items()}
+    for name, value in values.items():
+        assert value > 1e-3, (name, value)
+        assert_close_recorded(f"loss_{name}", float(logs[f"loss_{name}"]), value, rtol=VALUE_RTOL, atol=0)
     ref_total = torch.stack([active[n] * v for n, v in ref.items()]).sum()
     assert_close_recorded("loss", float(loss.detach()), float(ref_total.detach()), rtol=VALUE_RTOL, atol=0)
+    params = trainable(model)
     assert_grads_close("loss", grads_of(loss, params), grads_of(ref_total, params))
-    return {n: float(v.detach()) for n, v in ref.items()}
+    return values
 
 
 @pytest.fixture(autouse=True, scope="module")
