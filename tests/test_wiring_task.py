@@ -56,7 +56,6 @@ def classifier_pair(tok, num_labels: int):
         intermediate_size=128,
         max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
-        num_labels=num_labels,
         id2label={i: f"c{i}" for i in range(num_labels)},
         label2id={f"c{i}": i for i in range(num_labels)},
     )
