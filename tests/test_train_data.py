@@ -150,7 +150,8 @@ def reference_documents(directory, split: str) -> list[list[int]]:
         assert index[0] == 0 and index[-1] == len(tokens)
         content += [tokens[a + 1 : b - 1] for a, b in itertools.pairwise(index.tolist())]
     stream = np.concatenate(content).tolist()
-    docs, current = [], []
+    docs: list[list[int]] = []
+    current: list[int] = []
     for t in stream:
         if t == sep:
             docs.append(current)
@@ -250,7 +251,7 @@ def test_find_resume_skips_bad_checkpoints_with_a_warning(tmp_path):
     fake_tag(root, 10)
     fake_tag(root, 15, complete=False)  # cut off while saving
     tag, manifest, notes = mgr.find_resume()
-    assert tag == "step_00000010" and manifest["step"] == 10
+    assert tag == "step_00000010" and manifest is not None and manifest["step"] == 10
     assert len(notes) == 1 and "step_00000015" in notes[0] and "did not finish" in notes[0]
     (root / "step_00000010" / "hf" / "config.json").write_bytes(b"[]")  # same size, other bytes
     tag, _, notes = mgr.find_resume()
