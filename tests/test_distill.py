@@ -4,6 +4,7 @@ teacher."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from pretrain.student import StudentConfig, build_student
 from tests import tiny
 from tests.helpers import assert_close_recorded
 
-ALL_TERMS = {
+ALL_TERMS: dict[str, Any] = {
     "alpha_ce": 5.0,
     "alpha_mlm": 2.0,
     "alpha_cos": 1.0,
@@ -25,7 +26,7 @@ ALL_TERMS = {
     "alpha_val": 1.0,
     "alpha_pool": 1.0,
 }
-REPR_TERMS = {
+REPR_TERMS: dict[str, Any] = {
     "alpha_ce": 0.0,
     "alpha_mlm": 0.0,
     "alpha_cos": 1.0,
@@ -152,7 +153,8 @@ def test_teacher_is_frozen_and_not_registered(bert_tok):
     assert loss.dtype == torch.float32 and loss.requires_grad
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
-    assert student.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+    query = dict(student.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"]
+    assert query.grad is not None
     assert not any(m._forward_hooks for m in student.modules()), "hooks must not outlive the forward"
 
 
@@ -215,7 +217,9 @@ def test_random_width_student_uses_projections(bert_tok):
     assert any(k.startswith("projections.") for k in model.state_dict())
     loss, _ = model(*masked_batch(bert_tok))
     loss.backward()
-    assert model.projections["h1"].weight.grad is not None and model.projections["h2"].weight.grad.abs().sum() > 0
+    assert model.projections is not None
+    grads = {n: p.grad for n, p in model.projections.named_parameters()}
+    assert grads["h1.weight"] is not None and grads["h2.weight"] is not None and grads["h2.weight"].abs().sum() > 0
     with pytest.raises(ConfigError, match=r"loss\.relation_heads"):
         DistillationModel(student, teacher, LossConfig(**ALL_TERMS, relation_heads=3), record["layer_map"])
     with pytest.raises(ConfigError, match=r"loss\.layer_pairs"):
@@ -256,7 +260,8 @@ def test_aligned_vocab_gives_the_plain_products_values_and_gradients():
     x = torch.randn(5, 16, requires_grad=True)
     ref = lin(x)
     ref.square().sum().backward()
-    ref_grads = [t.grad.clone() for t in (x, lin.weight, lin.bias)]
+    ref_grads = [t.grad.clone() for t in (x, lin.weight, lin.bias) if t.grad is not None]
+    assert len(ref_grads) == 3
     for t in (x, lin.weight, lin.bias):
         t.grad = None
     with aligned_vocab(lin, 64):
@@ -288,7 +293,7 @@ def test_vocab_projection_found_for_each_head_layout():
     from pretrain.distill import vocab_projection
     from pretrain.student import mlm_head
 
-    small = {
+    small: dict[str, Any] = {
         "vocab_size": 101,
         "hidden_size": 16,
         "num_hidden_layers": 1,
