@@ -215,8 +215,28 @@ def test_projection_starts_from_the_channel_selection(bert_tok):
     assert not torch.equal(next(iter(m2.projections.values())).bias, torch.zeros(32))
     m3 = DistillationModel(rnd, teacher, loss, rec["layer_map"], hidden_channels=list(range(0, 32, 2)))
     assert torch.equal(next(iter(m3.projections.values())).weight[::2], torch.eye(16))
-    loss_value, _ = model(cal[0]["input_ids"], cal[0]["attention_mask"], torch.full_like(cal[0]["input_ids"], -100))
-    assert torch.isfinite(loss_value)
+    ids, am = cal[0]["input_ids"], cal[0]["attention_mask"]
+    loss_value, logs = model.eval()(ids, am, torch.full_like(ids, -100))  # eval: no dropout
+    # the hidden MSE recomputed from the raw hidden states and the selection alone: at initialisation a projection
+    # puts student channel j on teacher channel ch[j] and 0 on the pruned channels, so per pair (student state i,
+    # teacher state layer_map[i], the last with the last) the error is sum over kept channels of (h_s[j] -
+    # h_t[ch[j]])^2 plus sum over pruned channels of h_t^2, over 32 units, mean over real tokens, then over pairs
+    with torch.no_grad():
+        hs = student(input_ids=ids, attention_mask=am, output_hidden_states=True).hidden_states
+        ht = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True).hidden_states
+    lm = record["layer_map"]
+    pairs = [(i, lm[i]) for i in range(1, len(lm))] + [(len(lm), len(ht) - 1)]
+    real, pruned = am.bool(), [c for c in range(32) if c not in ch]
+    per_pair = [
+        ((hs[i].double() - ht[t][..., ch].double()).pow(2).sum(-1) + ht[t][..., pruned].double().pow(2).sum(-1))[
+            real
+        ].mean()
+        / 32
+        for i, t in pairs
+    ]
+    want = float(sum(per_pair)) / len(per_pair)
+    assert want > 1e-3 and float(logs["loss_mse"]) == pytest.approx(want, rel=1e-5)  # fp32 sums vs float64
+    assert float(loss_value.detach()) == pytest.approx(float(logs["loss_mse"]) + float(logs["loss_att"]), rel=1e-6)
 
 
 @pytest.mark.parametrize(
