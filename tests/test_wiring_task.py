@@ -45,9 +45,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def classifier_pair(tok, num_labels: int):
+def classifier_pair(tok, num_labels: int, **config: Any):
     """(teacher classifier, student copied from its layers 0 and 2 and perturbed, layer map). The teacher's
-    classifier weights x 40: logits of a few units, so that the temperature matters."""
+    classifier weights x 40: logits of a few units, so that the temperature matters. ``config``: more BertConfig
+    keys."""
     cfg = BertConfig(
         vocab_size=len(tok),
         hidden_size=32,
@@ -58,6 +59,7 @@ def classifier_pair(tok, num_labels: int):
         pad_token_id=tok.pad_token_id,
         id2label={i: f"c{i}" for i in range(num_labels)},
         label2id={f"c{i}": i for i in range(num_labels)},
+        **config,
     )
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(cfg).eval()
@@ -168,3 +170,69 @@ def test_regression_terms_against_reference(case, regressors, pair_batch):
     ref = task_reference(model, cfg, pair_batch, scores, regression=True)
     assert_matches(model, cfg, loss, logs, ref)
     assert T == 2.0  # the KL's temperature is not used for regression: MSE of the raw outputs
+
+
+# ----------------------------------------------------------------------------------- a regression task, end to end
+def test_regression_task_distillation_runs_and_its_first_step_equals_a_recomputation(tmp_path):
+    """Task distillation of a regression task (a CSV of scores, a one-output teacher) on the trainer: it runs, the
+    student keeps one output, and step 1's logged terms equal a recomputation from the exported initial student and
+    the teacher on the step's two micro-batches (the trainer's data order, padded to 8): MSE to the teacher's output
+    and to the gold score, mean over the micro-batches (fp32, rtol 1e-5)."""
+    import csv
+
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pretrain.config import load
+    from pretrain.data import DataOrder
+    from pretrain.tasks import LocalFields, load_task
+    from pretrain.tasks.examples import collate, encode
+    from tests.helpers import REPO, read_metrics, train_in_process
+    from tests.test_taskmode import task_overrides
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    lines = tiny.corpus(1)
+    scores: dict[str, list[float]] = {}
+    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
+        scores[split] = [round(float(rng.uniform(0, 5)), 2) for _ in range(n)]
+        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["sentence", "score"])
+            for i in range(n):
+                words = rng.choice(" ".join(lines).split(), size=int(rng.integers(3, 12)))
+                w.writerow([" ".join(words) + f" {split}{i}", scores[split][i]])
+    tok = tiny.bert_tokenizer()
+    # no dropout (the trainer's forward is then the recomputation's function); weights of std 0.2, so that the
+    # layers the student leaves out change the output
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0}
+    teacher = classifier_pair(tok, 1, problem_type="regression", initializer_range=0.2, **no_dropout)[0]
+    teacher_dir = tiny.save_model_dir(tmp_path / "teacher", teacher, tok)
+    out = tmp_path / "run"
+    extra: dict[str, Any] = {"task.name": f"csv:{folder}", "task.text_field": "sentence", "task.label_field": "score"}
+    extra.update({"loss.alpha_label": 0.5, "loss.temperature": 2.0, "student.layers": [0, 2]})
+    cfg = load(REPO / "configs" / "tiny-cpu.json", task_overrides(str(teacher_dir), out, steps=2, **extra))
+    train_in_process(cfg)
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2]
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert student.config.num_labels == 1 and student.config.problem_type == "regression"
+    # step 1 recomputed: the train split as the recipe encodes it, the first two micro-batches of the data order
+    init = AutoModelForSequenceClassification.from_pretrained(out / "student_init").eval()
+    task = load_task(f"csv:{folder}", fields=LocalFields(text="sentence", label="score"))
+    assert task.kind == "regression"
+    train = encode(AutoTokenizer.from_pretrained(teacher_dir), task.splits["train"], cfg.task.max_length, False)
+    order = DataOrder(len(train), micro_batch=8, world_size=1, rank=0, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    ce, label = [], []
+    for b in range(2):
+        batch = collate(train, order.indices(0, b), tok.pad_token_id, multiple=8)
+        with torch.no_grad():
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            s, t = init(**kw).logits.double(), teacher(**kw).logits.double()
+        ce.append(float((s - t).pow(2).mean()))
+        gold = torch.tensor([scores["train"][i] for i in order.indices(0, b)], dtype=torch.float64)  # the CSV's
+        label.append(float((s[:, 0] - gold).pow(2).mean()))
+    assert recs[0]["loss_ce"] == pytest.approx(np.mean(ce), rel=1e-5) and np.mean(ce) > 1e-3
+    assert recs[0]["loss_label"] == pytest.approx(np.mean(label), rel=1e-5)
+    assert recs[0]["loss"] == pytest.approx(np.mean(ce) + 0.5 * np.mean(label), rel=1e-5)
