@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,13 +52,14 @@ def _model(seed: int):
     import torch
 
     torch.manual_seed(seed)
-    layers = [torch.nn.LayerNorm(SIZES[0])]
+    norm = torch.nn.LayerNorm(SIZES[0])
+    layers: list[torch.nn.Module] = [norm]
     for a, b in itertools.pairwise(SIZES):
         layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
     model = torch.nn.Sequential(*layers[:-1])
     with torch.no_grad():
-        model[0].weight.normal_(1.0, 0.5)
-        model[0].bias.normal_(0.0, 0.1)
+        norm.weight.normal_(1.0, 0.5)
+        norm.bias.normal_(0.0, 0.1)
     model[0].requires_grad_(False)
     model.register_buffer("offset", torch.randn(SIZES[0]) * 0.1)  # used in forward: x + offset
     return model
@@ -150,14 +152,14 @@ def worker(spec: dict) -> None:
     stage, dtype, fused = spec["stage"], spec["dtype"], spec["fused"]
     config = _ds_config(stage, dtype, fused, ws)
     load = spec.get("load")
-    universal = bool(load) and load["how"] == "universal"
+    universal = load is not None and load["how"] == "universal"
     if universal:
         config = reshard.with_universal_load(config)
     model = _model(spec.get("seed", 0))
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
     )
-    report = {"world_size": ws, "losses": {}}
+    report: dict[str, Any] = {"world_size": ws, "losses": {}}
     step = 0
     if load:
         root, tag = Path(load["root"]), load["tag"]
