@@ -211,7 +211,7 @@ def test_whole_word_masking_keeps_words_whole(family):
                 assert sum(taken) == int(sel.sum())  # nothing outside the units
                 assert n_tgt <= int(sel.sum()) < n_tgt + max(taken), (n_tgt, int(sel.sum()), max(taken))
             for i, ws in enumerate(word_ids):
-                groups = {}
+                groups: dict[int, list[bool]] = {}
                 for pos, w in enumerate(ws):
                     if w is not None:
                         groups.setdefault(w, []).append(bool(sel[i, pos]))

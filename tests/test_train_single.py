@@ -12,6 +12,7 @@ import math
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def shipped_overrides(path: Path, out: Path) -> list[str]:
     cfg = load(path)
     family = "roberta" if "roberta" in cfg.teacher.name_or_path.lower() else "bert"
     has_head = cfg.loss.alpha_ce > 0 or cfg.loss.alpha_mlm > 0
-    extra = {
+    extra: dict[str, Any] = {
         "deepspeed.fp16.enabled": False,
         "train.eval_interval": 2,
         "train.eval_sequences": 8,
