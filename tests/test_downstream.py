@@ -125,6 +125,68 @@ def test_metrics_match_sklearn_and_scipy():
         compute_metrics(("bleu",), p, y)
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given the mean of their ranks (Spearman's definition)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_on_random_predictions_match_hand_formulas_and_sklearn_scipy(seed):
+    """GLUE's metrics on 300 random, partly right predictions: accuracy, F1 of class 1 (2TP / (2TP + FP + FN)), MCC
+    ((TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)); sklearn's multi-class form for 3 classes), Pearson
+    (covariance over the standard deviations) and Spearman (Pearson of the tie-averaged ranks; the scores rounded
+    so that ties occur), each by hand here and by sklearn / scipy (float64: rel 1e-9)."""
+    from scipy import stats
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(seed)
+    n = 300
+    y = rng.integers(0, 2, n)
+    p = np.where(rng.random(n) < 0.7, y, rng.integers(0, 2, n))  # ~85% right, not symmetric in the two classes
+    p[:40] = 1  # more false positives than false negatives: F1 of class 0 differs from F1 of class 1
+    tp, tn = int(((p == 1) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
+    fp, fn = int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
+    got = compute_metrics(("accuracy", "f1", "matthews_correlation"), p, y)
+    hand = {
+        "accuracy": (tp + tn) / n,
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "matthews_correlation": (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)),
+    }
+    assert got == pytest.approx(hand, rel=1e-9)
+    assert got == pytest.approx(
+        {
+            "accuracy": skm.accuracy_score(y, p),
+            "f1": skm.f1_score(y, p),
+            "matthews_correlation": skm.matthews_corrcoef(y, p),
+        },
+        rel=1e-9,
+    )
+    assert abs(got["f1"] - 2 * tn / (2 * tn + fp + fn)) > 0.01  # the positive class matters
+    y3 = rng.integers(0, 3, n)
+    p3 = np.where(rng.random(n) < 0.6, y3, rng.integers(0, 3, n))
+    got3 = compute_metrics(("accuracy", "matthews_correlation"), p3, y3)
+    assert got3["accuracy"] == pytest.approx(float(np.mean(p3 == y3)), rel=1e-12)
+    assert got3["matthews_correlation"] == pytest.approx(skm.matthews_corrcoef(y3, p3), rel=1e-9)
+    yr = np.round(rng.normal(size=n), 1)
+    pr = np.round(yr + rng.normal(scale=0.8, size=n) + 0.3 * yr**2, 1)  # monotone-ish, not linear; ties
+    got = compute_metrics(("pearson", "spearmanr"), pr, yr)
+    assert got == pytest.approx({"pearson": _pearson(pr, yr), "spearmanr": _pearson(_ranks(pr), _ranks(yr))}, rel=1e-9)
+    want = {"pearson": stats.pearsonr(pr, yr)[0], "spearmanr": stats.spearmanr(pr, yr)[0]}
+    assert got == pytest.approx(want, rel=1e-9)
+    assert abs(got["pearson"] - got["spearmanr"]) > 1e-3 and len(np.unique(pr)) < n  # distinct, with ties
+
+
 # ----------------------------------------------------------------------------------------------------------- splits
 def test_splits_deterministic_stratified_disjoint(tmp_path):
     labels = np.array([0] * 700 + [1] * 200 + [2] * 100)
@@ -232,12 +294,27 @@ def test_probe_beats_chance(bert_tiny):
     assert r["c"] in ds.PROBE_C and r["embed_examples_per_s"] > 0
 
 
-def test_regression_and_pair_paths(tiny_dir, tmp_path):
+def test_regression_and_pair_paths(tiny_dir, tmp_path, monkeypatch):
+    """A regression pair task from CSV through fine-tuning: the reported Pearson / Spearman are scipy's on the
+    predictions the run made for the test split's gold scores (seen through compute_metrics), not merely finite."""
+    from scipy import stats
+
+    import pretrain.tasks.finetune as ft
+
+    calls = []
+
+    def spy(metrics, predictions, labels):
+        out = compute_metrics(metrics, predictions, labels)
+        calls.append((np.array(predictions), np.array(labels), out))
+        return out
+
+    monkeypatch.setattr(ft, "compute_metrics", spy)
     rng = np.random.default_rng(0)
-    rows = []
+    rows, scores = [], []
     for i in range(120):
         n = int(rng.integers(2, 14))
         rows.append([" ".join(rng.choice(WORDS, size=n)) + f" {i}", " ".join(rng.choice(WORDS, size=3)), n / 3.0])
+        scores.append(n)
     folder = tmp_path / "pairs"
     folder.mkdir()
     _write_csv(folder / "train.csv", ["sentence1", "sentence2", "score"], rows[:80])
@@ -258,7 +335,12 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
         progress=lambda s: None,
     )
     m = res["tasks"][f"csv:{folder}"]["results"]["a"]["runs"][0]["metrics"]["test"]
-    assert set(m) == {"pearson", "spearmanr"} and all(np.isfinite(v) for v in m.values())
+    assert set(m) == {"pearson", "spearmanr"}
+    preds, gold, reported = calls[-1]  # the test split, evaluated after training (the dev split before, per epoch)
+    assert reported == m and sorted(gold.tolist()) == pytest.approx(sorted(n_words / 3.0 for n_words in scores[100:]))
+    assert preds.dtype.kind == "f" and np.ptp(preds) > 0  # real scores: the correlations are defined
+    want = {"pearson": stats.pearsonr(preds, gold)[0], "spearmanr": stats.spearmanr(preds, gold)[0]}
+    assert m == pytest.approx(want, rel=1e-9, abs=1e-12)
     # the mean-pooled head (for sentence encoders) on the same task; --save-model keeps encoder + head
     res = ds.run_downstream(
         [f"csv:{folder}"],
@@ -280,7 +362,7 @@ def test_regression_and_pair_paths(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
 
     enc = ds.encode(AutoTokenizer.from_pretrained(tiny_dir), task.splits["test"], 64)
-    assert all(1 in t for t in enc.types)
+    assert enc.types is not None and all(1 in t for t in enc.types)
     # probe: Ridge on the regression task, classification pair task from jsonl
     res = ds.run_downstream(
         [f"csv:{folder}"], {"a": str(tiny_dir)}, out, mode="probe", fields=fields, plot=False, progress=lambda s: None
@@ -461,8 +543,8 @@ def test_exported_student_loads_with_token_classification_and_qa_heads(tmp_path,
     res.loss.backward()
     assert torch.isfinite(res.loss) and all(p.grad is not None for p in qa.qa_outputs.parameters())
     # the encoder weights are the exported student's
-    emb = student.base_model.embeddings.word_embeddings.weight
-    assert torch.equal(tc.base_model.embeddings.word_embeddings.weight, emb)
+    emb = student.get_input_embeddings().weight
+    assert isinstance(emb, torch.Tensor) and torch.equal(tc.get_input_embeddings().weight, emb)
 
 
 # ------------------------------------------------------------------------------- one collation, one prediction loop

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from pretrain.metrics import read_metrics
 from pretrain.report import curve_keys, plot_loss_curves
 from pretrain.student import StudentConfig, build_student
 from tests import tiny
-from tests.helpers import assert_effect
+from tests.helpers import assert_effect, torch_threads
 
 SEQ = 48  # max_seq_length of the shards
 
@@ -119,7 +120,7 @@ def setup(tmp_path_factory):
     return {"root": root, "tok": tok, "dirs": dirs, "run": run, "data": data, "valid": ShardedTokens(data, "valid")}
 
 
-KW = {"bench_batch": 4, "bench_length": 16, "bench_warmup": 1, "bench_iters": 2, "batch_size": 16}
+KW: dict[str, Any] = {"bench_batch": 4, "bench_length": 16, "bench_warmup": 1, "bench_iters": 2, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -416,3 +417,56 @@ def test_pooling_mode_of_a_hub_name_reads_its_modules_json(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "('cls', False)"
+
+
+# ------------------------------------------------------------------------------------ validation against a hand count
+def _softmax_np(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_validation_kl_is_teacher_to_student_by_hand():
+    """The in-run validation (pretrain.validate.Validator, the same mlm_sums as pretrain.evaluate) on a tiny batch: its
+    kl_to_teacher equals KL(teacher || student) = sum p_t (log p_t - log p_s) over the vocabulary, mean over the masked
+    positions, computed here in float64 numpy from the two models' own MLM logits; the reverse direction differs by
+    far more than the tolerance (the teacher head's LayerNorm gain x 40: a peaked teacher, a flat random student).
+    Loss, accuracy and agreement are checked the same way. Budget: fp32 logits, fp32 log-softmax in the product,
+    float64 sums: rtol 1e-5."""
+    from types import SimpleNamespace
+
+    from pretrain.data import collate
+    from pretrain.masking import MaskingConfig
+    from pretrain.validate import Validator
+
+    tok = tiny.bert_tokenizer()
+    teacher, student = tiny.bert_model(tok, layers=2), tiny.bert_model(tok, layers=2, seed=1)
+    with torch.no_grad():
+        teacher.cls.predictions.transform.LayerNorm.weight.mul_(40.0)
+    seqs = [np.array(ids) for ids in tok(tiny.corpus(1)[:5])["input_ids"]]
+    batch = collate(seqs, pad_id=tok.pad_token_id)
+    masker = Masker.from_tokenizer(MaskingConfig(mlm_mask_prop=0.3), tok, seed=2)
+    validator = Validator(
+        SimpleNamespace(student=student, teacher=teacher),
+        lambda: [batch],
+        masker,
+        device=torch.device("cpu"),
+        all_reduce=lambda t: None,  # one rank
+        rank=0,
+    )
+    with torch_threads():
+        rec = validator.run(step=7)
+    masked, labels = masker(batch["input_ids"], batch["attention_mask"], step=0, rank=0, micro_step=0)
+    with torch.no_grad():
+        s = student(input_ids=masked, attention_mask=batch["attention_mask"]).logits
+        t = teacher(input_ids=masked, attention_mask=batch["attention_mask"]).logits
+    pos = (labels != -100).numpy()
+    s, t, y = s.numpy()[pos].astype(np.float64), t.numpy()[pos].astype(np.float64), labels.numpy()[pos]
+    ps, pt = _softmax_np(s), _softmax_np(t)
+    kl_ts = float(np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1)))
+    kl_st = float(np.mean(np.sum(ps * (np.log(ps) - np.log(pt)), -1)))
+    assert rec["masked_tokens"] == int(pos.sum()) > 10 and rec["step"] == 7
+    assert abs(kl_st / kl_ts - 1) > 0.2, (kl_ts, kl_st)
+    assert rec["kl_to_teacher"] == pytest.approx(kl_ts, rel=1e-5)
+    assert rec["mlm_loss"] == pytest.approx(float(np.mean(-np.log(ps[np.arange(len(y)), y]))), rel=1e-5)
+    assert rec["mlm_accuracy"] == float(np.mean(s.argmax(-1) == y))
+    assert rec["agreement"] == float(np.mean(s.argmax(-1) == t.argmax(-1)))

@@ -165,19 +165,39 @@ def test_word_starts_from_tokens():
         word_starts_from_tokens(["a", "b", "c"])
 
 
+def masker_words(tokens: list[str], real: list[bool], family: str) -> list[list[int]]:
+    """The positions of each unit whole-word masking selects together, from the token strings: a maximal run of real
+    (non-special, non-pad) tokens in which every token after the first continues a word (WordPiece: starts with
+    ``##``; byte-level BPE: does not start with ``Ġ``). Punctuation attached to a word (``dog.``) joins it."""
+    words: list[list[int]] = []
+    for pos, (tok, ok) in enumerate(zip(tokens, real, strict=True)):
+        continues = tok.startswith("##") if family == "bert" else not tok.startswith("Ġ")
+        if ok and continues and words and words[-1][-1] == pos - 1:
+            words[-1].append(pos)
+        elif ok:
+            words.append([pos])
+    return words
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_whole_word_masking_keeps_words_whole(family):
     """Every tokenizer word (word_ids() of the fast tokenizer) is fully selected or not at all; token-level masking
-    does split words on the same data (so the check can fail)."""
+    does split words on the same data (so the check can fail). The count bound is exact: words are taken (in key
+    order) while fewer than n_tgt tokens are taken, so n_tgt <= selected and selected - (the last word's length) <
+    n_tgt; not knowing the order, selected - (the longest selected word) < n_tgt."""
     tok = tiny.bert_tokenizer(vocab_size=150) if family == "bert" else tiny.roberta_tokenizer(vocab_size=300)
     enc = tok(tiny.corpus(1), padding=True, return_tensors="pt")
     ids, am = enc["input_ids"], enc["attention_mask"]
     word_ids = [enc.word_ids(i) for i in range(len(ids))]
     multi = sum(sum(1 for w in set(ws) if w is not None and ws.count(w) > 1) for ws in word_ids)
-    longest = max(ws.count(w) for ws in word_ids for w in set(ws) if w is not None)
     assert multi > 10, "the test corpus must contain multi-piece words"
-    n_real = int((am.bool() & ~torch.isin(ids, torch.tensor(tok.all_special_ids))).sum())
+    real = am.bool() & ~torch.isin(ids, torch.tensor(tok.all_special_ids))
+    n_real = int(real.sum())
     n_tgt = math.ceil(Fraction("0.15") * n_real)
+    units = [
+        masker_words(tok.convert_ids_to_tokens(ids[i].tolist()), real[i].tolist(), family) for i in range(len(ids))
+    ]
+    assert sum(len(w) for ws in units for w in ws) == n_real
     splits = {True: 0, False: 0}
     whole_multi_selected = 0
     for wwm in (True, False):
@@ -186,10 +206,12 @@ def test_whole_word_masking_keeps_words_whole(family):
             _, labels = masker(ids, am, step=step, rank=0, micro_step=0)
             sel = labels != -100
             if wwm:
-                # whole words until the budget is reached: overshoot below one unit (a word + attached punctuation)
-                assert n_tgt <= int(sel.sum()) < n_tgt + longest + 2
+                taken = [len(w) for i, ws in enumerate(units) for w in ws if bool(sel[i, w[0]])]
+                assert all(bool(sel[i, p]) == bool(sel[i, w[0]]) for i, ws in enumerate(units) for w in ws for p in w)
+                assert sum(taken) == int(sel.sum())  # nothing outside the units
+                assert n_tgt <= int(sel.sum()) < n_tgt + max(taken), (n_tgt, int(sel.sum()), max(taken))
             for i, ws in enumerate(word_ids):
-                groups = {}
+                groups: dict[int, list[bool]] = {}
                 for pos, w in enumerate(ws):
                     if w is not None:
                         groups.setdefault(w, []).append(bool(sel[i, pos]))
@@ -199,6 +221,29 @@ def test_whole_word_masking_keeps_words_whole(family):
     assert splits[True] == 0
     assert splits[False] > 0
     assert whole_multi_selected > 0
+
+
+@pytest.mark.parametrize("word_length", [2, 3])
+def test_whole_word_count_is_exact_when_every_word_has_one_length(word_length):
+    """Words of ``word_length`` tokens each (a synthetic vocabulary: ids 5..99 start a word, 100.. continue one):
+    taking whole words until at least n_tgt tokens are taken gives exactly word_length x ceil(n_tgt /
+    word_length) tokens, for every n_tgt (batch sizes chosen so that n_tgt takes several residues)."""
+    word_start = np.zeros(V, dtype=bool)
+    word_start[5:100] = True
+    masker = make_masker(MaskingConfig(whole_word_mask=True), word_start=word_start)
+    g = torch.Generator().manual_seed(word_length)
+    residues = set()
+    for words in range(7, 60, 3):
+        starts = torch.randint(5, 100, (words, 1), generator=g)
+        rest = torch.randint(100, V, (words, word_length - 1), generator=g)
+        ids = torch.cat([torch.tensor([CLS]), torch.cat([starts, rest], 1).flatten(), torch.tensor([SEP])])[None]
+        am = torch.ones_like(ids)
+        n_tgt = math.ceil(Fraction("0.15") * words * word_length)
+        residues.add(n_tgt % word_length)
+        for step in range(3):
+            _, labels = masker(ids, am, step=step, rank=0, micro_step=0)
+            assert int((labels != -100).sum()) == word_length * math.ceil(n_tgt / word_length), (words, n_tgt)
+    assert residues == set(range(word_length))
 
 
 def test_bad_inputs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -136,6 +137,70 @@ def test_real_shards_through_the_loader():
     loader.close()
 
 
+def reference_documents(directory, split: str) -> list[list[int]]:
+    """Every document of a split read from the whole arrays at once (manifest.json, then each shard's index with
+    np.load and its tokens with np.fromfile): each sequence without its first and last token (CLS / SEP), the stream
+    of all of them cut after each separator (the one that ends every document)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    sep, dtype = manifest["tokenizer"]["sep_token_id"], np.dtype(manifest["dtype"])
+    content = []
+    for shard in manifest["splits"][split]["shards"]:
+        index = np.load(directory / shard["index_file"])
+        tokens = np.fromfile(directory / shard["file"], dtype=dtype)
+        assert index[0] == 0 and index[-1] == len(tokens)
+        content += [tokens[a + 1 : b - 1] for a, b in itertools.pairwise(index.tolist())]
+    stream = np.concatenate(content).tolist()
+    docs: list[list[int]] = []
+    current: list[int] = []
+    for t in stream:
+        if t == sep:
+            docs.append(current)
+            current = []
+        else:
+            current.append(t)
+    return docs + ([current] if current else [])
+
+
+@pytest.fixture(scope="module")
+def multi_shard_dir(tmp_path_factory):
+    """The test corpus (72 documents of ~150 tokens) prepared with 64-token sequences in shards of ~2,000 tokens:
+    several shards, each document spread over about three sequences."""
+    from data_prep.prepare import PrepareConfig, prepare
+    from tests.helpers import SEQ, assets
+
+    out = tmp_path_factory.mktemp("blocks") / "shards"
+    root = assets()["root"]
+    cfg = PrepareConfig(
+        sources=[f"text:{root / 'corpus.txt'}"],
+        tokenizer=str(assets()["roberta"]),
+        max_seq_length=SEQ,
+        output=str(out),
+        valid_fraction=0.0,
+        shard_tokens=2000,
+        num_proc=0,
+        progress=False,
+    )
+    prepare(cfg)
+    return out
+
+
+@pytest.mark.parametrize("block", [1, 5, 7, 4096])
+def test_documents_read_in_blocks_equal_the_whole_arrays(multi_shard_dir, block):
+    """``ShardedTokens.documents`` reading ``block`` sequences at a time (real shards hold ~65k sequences and are
+    read in 4,096-sequence blocks; a block below the shard's sequence count puts documents across blocks) gives
+    the documents of the whole arrays, in order, and as many as the manifest counts."""
+    from data_prep.shards import ShardedTokens
+
+    ds = ShardedTokens(multi_shard_dir, "train")
+    shards = ds.manifest["splits"]["train"]["shards"]
+    assert len(shards) >= 3 and all(s["num_sequences"] > 7 for s in shards)
+    want = reference_documents(multi_shard_dir, "train")
+    assert len(want) == ds.manifest["splits"]["train"]["num_documents"] == 72
+    assert min(len(d) for d in want) > 2 * 62  # each document over three sequences or more, so across blocks
+    got = [d.tolist() for d in ds.documents(block_sequences=block)]
+    assert got == want
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -186,7 +251,7 @@ def test_find_resume_skips_bad_checkpoints_with_a_warning(tmp_path):
     fake_tag(root, 10)
     fake_tag(root, 15, complete=False)  # cut off while saving
     tag, manifest, notes = mgr.find_resume()
-    assert tag == "step_00000010" and manifest["step"] == 10
+    assert tag == "step_00000010" and manifest is not None and manifest["step"] == 10
     assert len(notes) == 1 and "step_00000015" in notes[0] and "did not finish" in notes[0]
     (root / "step_00000010" / "hf" / "config.json").write_bytes(b"[]")  # same size, other bytes
     tag, _, notes = mgr.find_resume()
