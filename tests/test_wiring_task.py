@@ -236,3 +236,13 @@ def test_regression_task_distillation_runs_and_its_first_step_equals_a_recomputa
     assert recs[0]["loss_ce"] == pytest.approx(np.mean(ce), rel=1e-5) and np.mean(ce) > 1e-3
     assert recs[0]["loss_label"] == pytest.approx(np.mean(label), rel=1e-5)
     assert recs[0]["loss"] == pytest.approx(np.mean(ce) + 0.5 * np.mean(label), rel=1e-5)
+    # the probability cosine of one output is a constant: refused before any weights, naming the key
+    from pretrain.schema import ConfigError
+    from pretrain.tasks.recipe import TaskRecipe
+
+    bad = load(
+        REPO / "configs" / "tiny-cpu.json",
+        task_overrides(str(teacher_dir), tmp_path / "bad", steps=2, **extra, **{"loss.alpha_prob_cos": 1.0}),
+    )
+    with pytest.raises(ConfigError, match=r"loss\.alpha_prob_cos: 1\.0 on the regression task"):
+        TaskRecipe(bad).preflight(world_size=1)

@@ -97,6 +97,18 @@ def check_teacher(tconf: Any, name: str, task: Task) -> None:
         )
 
 
+def check_loss(loss: Any, task: Task) -> None:
+    """The logit terms of ``loss`` (:class:`pretrain.losses.LossConfig`) suit the task: a regression head has one
+    output, so ``alpha_prob_cos`` (the cosine of softmax distributions over the outputs, always 1 there) would be a
+    constant 0 with no gradient. Raises :class:`ConfigError` naming ``loss.alpha_prob_cos``."""
+    if task.kind == REGRESSION and loss.alpha_prob_cos > 0:
+        raise ConfigError(
+            f"loss.alpha_prob_cos: {loss.alpha_prob_cos} on the regression task {task.name}: the softmax of one "
+            "output is always 1, so this term is 0 with no gradient; set loss.alpha_prob_cos=0 and use alpha_ce "
+            "(MSE to the teacher's score) or alpha_label (MSE to the gold score)"
+        )
+
+
 def check_student(tc: TaskConfig, layers: Any, tconf: Any) -> None:
     """``task.student`` is a model of the teacher's vocabulary whose depth matches ``student.layers`` (``layers``).
     Raises :class:`ConfigError`."""

@@ -22,6 +22,7 @@ from pretrain.tasks.examples import Examples, collate, encode, sorted_batches, u
 from pretrain.tasks.predict import run_batches
 from pretrain.tasks.preflight import (
     check_eval_split,
+    check_loss,
     check_student,
     check_teacher,
     load_task_of,
@@ -48,6 +49,7 @@ class TaskRecipe:
         self.teacher_path, tconf, self.tokenizer = load_teacher_files(self.cfg.teacher)
         self.task = load_task_of(self.tc)
         check_teacher(tconf, self.cfg.teacher.name_or_path, self.task)
+        check_loss(self.cfg.loss, self.task)
         self.teacher_config = tconf
         if self.tc.student:
             check_student(self.tc, self.cfg.student.layers, tconf)
