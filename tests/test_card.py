@@ -187,6 +187,16 @@ def test_push_to_hub_offline_is_refused_before_any_work(run, tmp_path, monkeypat
     assert "not a hub repo id" in capsys.readouterr().err
 
 
+def test_the_card_is_core_level():
+    """pretrain.card and card_sources import nothing from pretrain.tasks or pretrain.deploy (tasks and deploy call
+    them), not even inside functions."""
+    from tests.test_student import pretrain_imports
+
+    graph = pretrain_imports()
+    assert graph["card"] == {"card_sources"} and graph["card_sources"] <= {"report"}
+    assert "deploy" not in graph["report"] and "card" not in graph["report"]
+
+
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
     assert mc.main([str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
