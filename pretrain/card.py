@@ -46,6 +46,7 @@ from pretrain.card_sources import (
     read_json,
 )
 
+PRUNED_SIZES = ("hidden_size", "num_attention_heads", "intermediate_size")  # [teacher, student] in the prune record
 # report.json metric keys: (task type, label); params is a count, not a measurement, and goes to the body only
 REPORT_METRICS = {
     "tokens_per_s": ("feature-extraction", "inference tokens/s (median of repeats)"),
@@ -223,7 +224,7 @@ def _tags(inp: CardInputs, library: str) -> list[str]:
     rec, task = inp.student_record, (inp.run_config.get("task") or {}).get("name")
     tags = ["bert-distill", "distillation", "knowledge-distillation", str(inp.config.get("model_type"))]
     tags += ["sentence-transformers"] if library == "sentence-transformers" else []
-    tags += ["pruned"] if rec.get("init") == "prune" or rec.get("pruned") else []
+    tags += ["pruned"] if rec.get("init") == "prune" or rec.get("prune") else []
     tags += ["task-distillation"] if task else []
     tags += ["fine-tuned"] if inp.kind == "finetune" else []
     tags += ["onnx"] if (inp.folder / "onnx" / "model.onnx").is_file() or inp.checks else []
@@ -256,10 +257,11 @@ def card_data(inp: CardInputs) -> Any:
 
 
 def _teacher_ref(inp: CardInputs) -> str:
-    hub = hub_id(inp.teacher)
+    """``the teacher [hub id](link) (`name`)`` / ``the base model ...`` for a fine-tune, or that it is unrecorded."""
+    noun, hub = ("the base model" if inp.kind == "finetune" else "the teacher"), hub_id(inp.teacher)
     if hub:
-        return f"[{hub}](https://huggingface.co/{hub})" + (f" (`{inp.teacher}`)" if inp.teacher != hub else "")
-    return f"`{inp.teacher}` (a local folder, no hub id)" if inp.teacher else "an unrecorded teacher"
+        return f"{noun} [{hub}](https://huggingface.co/{hub})" + (f" (`{inp.teacher}`)" if inp.teacher != hub else "")
+    return f"{noun} `{inp.teacher}` (a local folder, no hub id)" if inp.teacher else f"{noun} (not recorded)"
 
 
 def _description(inp: CardInputs) -> list[str]:
@@ -270,7 +272,7 @@ def _description(inp: CardInputs) -> list[str]:
         f"{cfg.get('num_attention_heads', cfg.get('n_heads'))} heads)"
     )
     what = {
-        "export": "a student distilled with bert-distill from the teacher",
+        "export": "a student distilled with bert-distill from",
         "finetune": f"fine-tuned on `{inp.info.get('task')}` (seed {inp.info.get('seed')}) from",
         "truncation": f"the first {len(inp.info.get('layers') or [])} layers, not distilled (a baseline), of",
     }[inp.kind]
@@ -283,7 +285,15 @@ def _description(inp: CardInputs) -> list[str]:
             f"{rec.get('teacher_layers')}; architecture `{rec.get('architecture')}`, "
             f"initialisation `{rec.get('init')}`."
         )
-    for key in ("pruned", "notes", "initialized"):
+    prune = rec.get("prune") or {}
+    if prune:  # the sizes and the method; the kept channels and scores stay in distill_export.json
+        sizes = ", ".join(f"{k} {prune[k][0]} -> {prune[k][1]}" for k in PRUNED_SIZES if len(prune.get(k) or []) == 2)
+        calib = prune.get("calibration") or {}
+        lines.append(
+            f"- Pruned ({prune.get('method')}): {sizes}; importance on {calib.get('sequences')} calibration "
+            f"sequences ({calib.get('source')})."
+        )
+    for key in ("notes", "initialized"):
         if rec.get(key):
             lines.append(f"- {key}: {rec[key]}")
     return lines
@@ -404,6 +414,12 @@ def _limitations(inp: CardInputs) -> list[str]:
                 f"- Measured: {REPORT_METRICS[key][1]} {mine[key]:.4g} against the teacher's {teacher[key]:.4g} "
                 f"({100 * mine[key] / teacher[key]:.1f}%) on the held-out split."
             )
+    bench = (report.get("meta") or {}).get("throughput") or {}
+    if role != "teacher" and is_number(mine.get("speedup")):
+        lines.append(
+            f"- Measured speed: {mine['speedup']:.2f}x the teacher's tokens/s (PyTorch, batch "
+            f"{bench.get('batch_size')} x {bench.get('seq_length')} tokens, {report['meta'].get('device')})."
+        )
     for c in inp.checks:
         if isinstance(c, dict) and c.get("passed") is False:
             lines.append(
@@ -422,7 +438,7 @@ def _limitations(inp: CardInputs) -> list[str]:
         )
     lang = inp.teacher_meta.get("language")
     lines.append(
-        f"- Inherited from the teacher {_teacher_ref(inp)}: its training data, biases and limitations"
+        f"- Inherited from {_teacher_ref(inp)}: its training data, biases and limitations"
         + (f", and its language(s) ({lang})" if lang else "")
         + "; read its card."
     )
@@ -436,7 +452,7 @@ def _deployment(inp: CardInputs) -> list[str]:
         return []
     lines = ["## Deployment (onnx/, python -m pretrain.deploy)", ""]
     for c in inp.checks:
-        if isinstance(c, dict):
+        if isinstance(c, dict) and is_number(c.get("value")):
             verdict = "PASS" if c.get("passed") else "FAIL"
             lines.append(
                 f"- {verdict} {c.get('name')}: {c.get('value'):.6g} {c.get('unit')} (tolerance {c.get('tolerance')})"

@@ -74,10 +74,12 @@ def test_report_rewrites_the_cards_with_the_report_numbers(run):
     for name in ("student", "student_init"):
         results = _results(run["run"] / name)
         assert ModelCard.load(run["run"] / name / "README.md").data.base_model == "org/tiny-bert"
+        columns = {r: row for r, row in report.items() if isinstance(row, dict) and r not in ("meta", "downstream")}
+        assert set(ROLES) <= set(columns)  # more columns (deployment rows) are cards' results too
         want = {
             (role, key): value
-            for role in ROLES
-            for key, value in report[role].items()
+            for role, row in columns.items()
+            for key, value in row.items()
             if key in mc.REPORT_METRICS and isinstance(value, (int, float))
         }
         got = {(r.metric_config, r.metric_type): r.metric_value for r in results}
@@ -131,6 +133,29 @@ def test_downstream_and_deployment_rows_equal_their_sources(run, tmp_path):
     assert check.metric_value == 0.25 and check.metric_args == {"tolerance": 0.01, "passed": False}
     card = ModelCard.load(folder / "README.md")
     assert "int8" in card.data.tags and "Deployment check FAILED" in card.text
+
+
+def test_a_pruned_students_card_says_what_was_pruned(run, tmp_path):
+    folder = tmp_path / "pruned"
+    shutil.copytree(run["run"] / "student", folder)
+    info = json.loads((folder / "distill_export.json").read_text())
+    prune = {
+        "method": "minitron",
+        "calibration": {"sequences": 8, "source": "train split"},
+        "hidden_size": [32, 16],
+        "num_attention_heads": [4, 2],
+        "intermediate_size": [128, 64],
+        "hidden_channels": list(range(16)),
+    }
+    info["student"] = {"layer_map": [0, 2], "teacher_layers": 4, "init": "prune", "prune": prune}
+    (folder / "distill_export.json").write_text(json.dumps(info))
+    mc.write_card(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert "pruned" in card.data.tags and card.data.base_model == "org/tiny-bert"
+    assert (
+        "Pruned (minitron): hidden_size 32 -> 16, num_attention_heads 4 -> 2, intermediate_size 128 -> 64" in card.text
+    )
+    assert "hidden_channels" not in card.text  # the kept indices stay in distill_export.json
 
 
 def test_deploy_refreshes_the_card_of_an_export(run, tmp_path):
