@@ -231,3 +231,10 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
     with pytest.raises(mc.CardError, match="not a model folder \\(no weights"):
         mc.write_card(tmp_path)
     assert not (tmp_path / "README.md").exists()
+
+
+def test_card_command_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        mc.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--push-to-hub REPO" in out and "--report FILE" in out
