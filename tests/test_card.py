@@ -213,12 +213,13 @@ def test_push_to_hub_offline_is_refused_before_any_work(run, tmp_path, monkeypat
 
 
 def test_the_card_is_core_level():
-    """pretrain.card and card_sources import nothing from pretrain.tasks or pretrain.deploy (tasks and deploy call
-    them), not even inside functions."""
+    """pretrain.card, card_index and card_sources import nothing from pretrain.tasks or pretrain.deploy (tasks and
+    deploy call them), not even inside functions."""
     from tests.test_student import pretrain_imports
 
     graph = pretrain_imports()
-    assert graph["card"] == {"card_sources"} and graph["card_sources"] <= {"report"}
+    assert graph["card"] == {"card_index", "card_sources"} and graph["card_index"] == {"card_sources"}
+    assert graph["card_sources"] <= {"report"}
     assert "deploy" not in graph["report"] and "card" not in graph["report"]
 
 
