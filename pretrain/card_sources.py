@@ -24,7 +24,6 @@ EMBEDDED_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 EMBEDDED_LICENSES = {"minilm-l6": "apache-2.0", "bert-tiny-mlm": "apache-2.0"}
 REPORT_KEY = "bert_distill_report"  # front-matter key: the report.json the card's results come from
 ROLES = {"teacher": "teacher", "student_init": "student at initialisation (baseline)", "student": "distilled student"}
-# report.json metric keys: (task type, label); params is a count, not a measurement, and goes to the body only
 
 
 class CardError(DistillError, ValueError):
@@ -219,6 +218,8 @@ def gather(folder: str | os.PathLike, report: dict | None = None, report_path: s
     if report:
         paths = report.get("meta", {}).get("paths", {})
         inp.role = next((r for r in ROLES if _same(paths.get(r), folder)), None)
+        if not inp.manifest and isinstance(paths.get("data"), str):  # data.dir relative to another working folder
+            inp.manifest = read_json(Path(paths["data"]) / "manifest.json") or {}
     inp.checks = read_json(folder / "onnx" / "checks.json") or []
     inp.bench = read_json(folder / "onnx" / "bench.json") or []
     inp.teacher = (
