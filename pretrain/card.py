@@ -180,6 +180,13 @@ def _results(inp: CardInputs) -> list[str]:
             if any(is_number(report[c].get(key)) for c in cols):
                 lines.append(f"| {label} | " + " | ".join(_cell(report[c].get(key)) for c in cols) + " |")
         lines.append("")
+        seed = (inp.run_config.get("train") or {}).get("seed")
+        lines += [
+            f"One distillation run (train.seed {seed}): its numbers are of that one student, without a spread over "
+            "training seeds; a speed is the median of the timed repeats ([min, max] in the model-index `args`); the "
+            "downstream rows are means over fine-tuning seeds with their std.",
+            "",
+        ]
     ds = report.get("downstream") or {}
     for tname, task in ds.get("tasks", {}).items():
         lines.append(f"Downstream `{tname}` ({ds.get('mode')}, score mean ± std over seeds):")
