@@ -223,6 +223,29 @@ def test_the_card_is_core_level():
     assert "deploy" not in graph["report"] and "card" not in graph["report"]
 
 
+def test_push_to_hub_uploads_the_exported_folder_with_its_card(run, tmp_path, monkeypatch, capsys):
+    """With the hub reachable (here: the checks and the HfApi calls stubbed), the export is uploaded whole."""
+    import huggingface_hub
+
+    from pretrain import export
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(export, "check_push", lambda repo: calls.append(("check", {"repo": repo})))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("create", kw)))
+
+    def upload(self, **kw):
+        calls.append(("upload", kw))
+        assert (Path(kw["folder_path"]) / "README.md").is_file()  # the card is there before the upload
+        return "https://hub.example/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload)
+    out = tmp_path / "out"
+    assert export.main([str(run["run"] / "checkpoints"), "--output", str(out), "--push-to-hub", "me/student"]) == 0
+    assert [c[0] for c in calls] == ["check", "create", "upload"]
+    assert calls[2][1]["folder_path"] == str(out) and calls[2][1]["repo_id"] == "me/student"
+    assert "pushed" in capsys.readouterr().out
+
+
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
     assert mc.main([str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
