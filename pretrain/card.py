@@ -388,14 +388,26 @@ def check_push(repo: str) -> None:
 def push_to_hub(folder: str | os.PathLike, repo: str) -> str:
     """Upload ``folder`` (its card included) to the model repo ``repo`` (created if missing) with huggingface_hub's
     ``upload_folder``; the folder-writer marker is left out. Returns the commit URL. Call :func:`check_push`
-    first."""
+    first. Raises :class:`CardError` when the hub refuses (no token, no write access) or the connection fails; the
+    folder is left as it is."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     from data_prep.files import OUTPUT_MARKER
 
     api = HfApi()
-    api.create_repo(repo, repo_type="model", exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", ignore_patterns=[OUTPUT_MARKER])
+    try:
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder), repo_id=repo, repo_type="model", ignore_patterns=[OUTPUT_MARKER]
+        )
+    except (HfHubHTTPError, LocalTokenNotFoundError, OSError) as e:
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise CardError(
+            f"--push-to-hub {repo}: the upload of {folder} failed ({cause}); "
+            "log in (`hf auth login` or HF_TOKEN) with write access and run python -m pretrain.card FOLDER "
+            "--push-to-hub REPO; the folder is intact"
+        ) from None
     return str(getattr(info, "commit_url", info))
 
 

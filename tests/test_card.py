@@ -244,6 +244,16 @@ def test_push_to_hub_uploads_the_exported_folder_with_its_card(run, tmp_path, mo
     assert [c[0] for c in calls] == ["check", "create", "upload"]
     assert calls[2][1]["folder_path"] == str(out) and calls[2][1]["repo_id"] == "me/student"
     assert "pushed" in capsys.readouterr().out
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    def no_token(self, repo, **kw):
+        raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_token)
+    monkeypatch.setattr(mc, "check_push", lambda repo: None)
+    assert mc.main([str(out), "--push-to-hub", "me/student"]) == 2  # not logged in: one line, no traceback
+    err = capsys.readouterr().err
+    assert "the upload of" in err and "LocalTokenNotFoundError" in err and "Traceback" not in err
 
 
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
