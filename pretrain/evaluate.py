@@ -42,6 +42,7 @@ from data_prep.cli import HelpFormatter, prog, progress_bar
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError, DistillError
 from data_prep.files import atomic_write_bytes, atomic_write_text
+from pretrain.card import refresh_from_report
 from pretrain.data import open_split
 from pretrain.losses import mean_pool
 from pretrain.masking import Masker, MaskingConfig
@@ -710,7 +711,8 @@ def _downstream(
 
 def write_report(report: dict, output: str | Path) -> None:
     """Write loss_curves.png (when ``report["meta"]["metrics_file"]`` has losses), report.md and, last, report.json
-    into ``output``, each atomically. An existing report.json is kept as report.prev.json, with a log line."""
+    into ``output``, each atomically. An existing report.json is kept as report.prev.json, with a log line. Then the
+    model cards of the exported student folders it names are rewritten with its numbers (pretrain.card)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     png = None
@@ -726,6 +728,8 @@ def write_report(report: dict, output: str | Path) -> None:
         atomic_write_bytes(output / "report.prev.json", target.read_bytes())
     atomic_write_text(target, json.dumps(report, indent=2) + "\n", what="evaluation report")
     log.info("wrote %s and %s", target, output / "report.md")
+    for card in refresh_from_report(report, target):  # the exported folders' model cards get these numbers
+        log.info("rewrote the model card %s", card)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ import torch
 from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_dir, check_replaceable
+from pretrain.card import check_push, push_to_hub, write_card
 from pretrain.rundir import EXPORT_INFO as INFO
 from pretrain.rundir import latest_tag_in
 
@@ -112,8 +113,8 @@ def save_student(
     then renamed over ``out``, which must be new, empty, an earlier export or (``overwrite``) another non-empty folder;
     a run directory or a folder containing one of ``inputs`` is refused
     (:class:`data_prep.files.OutputExistsError`). ``info`` goes to ``distill_export.json`` (provenance: checkpoint,
-    step). A full disk raises :class:`data_prep.files.DiskFullError` (the export's size, the free space; ``out`` is
-    unchanged). Returns ``out``.
+    step); a model card ``README.md`` is written with them (:func:`pretrain.card.write_card`). A full disk raises
+    :class:`data_prep.files.DiskFullError` (the export's size, the free space; ``out`` is unchanged). Returns ``out``.
     """
     from transformers import PreTrainedModel
 
@@ -129,6 +130,7 @@ def save_student(
             shutil.copyfile(src, dst)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / INFO).write_text(json.dumps(info, indent=1))
+        write_card(tmp, final=out)  # README.md: teacher, data, recipe, machine (pretrain.card)
     return out
 
 
@@ -225,9 +227,10 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m pretrain.export CHECKPOINT_DIR --output DIR [--tag TAG] [--overwrite]`` (``OUT`` positional
-    instead of ``--output`` as before; both given and different: exit 2); exit 0, 1 (a full disk) or 2
-    (no checkpoint, a refused OUT, weights that do not fit), the error on one line without a traceback."""
+    """CLI: ``python -m pretrain.export CHECKPOINT_DIR --output DIR [--tag TAG] [--overwrite] [--push-to-hub REPO]``
+    (``OUT`` positional instead of ``--output`` as before; both given and different: exit 2); exit 0, 1 (a full disk)
+    or 2 (no checkpoint, a refused OUT, weights that do not fit, ``--push-to-hub`` offline), the error on one line
+    without a traceback."""
     p = argparse.ArgumentParser(
         prog=prog("python -m pretrain.export"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
@@ -248,21 +251,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--onnx", action="store_true", help="also write OUT/onnx/model.onnx, checked (docs/deployment.md)")
     p.add_argument("--quantize", choices=["int8"], help="with --onnx: also OUT/onnx/model_qint8_<isa>.onnx, checked")
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the exported folder (with its model card) to this hub model repo (huggingface_hub); "
+        "refused before any work when offline (HF_HUB_OFFLINE, or the hub not reachable)",
+    )
     args = p.parse_args(argv)
     if args.out and args.output and Path(args.out).resolve() != Path(args.output).resolve():
         p.error(f"OUT {args.out} and --output {args.output} differ; give one of them")
     if not (args.out or args.output):
         p.error("give the output folder: --output DIR (or a second positional OUT)")
     try:
+        if args.push_to_hub:
+            check_push(args.push_to_hub)
         out = export_checkpoint(args.checkpoint_dir, args.output or args.out, args.tag, overwrite=args.overwrite)
+        print(f"exported {out}")
+        rc = _deploy(out, args.quantize) if args.onnx or args.quantize else 0
+        if args.push_to_hub and rc == 0:  # after the ONNX files, so that they are uploaded with the weights
+            print(f"pushed {out} to {push_to_hub(out, args.push_to_hub)}")
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {out}")
-    return _deploy(out, args.quantize) if args.onnx or args.quantize else 0
+    return rc
 
 
 def _deploy(out: Path, quantize: str | None) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_dir, atomic_write_text
+from pretrain.card import refresh_after_deploy
 from pretrain.deploy.common import CheckFailed, DeployError, detect_kind, load_tokenizer, load_torch_model
 from pretrain.deploy.onnx_export import EXPORTERS, export_model
 from pretrain.deploy.quantize import int8_filename, quantize_int8, quantize_static_int8
@@ -115,6 +116,7 @@ def deploy(
             onnx_files = {f"onnxruntime-{k}": p for k, p in files.items()}
             records = benchmark(model_dir, onnx_files, kind=kind, threads=threads, repeats=repeats)
         _write_reports(tmp, out, checks, records)
+    refresh_after_deploy(model_dir, out)  # a project export's model card gets the checks and speeds
     files = {k: out / p.name for k, p in files.items()}
     return DeployResult(out, files, checks, records)
 

@@ -17,6 +17,7 @@ import torch
 
 from data_prep.cli import progress_bar
 from data_prep.files import atomic_dir
+from pretrain.card import write_card
 from pretrain.losses import mean_pool
 from pretrain.tasks.base import MEAN_HEAD_FILE, REGRESSION, Task
 from pretrain.tasks.examples import Examples, collate, encode, length_grouped_batches, sorted_batches, uses_segment_ids
@@ -305,7 +306,7 @@ def finetune(
 def save_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]) -> None:
     """Save a fine-tuned model folder atomically (temporary sibling folder, then rename over ``out``). A
     :class:`MeanPoolClassifier` is saved as its encoder's folder plus ``downstream_head.safetensors``
-    (``classifier.weight`` [num_labels, hidden], ``classifier.bias``)."""
+    (``classifier.weight`` [num_labels, hidden], ``classifier.bias``). A model card ``README.md`` goes with it."""
     with atomic_dir(out, what="fine-tuned model (--save-model)") as tmp:
         with quiet_transformers():
             if isinstance(model, MeanPoolClassifier):
@@ -320,3 +321,4 @@ def save_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]) -> N
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         (tmp / "downstream_finetune.json").write_text(json.dumps(info, indent=1, default=str))
+        write_card(tmp, final=out)  # README.md: base model, task, seed, metrics (pretrain.card)

@@ -17,6 +17,7 @@ import torch
 from data_prep.embedded import resolve_model
 from data_prep.errors import DataPrepError
 from data_prep.files import atomic_dir
+from pretrain.card import write_card
 from pretrain.tasks.base import DownstreamError
 
 log = logging.getLogger("pretrain.downstream")
@@ -134,6 +135,7 @@ def build_truncation_baseline(teacher_path: str, k: int, out: str | os.PathLike)
                 indent=1,
             )
         )
+        write_card(tmp, final=out)  # README.md: the teacher and the layers kept (pretrain.card)
     return out
 
 
