@@ -344,6 +344,7 @@ def tiny_run(tmp_path_factory):
     from data_prep.prepare import PrepareConfig, prepare
     from pretrain import evaluate as ev
     from pretrain.deploy.measure import RunDeploySettings, deploy_run
+    from pretrain.export import save_student
     from pretrain.student import StudentConfig, build_student
     from tests.test_evaluate import _documents
 
@@ -352,7 +353,7 @@ def tiny_run(tmp_path_factory):
     teacher = tiny.bert_model(tok, layers=4, hidden=32, mlm=False)
     student, _ = build_student(teacher, StudentConfig(layers=[0, 2]))
     t_dir = tiny.save_model_dir(root / "teacher", teacher, tok)
-    s_dir = tiny.save_model_dir(root / "run" / "student", student.eval(), tok)
+    s_dir = save_student(student.eval(), root / "run" / "student", t_dir, {"layer_map": [0, 2]})  # a project export
     (root / "docs.txt").write_text("\n\n".join(_documents()) + "\n")
     data = root / "data"
     cfg = PrepareConfig(
@@ -392,6 +393,12 @@ def test_run_deployment_section(tiny_run):
     md = (run / "report.md").read_text()
     assert "## Deployment (ONNX fp32 and int8)" in md and "![deployment speed](deploy_speed.png)" in md
     assert md.count("**PASS**") + md.count("**FAIL**") == 3 and "threads for every runtime" in md
+    # the student's model card is rewritten with the ONNX checks it now has (pretrain.card)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "student" / "README.md")
+    configs = {r.metric_config for r in card.data.eval_results}
+    assert {"onnx-fp32", "onnx-int8"} <= configs and "## Deployment" in card.text, configs
 
 
 def test_int8_outside_tolerance_is_written_and_marked_failing(tiny_run):

@@ -33,6 +33,7 @@ import numpy as np
 from data_prep.cli import HelpFormatter, prog
 from data_prep.errors import DistillError
 from data_prep.files import atomic_dir, atomic_write_text
+from pretrain.card import refresh_from_report
 from pretrain.deploy.common import DeployError, cpu_info, load_tokenizer, load_torch_model
 from pretrain.deploy.onnx_export import export_model
 from pretrain.deploy.quantize import int8_filename, quantize_int8, quantize_static_int8
@@ -173,6 +174,7 @@ def _write(run_dir: Path, report: dict, section: dict) -> None:
     png = "loss_curves.png" if (run_dir / "loss_curves.png").is_file() else None
     atomic_write_text(run_dir / "report.md", render_markdown(report, png), what="evaluation report")
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n", what="evaluation report")
+    refresh_from_report(report, run_dir / "report.json")  # the student's card gets its onnx/ checks
 
 
 def main(argv: list[str] | None = None) -> int:
