@@ -304,7 +304,7 @@ def test_width_pruning_or_a_clear_refusal(name, tmp_path):
         with pytest.raises(ConfigError, match=PRUNE_REFUSED[name]):
             build_student(t, cfg, cal)
         return
-    student, record = build_student(t, cfg, cal)
+    student, _ = build_student(t, cfg, cal)
     assert student.config.hidden_size == 16 and student.config.num_hidden_layers == 2, name
     b = batch(name)
     out = output(student, b)
