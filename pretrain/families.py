@@ -15,6 +15,11 @@ pruning (:mod:`pretrain.prune`), the teacher (:mod:`pretrain.teacher`) and evalu
 | mpnet | encoder.layer | attention.attn.q/k/v | lm_head | no | (relative bias shared) |
 | modernbert | layers | attn.Wqkv (fused; RoPE) | head + decoder | yes | layer_types |
 
+Width pruning (:class:`PruneLayout`): BERT, RoBERTa / XLM-R, ELECTRA, DeBERTa-v2/v3 (the shared ``rel_embeddings``
+lose the pruned hidden columns; ``key_proj`` / ``query_proj`` rows follow each layer's heads, as they project the
+position table too), ModernBERT (``Wqkv`` thirds and ``Wi``'s input / gate halves cut alike); MPNet in the
+feed-forward only (its per-head relative bias is shared by all layers); DistilBERT refused.
+
 ALBERT (one layer shared by all depths) is refused: a student cannot keep "every other" copy of one shared layer. A
 model type not in the table gets the generic adapter: blocks found by structure, Q/K/V by the known names.
 
@@ -267,8 +272,9 @@ class Family:
 
     ``layer_fields``: config fields holding one value per layer (ModernBERT's ``layer_types``), which a student
     takes from the teacher layers it copies. ``identity_first_norm``: the block attribute that is ``nn.Identity`` in
-    block 0 and a norm elsewhere (ModernBERT's ``attn_norm``). ``prune``: None when width pruning supports the family,
-    else what the family lacks (the refusal's reason). ``relation``: what the MiniLM attention term compares."""
+    block 0 and a norm elsewhere (ModernBERT's ``attn_norm``). ``prune_layout``: what width pruning reads
+    (:class:`PruneLayout`), None when it does not support the family, ``prune`` then saying what the family lacks.
+    ``relation``: what the MiniLM attention term compares."""
 
     name: str
     model_types: tuple[str, ...]
