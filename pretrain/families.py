@@ -15,6 +15,11 @@ pruning (:mod:`pretrain.prune`), the teacher (:mod:`pretrain.teacher`) and evalu
 | mpnet | encoder.layer | attention.attn.q/k/v | lm_head | no | (relative bias shared) |
 | modernbert | layers | attn.Wqkv (fused; RoPE) | head + decoder | yes | layer_types |
 
+Width pruning (:class:`PruneLayout`): BERT, RoBERTa / XLM-R, ELECTRA, DeBERTa-v2/v3 (the shared ``rel_embeddings``
+lose the pruned hidden columns; ``key_proj`` / ``query_proj`` rows follow each layer's heads, as they project the
+position table too), ModernBERT (``Wqkv`` thirds and ``Wi``'s input / gate halves cut alike); MPNet in the
+feed-forward only (its per-head relative bias is shared by all layers); DistilBERT refused.
+
 ALBERT (one layer shared by all depths) is refused: a student cannot keep "every other" copy of one shared layer. A
 model type not in the table gets the generic adapter: blocks found by structure, Q/K/V by the known names.
 
@@ -165,6 +170,100 @@ def tap_qkv(src: QKVSource, put: Callable[[int, torch.Tensor], None]) -> list[Re
     return handles
 
 
+Roles = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneLayout:
+    """What width pruning (:mod:`pretrain.prune`) reads in one family's blocks (dotted paths inside a block unless
+    said otherwise).
+
+    ``heads_in``: the module whose input is the heads' outputs, concatenated [B, L, heads * head_dim] (the attention
+    output projection); ``neurons_in``: the module whose input is the feed-forward activations [B, L, intermediate]
+    (after the activation, and the gate for a GLU); ``norms``: the block's norms whose outputs score the hidden
+    channels (an ``nn.Identity`` there is skipped: ModernBERT's block 0); ``embeddings_norm``: the embeddings' norm,
+    under the base model; ``required``: the block modules the layout needs (checked first). ``rules``: the family's
+    tensor-name patterns and axis roles, tried before the shared BERT ones (H: hidden channels; A: the layer's kept
+    heads' channels; F: its neurons; ``A3`` / ``F2``: a fused tensor holding 3 (Q | K | V) / 2 (input | gate) such
+    blocks, each cut alike). ``shared_heads``: a per-head table shared by all layers (MPNet's relative attention
+    bias): heads can then only be kept all."""
+
+    heads_in: str
+    neurons_in: str
+    norms: tuple[str, ...]
+    embeddings_norm: str
+    required: tuple[str, ...]
+    rules: tuple[tuple[str, Roles], ...] = ()
+    shared_heads: str | None = None
+
+
+BERT_PRUNE = PruneLayout(
+    heads_in="attention.output.dense",
+    neurons_in="output.dense",
+    norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    embeddings_norm="embeddings.LayerNorm",
+    required=(
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    ),
+)
+DEBERTA_PRUNE = dataclasses.replace(
+    BERT_PRUNE,
+    required=tuple(
+        p.replace("self.query", "self.query_proj")
+        .replace("self.key", "self.key_proj")
+        .replace("self.value", "self.value_proj")
+        for p in BERT_PRUNE.required
+    ),
+    rules=(
+        # content and (share_att_key=False) position projections: rows are the layer's heads, columns the channels
+        (r"\.attention\.self\.(query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj)\.weight$", ("A", "H")),
+        (r"\.attention\.self\.(query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj)\.bias$", ("A",)),
+        (r"(^|\.)encoder\.rel_embeddings\.weight$", (None, "H")),  # shared by all layers: its hidden columns
+    ),
+)
+MPNET_PRUNE = PruneLayout(
+    heads_in="attention.attn.o",
+    neurons_in="output.dense",
+    norms=("attention.LayerNorm", "output.LayerNorm"),
+    embeddings_norm="embeddings.LayerNorm",
+    required=("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o", "intermediate.dense"),
+    rules=(
+        (r"\.attention\.attn\.(q|k|v)\.weight$", ("A", "H")),
+        (r"\.attention\.attn\.(q|k|v)\.bias$", ("A",)),
+        (r"\.attention\.attn\.o\.weight$", ("H", "A")),
+        (r"\.attention\.attn\.o\.bias$", ("H",)),
+    ),
+    shared_heads="encoder.relative_attention_bias (one bias column per head, shared by all layers)",
+)
+MODERNBERT_PRUNE = PruneLayout(
+    heads_in="attn.Wo",
+    neurons_in="mlp.Wo",
+    norms=("attn_norm", "mlp_norm"),
+    embeddings_norm="embeddings.norm",
+    required=("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo", "mlp_norm"),
+    rules=(
+        (r"\.attn\.Wqkv\.weight$", ("A3", "H")),  # Q | K | V: the kept heads' rows cut alike in each third
+        (r"\.attn\.Wqkv\.bias$", ("A3",)),
+        (r"\.attn\.Wo\.weight$", ("H", "A")),
+        (r"\.attn\.Wo\.bias$", ("H",)),
+        (r"\.mlp\.Wi\.weight$", ("F2", "H")),  # input | gate halves: the kept neurons cut alike in both
+        (r"\.mlp\.Wi\.bias$", ("F2",)),
+        (r"\.mlp\.Wo\.weight$", ("H", "F")),
+        (r"\.mlp\.Wo\.bias$", ("H",)),
+        (r"(^|\.)(attn_norm|mlp_norm|final_norm|norm)\.(weight|bias)$", ("H",)),
+        (r"(^|\.)head\.dense\.weight$", ("H", "H")),
+        (r"(^|\.)head\.dense\.bias$", ("H",)),
+    ),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One encoder family's layout (see the module docstring's table). Paths are dotted module paths: ``layers``
@@ -173,8 +272,9 @@ class Family:
 
     ``layer_fields``: config fields holding one value per layer (ModernBERT's ``layer_types``), which a student
     takes from the teacher layers it copies. ``identity_first_norm``: the block attribute that is ``nn.Identity`` in
-    block 0 and a norm elsewhere (ModernBERT's ``attn_norm``). ``prune``: None when width pruning supports the family,
-    else what the family lacks (the refusal's reason). ``relation``: what the MiniLM attention term compares."""
+    block 0 and a norm elsewhere (ModernBERT's ``attn_norm``). ``prune_layout``: what width pruning reads
+    (:class:`PruneLayout`), None when it does not support the family, ``prune`` then saying what the family lacks.
+    ``relation``: what the MiniLM attention term compares."""
 
     name: str
     model_types: tuple[str, ...]
@@ -187,6 +287,7 @@ class Family:
     layer_fields: tuple[str, ...] = ()
     identity_first_norm: str | None = None
     prune: str | None = None
+    prune_layout: PruneLayout | None = None
     relation: str = "the model's attention distribution (relation heads = its heads)"
 
     def layer_list(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -281,13 +382,24 @@ class Family:
         kinds = getattr(config, "layer_types", None) if "layer_types" in self.layer_fields else None
         return list(kinds) if kinds else None
 
-    def refuse_pruning(self) -> None:
-        """Raise :class:`ConfigError` (``student.init``) naming what this family lacks for width pruning."""
-        if self.prune is not None:
+    def pruning(self, teacher_heads: int, student_heads: int) -> PruneLayout:
+        """The family's pruning layout; raises :class:`ConfigError` (``student.init``) naming what the family
+        lacks: no layout (DistilBERT's q_lin ... ffn.lin2 blocks), or fewer heads than the teacher's where a per-head
+        table is shared by all layers (MPNet)."""
+        layout = self.prune_layout
+        if layout is None:
             raise ConfigError(
                 f"student.init: 'prune' does not support the {self.name} family: {self.prune}. Use "
                 f"student.init='teacher' (depth only) or 'random'"
             )
+        if layout.shared_heads and student_heads != teacher_heads:
+            raise ConfigError(
+                f"student.num_attention_heads: the {self.name} family cannot drop heads ({student_heads} of "
+                f"{teacher_heads}): its {layout.shared_heads} would need different heads per layer. Keep every head "
+                f"(student.hidden_size and num_attention_heads null, prune student.intermediate_size only) or use "
+                f"student.init='random'"
+            )
+        return layout
 
 
 def _generic_head(model: nn.Module) -> nn.Module | None:
@@ -309,20 +421,24 @@ def _generic_head(model: nn.Module) -> nn.Module | None:
 
 
 _BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
-_MPNET_PRUNE = (
-    "its relative_attention_bias (one bias per head) is shared by all layers, so heads kept per layer would need "
-    "different columns of one table"
-)
 FAMILIES: tuple[Family, ...] = (
-    Family("bert", ("bert",), "encoder.layer", _BERT_QKV, head=("cls.predictions",)),
+    Family("bert", ("bert",), "encoder.layer", _BERT_QKV, head=("cls.predictions",), prune_layout=BERT_PRUNE),
     Family(
         "roberta",
         ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text"),
         "encoder.layer",
         _BERT_QKV,
         head=("lm_head",),
+        prune_layout=BERT_PRUNE,
     ),
-    Family("electra", ("electra",), "encoder.layer", _BERT_QKV, head=("generator_predictions", "generator_lm_head")),
+    Family(
+        "electra",
+        ("electra",),
+        "encoder.layer",
+        _BERT_QKV,
+        head=("generator_predictions", "generator_lm_head"),
+        prune_layout=BERT_PRUNE,
+    ),
     Family(
         "distilbert",
         ("distilbert",),
@@ -337,8 +453,7 @@ FAMILIES: tuple[Family, ...] = (
         "encoder.layer",
         ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"),
         head=("cls.predictions",),
-        prune="its disentangled attention reads the rel_embeddings table shared by all layers (and query_proj / "
-        "key_proj naming), which the BERT-layout slicing does not cut",
+        prune_layout=DEBERTA_PRUNE,
         relation="the content-to-content relation of query_proj / key_proj (the c2p / p2c terms of the shared "
         "rel_embeddings are left out)",
     ),
@@ -348,7 +463,7 @@ FAMILIES: tuple[Family, ...] = (
         "encoder.layer",
         ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
         head=("lm_head",),
-        prune=_MPNET_PRUNE,
+        prune_layout=MPNET_PRUNE,
         relation="the content relation of q / k (the relative-position bias shared by all layers is left out)",
     ),
     Family(
@@ -361,13 +476,12 @@ FAMILIES: tuple[Family, ...] = (
         head=("head", "decoder"),
         layer_fields=("layer_types",),
         identity_first_norm="attn_norm",
-        prune="its fused Wqkv / gated Wi (input and gate halves) and bias-free norms are not BERT's block layout "
-        "that the slicing knows",
+        prune_layout=MODERNBERT_PRUNE,
         relation="the model's attention distribution after RoPE (relation heads = its heads; sliding layers also "
         "mask keys outside their window)",
     ),
 )
-GENERIC = Family("generic", ())
+GENERIC = Family("generic", (), prune_layout=BERT_PRUNE)  # pruning checks the BERT layout is there
 REFUSED = {
     "albert": "ALBERT shares one layer across all depths (num_hidden_groups), so a student cannot keep a subset of "
     "distinct layers; use a BERT, RoBERTa, ELECTRA or DeBERTa teacher"

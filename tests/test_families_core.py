@@ -288,3 +288,54 @@ def test_family_lookup_and_albert_refused():
     assert family_of(T.BertConfig()).name == "bert"
     with pytest.raises(ConfigError, match="ALBERT shares one layer"):
         family_of(T.AlbertConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Width pruning through the adapter
+
+
+def _calibration():
+    ids, am, _ = batch(seed=3)
+    return [{"input_ids": ids, "attention_mask": am}]
+
+
+@pytest.mark.parametrize("family", ["modernbert", "deberta-v2"])
+def test_width_pruning_cuts_fused_and_shared_tensors_alike(family):
+    """ModernBERT's Wqkv (Q | K | V) and Wi (input | gate) are cut with the same kept heads / neurons in every part;
+    DeBERTa's shared rel_embeddings lose the pruned hidden columns; at the teacher's sizes the student is the
+    teacher (same logits)."""
+    teacher = mlm_model(family, layers=4)
+    ids, am, _ = batch()
+    same, _ = build_student(teacher, StudentConfig(layers=[0, 1, 2, 3], init="prune"), _calibration())
+    with torch.no_grad():
+        diff = same.eval()(input_ids=ids, attention_mask=am).logits - teacher(input_ids=ids, attention_mask=am).logits
+    assert float(diff.abs().max()) <= 1e-5
+    cfg = StudentConfig(layers=[0, 2], init="prune", hidden_size=16, intermediate_size=24)
+    student, record = build_student(teacher, cfg, _calibration())
+    ch, heads, neurons = (record["prune"][k] for k in ("hidden_channels", "heads", "neurons"))
+    t, s = teacher.state_dict(), student.state_dict()
+    hd = H // HEADS
+    att = [h * hd + j for h in heads[1] for j in range(hd)]  # student layer 1 <- teacher layer 2
+    if family == "modernbert":
+        rows = [*att, *(H + a for a in att), *(2 * H + a for a in att)]
+        assert torch.equal(s["model.layers.1.attn.Wqkv.weight"], t["model.layers.2.attn.Wqkv.weight"][rows][:, ch])
+        gate_rows = [*neurons[1], *(48 + n for n in neurons[1])]
+        assert torch.equal(s["model.layers.1.mlp.Wi.weight"], t["model.layers.2.mlp.Wi.weight"][gate_rows][:, ch])
+        assert student.config.layer_types == [teacher.config.layer_types[i] for i in (0, 2)]
+    else:
+        key = "deberta.encoder.rel_embeddings.weight"
+        assert torch.equal(s[key], t[key][:, ch])
+        k_key = "deberta.encoder.layer.{}.attention.self.key_proj.weight"
+        assert torch.equal(s[k_key.format(1)], t[k_key.format(2)][att][:, ch])
+    loss, _ = DistillationModel(student, teacher, LossConfig(alpha_att=1.0, alpha_val=1.0), [0, 2])(*batch())
+    assert torch.isfinite(loss)
+
+
+def test_pruning_refusals_name_what_the_family_lacks():
+    mpnet = mlm_model("mpnet", layers=2)
+    with pytest.raises(ConfigError, match=r"student.num_attention_heads: the mpnet family cannot drop heads.*"):
+        build_student(mpnet, StudentConfig(layers=[0, 1], init="prune", hidden_size=16), _calibration())
+    ffn_only, _ = build_student(mpnet, StudentConfig(layers=[0, 1], init="prune", intermediate_size=24), _calibration())
+    assert ffn_only.config.intermediate_size == 24 and ffn_only.config.num_attention_heads == HEADS
+    with pytest.raises(ConfigError, match=r"does not support the distilbert family: its blocks are not BERT's"):
+        build_student(mlm_model("distilbert", layers=2), StudentConfig(layers=[0, 1], init="prune"), _calibration())
