@@ -184,9 +184,9 @@ def test_attention_term_equals_the_models_own_attention(family):
 def test_relation_terms_equal_a_reference_from_the_projections(family):
     """DeBERTa-like (disentangled / relative bias): the terms are the content relations of the projections, here
     recomputed from the layer's input hidden state and the projection weights."""
-    teacher = mlm_model(family, layers=4)
-    student, record = build_student(teacher, StudentConfig(layers=[0, 3]))
-    student = _perturbed(student)
+    teacher = mlm_model(family, layers=2)
+    student, record = build_student(teacher, StudentConfig(layers=[1], init="random"))
+    student.eval()  # dropout off: the reference recomputes the projections
     cfg = LossConfig(alpha_ce=0, alpha_mlm=0, alpha_cos=0, alpha_att=1.0, alpha_val=1.0)
     ids, am, labels = batch()
     _, logs = DistillationModel(student, teacher, cfg, record["layer_map"])(ids, am, labels)
@@ -204,7 +204,7 @@ def test_relation_terms_equal_a_reference_from_the_projections(family):
 
         return rel(q, k), rel(v, v)
 
-    (att_t, val_t), (att_s, val_s) = relations(teacher, 3), relations(student, 1)
+    (att_t, val_t), (att_s, val_s) = relations(teacher, 1), relations(student, 0)
     assert math.isclose(float(logs["loss_att"]), _kl_reference(att_t, att_s, am), rel_tol=1e-4)
     assert math.isclose(float(logs["loss_val"]), _kl_reference(val_t, val_s, am), rel_tol=1e-4)
     assert float(logs["loss_att"]) > 1e-5
@@ -304,9 +304,9 @@ def test_width_pruning_cuts_fused_and_shared_tensors_alike(family):
     """ModernBERT's Wqkv (Q | K | V) and Wi (input | gate) are cut with the same kept heads / neurons in every part;
     DeBERTa's shared rel_embeddings lose the pruned hidden columns; at the teacher's sizes the student is the
     teacher (same logits)."""
-    teacher = mlm_model(family, layers=4)
+    teacher = mlm_model(family, layers=3)
     ids, am, _ = batch()
-    same, _ = build_student(teacher, StudentConfig(layers=[0, 1, 2, 3], init="prune"), _calibration())
+    same, _ = build_student(teacher, StudentConfig(layers=[0, 1, 2], init="prune"), _calibration())
     with torch.no_grad():
         diff = same.eval()(input_ids=ids, attention_mask=am).logits - teacher(input_ids=ids, attention_mask=am).logits
     assert float(diff.abs().max()) <= 1e-5
