@@ -283,6 +283,30 @@ def test_teacher_with_newly_initialised_head_is_refused_for_logit_terms(tmp_path
     assert untrained_head_keys(str(trained), T.AutoConfig.from_pretrained(trained)) == []
 
 
+def test_a_trained_head_with_legacy_tensor_names_is_not_refused(tmp_path):
+    """Older checkpoints (the demo's bert-tiny-mlm) name the head's LayerNorm gamma / beta, which from_pretrained
+    renames: neither the header check nor the load-time check may refuse them."""
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.config import TeacherConfig
+    from pretrain.teacher import Preflight, load_teacher, untrained_head_keys
+
+    path = _save(tmp_path, mlm_model("bert", layers=2), "bert-legacy")
+    state = load_file(path / "model.safetensors")
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    conf = T.AutoConfig.from_pretrained(path)
+    assert untrained_head_keys(str(path), conf) == []
+    pf = Preflight(str(path), conf, None, True, {}, needs_logits=True)
+    loaded = load_teacher(TeacherConfig(name_or_path=str(path)), pf)
+    assert torch.equal(
+        loaded.cls.predictions.transform.LayerNorm.weight, state["cls.predictions.transform.LayerNorm.weight"]
+    )
+
+
 def test_family_lookup_and_albert_refused():
     assert family_of(config_of("xlm-roberta")).name == "roberta"
     assert family_of(T.BertConfig()).name == "bert"
