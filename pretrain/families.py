@@ -64,7 +64,6 @@ SEPARATE_QKV_NAMES = (
     ("query_proj", "key_proj", "value_proj"),
     ("q", "k", "v"),
 )
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 class _Chain(nn.Module):
