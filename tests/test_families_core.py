@@ -363,3 +363,22 @@ def test_pruning_refusals_name_what_the_family_lacks():
     assert ffn_only.config.intermediate_size == 24 and ffn_only.config.num_attention_heads == HEADS
     with pytest.raises(ConfigError, match=r"does not support the distilbert family: its blocks are not BERT's"):
         build_student(mlm_model("distilbert", layers=2), StudentConfig(layers=[0, 1], init="prune"), _calibration())
+
+
+@pytest.mark.parametrize("family", ["modernbert", "deberta-v2-new-head"])
+def test_mlm_head_gives_the_models_logits(family):
+    """ModernBERT's head + decoder, DeBERTa-v2's non-legacy lm_predictions head (takes the word embeddings)."""
+    from pretrain.student import mlm_head
+
+    if family == "modernbert":
+        model = mlm_model("modernbert", layers=1)
+    else:
+        conf = config_of("deberta-v2", 1)
+        conf.legacy = False
+        torch.manual_seed(0)
+        model = T.DebertaV2ForMaskedLM(conf).eval()
+    ids, am, _ = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        last = model.base_model(input_ids=ids, attention_mask=am).last_hidden_state
+        assert torch.allclose(mlm_head(model)(last), out.logits, atol=1e-6)
