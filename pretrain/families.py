@@ -64,7 +64,6 @@ SEPARATE_QKV_NAMES = (
     ("query_proj", "key_proj", "value_proj"),
     ("q", "k", "v"),
 )
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 class _Chain(nn.Module):
@@ -344,7 +343,7 @@ class Family:
     def head_prefixes(self, model: nn.Module) -> list[str]:
         """State-dict prefixes (``"cls.predictions."``) of the MLM head's own tensors."""
         if self.head is None:
-            return [p + "." for p in ("cls", "lm_head", "generator_predictions", "generator_lm_head", "vocab_")]
+            return ["cls.", "lm_head.", "generator_predictions.", "generator_lm_head.", "vocab_"]
         found = [p for p in (*self.head, "lm_predictions") if find_module(model, p) is not None]
         return [p + "." for p in found]
 

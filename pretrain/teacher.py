@@ -152,11 +152,12 @@ def _check_length(m: int, name: str, tconf, seq: int) -> None:
 
 
 def untrained_head_keys(path: str, config: Any) -> list[str]:
-    """The MLM head tensors of the model at local directory ``path`` (config ``config``) that its weight files
-    (``*.safetensors``) lack, so that ``from_pretrained`` would initialise them at random (a DeBERTa-v3 checkpoint:
-    replaced-token detection, no trained MLM head). Reads the files' headers only; tensors tied to the input
-    embeddings do not count. Empty for a hub name (not a directory) or a directory without safetensors files:
-    :func:`load_teacher` checks those after loading."""
+    """The MLM head tensors the model at local directory ``path`` (config ``config``) would get newly initialised
+    because its weight files (``*.safetensors``) hold no tensor of the head at all (a DeBERTa-v3 checkpoint:
+    replaced-token detection, no trained MLM head). Reads the files' headers only. Empty when any head tensor is
+    stored (older checkpoints name some tensors differently, e.g. LayerNorm ``gamma`` / ``beta``, which
+    ``from_pretrained`` renames: :func:`load_teacher` then checks its ``missing_keys``), for a hub name (not a
+    directory) or a directory without safetensors files. Tensors tied to the input embeddings do not count."""
     from pathlib import Path
 
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
@@ -172,9 +173,10 @@ def untrained_head_keys(path: str, config: Any) -> list[str]:
     with torch.device("meta"):
         skeleton = AutoModelForMaskedLM.from_config(config)
     tied = set(getattr(skeleton, "_tied_weights_keys", None) or {})
-    prefixes = family_of(skeleton).head_prefixes(skeleton)
-    expected = [k for k in skeleton.state_dict() if k.startswith(tuple(prefixes)) and k not in tied]
-    return [k for k in expected if k not in stored]
+    prefixes = tuple(family_of(skeleton).head_prefixes(skeleton))
+    if any(k.startswith(prefixes) for k in stored):
+        return []
+    return [k for k in skeleton.state_dict() if k.startswith(prefixes) and k not in tied]
 
 
 def refuse_untrained_head(source: Any, missing: list[str], name: str) -> None:
