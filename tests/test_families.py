@@ -146,9 +146,10 @@ def _kinds(config, layer_map=None) -> list[str] | None:
     return None if kinds is None else [kinds[i] for i in (layer_map or range(len(kinds)))]
 
 
-@pytest.mark.parametrize(
-    "name,kind", [(n, k) for n in NAMES for k in LAYER_MAPS if (n, k) not in NOT_SUPPORTED], ids="-".join
-)
+SURGERY = [(n, k) for n in NAMES for k in LAYER_MAPS if (n, k) not in NOT_SUPPORTED]
+
+
+@pytest.mark.parametrize("name,kind", SURGERY, ids=[f"{n}-{k}" for n, k in SURGERY])
 def test_student_by_every_layer_map(name, kind, tmp_path):
     """Copied tensors equal their sources; student layer i is teacher layer map[i]; the saved student reloads with
     the same outputs (and, for ModernBERT, ``layer_types`` of the copied layers)."""
