@@ -142,7 +142,7 @@ def _config(family: Family, tok) -> Any:
     import transformers as tf
 
     ids = {"pad_token_id": tok.pad_token_id}
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": len(tok),
         "hidden_size": HIDDEN,
         "num_hidden_layers": family.layers,
@@ -162,24 +162,28 @@ def _config(family: Family, tok) -> Any:
         return tf.ElectraConfig(embedding_size=embedding, max_position_embeddings=128, **common)
     if mt == "deberta-v2":
         v2 = family.name == "deberta-v2"
+        relative: dict[str, Any] = {  # fields DebertaV2Config reads from **kwargs (not in its signature)
+            "position_buckets": 16,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "conv_kernel_size": 3 if v2 else 0,
+            "conv_act": "gelu",
+        }
         return tf.DebertaV2Config(
             max_position_embeddings=128,
             relative_attention=True,
-            position_buckets=16,
             max_relative_positions=-1,
             pos_att_type=["p2c", "c2p"],
-            norm_rel_ebd="layer_norm",
-            share_att_key=True,
             position_biased_input=False,
             type_vocab_size=0,
-            conv_kernel_size=3 if v2 else 0,
-            conv_act="gelu",
+            **relative,
             **common,
         )
     if mt == "modernbert":
+        cadence: dict[str, Any] = {"global_attn_every_n_layers": 3}  # read from **kwargs: layer_types
         return tf.ModernBertConfig(
             max_position_embeddings=128,
-            global_attn_every_n_layers=3,
+            **cadence,
             local_attention=16,
             cls_token_id=tok.cls_token_id,
             sep_token_id=tok.sep_token_id,
