@@ -81,6 +81,8 @@ def overrides(name: str, **extra) -> list[str]:
     }
     if name == "xlm-roberta":  # configs/xlmr.json's masking: whole words on SentencePiece pieces
         items["masking.whole_word_mask"] = True
+    if name == "modernbert":  # DistilBERT's map [0, 3, 5]: kinds full, full, sliding, not the positional cadence
+        items.setdefault("student.layers", "distilbert")
     return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in items.items()]
 
 
@@ -287,6 +289,12 @@ def test_export_reloads_to_the_trained_module(ranks_run, name):
     assert diff <= 1e-5, (name, diff)
     bare = AutoModel.from_pretrained(export)
     assert bare.config.num_hidden_layers == fam.layers // 2 and _kinds(bare.config) == _kinds(model.config), name
+    if name == "modernbert":  # the exported layer_types are the copied teacher layers' kinds
+        assert (
+            _kinds(bare.config)
+            == _kinds(teacher(name).config, [0, 3, 5])
+            == ["full_attention"] * 2 + ["sliding_attention"]
+        )
     if fam.sentence:
         from sentence_transformers import SentenceTransformer
 
