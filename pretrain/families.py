@@ -16,9 +16,10 @@ pruning (:mod:`pretrain.prune`), the teacher (:mod:`pretrain.teacher`) and evalu
 | modernbert | layers | attn.Wqkv (fused; RoPE) | head + decoder | yes | layer_types |
 
 Width pruning (:class:`PruneLayout`): BERT, RoBERTa / XLM-R, ELECTRA, DeBERTa-v2/v3 (the shared ``rel_embeddings``
-lose the pruned hidden columns; ``key_proj`` / ``query_proj`` rows follow each layer's heads, as they project the
-position table too), ModernBERT (``Wqkv`` thirds and ``Wi``'s input / gate halves cut alike); MPNet in the
-feed-forward only (its per-head relative bias is shared by all layers); DistilBERT refused.
+lose the pruned hidden columns, the conv layer of ``conv_kernel_size > 0`` its pruned in / out channels;
+``key_proj`` / ``query_proj`` rows follow each layer's heads, as they project the position table too), ModernBERT
+(``Wqkv`` thirds and ``Wi``'s input / gate halves cut alike); MPNet in the feed-forward only (its per-head relative
+bias is shared by all layers); DistilBERT refused.
 
 ALBERT (one layer shared by all depths) is refused: a student cannot keep "every other" copy of one shared layer. A
 model type not in the table gets the generic adapter: blocks found by structure, Q/K/V by the known names.
@@ -225,6 +226,10 @@ DEBERTA_PRUNE = dataclasses.replace(
         (r"\.attention\.self\.(query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj)\.weight$", ("A", "H")),
         (r"\.attention\.self\.(query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj)\.bias$", ("A",)),
         (r"(^|\.)encoder\.rel_embeddings\.weight$", (None, "H")),  # shared by all layers: its hidden columns
+        # the conv layer (conv_kernel_size > 0): Conv1d(hidden, hidden, k), its in and out channels are the hidden
+        # ones (a grouped conv is refused by pretrain.prune)
+        (r"(^|\.)encoder\.conv\.conv\.weight$", ("H", "H", None)),
+        (r"(^|\.)encoder\.conv\.conv\.bias$", ("H",)),
     ),
 )
 MPNET_PRUNE = PruneLayout(
@@ -273,7 +278,9 @@ class Family:
     takes from the teacher layers it copies. ``identity_first_norm``: the block attribute that is ``nn.Identity`` in
     block 0 and a norm elsewhere (ModernBERT's ``attn_norm``). ``prune_layout``: what width pruning reads
     (:class:`PruneLayout`), None when it does not support the family, ``prune`` then saying what the family lacks.
-    ``relation``: what the MiniLM attention term compares."""
+    ``relation``: what the MiniLM attention term compares. ``intermediate_field``: the config's name of the
+    feed-forward size (DistilBERT's ``hidden_dim``; its ``dim`` / ``n_heads`` / ``n_layers`` are reached through
+    the config's ``attribute_map`` as ``hidden_size`` / ``num_attention_heads`` / ``num_hidden_layers``)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -288,6 +295,7 @@ class Family:
     prune: str | None = None
     prune_layout: PruneLayout | None = None
     relation: str = "the model's attention distribution (relation heads = its heads)"
+    intermediate_field: str = "intermediate_size"
 
     def layer_list(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """``(qualified name, blocks)``: the ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks at this
@@ -361,6 +369,15 @@ class Family:
                 setattr(out, field, [values[i] for i in layer_map])
         out.num_hidden_layers = len(layer_map)
         return out
+
+    def intermediate_size(self, config: PreTrainedConfig) -> int:
+        """The feed-forward size of ``config`` (neurons per layer) under this family's name for it."""
+        return int(getattr(config, self.intermediate_field))
+
+    def set_sizes(self, config: PreTrainedConfig, hidden: int, heads: int, inter: int) -> None:
+        """Set ``config``'s hidden size, head count and feed-forward size in place, under this family's names."""
+        config.hidden_size, config.num_attention_heads = hidden, heads
+        setattr(config, self.intermediate_field, inter)
 
     def check_copied_map(self, layer_map: list[int]) -> None:
         """Refuse a teacher-initialised layer map this family cannot express: for ModernBERT, block 0 has no
@@ -445,6 +462,7 @@ FAMILIES: tuple[Family, ...] = (
         ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
         head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
         prune="its blocks are not BERT's layout (q_lin ... ffn.lin2, sa_layer_norm)",
+        intermediate_field="hidden_dim",
     ),
     Family(
         "deberta-v2",

@@ -176,12 +176,19 @@ def block_parts(layer: nn.Module, layout: PruneLayout = BERT_PRUNE) -> dict[str,
 
 def _check_prunable(tc: PreTrainedConfig) -> None:
     """Refuse a teacher whose config pruning cannot express: ``embedding_size != hidden_size`` (ELECTRA-small
-    style) or heads already pruned (``config.pruned_heads``). Raises :class:`ConfigError` (``student.init``)."""
+    style), heads already pruned (``config.pruned_heads``) or DeBERTa-v2's conv layer grouped (``conv_groups > 1``).
+    Raises :class:`ConfigError` (``student.init``)."""
     t_hidden = tc.hidden_size
     if getattr(tc, "embedding_size", t_hidden) not in (None, t_hidden):
         raise ConfigError(
             f"student.init: 'prune' needs embedding_size == hidden_size; the teacher has "
             f"embedding_size {tc.embedding_size}, hidden_size {t_hidden}. Use student.init='random'"
+        )
+    groups = getattr(tc, "conv_groups", 1) if getattr(tc, "conv_kernel_size", 0) else 1
+    if groups != 1:
+        raise ConfigError(
+            f"student.init: 'prune' cannot cut the hidden channels of the teacher's grouped conv layer "
+            f"(encoder.conv, conv_groups={groups}): a kept channel's inputs span its group. Use student.init='random'"
         )
     if any(getattr(tc, "pruned_heads", None) or {}):
         raise ConfigError(
@@ -578,9 +585,9 @@ def _pruned_config(tc: PreTrainedConfig, hidden: int, heads: int, inter: int, la
     """The teacher's config for the student (:meth:`pretrain.families.Family.student_config`: per-layer fields
     follow ``layer_map``) with the student's sizes (the embedding size follows the hidden size when the teacher's
     equals its hidden size)."""
-    config = family_of(tc).student_config(tc, layer_map)
-    config.hidden_size, config.num_attention_heads = hidden, heads
-    config.intermediate_size = inter
+    family = family_of(tc)
+    config = family.student_config(tc, layer_map)
+    family.set_sizes(config, hidden, heads, inter)
     if getattr(config, "embedding_size", None) == tc.hidden_size:
         config.embedding_size = hidden
     return config

@@ -485,7 +485,8 @@ def _build_random(
             f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}; "
             f"set student.num_attention_heads"
         )
-    inter = cfg.intermediate_size or round(tc.intermediate_size * hidden / tc.hidden_size)
+    family = family_of(teacher)
+    inter = cfg.intermediate_size or round(family.intermediate_size(tc) * hidden / tc.hidden_size)
     depth = cfg.num_hidden_layers or len(layer_map)
     if depth != len(layer_map):
         if not isinstance(cfg.layers, str):
@@ -516,11 +517,11 @@ def _build_random(
         cls = DistilBertForMaskedLM if mlm_head(teacher) is not None else DistilBertModel
         student = new_like(cls, config)
     else:
-        config = family_of(teacher).student_config(tc, layer_map)  # per-layer fields follow the mapped layers
+        config = family.student_config(tc, layer_map)  # per-layer fields follow the mapped layers
         if getattr(config, "embedding_size", None) == tc.hidden_size:
             config.embedding_size = hidden
-        config.hidden_size, config.num_attention_heads = hidden, heads
-        config.intermediate_size, config.num_hidden_layers = inter, depth
+        family.set_sizes(config, hidden, heads, inter)  # under the family's names (DistilBERT: dim, hidden_dim)
+        config.num_hidden_layers = depth
         student = new_like(type(teacher), config, like=base_model(teacher))
     return student, {
         "layer_map": layer_map,

@@ -378,3 +378,38 @@ def test_mlm_head_gives_the_models_logits(family):
         out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
         last = model.base_model(input_ids=ids, attention_mask=am).last_hidden_state
         assert torch.allclose(mlm_head(model)(last), out.logits, atol=1e-6)
+
+
+def test_random_init_on_a_distilbert_teacher_uses_its_size_names():
+    """DistilBertConfig names its sizes dim / hidden_dim / n_layers / n_heads: the adapter maps them (fam-bugs 1)."""
+    teacher = mlm_model("distilbert", layers=4)
+    cfg = StudentConfig(init="random", num_hidden_layers=2, hidden_size=16)
+    student, record = build_student(teacher, cfg, None)
+    c = student.config
+    assert (c.dim, c.n_heads, c.n_layers, c.hidden_dim) == (16, 2, 2, 24)  # heads keep head_dim 8; FFN 48 * 16 / 32
+    assert type(student) is type(teacher) and record["copied"] == {}
+    ids, am, _ = batch()
+    assert student(input_ids=ids, attention_mask=am).logits.shape == (2, 24, V)
+
+
+def test_pruning_deberta_with_its_conv_layer_slices_the_conv_channels():
+    """DeBERTa-v2's conv layer (conv_kernel_size > 0, as deberta-v2-xlarge) loses the pruned hidden channels on
+    both its input and output axes; a grouped conv is refused naming it (fam-bugs 2)."""
+    torch.manual_seed(0)
+    config = config_of("deberta-v2", layers=3)
+    config.conv_kernel_size, config.conv_act = 3, "gelu"
+    teacher = T.AutoModelForMaskedLM.from_config(config).eval()
+    same, _ = build_student(teacher, StudentConfig(layers=[0, 1, 2], init="prune"), _calibration())
+    ids, am, _ = batch()
+    with torch.no_grad():
+        diff = same.eval()(input_ids=ids, attention_mask=am).logits - teacher(input_ids=ids, attention_mask=am).logits
+    assert float(diff.abs().max()) <= 1e-5
+    cfg = StudentConfig(layers=[0, 2], init="prune", hidden_size=16, num_attention_heads=2, intermediate_size=24)
+    student, record = build_student(teacher, cfg, _calibration())
+    ch = record["prune"]["hidden_channels"]
+    key = "deberta.encoder.conv.conv.weight"
+    assert torch.equal(student.state_dict()[key], teacher.state_dict()[key][ch][:, ch])
+    config.conv_groups = 2
+    grouped = T.AutoModelForMaskedLM.from_config(config).eval()
+    with pytest.raises(ConfigError, match=r"encoder\.conv.*conv_groups=2"):
+        build_student(grouped, cfg, _calibration())
