@@ -144,11 +144,9 @@ LAYER_MAPS: dict[str, str | list[int]] = {
 # tests/test_families_core.py); [0, 1, 4] takes kinds full, sliding, sliding
 EXPLICIT: dict[str, list[int]] = {"modernbert": [0, 1, 4]}
 NO_SDPA = ("deberta-v2", "mpnet")  # no SDPA path in transformers: eager, said once (tests/test_families_core.py)
-# cells not supported yet, each with the bug it waits for (/work/notes/fam-bugs.md); README's table marks them
-NOT_SUPPORTED = {
-    ("distilbert", "random"): "student.init='random' reads config.intermediate_size (DistilBERT: hidden_dim)",
-    ("deberta-v2", "prune"): "ValueError: no slicing rule for the conv layer's deberta.encoder.conv.conv.weight",
-}
+# cells not supported yet, each with the bug it waits for (/work/notes/fam-bugs.md); README's table marks them.
+# Empty: DistilBERT's random init and DeBERTa-v2's conv-layer pruning were fixed (famcore21 dc09db6).
+NOT_SUPPORTED: dict[tuple[str, str], str] = {}
 
 
 def _kinds(config, layer_map=None) -> list[str] | None:
