@@ -52,8 +52,11 @@ class TeacherConfig:
         help='Precision of the teacher, which only runs forward: "auto" = the run\'s half precision on GPU '
         "(deepspeed.fp16 -> float16, deepspeed.bf16 -> bfloat16, else float32) and float32 on CPU.",
     )
-    attn_implementation: Literal["sdpa", "eager"] = param(
-        "sdpa", help='Attention kernel of the teacher: "sdpa" (PyTorch scaled_dot_product_attention, fast) or "eager".'
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = param(
+        "sdpa",
+        help='Attention kernel of the teacher: "sdpa" (PyTorch scaled_dot_product_attention, fast), "eager", or '
+        '"flash_attention_2" (GPU with the flash_attn package; otherwise SDPA). A family without an SDPA path '
+        "(DeBERTa-v2/v3, MPNet) falls back to eager, saying so once.",
     )
 
     def validate(self) -> None:

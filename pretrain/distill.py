@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain import losses as L
+from pretrain.families import QKVSource, family_of, tap_qkv
 from pretrain.schema import ConfigError
-from pretrain.student import base_model, find_layer_list, mlm_head
+from pretrain.structure import model_config
+from pretrain.student import base_model, mlm_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 VOCAB_MULTIPLE = 64  # on CUDA the LM heads' vocabulary products run padded to a multiple of this (aligned_vocab)
 
 
@@ -40,21 +41,27 @@ def default_layer_pairs(layer_map: list[int], num_teacher_layers: int) -> list[l
     return [[i, layer_map[i]] for i in range(1, m)] + [[m, num_teacher_layers]]
 
 
-def find_qkv(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """The query / key / value ``nn.Linear`` modules of a transformer block's self-attention (the first found).
+def find_qkv(model: nn.Module, index: int) -> QKVSource:
+    """Where block ``index`` (0-based) of ``model`` computes its queries, keys and values, asked of the model's
+    family adapter (:meth:`pretrain.families.Family.qkv_source`): separate projections (BERT / RoBERTa / ELECTRA
+    ``query/key/value``, DistilBERT ``q_lin/k_lin/v_lin``, DeBERTa ``query_proj/key_proj/value_proj``, MPNet
+    ``q/k/v``) or ModernBERT's fused ``Wqkv`` (split in three, Q / K rotated as the model does: taken after RoPE;
+    :mod:`pretrain.families` says why). Raises ``ValueError`` when the block has none."""
+    family = family_of(model)
+    _, blocks = family.layer_list(model)
+    return family.qkv_source(blocks[index], int(model_config(model).num_attention_heads))
 
-    Knows BERT / RoBERTa / ELECTRA (``query``, ``key``, ``value``), DistilBERT (``q_lin`` ...) and ``q_proj`` ...
-    layouts. Raises ``ValueError`` for fused projections (one Linear for Q, K and V).
-    """
-    for _, mod in layer.named_modules():
-        for names in QKV_NAMES:
-            q, k, v = (getattr(mod, n, None) for n in names)
-            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(v, nn.Linear):
-                return q, k, v
-    raise ValueError(
-        f"{type(layer).__name__}: no separate query/key/value Linear modules found; the attention and "
-        f"value relation losses (loss.alpha_att, loss.alpha_val) need them: set those weights to 0"
-    )
+
+class _Captured(dict):
+    """The Q / K / V captured in one forward, keyed ``(who, pair, j)``; a missing entry is a clear error."""
+
+    def __missing__(self, key: tuple[str, int, int]) -> torch.Tensor:
+        who = {"s": "student", "t": "teacher"}.get(key[0], key[0])
+        raise RuntimeError(
+            f"the relation losses (loss.alpha_att / alpha_val) received no {'QKV'[key[2]]} from the {who}'s relation "
+            f"pair {key[1]}: its attention projections did not run in this forward (a compiled or replaced "
+            f"attention module?); refusing to compute the term from nothing"
+        )
 
 
 def vocab_projection(head, vocab_size: int) -> nn.Linear | None:
@@ -206,8 +213,8 @@ class DistillationModel(nn.Module):
         self.projections = self._make_projections(active, hidden_channels)
         self.relation_heads: int = loss_cfg.relation_heads or sc.num_attention_heads
         self.relation_pairs: list[list[int]] = []
-        self._qkv_s: list[tuple[nn.Linear, nn.Linear, nn.Linear]] = []  # plain lists: not registered
-        self._qkv_t: list[tuple[nn.Linear, nn.Linear, nn.Linear]] = []
+        self._qkv_s: list[QKVSource] = []  # plain lists: not registered
+        self._qkv_t: list[QKVSource] = []
         if "att" in active or "val" in active:
             self._find_relations()
         self._heads = (mlm_head(teacher), mlm_head(student))
@@ -254,8 +261,8 @@ class DistillationModel(nn.Module):
                     f"loss.relation_heads: {self.relation_heads} does not divide the {who} width "
                     f"{width}; set loss.relation_heads to a common divisor of both widths"
                 )
-        self._qkv_s = [find_qkv(find_layer_list(self.student)[1][s]) for s, _ in self.relation_pairs]
-        self._qkv_t = [find_qkv(find_layer_list(self._teacher)[1][t]) for _, t in self.relation_pairs]
+        self._qkv_s = [find_qkv(self.student, s) for s, _ in self.relation_pairs]
+        self._qkv_t = [find_qkv(self._teacher, t) for _, t in self.relation_pairs]
 
     def compile_parts(self) -> None:
         """``torch.compile`` the student's and the teacher's encoders (in place: parameter names, checkpoints and
@@ -299,18 +306,18 @@ class DistillationModel(nn.Module):
 
     @contextlib.contextmanager
     def _capture_qkv(self):
-        """Forward hooks on the mapped layers' Q / K / V Linear modules for the duration of one forward."""
-        store: dict[tuple[str, int, int], torch.Tensor] = {}
+        """Forward hooks on the mapped layers' Q / K / V projections (:func:`pretrain.families.tap_qkv`) for the
+        duration of one forward; the store maps ``(who, pair, j)`` to Q (j=0), K (1) or V (2) [B, L, D]."""
+        store = _Captured()
         handles = []
         if self.relation_pairs:
-            for who, mods in (("s", self._qkv_s), ("t", self._qkv_t)):
-                for i, qkv in enumerate(mods):
-                    for j, lin in enumerate(qkv):
+            for who, sources in (("s", self._qkv_s), ("t", self._qkv_t)):
+                for i, src in enumerate(sources):
 
-                        def hook(_m, _inp, out, key=(who, i, j)):
-                            store[key] = out
+                    def put(j: int, out: torch.Tensor, who: str = who, i: int = i) -> None:
+                        store[who, i, j] = out
 
-                        handles.append(lin.register_forward_hook(hook))
+                    handles += tap_qkv(src, put)
         try:
             yield store
         finally:

@@ -44,6 +44,7 @@ from data_prep.errors import DataPrepError, DistillError
 from data_prep.files import atomic_write_bytes, atomic_write_text
 from pretrain.card import refresh_from_report
 from pretrain.data import open_split
+from pretrain.families import attn_implementation, model_class
 from pretrain.losses import mean_pool
 from pretrain.masking import Masker, MaskingConfig
 from pretrain.report import plot_loss_curves, render_markdown, training_provenance
@@ -127,14 +128,13 @@ def _load_config(flag: str, path: str):
 
 def load_model(name: str, path: str, config, device: torch.device) -> Model:
     """Load ``path`` with AutoModelForMaskedLM when it has an MLM head, else AutoModel; SDPA attention where the
-    architecture supports it; eval mode, fp32, on ``device``."""
+    architecture supports it, else eager (logged once, :func:`pretrain.families.attn_implementation`); eval mode,
+    fp32, on ``device``."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     auto = AutoModelForMaskedLM if has_mlm_head(config) else AutoModel
-    try:
-        model = auto.from_pretrained(path, attn_implementation="sdpa")
-    except (ValueError, ImportError):  # an architecture without SDPA support
-        model = auto.from_pretrained(path)
+    impl = attn_implementation(model_class(auto, config), "sdpa", who=name)  # eager, said once, without SDPA
+    model = auto.from_pretrained(path, attn_implementation=impl)
     model = model.to(device=device, dtype=torch.float32).eval()
     return Model(name, path, config, model, model.base_model, mlm_head(model) if has_mlm_head(config) else None)
 

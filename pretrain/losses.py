@@ -296,7 +296,18 @@ def relation_log_probs(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.T
 
     Returns:
         fp32 [B, R, L, L] log-probabilities over the last (key) axis.
+
+    Raises ``ValueError`` when ``a`` or ``b`` is missing or empty (no attention inputs reached the loss: never a
+    silent zero) or when ``num_heads`` does not divide D.
     """
+    for x in (a, b):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.numel() == 0:
+            got = "an empty tuple" if isinstance(x, tuple) and not x else repr(getattr(x, "shape", type(x).__name__))
+            raise ValueError(
+                f"an attention / relation loss received no attention inputs ({got}, expected [B, L, D] projections): "
+                f"the model's attention did not provide them (under SDPA, output_attentions gives an empty tuple); "
+                f"take Q/K/V from the projections (pretrain.distill) or load the model with eager attention"
+            )
     bsz, length, dim = a.shape
     if dim % num_heads:
         raise ValueError(f"relation heads {num_heads} do not divide width {dim}; set loss.relation_heads")

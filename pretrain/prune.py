@@ -35,8 +35,8 @@ loads with ``from_pretrained`` without custom code.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pretrain.families import BERT_PRUNE, PruneLayout, family_of
 from pretrain.schema import ConfigError
-from pretrain.structure import base_model, find_layer_list, find_module, model_config, new_like
+from pretrain.structure import base_model, find_module, model_config, new_like
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -56,17 +57,6 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor]  # {"input_ids", "attention_mask"}: int64 [B, L]
 
-BLOCK_PARTS = {  # BERT block layout (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA with embedding_size == hidden_size)
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "attn_out": "attention.output.dense",
-    "attn_ln": "attention.output.LayerNorm",
-    "intermediate": "intermediate",
-    "ff_in": "intermediate.dense",
-    "ff_out": "output.dense",
-    "out_ln": "output.LayerNorm",
-}
 METHOD = (
     "Minitron activation importance (Muralidharan et al. 2024, sec. 2.2): heads by the L2 norm of their "
     "attention output, neurons by mean |activation| after the activation function, channels by mean "
@@ -165,29 +155,40 @@ def _sample_digest(batches: Sequence[Batch]) -> tuple[int, int, str]:
 # Structure
 
 
-def block_parts(layer: nn.Module) -> dict[str, nn.Module]:
-    """The modules of one transformer block that pruning reads (:data:`BLOCK_PARTS`, BERT's layout). Raises
-    :class:`ConfigError` (``student.init``) when the block has another layout."""
-    found = {k: find_module(layer, p) for k, p in BLOCK_PARTS.items()}
-    parts = {k: v for k, v in found.items() if v is not None}
-    missing = [BLOCK_PARTS[k] for k in found if k not in parts]
+def block_parts(layer: nn.Module, layout: PruneLayout = BERT_PRUNE) -> dict[str, Any]:
+    """The modules of one transformer block that pruning reads, by the family's ``layout``
+    (:class:`pretrain.families.PruneLayout`; BERT's by default): ``heads_in``, ``neurons_in`` (modules) and
+    ``norms`` (the block's norms, ``nn.Identity`` left out). Raises :class:`ConfigError` (``student.init``) when
+    the block lacks a module of the layout."""
+    missing = [p for p in (*layout.required, layout.heads_in, layout.neurons_in) if find_module(layer, p) is None]
     if missing:
         raise ConfigError(
-            f"student.init: 'prune' needs BERT's block layout (attention.self.query/key/value, "
-            f"attention.output.dense/LayerNorm, intermediate.dense, output.dense/LayerNorm); "
+            f"student.init: 'prune' needs the block layout {list(layout.required)}; "
             f"{type(layer).__name__} has no {missing}. Use student.init='random' for this teacher"
         )
-    return parts
+    norms = [find_module(layer, p) for p in layout.norms]
+    return {
+        "heads_in": find_module(layer, layout.heads_in),
+        "neurons_in": find_module(layer, layout.neurons_in),
+        "norms": [m for m in norms if m is not None and not isinstance(m, nn.Identity)],
+    }
 
 
 def _check_prunable(tc: PreTrainedConfig) -> None:
     """Refuse a teacher whose config pruning cannot express: ``embedding_size != hidden_size`` (ELECTRA-small
-    style) or heads already pruned (``config.pruned_heads``). Raises :class:`ConfigError` (``student.init``)."""
+    style), heads already pruned (``config.pruned_heads``) or DeBERTa-v2's conv layer grouped (``conv_groups > 1``).
+    Raises :class:`ConfigError` (``student.init``)."""
     t_hidden = tc.hidden_size
     if getattr(tc, "embedding_size", t_hidden) not in (None, t_hidden):
         raise ConfigError(
             f"student.init: 'prune' needs embedding_size == hidden_size; the teacher has "
             f"embedding_size {tc.embedding_size}, hidden_size {t_hidden}. Use student.init='random'"
+        )
+    groups = getattr(tc, "conv_groups", 1) if getattr(tc, "conv_kernel_size", 0) else 1
+    if groups != 1:
+        raise ConfigError(
+            f"student.init: 'prune' cannot cut the hidden channels of the teacher's grouped conv layer "
+            f"(encoder.conv, conv_groups={groups}): a kept channel's inputs span its group. Use student.init='random'"
         )
     if any(getattr(tc, "pruned_heads", None) or {}):
         raise ConfigError(
@@ -312,12 +313,13 @@ def _check_sample(batches: Sequence[Batch]) -> None:
         )
 
 
-def _embeddings_layer_norm(teacher: nn.Module) -> nn.Module:
-    """The teacher's ``embeddings.LayerNorm``; :class:`ConfigError` (``student.init``) when it has none."""
-    emb_ln = find_module(base_model(teacher), "embeddings.LayerNorm")
+def _embeddings_layer_norm(teacher: nn.Module, layout: PruneLayout = BERT_PRUNE) -> nn.Module:
+    """The teacher's embeddings norm (``layout.embeddings_norm``: ``embeddings.LayerNorm``, ModernBERT's
+    ``embeddings.norm``); :class:`ConfigError` (``student.init``) when it has none."""
+    emb_ln = find_module(base_model(teacher), layout.embeddings_norm)
     if emb_ln is None:
         raise ConfigError(
-            f"student.init: 'prune' needs the embeddings' LayerNorm (embeddings.LayerNorm); "
+            f"student.init: 'prune' needs the embeddings' norm ({layout.embeddings_norm}); "
             f"{type(teacher).__name__} has none. Use student.init='random'"
         )
     return emb_ln
@@ -329,12 +331,13 @@ def _add(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _hook_importance(
-    emb_ln: nn.Module, parts: dict[int, dict[str, nn.Module]], sums: _Sums, n_heads: int, head_dim: int
+    emb_ln: nn.Module, parts: dict[int, dict[str, Any]], sums: _Sums, n_heads: int, head_dim: int
 ) -> list[RemovableHandle]:
     """Register the forward hooks that add each micro-batch's per-sequence means to ``sums``: the heads' output
-    norms (input of ``attn_out``), |neurons| (output of ``intermediate``) and |LayerNorm outputs| (the embeddings'
-    and both of every block in ``parts``, teacher layer -> :func:`block_parts`). Returns the handles, in the order
-    registered."""
+    norms (input of ``heads_in``, the attention output projection), |neurons| (input of ``neurons_in``, the
+    feed-forward output projection: BERT's ``intermediate`` output, ModernBERT's ``act(input) * gate``) and |norm
+    outputs| (the embeddings' and the block norms of every block in ``parts``, teacher layer ->
+    :func:`block_parts`). Returns the handles, in the order registered."""
 
     def on_heads(t: int):
         def hook(_m, args):
@@ -345,8 +348,8 @@ def _hook_importance(
         return hook
 
     def on_neurons(t: int):
-        def hook(_m, _args, out):  # [B, L, intermediate] after the activation function
-            _add(sums.neurons[t], _seq_mean(out.abs(), sums.mask))
+        def hook(_m, args):  # [B, L, intermediate] after the activation function (and the gate)
+            _add(sums.neurons[t], _seq_mean(args[0].abs(), sums.mask))
 
         return hook
 
@@ -355,10 +358,9 @@ def _hook_importance(
 
     handles = [emb_ln.register_forward_hook(on_ln)]
     for t, p in parts.items():
-        handles.append(p["attn_out"].register_forward_pre_hook(on_heads(t)))
-        handles.append(p["intermediate"].register_forward_hook(on_neurons(t)))
-        handles.append(p["attn_ln"].register_forward_hook(on_ln))
-        handles.append(p["out_ln"].register_forward_hook(on_ln))
+        handles.append(p["heads_in"].register_forward_pre_hook(on_heads(t)))
+        handles.append(p["neurons_in"].register_forward_pre_hook(on_neurons(t)))
+        handles += [norm.register_forward_hook(on_ln) for norm in p["norms"]]
     return handles
 
 
@@ -400,9 +402,11 @@ def compute_importance(teacher: nn.Module, batches: Sequence[Batch], layers: Seq
     _check_sample(batches)
     tc = model_config(teacher)
     n_heads, head_dim = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
-    _, blocks = find_layer_list(teacher)
-    emb_ln = _embeddings_layer_norm(teacher)
-    parts = {t: block_parts(blocks[t]) for t in layers}
+    family = family_of(teacher)
+    layout = family.prune_layout or BERT_PRUNE
+    _, blocks = family.layer_list(teacher)
+    emb_ln = _embeddings_layer_norm(teacher, layout)
+    parts = {t: block_parts(blocks[t], layout) for t in layers}
     sums = _Sums(
         heads={t: torch.zeros(n_heads) for t in layers},
         neurons={t: torch.zeros(tc.intermediate_size) for t in layers},
@@ -466,12 +470,18 @@ def select(
 # Slicing
 
 
-def roles_of(key: str) -> tuple[str | None, ...] | None:
-    """The axis roles of a state-dict tensor (:data:`RULES`), or None when no rule names it."""
-    for pattern, roles in RULES:
+def roles_of(key: str, layout: PruneLayout = BERT_PRUNE) -> tuple[str | None, ...] | None:
+    """The axis roles of a state-dict tensor: the family ``layout``'s rules first, then the shared :data:`RULES`;
+    None when no rule names it."""
+    for pattern, roles in _family_rules(layout) + RULES:
         if pattern.search(key):
             return roles
     return None
+
+
+@functools.cache
+def _family_rules(layout: PruneLayout) -> tuple[tuple[re.Pattern[str], tuple[str | None, ...]], ...]:
+    return tuple((re.compile(p), roles) for p, roles in layout.rules)
 
 
 def _teacher_key(key: str, prefix: str, layer_map: Sequence[int]) -> tuple[str, int | None]:
@@ -493,8 +503,9 @@ def _slice_axes(
     head_dim: int,
 ) -> tuple[torch.Tensor, list[str]]:
     """``value`` with each axis cut to the kept indices of its role (H: channels, A: the layer's kept heads'
-    channels, F: the layer's neurons, None: whole), and the label of each axis. ``ValueError`` for an A or F axis
-    outside a layer."""
+    channels, F: the layer's neurons, None: whole; ``A3`` / ``F2``: A / F in each of the 3 / 2 equal blocks of a
+    fused axis, e.g. ModernBERT's Q | K | V and input | gate), and the label of each axis. ``ValueError`` for an A
+    or F axis outside a layer."""
     channels = torch.tensor(sel.channels)
     names = []
     for axis, role in enumerate(roles):
@@ -505,10 +516,15 @@ def _slice_axes(
             index, label = channels, "channels"
         elif layer is None:
             raise ValueError(f"{key}: role {role} outside a layer")
-        elif role == "A":
+        elif role[0] == "A":
             index, label = torch.tensor(sel.attention_channels(layer, head_dim)), f"heads{sel.heads[layer]}"
         else:
             index, label = torch.tensor(sel.neurons[layer]), "neurons"
+        parts = int(role[1:] or 1)
+        if parts > 1:  # a fused axis: the same kept indices in each of its equal blocks
+            block = value.shape[axis] // parts
+            index = torch.cat([index + k * block for k in range(parts)])
+            label = f"{label} x{parts}"
         value = value.index_select(axis, index)
         names.append(label)
     return value, names
@@ -520,6 +536,7 @@ def slice_state(
     layer_prefix: str,
     sel: Selection,
     head_dim: int,
+    layout: PruneLayout = BERT_PRUNE,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The student's state dict cut out of the teacher's.
 
@@ -528,7 +545,7 @@ def slice_state(
         student_shapes: student tensor name -> shape (of the freshly built student).
         layer_prefix: the layer list's name (``bert.encoder.layer``); student layer i reads teacher layer
             ``sel.layer_map[i]``.
-        sel: the kept indices; head_dim: the teacher's head size.
+        sel: the kept indices; head_dim: the teacher's head size; layout: the family's (its tensor rules).
 
     Returns ``(state, copied)``: fp32 tensors for every student name (contiguous copies), and student name ->
     ``"teacher name[index sets]"``. Tensors no rule names are copied whole when the shapes agree (buffers such as
@@ -542,7 +559,7 @@ def slice_state(
         if src not in teacher_state:
             raise ValueError(f"student tensor {key} has no teacher counterpart {src}")
         value = teacher_state[src].detach().to(torch.float32)
-        roles = roles_of(key)
+        roles = roles_of(key, layout)
         if roles is None or len(roles) != value.dim():
             if tuple(value.shape) != tuple(shape):
                 raise ValueError(
@@ -564,12 +581,13 @@ def _scores(t: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in t.tolist()]
 
 
-def _pruned_config(tc: PreTrainedConfig, hidden: int, heads: int, inter: int, depth: int) -> PreTrainedConfig:
-    """A copy of the teacher's config with the student's sizes (the embedding size follows the hidden size when the
-    teacher's equals its hidden size)."""
-    config = copy.deepcopy(tc)
-    config.hidden_size, config.num_attention_heads = hidden, heads
-    config.intermediate_size, config.num_hidden_layers = inter, depth
+def _pruned_config(tc: PreTrainedConfig, hidden: int, heads: int, inter: int, layer_map: list[int]) -> PreTrainedConfig:
+    """The teacher's config for the student (:meth:`pretrain.families.Family.student_config`: per-layer fields
+    follow ``layer_map``) with the student's sizes (the embedding size follows the hidden size when the teacher's
+    equals its hidden size)."""
+    family = family_of(tc)
+    config = family.student_config(tc, layer_map)
+    family.set_sizes(config, hidden, heads, inter)
     if getattr(config, "embedding_size", None) == tc.hidden_size:
         config.embedding_size = hidden
     return config
@@ -667,20 +685,24 @@ def build_pruned(
     (``student.init``), an empty one (``student.calibration_sequences``) or a teacher without BERT's layout
     (``student.init``).
     """
-    t_name, blocks = find_layer_list(teacher)
-    for t in layer_map:
-        block_parts(blocks[t])
+    family = family_of(teacher)
+    t_name, blocks = family.layer_list(teacher)
     tc = teacher.config
+    layout = family.pruning(tc.num_attention_heads, tc.num_attention_heads)  # a family without a layout: refused
+    for t in layer_map:
+        block_parts(blocks[t], layout)
     sizes = resolve_targets(tc, hidden_size, num_attention_heads, intermediate_size)
+    family.pruning(tc.num_attention_heads, sizes[1])  # fewer heads where a per-head table is shared: refused
     imp = compute_importance(teacher, _check_calibration(calibration), layer_map)
     hidden, heads, inter = sizes
     sel = select(imp, layer_map, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter)
-    student = new_like(type(teacher), _pruned_config(tc, *sizes, len(layer_map)), like=base_model(teacher))
-    s_name, _ = find_layer_list(student)
+    student = new_like(type(teacher), _pruned_config(tc, *sizes, layer_map), like=base_model(teacher))
+    s_name, _ = family.layer_list(student)
     if s_name != t_name:
         raise ValueError(f"layer list found at {s_name!r} in the student but {t_name!r} in the teacher")
     shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
-    state, copied = slice_state(teacher.state_dict(), shapes, t_name, sel, tc.hidden_size // tc.num_attention_heads)
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    state, copied = slice_state(teacher.state_dict(), shapes, t_name, sel, head_dim, layout)
     student.load_state_dict(state, strict=True)
     _check_tie(teacher, student)
     # a plain attribute (not saved, not in the config): DistillationModel starts its projections from it. torch's

@@ -1,4 +1,4 @@
-"""Where a BERT-like Hugging Face model keeps its parts: its config, its block list, its encoder, its MLM head.
+"""Where a BERT-like Hugging Face model keeps its parts, found by structure: its config, its block list, its encoder.
 
 Read by student building (:mod:`pretrain.student`), pruning (:mod:`pretrain.prune`), distillation
 (:mod:`pretrain.distill`) and validation. It imports no other ``pretrain`` module, so each of them can import it
@@ -12,7 +12,6 @@ import copy
 import inspect
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 if TYPE_CHECKING:  # transformers loads in seconds; the config CLI imports this module without needing it
@@ -85,41 +84,6 @@ def require_module(model: nn.Module, name: str) -> nn.Module:
     if found is None:
         raise ValueError(f"{type(model).__name__} has no module {name!r}")
     return found
-
-
-class _Chain(nn.Module):
-    """Apply modules in order (a head made of sibling modules, like DistilBERT's vocab_transform ... projector)."""
-
-    def __init__(self, *mods: nn.Module):
-        super().__init__()
-        self.mods = list(mods)  # plain list: not registered, the model already owns them
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.mods:
-            x = m(x)
-        return x
-
-
-def mlm_head(model: nn.Module):  # untyped result (Any) as before: callers check None by the loss terms they run
-    """The MLM head of ``model`` as a callable ``[..., hidden] -> [..., vocab]`` logits, or None when it has none.
-
-    Covers BERT (``cls.predictions``: transform + decoder), RoBERTa / XLM-R (``lm_head``), ELECTRA generators
-    (``generator_predictions`` + ``generator_lm_head``) and DistilBERT (``vocab_transform``, activation,
-    ``vocab_layer_norm``, ``vocab_projector``). A head applied to ``hidden[positions]`` gives exactly
-    ``full_logits[positions]``: it is position-wise.
-    """
-    cls = getattr(model, "cls", None)
-    if isinstance(cls, nn.Module):
-        return getattr(cls, "predictions", cls)
-    lm_head = getattr(model, "lm_head", None)
-    if isinstance(lm_head, nn.Module):
-        return lm_head
-    if hasattr(model, "generator_lm_head"):
-        return _Chain(require_module(model, "generator_predictions"), require_module(model, "generator_lm_head"))
-    if hasattr(model, "vocab_projector"):
-        names = ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")
-        return _Chain(*(require_module(model, n) for n in names))
-    return None
 
 
 def new_like(cls: type[PreTrainedModel], config: PreTrainedConfig, like: nn.Module | None = None) -> PreTrainedModel:

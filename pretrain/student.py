@@ -14,7 +14,6 @@ matter most on a calibration sample (Minitron, Muralidharan et al. 2024; :mod:`p
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -24,16 +23,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pretrain.families import family_of, mlm_head
 from pretrain.prune import Batch, build_pruned
 from pretrain.schema import ConfigError, check, param
 
-# the structure helpers moved to pretrain.structure; imported here too for the modules that read them from here
-from pretrain.structure import base_model, find_layer_list, mlm_head, new_like, pretrained
+# the structure helpers (pretrain.structure) and the MLM head (pretrain.families), imported here too for the modules
+# that read them from here
+from pretrain.structure import base_model, find_layer_list, new_like, pretrained
 
 if TYPE_CHECKING:
     from transformers import DistilBertConfig, PreTrainedConfig, PreTrainedModel
 
-LAYER_SPECS = ("every_other", "distilbert")
+LAYER_SPECS = ("every_other", "distilbert", "cadence")
 INITS = ("teacher", "random", "prune")
 
 
@@ -45,8 +46,12 @@ class StudentConfig:
         "every_other",
         help='Teacher layers the student keeps, in order: "every_other" (0, 2, 4, ...: one layer out of two, the '
         'DistilBERT recipe), "distilbert" (half the depth evenly spread with the first and last layers, '
-        "[0, 2, 4, 7, 9, 11] for 12 layers as in the DistilBERT extraction script) or a list of 0-based teacher "
-        'layer indices. With init="random" it gives the layer map of the intermediate losses.',
+        '[0, 2, 4, 7, 9, 11] for 12 layers as in the DistilBERT extraction script), "cadence" (as '
+        '"distilbert", each layer chosen among the teacher layers of the attention kind the student\'s position '
+        "has in the teacher, so that a ModernBERT student keeps the global / sliding cadence: [0, 2, 4, 6, 8, 11] "
+        'for 12 layers with a global layer every 3; the same as "distilbert" for families whose layers are '
+        'alike) or a list of 0-based teacher layer indices. With init="random" it gives the layer map of the '
+        "intermediate losses.",
     )
     architecture: str = param(
         "same",
@@ -165,18 +170,25 @@ class StudentConfig:
         )
 
 
-def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[int]:
+def resolve_layer_map(spec: str | list[int], num_teacher_layers: int, kinds: Sequence[str] | None = None) -> list[int]:
     """Teacher layer indices (0-based) the student keeps, in order: student layer i <- teacher layer map[i].
 
     ``"every_other"``: 0, 2, 4, ... (DistilBERT, Sanh et al. 2019: "taking one layer out of two").
     ``"distilbert"``: ``max(1, N // 2)`` layers evenly spread over 0..N-1 with the first and last included
     (``floor(i * (N - 1) / (M - 1) + 0.5)``), which is the DistilBERT extraction's [0, 2, 4, 7, 9, 11] for N = 12.
-    A list: taken as is after checking. Raises :class:`ConfigError` (``student.layers``) for an index out of
+    ``"cadence"``: as many layers as "distilbert", student layer i taken among the teacher layers of kind
+    ``kinds[i]`` (the teacher's attention kind at position i: its cadence, e.g. ModernBERT's global layer every 3)
+    nearest to the evenly spread position (:func:`cadence_layer_map`); "distilbert" when ``kinds`` is None or all
+    alike. A list: taken as is after checking. Raises :class:`ConfigError` (``student.layers``) for an index out of
     range, a repeat or a decreasing list.
     """
     n = int(num_teacher_layers)
     if spec == "every_other":
         return list(range(0, n, 2))
+    if spec == "cadence" and kinds is not None and len(set(kinds)) > 1:
+        return cadence_layer_map(list(kinds))
+    if spec == "cadence":
+        spec = "distilbert"
     if spec == "distilbert":
         m = max(1, n // 2)
         if m == 1:
@@ -194,6 +206,30 @@ def resolve_layer_map(spec: str | list[int], num_teacher_layers: int) -> list[in
         f"{layers} must be strictly increasing (a student keeps the teacher's layer order, each layer once)",
     )
     return layers
+
+
+def cadence_layer_map(kinds: list[str]) -> list[int]:
+    """The "cadence" layer map of a teacher whose layer i has attention kind ``kinds[i]``: ``M = max(1, N // 2)``
+    layers; student layer i has the kind ``kinds[i]`` (a fresh config of M layers gives it the same cadence) and is
+    the teacher layer of that kind, after the previous one, nearest to ``i * (N - 1) / (M - 1)`` (ties: the lower)
+    among those that leave the later kinds matchable. [0, 2, 4, 6, 8, 11] for ModernBERT's 12 layers with a global
+    layer every 3 (full, sliding, sliding, ...). Raises :class:`ConfigError` when no such map exists."""
+    n = len(kinds)
+    m = max(1, n // 2)
+
+    def fits(start: int, want: list[str]) -> bool:  # want is a subsequence of kinds[start:]
+        it = iter(kinds[start:])
+        return all(any(k == w for k in it) for w in want)
+
+    out: list[int] = []
+    for i in range(m):
+        ideal = (n - 1) if m == 1 else i * (n - 1) / (m - 1)
+        prev = out[-1] if out else -1
+        fitting = [j for j in range(prev + 1, n) if kinds[j] == kinds[i] and fits(j + 1, kinds[i + 1 : m])]
+        if not fitting:
+            raise ConfigError(f"student.layers: no 'cadence' map of {m} layers fits the teacher's layer kinds {kinds}")
+        out.append(min(fitting, key=lambda j: (abs(j - ideal), j)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +264,10 @@ def build_student(
     """
     model = pretrained(teacher)
     n_teacher = model.config.num_hidden_layers
-    layer_map = resolve_layer_map(cfg.layers, n_teacher)
+    family = family_of(model)
+    layer_map = resolve_layer_map(cfg.layers, n_teacher, family.layer_kinds(model.config))
+    if cfg.init != "random":
+        family.check_copied_map(layer_map)
     if cfg.init == "random":
         student, record = _build_random(model, cfg, layer_map)
     elif cfg.init == "prune":
@@ -256,11 +295,11 @@ def build_student(
 
 def _build_same(teacher: PreTrainedModel, layer_map: list[int]) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Teacher's class with ``len(layer_map)`` layers; every tensor copied (layer i from teacher layer map[i])."""
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layer_map)
+    family = family_of(teacher)
+    config = family.student_config(teacher.config, layer_map)
     student = new_like(type(teacher), config, like=base_model(teacher))
-    t_name, _ = find_layer_list(teacher)
-    s_name, _ = find_layer_list(student)
+    t_name, _ = family.layer_list(teacher)
+    s_name, _ = family.layer_list(student)
     if s_name != t_name:
         raise ValueError(f"layer list found at {s_name!r} in the student but {t_name!r} in the teacher")
     prefix = t_name + "."
@@ -446,7 +485,8 @@ def _build_random(
             f"student.num_attention_heads: {heads} does not divide student.hidden_size={hidden}; "
             f"set student.num_attention_heads"
         )
-    inter = cfg.intermediate_size or round(tc.intermediate_size * hidden / tc.hidden_size)
+    family = family_of(teacher)
+    inter = cfg.intermediate_size or round(family.intermediate_size(tc) * hidden / tc.hidden_size)
     depth = cfg.num_hidden_layers or len(layer_map)
     if depth != len(layer_map):
         if not isinstance(cfg.layers, str):
@@ -477,11 +517,11 @@ def _build_random(
         cls = DistilBertForMaskedLM if mlm_head(teacher) is not None else DistilBertModel
         student = new_like(cls, config)
     else:
-        config = copy.deepcopy(tc)
+        config = family.student_config(tc, layer_map)  # per-layer fields follow the mapped layers
         if getattr(config, "embedding_size", None) == tc.hidden_size:
             config.embedding_size = hidden
-        config.hidden_size, config.num_attention_heads = hidden, heads
-        config.intermediate_size, config.num_hidden_layers = inter, depth
+        family.set_sizes(config, hidden, heads, inter)  # under the family's names (DistilBERT: dim, hidden_dim)
+        config.num_hidden_layers = depth
         student = new_like(type(teacher), config, like=base_model(teacher))
     return student, {
         "layer_map": layer_map,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pretrain.families import attn_implementation, family_of, model_class
 from pretrain.schema import ConfigError
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Preflight:
     tokenizer: Any
     has_mlm_head: bool
     manifest: dict
+    needs_logits: bool = False  # a logit term (loss.alpha_ce / alpha_mlm) is on in some stage
 
 
 def preflight(cfg: RunConfig) -> Preflight:
@@ -102,10 +104,15 @@ def preflight(cfg: RunConfig) -> Preflight:
             f"the path or name"
         ) from None
     has_mlm = has_mlm_head(tconf)
+    family_of(tconf)  # a refused family (ALBERT) stops here
     from pretrain.stages import stage_losses
 
+    needs_logits = False
     for loss in stage_losses(cfg.train, cfg.loss):  # the loss section, or each stage's weights
         loss.check_models(teacher_has_mlm_head=has_mlm, student_has_mlm_head=has_mlm, teacher_name=name)
+        needs_logits = needs_logits or any(t in loss.active() for t in ("ce", "mlm"))
+    if needs_logits:
+        refuse_untrained_head(path, untrained_head_keys(path, tconf), name)
     try:
         manifest = load_manifest(cfg.data.dir)
     except DataPrepError as e:
@@ -127,7 +134,7 @@ def preflight(cfg: RunConfig) -> Preflight:
             f"teacher.name_or_path: {name!r} has {tconf.vocab_size} embeddings but its tokenizer {len(tokenizer)} ids"
         )
     _check_length(cfg.data.pad_to_multiple_of, name, tconf, int(manifest["max_seq_length"]))
-    return Preflight(path, tconf, tokenizer, has_mlm, manifest)
+    return Preflight(path, tconf, tokenizer, has_mlm, manifest, needs_logits)
 
 
 def _check_length(m: int, name: str, tconf, seq: int) -> None:
@@ -141,6 +148,51 @@ def _check_length(m: int, name: str, tconf, seq: int) -> None:
             f"data.pad_to_multiple_of={m}) exceeds the {limit} positions of the teacher {name!r}; "
             f"prepare shards with --max-seq-length {limit - limit % m if padded != seq else limit} "
             f"or less"
+        )
+
+
+def untrained_head_keys(path: str, config: Any) -> list[str]:
+    """The MLM head tensors the model at local directory ``path`` (config ``config``) would get newly initialised
+    because its weight files (``*.safetensors``) hold no tensor of the head at all (a DeBERTa-v3 checkpoint:
+    replaced-token detection, no trained MLM head). Reads the files' headers only. Empty when any head tensor is
+    stored (older checkpoints name some tensors differently, e.g. LayerNorm ``gamma`` / ``beta``, which
+    ``from_pretrained`` renames: :func:`load_teacher` then checks its ``missing_keys``), for a hub name (not a
+    directory) or a directory without safetensors files. Tensors tied to the input embeddings do not count."""
+    from pathlib import Path
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return []
+    from safetensors import safe_open
+    from transformers import AutoModelForMaskedLM
+
+    stored: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            stored.update(handle.keys())
+    with torch.device("meta"):
+        skeleton = AutoModelForMaskedLM.from_config(config)
+    tied = set(getattr(skeleton, "_tied_weights_keys", None) or {})
+    prefixes = tuple(family_of(skeleton).head_prefixes(skeleton))
+    if any(k.startswith(prefixes) for k in stored):
+        return []
+    return [k for k in skeleton.state_dict() if k.startswith(prefixes) and k not in tied]
+
+
+def refuse_untrained_head(source: Any, missing: list[str], name: str) -> None:
+    """Raise :class:`ConfigError` (``loss.alpha_ce``) when ``missing`` (the teacher's missing weight names: from the
+    files, or ``from_pretrained``'s ``missing_keys`` when ``source`` is the loaded model) holds MLM head tensors: a
+    newly initialised head would make the logit terms distil noise."""
+    if isinstance(source, torch.nn.Module):
+        prefixes = tuple(family_of(source).head_prefixes(source))
+        missing = [k for k in missing if k.startswith(prefixes)]
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ConfigError(
+            f"loss.alpha_ce: the teacher {name!r} has no trained MLM head (its checkpoint lacks {shown}, so the head "
+            f"would be initialised at random, as for DeBERTa-v3's replaced-token-detection checkpoints); the logit "
+            f"terms would distil noise. Set loss.alpha_ce=0 and loss.alpha_mlm=0 and use the hidden-state / "
+            f"relation terms (alpha_cos, alpha_mse, alpha_att, alpha_val)"
         )
 
 
@@ -158,13 +210,21 @@ def load_teacher(teacher: TeacherConfig | RunConfig, pf: Preflight) -> torch.nn.
 
     section = teacher.teacher if isinstance(teacher, RunConfig) else teacher
     cls = AutoModelForMaskedLM if pf.has_mlm_head else AutoModel
+    impl = attn_implementation(
+        model_class(cls, pf.teacher_config),
+        section.attn_implementation,
+        cuda=torch.cuda.is_available(),
+        who="teacher",
+    )
     model, info = cls.from_pretrained(
         pf.teacher_path,
         revision=section.revision,
         dtype=torch.float32,
-        attn_implementation=section.attn_implementation,
+        attn_implementation=impl,
         output_loading_info=True,
     )
+    if pf.needs_logits:
+        refuse_untrained_head(model, info["missing_keys"], section.name_or_path)
     if getattr(model, "pooler", None) is not None and any(k.startswith("pooler.") for k in info["missing_keys"]):
         model.pooler = None
     return model.eval()
