@@ -208,6 +208,15 @@ def resolve_layer_map(spec: str | list[int], num_teacher_layers: int, kinds: Seq
     return layers
 
 
+def teacher_layer_map(spec: str | list[int], config: PreTrainedConfig) -> list[int]:
+    """The teacher layers a student keeps for ``student.layers`` = ``spec`` on a teacher of ``config``, with the
+    layer kinds its family adapter reads (:meth:`pretrain.families.Family.layer_kinds`: "cadence" follows
+    ModernBERT's global / sliding pattern). The one place a run's map is resolved: :func:`build_student`,
+    ``python -m pretrain.config``'s plan and task mode's record ask here. Raises :class:`ConfigError`
+    (``student.layers``) as :func:`resolve_layer_map`; (``teacher.name_or_path``) for a refused family (ALBERT)."""
+    return resolve_layer_map(spec, int(config.num_hidden_layers), family_of(config).layer_kinds(config))
+
+
 def cadence_layer_map(kinds: list[str]) -> list[int]:
     """The "cadence" layer map of a teacher whose layer i has attention kind ``kinds[i]``: ``M = max(1, N // 2)``
     layers; student layer i has the kind ``kinds[i]`` (a fresh config of M layers gives it the same cadence) and is
@@ -265,7 +274,7 @@ def build_student(
     model = pretrained(teacher)
     n_teacher = model.config.num_hidden_layers
     family = family_of(model)
-    layer_map = resolve_layer_map(cfg.layers, n_teacher, family.layer_kinds(model.config))
+    layer_map = teacher_layer_map(cfg.layers, model.config)
     if cfg.init != "random":
         family.check_copied_map(layer_map)
     if cfg.init == "random":
