@@ -437,3 +437,27 @@ def test_config_plan_shows_the_cadence_map_of_a_modernbert_teacher(tmp_path):
     built = teacher_layer_map("cadence", tconf)
     assert built == [0, 2, 4, 6, 8, 11]
     assert f"student keeps teacher layers {built} of 12" in lines
+
+
+def test_student_follows_the_teachers_attention_kernel(caplog):
+    """The student runs the teacher's kernel: eager after an eager teacher, SDPA after an SDPA one; a family without
+    SDPA stays eager; a flash_attention_2 teacher off CUDA / without flash_attn gives an SDPA student, said once."""
+    families._SAID.clear()
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        teacher = T.AutoModelForMaskedLM.from_config(config_of("bert"), attn_implementation=impl)
+        for cfg in (StudentConfig(layers=[0, 2]), StudentConfig(layers=[0, 2], init="random", hidden_size=16)):
+            student, _ = build_student(teacher, cfg)
+            assert student.config._attn_implementation == impl, (impl, cfg.init)
+        pruned, _ = build_student(teacher, StudentConfig(layers=[0, 2], init="prune", hidden_size=16), _calibration())
+        assert pruned.config._attn_implementation == impl
+    deberta, _ = build_student(mlm_model("deberta-v2"), StudentConfig(layers=[0, 2]))
+    assert deberta.config._attn_implementation == "eager"
+    teacher = mlm_model("bert")
+    teacher.config._attn_implementation = "flash_attention_2"  # as a GPU teacher loaded with FA2 reports it
+    with caplog.at_level(logging.WARNING, logger="pretrain.families"):
+        for _ in range(2):
+            student, _ = build_student(teacher, StudentConfig(layers=[0, 2]))
+            assert student.config._attn_implementation == "sdpa"
+    said = [r.getMessage() for r in caplog.records if "flash_attention_2 unavailable" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("student BertForMaskedLM")
