@@ -56,7 +56,8 @@ class TeacherConfig:
         "sdpa",
         help='Attention kernel of the teacher: "sdpa" (PyTorch scaled_dot_product_attention, fast), "eager", or '
         '"flash_attention_2" (GPU with the flash_attn package; otherwise SDPA). A family without an SDPA path '
-        "(DeBERTa-v2/v3, MPNet) falls back to eager, saying so once.",
+        "(DeBERTa-v2/v3, MPNet) falls back to eager, saying so once. The student runs the same kernel where its "
+        "class has it.",
     )
 
     def validate(self) -> None:

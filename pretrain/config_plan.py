@@ -13,38 +13,47 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_prep.errors import DataPrepError
 from pretrain import ds_config
 from pretrain.config import RunConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
-def teacher_layers(cfg: RunConfig) -> int | None:
-    """The teacher's ``num_hidden_layers`` from its config, read without a download (local folder, the embedded
-    assets, or the Hugging Face cache); None when it cannot be read here."""
+
+def teacher_config(cfg: RunConfig) -> PreTrainedConfig | None:
+    """The teacher's config, read without a download (local folder, the embedded assets, or the Hugging Face cache);
+    None when it cannot be read here."""
     from transformers import AutoConfig
 
     from data_prep.embedded import resolve_model
 
     try:
         path = resolve_model(cfg.teacher.name_or_path)
-        tconf = AutoConfig.from_pretrained(path, revision=cfg.teacher.revision, local_files_only=True)
+        return AutoConfig.from_pretrained(path, revision=cfg.teacher.revision, local_files_only=True)
     except (OSError, ValueError, DataPrepError):
         return None
-    n = getattr(tconf, "num_hidden_layers", None)
+
+
+def teacher_layers(cfg: RunConfig) -> int | None:
+    """The teacher's ``num_hidden_layers`` from its config (:func:`teacher_config`); None when it cannot be read."""
+    n = getattr(teacher_config(cfg), "num_hidden_layers", None)
     return int(n) if isinstance(n, int) else None
 
 
-def check_layers(cfg: RunConfig, num_teacher_layers: int) -> list[int]:
-    """The student's layer map for a teacher of ``num_teacher_layers`` layers.
+def check_layers(cfg: RunConfig, tconf: PreTrainedConfig) -> list[int]:
+    """The student's layer map for the teacher of config ``tconf``, as the run resolves it
+    (:func:`pretrain.student.teacher_layer_map`: with the family's layer kinds, so "cadence" on ModernBERT).
 
     Raises:
-        ConfigError: ``student.layers`` out of range, repeated or decreasing (names the teacher's depth).
+        ConfigError: ``student.layers`` out of range, repeated or decreasing (names the teacher's depth); a refused
+        teacher family (ALBERT).
     """
-    from pretrain.student import resolve_layer_map
+    from pretrain.student import teacher_layer_map
 
-    return resolve_layer_map(cfg.student.layers, num_teacher_layers)
+    return teacher_layer_map(cfg.student.layers, tconf)
 
 
 def read_manifest(cfg: RunConfig) -> tuple[dict[str, Any] | None, str | None]:
@@ -97,18 +106,19 @@ def check_and_plan(cfg: RunConfig, world_size: int) -> tuple[list[str], list[str
     """
     lines: list[str] = []
     warnings: list[str] = []
-    n = teacher_layers(cfg)
-    if n is None:
+    tconf = teacher_config(cfg)
+    n = getattr(tconf, "num_hidden_layers", None)
+    if tconf is None or not isinstance(n, int):
         warnings.append(
             f"teacher.name_or_path {cfg.teacher.name_or_path!r}: config not readable here (no local copy): "
             "student.layers not checked against its depth"
         )
     else:
-        lines.append(f"student keeps teacher layers {check_layers(cfg, n)} of {n}")
+        lines.append(f"student keeps teacher layers {check_layers(cfg, tconf)} of {n}")
     manifest, warning = read_manifest(cfg)
     if warning:
         warnings.append(warning)
     return lines + plan_lines(cfg, world_size, manifest), warnings
 
 
-__all__ = ["check_and_plan", "check_layers", "plan_lines", "read_manifest", "teacher_layers"]
+__all__ = ["check_and_plan", "check_layers", "plan_lines", "read_manifest", "teacher_config", "teacher_layers"]

@@ -573,3 +573,14 @@ def attn_implementation(cls: type | None, wanted: str, *, cuda: bool = False, wh
         )
         return "eager"
     return wanted
+
+
+def student_attn_implementation(cls: type, teacher: nn.Module) -> str:
+    """The attention kernel of a student of class ``cls`` distilled from ``teacher``: the teacher's own
+    (``config._attn_implementation``, as :mod:`pretrain.teacher` loaded it; "sdpa" when unset), so both run the same
+    kernel: "flash_attention_2" when the teacher uses it and ``cls`` has an FA2 path (on CUDA with ``flash_attn``),
+    "sdpa" where ``cls`` supports it, else "eager"; each fallback said once (:func:`attn_implementation`)."""
+    wanted = getattr(model_config(teacher), "_attn_implementation", None)
+    if wanted not in ("eager", "sdpa", "flash_attention_2"):
+        wanted = "sdpa"
+    return attn_implementation(cls, str(wanted), cuda=torch.cuda.is_available(), who="student")

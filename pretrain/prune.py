@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.families import BERT_PRUNE, PruneLayout, family_of
+from pretrain.families import BERT_PRUNE, PruneLayout, family_of, student_attn_implementation
 from pretrain.schema import ConfigError
 from pretrain.structure import base_model, find_module, model_config, new_like
 
@@ -696,7 +696,8 @@ def build_pruned(
     imp = compute_importance(teacher, _check_calibration(calibration), layer_map)
     hidden, heads, inter = sizes
     sel = select(imp, layer_map, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter)
-    student = new_like(type(teacher), _pruned_config(tc, *sizes, layer_map), like=base_model(teacher))
+    attn = student_attn_implementation(type(teacher), teacher)  # the teacher's kernel where the class has it
+    student = new_like(type(teacher), _pruned_config(tc, *sizes, layer_map), base_model(teacher), attn)
     s_name, _ = family.layer_list(student)
     if s_name != t_name:
         raise ValueError(f"layer list found at {s_name!r} in the student but {t_name!r} in the teacher")

@@ -86,11 +86,16 @@ def require_module(model: nn.Module, name: str) -> nn.Module:
     return found
 
 
-def new_like(cls: type[PreTrainedModel], config: PreTrainedConfig, like: nn.Module | None = None) -> PreTrainedModel:
-    """``cls(config)`` (on a copy of ``config``) with SDPA attention where the class supports it; keeps
-    ``add_pooling_layer`` as in ``like`` (an encoder with or without pooler) when the class takes it."""
+def new_like(
+    cls: type[PreTrainedModel], config: PreTrainedConfig, like: nn.Module | None = None, attn: str | None = None
+) -> PreTrainedModel:
+    """``cls(config)`` (on a copy of ``config``) with attention kernel ``attn`` ("eager", "sdpa",
+    "flash_attention_2"; the caller checked the class supports it) or, when None, SDPA where the class supports it;
+    keeps ``add_pooling_layer`` as in ``like`` (an encoder with or without pooler) when the class takes it."""
     config = copy.deepcopy(config)
-    if getattr(cls, "_supports_sdpa", False):
+    if attn is not None:
+        config._attn_implementation = attn
+    elif getattr(cls, "_supports_sdpa", False):
         config._attn_implementation = "sdpa"
     kwargs = {}
     if like is not None and "add_pooling_layer" in inspect.signature(cls).parameters:

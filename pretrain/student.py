@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pretrain.families import family_of, mlm_head
+from pretrain.families import family_of, mlm_head, student_attn_implementation
 from pretrain.prune import Batch, build_pruned
 from pretrain.schema import ConfigError, check, param
 
@@ -208,6 +208,15 @@ def resolve_layer_map(spec: str | list[int], num_teacher_layers: int, kinds: Seq
     return layers
 
 
+def teacher_layer_map(spec: str | list[int], config: PreTrainedConfig) -> list[int]:
+    """The teacher layers a student keeps for ``student.layers`` = ``spec`` on a teacher of ``config``, with the
+    layer kinds its family adapter reads (:meth:`pretrain.families.Family.layer_kinds`: "cadence" follows
+    ModernBERT's global / sliding pattern). The one place a run's map is resolved: :func:`build_student`,
+    ``python -m pretrain.config``'s plan and task mode's record ask here. Raises :class:`ConfigError`
+    (``student.layers``) as :func:`resolve_layer_map`; (``teacher.name_or_path``) for a refused family (ALBERT)."""
+    return resolve_layer_map(spec, int(config.num_hidden_layers), family_of(config).layer_kinds(config))
+
+
 def cadence_layer_map(kinds: list[str]) -> list[int]:
     """The "cadence" layer map of a teacher whose layer i has attention kind ``kinds[i]``: ``M = max(1, N // 2)``
     layers; student layer i has the kind ``kinds[i]`` (a fresh config of M layers gives it the same cadence) and is
@@ -265,7 +274,7 @@ def build_student(
     model = pretrained(teacher)
     n_teacher = model.config.num_hidden_layers
     family = family_of(model)
-    layer_map = resolve_layer_map(cfg.layers, n_teacher, family.layer_kinds(model.config))
+    layer_map = teacher_layer_map(cfg.layers, model.config)
     if cfg.init != "random":
         family.check_copied_map(layer_map)
     if cfg.init == "random":
@@ -297,7 +306,7 @@ def _build_same(teacher: PreTrainedModel, layer_map: list[int]) -> tuple[PreTrai
     """Teacher's class with ``len(layer_map)`` layers; every tensor copied (layer i from teacher layer map[i])."""
     family = family_of(teacher)
     config = family.student_config(teacher.config, layer_map)
-    student = new_like(type(teacher), config, like=base_model(teacher))
+    student = new_like(type(teacher), config, base_model(teacher), student_attn_implementation(type(teacher), teacher))
     t_name, _ = family.layer_list(teacher)
     s_name, _ = family.layer_list(student)
     if s_name != t_name:
@@ -455,7 +464,8 @@ def _build_distilbert(teacher: PreTrainedModel, layer_map: list[int]) -> tuple[P
     emb = _bert_embeddings(teacher)
     head = mlm_head(teacher)
     config = _distilbert_config(teacher.config, len(layer_map))
-    student = new_like(DistilBertForMaskedLM if head is not None else DistilBertModel, config)
+    cls = DistilBertForMaskedLM if head is not None else DistilBertModel
+    student = new_like(cls, config, attn=student_attn_implementation(cls, teacher))
     s_prefix = "distilbert." if head is not None else ""
     t_names = {id(m): n for n, m in teacher.named_modules()}
     t_layers_name, _ = find_layer_list(teacher)
@@ -515,14 +525,15 @@ def _build_random(
             pad_token_id=tc.pad_token_id,
         )
         cls = DistilBertForMaskedLM if mlm_head(teacher) is not None else DistilBertModel
-        student = new_like(cls, config)
+        student = new_like(cls, config, attn=student_attn_implementation(cls, teacher))
     else:
         config = family.student_config(tc, layer_map)  # per-layer fields follow the mapped layers
         if getattr(config, "embedding_size", None) == tc.hidden_size:
             config.embedding_size = hidden
         family.set_sizes(config, hidden, heads, inter)  # under the family's names (DistilBERT: dim, hidden_dim)
         config.num_hidden_layers = depth
-        student = new_like(type(teacher), config, like=base_model(teacher))
+        attn = student_attn_implementation(type(teacher), teacher)
+        student = new_like(type(teacher), config, base_model(teacher), attn)
     return student, {
         "layer_map": layer_map,
         "copied": {},

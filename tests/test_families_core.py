@@ -20,7 +20,7 @@ from pretrain.distill import DistillationModel, find_qkv
 from pretrain.families import family_of, tap_qkv
 from pretrain.losses import LossConfig, attention_kl
 from pretrain.schema import ConfigError
-from pretrain.student import StudentConfig, build_student, cadence_layer_map, resolve_layer_map
+from pretrain.student import StudentConfig, build_student, cadence_layer_map, resolve_layer_map, teacher_layer_map
 from tests import tiny
 
 V, H, HEADS = 100, 32, 4
@@ -413,3 +413,51 @@ def test_pruning_deberta_with_its_conv_layer_slices_the_conv_channels():
     grouped = T.AutoModelForMaskedLM.from_config(config).eval()
     with pytest.raises(ConfigError, match=r"encoder\.conv.*conv_groups=2"):
         build_student(grouped, cfg, _calibration())
+
+
+def test_config_plan_shows_the_cadence_map_of_a_modernbert_teacher(tmp_path):
+    """``python -m pretrain.config``'s plan resolves ``student.layers`` through the family adapter, as the run does:
+    "cadence" on a 12-layer ModernBERT (global every 3) is [0, 2, 4, 6, 8, 11], not DistilBERT's [0, 2, 4, 7, 9, 11]."""
+    from pretrain import config as C
+    from pretrain import config_plan
+
+    teacher = tmp_path / "teacher"
+    tconf = modernbert_config(12)
+    tconf.save_pretrained(teacher)
+    raw = {
+        "teacher": {"name_or_path": str(teacher)},
+        "student": {"layers": "cadence"},
+        "data": {"dir": str(tmp_path / "shards")},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 10},
+        "deepspeed": {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8},
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(raw))
+    lines, _ = config_plan.check_and_plan(C.load(path), 1)
+    built = teacher_layer_map("cadence", tconf)
+    assert built == [0, 2, 4, 6, 8, 11]
+    assert f"student keeps teacher layers {built} of 12" in lines
+
+
+def test_student_follows_the_teachers_attention_kernel(caplog):
+    """The student runs the teacher's kernel: eager after an eager teacher, SDPA after an SDPA one; a family without
+    SDPA stays eager; a flash_attention_2 teacher off CUDA / without flash_attn gives an SDPA student, said once."""
+    families._SAID.clear()
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        teacher = T.AutoModelForMaskedLM.from_config(config_of("bert"), attn_implementation=impl)
+        for cfg in (StudentConfig(layers=[0, 2]), StudentConfig(layers=[0, 2], init="random", hidden_size=16)):
+            student, _ = build_student(teacher, cfg)
+            assert student.config._attn_implementation == impl, (impl, cfg.init)
+        pruned, _ = build_student(teacher, StudentConfig(layers=[0, 2], init="prune", hidden_size=16), _calibration())
+        assert pruned.config._attn_implementation == impl
+    deberta, _ = build_student(mlm_model("deberta-v2"), StudentConfig(layers=[0, 2]))
+    assert deberta.config._attn_implementation == "eager"
+    teacher = mlm_model("bert")
+    teacher.config._attn_implementation = "flash_attention_2"  # as a GPU teacher loaded with FA2 reports it
+    with caplog.at_level(logging.WARNING, logger="pretrain.families"):
+        for _ in range(2):
+            student, _ = build_student(teacher, StudentConfig(layers=[0, 2]))
+            assert student.config._attn_implementation == "sdpa"
+    said = [r.getMessage() for r in caplog.records if "flash_attention_2 unavailable" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("student BertForMaskedLM")

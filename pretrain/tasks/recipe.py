@@ -80,14 +80,14 @@ class TaskRecipe:
         the teacher's head or a new one. Label names go into the student's config for the export. ``device`` is
         accepted for the recipes' common signature and unused: task mode refuses ``student.init="prune"``, the only
         init that runs the teacher while building."""
-        from pretrain.student import build_student, resolve_layer_map
+        from pretrain.student import build_student, teacher_layer_map
 
         student: Any
         if not self.tc.student:
             student, record = build_student(teacher, self.cfg.student)
         else:
             student, record = pretrained_student(self.tc, teacher)
-            record["layer_map"] = resolve_layer_map(self.cfg.student.layers, teacher.config.num_hidden_layers)
+            record["layer_map"] = teacher_layer_map(self.cfg.student.layers, teacher.config)
         labels = list(self.task.label_names) if not self.regression else ["score"]
         student.config.id2label = dict(enumerate(labels))
         student.config.label2id = {n: i for i, n in enumerate(labels)}
