@@ -24,6 +24,37 @@ TESTS = {
     "data_prep.shards": ["test_mutants_shards.py", "test_train_data.py", "test_integrity.py"],
 }
 MUTMUT_RUNS = {"", "stats", "fail", "list_all_tests", "mutant_generation"}
+# imported once in mutmut's fork server, before it forks a process per mutant: otherwise every mutant's process pays
+# transformers' lazy model imports (seconds each on 2 busy cores)
+PRELOAD = (
+    "transformers.models.bert.modeling_bert",
+    "transformers.models.roberta.modeling_roberta",
+    "transformers.models.distilbert.modeling_distilbert",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.tokenization_utils_tokenizers",
+    "tokenizers",
+    "pretrain.config",
+    "pretrain.distill",
+    "pretrain.prune",
+    "pretrain.validate",
+    "pretrain.data",
+    "pretrain.checkpoint",
+    "data_prep.shards",
+    "tests.tiny",
+)
+
+
+def pytest_configure(config):
+    import contextlib
+    import importlib
+
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):  # a renamed transformers module: only slower
+            importlib.import_module(name)
+    from tests import tiny
+
+    tiny.bert_model(tiny.bert_tokenizer(), layers=1)  # the rest of the lazy imports a tiny model's first use pulls
 
 
 def scope(mutant: str) -> list[str] | None:
