@@ -45,7 +45,14 @@ PRELOAD = (
 )
 
 
+_preloaded = False
+
+
 def pytest_configure(config):
+    global _preloaded
+    if _preloaded:  # once per fork server: the processes it forks inherit the flag
+        return
+    _preloaded = True
     import contextlib
     import importlib
 

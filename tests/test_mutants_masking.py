@@ -4,6 +4,7 @@ testing"): the edges of every config range, exactly as documented."""
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import pytest
@@ -119,3 +120,51 @@ def test_the_draws_are_pinned(cfg, expected):
     )
     masked, labels = masker(ids, am, step=3, rank=1, micro_step=2)
     assert _digest(masked, labels) == expected
+
+
+def test_whole_words_of_one_token_select_exactly_the_budget():
+    """When every word is one token, whole-word masking takes words until the budget and not one more: exactly
+    ceil(0.15 n), as token masking."""
+    masker = Masker(
+        MaskingConfig(whole_word_mask=True),
+        vocab_size=V,
+        special_ids=SPECIALS,
+        mask_token_id=MASK,
+        pad_token_id=PAD,
+        word_start=np.ones(V, dtype=bool),
+    )
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, V, (3, 20), generator=g)
+    ids[:, 0] = CLS
+    am = torch.ones_like(ids)
+    for step in range(10):
+        _, labels = masker(ids, am, step=step, rank=0, micro_step=0)
+        assert int((labels != -100).sum()) == math.ceil(0.15 * 57)
+
+
+def test_from_tokenizer_hands_over_the_counts_and_seed_zero(bert_tok):
+    """from_tokenizer == the constructor with the tokenizer's ids, the token counts given and seed 0 by default; the
+    counts change the draws (so a masker that dropped them would differ)."""
+    v = len(bert_tok)
+    counts = (np.arange(v) % 7) ** 3 * 100 + 1
+    direct = Masker(
+        MaskingConfig(),
+        vocab_size=v,
+        special_ids=bert_tok.all_special_ids,
+        mask_token_id=bert_tok.mask_token_id,
+        pad_token_id=bert_tok.pad_token_id,
+        token_counts=counts,
+        seed=0,
+    )
+    built = Masker.from_tokenizer(MaskingConfig(), bert_tok, token_counts=counts)
+    uniform = Masker.from_tokenizer(MaskingConfig(), bert_tok)
+    enc = bert_tok(["the quick brown fox jumps over the lazy dog"] * 6, return_tensors="pt")
+    args = (enc["input_ids"], enc["attention_mask"])
+    same = differ = 0
+    for step in range(5):
+        a = direct(*args, step=step, rank=0, micro_step=0)
+        b = built(*args, step=step, rank=0, micro_step=0)
+        c = uniform(*args, step=step, rank=0, micro_step=0)
+        same += torch.equal(a[1], b[1])
+        differ += not torch.equal(a[1], c[1])
+    assert same == 5 and differ > 0
