@@ -168,3 +168,23 @@ def test_from_tokenizer_hands_over_the_counts_and_seed_zero(bert_tok):
         same += torch.equal(a[1], b[1])
         differ += not torch.equal(a[1], c[1])
     assert same == 5 and differ > 0
+    seeded = Masker.from_tokenizer(MaskingConfig(), bert_tok, seed=5)
+    direct5 = Masker(
+        MaskingConfig(),
+        vocab_size=v,
+        special_ids=bert_tok.all_special_ids,
+        mask_token_id=bert_tok.mask_token_id,
+        pad_token_id=bert_tok.pad_token_id,
+        seed=5,
+    )
+    assert seeded.seed == 5
+    assert torch.equal(seeded(*args, step=0, rank=0, micro_step=0)[1], direct5(*args, step=0, rank=0, micro_step=0)[1])
+
+
+def test_generator_seeds_are_pinned():
+    """The 63-bit seeds mixed from (seed, step, rank, micro-step) (they decide every run's masks)."""
+    from pretrain.masking import _seed
+
+    got = [_seed(*a) for a in [(0, 0, 0, 0), (11, 3, 1, 2), (1, 2, 3, 4), (7, 0, 1, 0)]]
+    assert got == [6375474604893067239, 6818139708457202285, 9130766517534196204, 4356932690223560731]
+    assert all(0 <= s < 2**63 for s in got)
