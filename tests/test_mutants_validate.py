@@ -84,7 +84,9 @@ def test_representation_sums_against_numpy():
     g = torch.Generator().manual_seed(4)
     hs, ht = torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 6, generator=g)
     am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
-    got = representation_sums(hs, ht, am).numpy()
+    got = representation_sums(hs, ht, am)
+    assert got.dtype == torch.float64
+    got = got.numpy()
     s, t, m = hs.double().numpy(), ht.double().numpy(), am.numpy().astype(bool)
 
     def cos(a, b):
@@ -122,6 +124,7 @@ class _Model(torch.nn.Module):
         self.config = type("C", (), {"hidden_size": width})()
 
     def __call__(self, input_ids, attention_mask):
+        assert attention_mask is not None and attention_mask.shape == input_ids.shape  # the batch's mask, not None
         return type("O", (), {"last_hidden_state": self.emb[input_ids]})()
 
 
@@ -149,6 +152,7 @@ def test_validator_run_against_numpy(monkeypatch):
     calls = []
 
     def masker(ids, mask, *, step, rank, micro_step):
+        assert torch.equal(mask, batches[micro_step]["attention_mask"])
         calls.append((step, rank, micro_step))
         labels = torch.full_like(ids, -100)
         labels[:, 1 + micro_step] = ids[:, 1 + micro_step]
@@ -165,7 +169,7 @@ def test_validator_run_against_numpy(monkeypatch):
     val = Validator(model, lambda: batches, masker, device=torch.device("cpu"), all_reduce=all_reduce, rank=3)
     rec = val.run(17)
     assert calls == [(0, 3, 0), (0, 3, 1)]
-    assert len(reduced) == 1 and reduced[0].shape == (9,)
+    assert len(reduced) == 1 and reduced[0].shape == (9,) and reduced[0].dtype == torch.float64
     nll = correct = kl = agree = n = 0.0
     cos_sum = pooled = 0.0
     for i, b in enumerate(batches):
@@ -217,3 +221,43 @@ def test_validator_different_widths_counts_without_cosines(monkeypatch):
     )
     rec = val.run(1)
     assert rec == {"split": "valid", "step": 1, "sequences": 4, "tokens": 10}
+
+
+def _stub(monkeypatch, heads):
+    import pretrain.student as student_module
+
+    g = torch.Generator().manual_seed(7)
+    student, teacher = _Model(torch.randn(9, 4, generator=g), 4), _Model(torch.randn(9, 4, generator=g), 4)
+    by_model = {id(student): heads[0], id(teacher): heads[1]}
+    monkeypatch.setattr(student_module, "mlm_head", lambda m: by_model[id(m)])
+    monkeypatch.setattr(student_module, "base_model", lambda m: m)
+    return type("D", (), {"student": student, "teacher": teacher})()
+
+
+def _mask_second(ids, mask, **_kw):
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:2] = ids[:, 1:2]
+    return ids, labels
+
+
+def test_validator_one_head_missing_gives_no_mlm_metrics(monkeypatch):
+    """A student with an MLM head and a teacher without (a sentence encoder): no MLM metrics, cosines still."""
+    model = _stub(monkeypatch, (_Head(torch.randn(4, 9)), None))
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    rec = Validator(model, lambda: [batch], _mask_second, device=torch.device("cpu"), all_reduce=lambda t: None, rank=0)
+    got = rec.run(2)
+    assert "mlm_loss" not in got and got["tokens"] == 3 and "hidden_cosine" in got
+
+
+def test_validator_without_tokens_and_with_one(monkeypatch):
+    """No batch at all (a rank without valid sequences): counts 0 and no cosine; one real token: its cosine."""
+    model = _stub(monkeypatch, (None, None))
+    empty = Validator(model, list, _mask_second, device=torch.device("cpu"), all_reduce=lambda t: None, rank=0)
+    assert empty.run(4) == {"split": "valid", "step": 4, "sequences": 0, "tokens": 0}
+    batch = {"input_ids": torch.tensor([[5, 0]]), "attention_mask": torch.tensor([[1, 0]])}
+    one = Validator(model, lambda: [batch], _mask_second, device=torch.device("cpu"), all_reduce=lambda t: None, rank=0)
+    rec = one.run(5)
+    hs, ht = model.student.emb[5].double(), model.teacher.emb[5].double()
+    cos = float((hs @ ht) / (hs.norm() * ht.norm()))
+    assert rec["tokens"] == 1 and rec["hidden_cosine"] == pytest.approx(cos, rel=1e-5)
+    assert rec["pooled_cosine"] == pytest.approx(cos, rel=1e-5)
