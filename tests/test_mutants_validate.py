@@ -190,6 +190,15 @@ def test_validator_run_against_numpy(monkeypatch):
         ps = np.stack([hs[j][am[j]].mean(0) for j in range(len(ids))])
         pt = np.stack([ht[j][am[j]].mean(0) for j in range(len(ids))])
         pooled += ((ps * pt).sum(-1) / (np.linalg.norm(ps, axis=-1) * np.linalg.norm(pt, axis=-1))).sum()
+    # the sums are accumulated in float64: the record equals the float64 sum of the batches' mlm_sums exactly
+    total = torch.zeros(5, dtype=torch.float64)
+    for i, b in enumerate(batches):
+        masked = b["input_ids"].clone()
+        masked[:, 1 + i] = 0
+        pos = torch.zeros_like(masked, dtype=torch.bool)
+        pos[:, 1 + i] = True
+        total += mlm_sums(emb_s[masked][pos] @ w_s, b["input_ids"][pos], emb_t[masked][pos] @ w_t)
+    assert rec["mlm_loss"] == float(2 * total[1]) / float(2 * total[0])
     tokens = 4 + 3 + 4
     assert rec["split"] == "valid" and rec["step"] == 17
     assert rec["sequences"] == 2 * 3 and rec["tokens"] == 2 * tokens and rec["masked_tokens"] == 2 * n
