@@ -188,3 +188,18 @@ def test_generator_seeds_are_pinned():
     got = [_seed(*a) for a in [(0, 0, 0, 0), (11, 3, 1, 2), (1, 2, 3, 4), (7, 0, 1, 0)]]
     assert got == [6375474604893067239, 6818139708457202285, 9130766517534196204, 4356932690223560731]
     assert all(0 <= s < 2**63 for s in got)
+
+
+def test_counts_below_one_count_as_one_and_the_input_dtype_is_kept():
+    """p ∝ max(count, 1) ** -s: counts 0 and 1 weigh the same, 2 less; the masked ids keep the input's dtype."""
+    counts = np.full(V, 1000)
+    counts[10], counts[11], counts[12] = 0, 1, 2
+    m = Masker(
+        MaskingConfig(), vocab_size=V, special_ids=SPECIALS, mask_token_id=MASK, pad_token_id=PAD, token_counts=counts
+    )
+    lp = m._cpu["log_probs"]
+    assert float(lp[10]) == float(lp[11]) > float(lp[12])
+    assert float(lp[11] - lp[12]) == pytest.approx(0.7 * math.log(2), rel=1e-5)
+    ids = torch.randint(5, V, (2, 16), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    masked, labels = m(ids, torch.ones_like(ids), step=0, rank=0, micro_step=0)
+    assert masked.dtype == torch.int32 and labels.dtype == torch.int64
