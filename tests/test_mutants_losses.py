@@ -127,3 +127,19 @@ def test_relation_log_probs_by_hand():
     log_ps = torch.log_softmax(torch.randn(1, 2, 3, 3, generator=g), -1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     assert float(L._relation_kl(log_pt, log_ps, am)) == pytest.approx(float(kl[:, :, :2].mean()), rel=1e-6)
+
+
+def test_kd_kl_on_three_dims_one_row_and_small_weights():
+    """[B, L, V] logits without a mask == the flattened rows; one selected row is divided by 1; T < 1 and a weight
+    below 1 are valid (the config range is (0, inf) and > 0)."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    assert float(L.kd_kl(s, t, 2.0)) == pytest.approx(float(L.kd_kl(s.reshape(6, 5), t.reshape(6, 5), 2.0)), rel=1e-6)
+    one = torch.zeros(2, 3, dtype=torch.bool)
+    one[1, 2] = True
+    pt = torch.softmax(t[1, 2].double() / 0.5, -1)
+    want = (pt * (torch.log(pt) - torch.log_softmax(s[1, 2].double() / 0.5, -1))).sum() * 0.25
+    assert float(L.kd_kl(s, t, 0.5, mask=one)) == pytest.approx(float(want), rel=1e-5)
+    L.LossConfig(temperature=0.5).validate()
+    with pytest.raises(ConfigError, match="loss.alpha_ce: 0.5 needs an MLM head"):
+        L.LossConfig(alpha_ce=0.5).check_models(teacher_has_mlm_head=False, student_has_mlm_head=True)
