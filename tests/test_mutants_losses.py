@@ -141,5 +141,5 @@ def test_kd_kl_on_three_dims_one_row_and_small_weights():
     want = (pt * (torch.log(pt) - torch.log_softmax(s[1, 2].double() / 0.5, -1))).sum() * 0.25
     assert float(L.kd_kl(s, t, 0.5, mask=one)) == pytest.approx(float(want), rel=1e-5)
     L.LossConfig(temperature=0.5).validate()
-    with pytest.raises(ConfigError, match="loss.alpha_ce: 0.5 needs an MLM head"):
+    with pytest.raises(ConfigError, match=r"loss\.alpha_ce: 0\.5 needs an MLM head"):
         L.LossConfig(alpha_ce=0.5).check_models(teacher_has_mlm_head=False, student_has_mlm_head=True)
