@@ -143,3 +143,21 @@ def test_kd_kl_on_three_dims_one_row_and_small_weights():
     L.LossConfig(temperature=0.5).validate()
     with pytest.raises(ConfigError, match=r"loss\.alpha_ce: 0\.5 needs an MLM head"):
         L.LossConfig(alpha_ce=0.5).check_models(teacher_has_mlm_head=False, student_has_mlm_head=True)
+
+
+def test_single_elements_are_divided_by_one():
+    """One masked token, one real token, one hidden unit, one relation query and head: each mean is over 1."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(3, 6, generator=g)
+    labels = torch.tensor([-100, 4, -100])
+    assert float(L.mlm_ce(s, labels)) == pytest.approx(float(-torch.log_softmax(s[1].double(), -1)[4]), rel=1e-6)
+    hs, ht = torch.randn(1, 2, 1, generator=g), torch.randn(1, 2, 1, generator=g)
+    am = torch.tensor([[1, 0]])
+    assert float(L.hidden_mse(hs, ht, am)) == pytest.approx(float((hs[0, 0, 0] - ht[0, 0, 0]) ** 2), rel=1e-6)
+    hs3, ht3 = torch.randn(1, 2, 3, generator=g), torch.randn(1, 2, 3, generator=g)
+    cos = torch.nn.functional.cosine_similarity(hs3[0, 0], ht3[0, 0], dim=0)
+    assert float(L.hidden_cosine(hs3, ht3, am)) == pytest.approx(float(1 - cos), rel=1e-5)
+    log_pt = torch.log_softmax(torch.randn(1, 1, 2, 2, generator=g), -1)
+    log_ps = torch.log_softmax(torch.randn(1, 1, 2, 2, generator=g), -1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    assert float(L._relation_kl(log_pt, log_ps, am)) == pytest.approx(float(kl[0, 0, 0]), rel=1e-6)
