@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast test-gpu lint demo showcase downstream task-demo prune-demo reference clean
+.PHONY: setup test test-fast test-gpu lint mutation demo showcase downstream task-demo prune-demo reference clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test-fast: setup
 test-gpu:
 	scripts/gpu_tests.sh
 
+# mutation testing of the numerical core with mutmut, module by module, then the score per module and the surviving
+# mutants (docs/testing.md "Mutation testing"; not part of make test: see there for its time on 2 cores)
+mutation: setup
+	scripts/mutation.sh $(VENV)/bin
+
 demo: setup
 	scripts/demo.sh $(PY)
 
@@ -59,4 +64,4 @@ reference: setup
 	$(PY) scripts/update_readme_reference.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache mutants

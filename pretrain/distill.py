@@ -104,7 +104,6 @@ def aligned_vocab(linear: nn.Linear | None, multiple: int = VOCAB_MULTIPLE):
         del vars(lin)["forward"]
 
 
-@torch.no_grad()
 def init_from_channels(linear: nn.Linear, channels: list[int]) -> nn.Linear:
     """Initialise a TinyBERT projection ``Linear(student_hidden, teacher_hidden)`` of a width-pruned student from
     its channel selection: ``weight[channels[j], j] = 1`` for every student channel j, every other weight 0, bias 0.
@@ -122,10 +121,11 @@ def init_from_channels(linear: nn.Linear, channels: list[int]) -> nn.Linear:
             f"hidden_channels: {len(idx)} indices (distinct, in 0..{out_f - 1}) expected for a "
             f"projection {in_f} -> {out_f}"
         )
-    linear.weight.zero_()
-    linear.weight[torch.tensor(idx), torch.arange(in_f)] = 1.0
-    if linear.bias is not None:
-        linear.bias.zero_()
+    with torch.no_grad():  # not a decorator: mutmut does not mutate decorated functions
+        linear.weight.zero_()
+        linear.weight[torch.tensor(idx), torch.arange(in_f)] = 1.0
+        if linear.bias is not None:
+            linear.bias.zero_()
     return linear
 
 

@@ -209,6 +209,11 @@ class Masker:
             ``(masked_ids, labels)``: LongTensor [B, L] each, on the input's device; ``labels`` holds the original id
             at selected positions and -100 elsewhere. Specials and pads are never selected.
         """
+        return self._mask(input_ids, attention_mask, step, rank, micro_step)
+
+    def _mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step: int, rank: int, micro_step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # undecorated: mutmut does not mutate decorated functions
         cfg = self.cfg
         device = input_ids.device
         tab = self._tables(device)

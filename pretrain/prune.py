@@ -399,6 +399,11 @@ def compute_importance(teacher: nn.Module, batches: Sequence[Batch], layers: Seq
     :class:`ConfigError` (``student.calibration_sequences``) for an empty sample, (``student.init``) for a teacher
     without BERT's block layout.
     """
+    return _compute_importance(teacher, batches, layers)
+
+
+def _compute_importance(teacher: nn.Module, batches: Sequence[Batch], layers: Sequence[int]) -> Importance:
+    # undecorated: mutmut does not mutate decorated functions
     _check_sample(batches)
     tc = model_config(teacher)
     n_heads, head_dim = tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads

@@ -108,6 +108,9 @@ class Validator:
     @torch.no_grad()
     def run(self, step: int) -> dict[str, Any]:
         """Evaluate; returns the ``"split": "valid"`` record of ``step`` (on every rank)."""
+        return self._run(step)
+
+    def _run(self, step: int) -> dict[str, Any]:  # undecorated: mutmut does not mutate decorated functions
         from pretrain.student import base_model
 
         student, teacher = self.model.student, self.model.teacher

@@ -1,0 +1,292 @@
+"""data_prep/shards.py, the shard writer and reader, in-process against raw numpy (mutation testing, docs/testing.md
+"Mutation testing"): the bytes and offsets the writer leaves, shard boundaries, resume (truncation, a renamed shard,
+stale later shards), the reader's items, lengths and documents read in several blocks, pickling, the background
+hasher and verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import shards
+from data_prep.errors import DataPrepError
+from data_prep.shards import ShardedTokens, ShardWriter
+
+CLS, SEP = 1, 2
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_manifest(directory: Path, dtype, splits: dict[str, list[dict]], vocab_size: int = 1000) -> dict:
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": {"sep_token_id": SEP, "vocab_size": vocab_size},
+        "splits": {s: shards.split_summary(records, 0) for s, records in splits.items()},
+    }
+    (directory / shards.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def _sequences(seed: int, n: int, length: int, low: int = 3, high: int = 60000) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=(n, length))
+
+
+def test_writer_bytes_offsets_and_records(tmp_path):
+    """Rows of 5 tokens into shards of 12: a shard closes at the first sequence boundary at or past 12 tokens (15),
+    each .bin holds exactly its rows' little-endian bytes, each index the cumulative offsets from 0."""
+    rows = _sequences(0, 7, 5)
+    w = ShardWriter(tmp_path, "train", np.uint16, 12)
+    w.write(rows[:2])
+    w.write(rows[2])  # a 1-D row
+    w.write(rows[3:])
+    records = w.close()
+    assert [r["num_sequences"] for r in records] == [3, 3, 1]
+    for k, (record, part) in enumerate(zip(records, (rows[0:3], rows[3:6], rows[6:7]), strict=True)):
+        tokens, index = shards.shard_files("train", k)
+        assert record["file"] == tokens and record["index_file"] == index
+        data = (tmp_path / tokens).read_bytes()
+        assert data == part.astype("<u2").tobytes()
+        idx = np.load(tmp_path / index)
+        assert idx.dtype == np.int64
+        assert idx.tolist() == list(range(0, 5 * len(part) + 1, 5))
+        assert record["num_tokens"] == 5 * len(part)
+        assert record["bytes"] == 10 * len(part) == len(data)
+        assert record["sha256"] == _sha(tmp_path / tokens)
+        assert record["index_sha256"] == _sha(tmp_path / index)
+        assert record["index_bytes"] == (tmp_path / index).stat().st_size
+    assert not list(tmp_path.glob("*.partial"))
+    assert w.k == 3
+
+
+def test_writer_exact_fill_and_uint32(tmp_path):
+    """A shard that reaches shard_tokens exactly closes there; close() with nothing pending adds no empty shard."""
+    rows = _sequences(1, 4, 6, high=2**20)
+    w = ShardWriter(tmp_path, "valid", np.uint32, 12)
+    w.write(rows)
+    assert w.close() == w.done
+    assert [r["num_sequences"] for r in w.done] == [2, 2]
+    assert (tmp_path / "valid-00001.bin").read_bytes() == rows[2:].astype("<u4").tobytes()
+    assert [r["bytes"] for r in w.done] == [48, 48]
+
+
+def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
+    """Writing after a resume from an earlier state gives the files of an uninterrupted run: the partial file is cut
+    back to the state's length, a shard renamed after the state becomes partial again, later shards' files go."""
+    rows = _sequences(2, 9, 4)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    ref = ShardWriter(ref_dir, "train", np.uint16, 10)
+    ref.write(rows)
+    ref_records = ref.close()
+
+    w = ShardWriter(run_dir, "train", np.uint16, 10)
+    w.write(rows[:4])  # shard 0 done (3 rows, 12 tokens), 1 row in shard 1
+    w.sync()
+    state, offsets = w.state()
+    state = json.loads(json.dumps(state))
+    assert state["tokens"] == 4 and offsets.tolist() == [0, 4]
+    assert w.finished_since_checkpoint is False
+    w.write(rows[4:8])  # shard 1 done and renamed, shard 2 started
+    assert w.finished_since_checkpoint is True
+    w.sync()
+    w.abandon()
+    assert (run_dir / "train-00001.bin").exists() and (run_dir / "train-00002.bin.partial").exists()
+    (run_dir / "train-00005.bin").write_bytes(b"stale")  # a later shard's stale file
+    (run_dir / "valid-00009.bin").write_bytes(b"other split")
+
+    w2 = ShardWriter(run_dir, "train", np.uint16, 10)
+    w2.resume(state, offsets)
+    assert (run_dir / "train-00001.bin.partial").stat().st_size == 8
+    assert not (run_dir / "train-00001.bin").exists() and not (run_dir / "train-00001.idx.npy").exists()
+    assert not (run_dir / "train-00002.bin.partial").exists() and not (run_dir / "train-00005.bin").exists()
+    assert (run_dir / "valid-00009.bin").exists()
+    w2.write(rows[4:])
+    assert w2.close() == ref_records
+    for name in sorted(p.name for p in ref_dir.iterdir()):
+        assert (run_dir / name).read_bytes() == (ref_dir / name).read_bytes(), name
+
+
+def test_resume_at_a_shard_boundary_and_a_short_partial(tmp_path):
+    rows = _sequences(3, 6, 5)
+    w = ShardWriter(tmp_path, "train", np.uint16, 10)
+    w.write(rows[:2])  # exactly one full shard
+    state, offsets = w.state()
+    assert state["tokens"] == 0 and offsets.tolist() == [0]
+    w2 = ShardWriter(tmp_path, "train", np.uint16, 10)
+    w2.resume(state, offsets)
+    assert w2.k == 1 and (tmp_path / "train-00000.bin").exists()
+    w2.write(rows[2:])
+    assert [r["num_sequences"] for r in w2.close()] == [2, 2, 2]
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "train-00000.bin.partial").write_bytes(b"\0" * 6)
+    with pytest.raises(DataPrepError, match="expected at least 10 bytes"):
+        ShardWriter(short, "train", np.uint16, 100).resume({"done": [], "tokens": 5}, np.array([0, 5]))
+
+
+def _prepared(tmp_path: Path, lengths_per_shard: list[list[int]], dtype=np.uint16, seed: int = 0):
+    """A train split from explicit sequences; returns (directory, the list of sequences)."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    records = []
+    for k, lengths in enumerate(lengths_per_shard):
+        parts = [rng.integers(3, 500, size=n).astype(dtype) for n in lengths]
+        seqs += parts
+        tokens, index = shards.shard_files("train", k)
+        (tmp_path / tokens).write_bytes(np.concatenate(parts).astype(dtype).tobytes())
+        np.save(tmp_path / index, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        records.append(
+            {
+                "file": tokens,
+                "num_sequences": len(lengths),
+                "num_tokens": int(sum(lengths)),
+                "bytes": int(sum(lengths)) * np.dtype(dtype).itemsize,
+                "sha256": _sha(tmp_path / tokens),
+                "index_file": index,
+                "index_bytes": (tmp_path / index).stat().st_size,
+                "index_sha256": _sha(tmp_path / index),
+            }
+        )
+    _write_manifest(tmp_path, dtype, {"train": records})
+    return tmp_path, seqs
+
+
+def test_reader_items_lengths_and_negative_indices(tmp_path):
+    directory, seqs = _prepared(tmp_path, [[3, 5, 2], [4], [6, 1]])
+    ds = ShardedTokens(directory, "train")
+    assert len(ds) == 6
+    for i, s in enumerate(seqs):
+        got = ds[i]
+        assert got.dtype == np.uint16 and got.tolist() == s.tolist()
+        assert ds[i - 6].tolist() == s.tolist()
+    got = ds[4]
+    got[0] = 0  # a copy
+    assert ds[4].tolist() == seqs[4].tolist()
+    for bad in (6, -7):
+        with pytest.raises(IndexError):
+            ds[bad]
+    assert ds.lengths.dtype == np.int64 and ds.lengths.tolist() == [3, 5, 2, 4, 6, 1]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert [clone[i].tolist() for i in range(6)] == [s.tolist() for s in seqs]
+    with pytest.raises(DataPrepError, match="no split 'valid'"):
+        ShardedTokens(directory, "valid")
+
+
+def test_reader_refuses_a_shard_of_another_size_and_a_bad_index(tmp_path):
+    directory, _ = _prepared(tmp_path, [[3, 5]])
+    with open(directory / "train-00000.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataPrepError, match="missing or not 16 bytes"):
+        ShardedTokens(directory, "train")
+    (tmp_path / "b").mkdir()
+    directory2, _ = _prepared(tmp_path / "b", [[3, 5]])
+    np.save(directory2 / "train-00000.idx.npy", np.array([0, 3, 5, 8], dtype=np.int64))
+    with pytest.raises(DataPrepError, match="index shape"):
+        ShardedTokens(directory2, "train")[0]
+
+
+def _packed(tmp_path: Path, docs: list[np.ndarray], max_len: int, shard_sequences: int):
+    """FULL-SENTENCES packing by hand: the stream doc1 SEP doc2 SEP ... cut into chunks of max_len - 2, each stored
+    as CLS chunk SEP, shard_sequences sequences per shard."""
+    stream = np.concatenate([np.append(d, SEP) for d in docs])
+    chunks = [stream[i : i + max_len - 2] for i in range(0, len(stream), max_len - 2)]
+    seqs = [np.concatenate([[CLS], c, [SEP]]) for c in chunks]
+    lengths = [[len(s) for s in seqs[k : k + shard_sequences]] for k in range(0, len(seqs), shard_sequences)]
+    directory, _ = _prepared(tmp_path, lengths)
+    # overwrite with the packed contents, same lengths
+    records = []
+    for k in range(len(lengths)):
+        part = seqs[k * shard_sequences : (k + 1) * shard_sequences]
+        tokens = shards.shard_files("train", k)[0]
+        (directory / tokens).write_bytes(np.concatenate(part).astype(np.uint16).tobytes())
+        records.append(json.loads((directory / shards.MANIFEST).read_text())["splits"]["train"]["shards"][k])
+        records[-1]["sha256"] = _sha(directory / tokens)
+    _write_manifest(directory, np.uint16, {"train": records})
+    return directory
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 4096])
+def test_documents_in_several_blocks_and_shards(tmp_path, block):
+    """60 documents of 1..12 tokens packed in sequences of 8 over shards of 7 sequences: read in blocks of 1, 2, 3,
+    5 sequences (documents spanning blocks and shards) or one block, documents() gives them back exactly."""
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(3, 500, size=int(rng.integers(1, 13))) for _ in range(60)]
+    directory = _packed(tmp_path, docs, max_len=8, shard_sequences=7)
+    got = list(ShardedTokens(directory, "train").documents(block_sequences=block))
+    assert len(got) == 60
+    for g, d in zip(got, docs, strict=True):
+        assert g.tolist() == d.tolist()
+
+
+def test_documents_carry_without_final_separator(tmp_path):
+    """A stream whose last document has no SEP (a split cut mid-document) yields that rest as the last document."""
+    directory, _ = _prepared(tmp_path, [[5, 4]])
+    (directory / "train-00000.bin").write_bytes(np.array([CLS, 7, SEP, 8, SEP, CLS, 9, 10, SEP], np.uint16).tobytes())
+    records = json.loads((directory / shards.MANIFEST).read_text())["splits"]["train"]["shards"]
+    records[0]["sha256"] = _sha(directory / "train-00000.bin")
+    _write_manifest(directory, np.uint16, {"train": records})
+    got = [d.tolist() for d in ShardedTokens(directory, "train").documents(block_sequences=1)]
+    assert got == [[7], [8, 9, 10]]
+
+
+def test_background_hash_and_verify_problem(tmp_path):
+    directory, _ = _prepared(tmp_path, [[3, 5], [2]])
+    ds = ShardedTokens(directory, "train")
+    assert ds.verify_problem() is None  # nothing started
+    ds.start_verify()
+    assert len(ds._hashes) == 4
+    for _, _, fut in ds._hashes:
+        fut.result(timeout=60)
+    assert ds.verify_problem() is None
+    assert ds._hashes == []  # finished and good: checked once
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    directory, _ = _prepared(bad, [[3, 5], [2]])
+    data = bytearray((directory / "train-00001.bin").read_bytes())
+    data[0] ^= 1
+    (directory / "train-00001.bin").write_bytes(bytes(data))
+    ds = ShardedTokens(directory, "train")
+    ds.start_verify()
+    for _, _, fut in ds._hashes:
+        fut.result(timeout=60)
+    problem = ds.verify_problem()
+    assert problem is not None and "train-00001.bin" in problem
+    assert ds.verify_problem() == problem  # reported again
+    # the bad file stays for the next report, the files after it are not looked at once a problem is found
+    assert [p.name for p, _, _ in ds._hashes] == ["train-00001.bin", "train-00001.idx.npy"]
+
+
+def test_hasher_hashes_each_file_version_once(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    a, b = shards.HASHER.submit(path), shards.HASHER.submit(path)
+    assert a is b and a.result(timeout=60) == hashlib.sha256(b"abc").hexdigest()
+    path.write_bytes(b"abcd")
+    c = shards.HASHER.submit(path)
+    assert c is not a and c.result(timeout=60) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_verify_totals_and_problems(tmp_path):
+    directory, _ = _prepared(tmp_path, [[3, 5], [2]])
+    problems, totals = shards.verify(directory)
+    assert problems == []
+    assert totals == {
+        "shards": 2,
+        "sequences": 3,
+        "tokens": 10,
+        "bytes": 16 + 4 + sum((directory / f).stat().st_size for f in ("train-00000.idx.npy", "train-00001.idx.npy")),
+    }
+    np.save(directory / "train-00001.idx.npy", np.array([0, 1], dtype=np.int64))
+    problems, _ = shards.verify(directory)
+    assert len(problems) == 1 and "train-00001.idx.npy" in problems[0]
