@@ -116,3 +116,49 @@ def prune_classifier(
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "prune.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pretrain.tasks.prune_task MODEL_DIR OUT_DIR --task NAME [--layers 0,1,2] [--hidden-size N]
+    [--num-attention-heads N] [--intermediate-size N] [--calibration N] [--seed N] [--max-train N]``:
+    :func:`prune_classifier`. Exit 0, or 2 with the message for bad input."""
+    import argparse
+    import sys
+
+    from data_prep.errors import DistillError
+    from pretrain.tasks import SplitConfig, load_task
+
+    p = argparse.ArgumentParser(prog="python -m pretrain.tasks.prune_task", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="a saved *ForSequenceClassification folder (e.g. a run's student/)")
+    p.add_argument("out_dir", help="the pruned classifier's folder (replaced)")
+    p.add_argument("--task", required=True, help="the task whose train split is the calibration sample")
+    p.add_argument("--layers", help="the model's layers kept, comma-separated (default: all)")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--num-attention-heads", type=int)
+    p.add_argument("--intermediate-size", type=int)
+    p.add_argument("--calibration", type=int, default=256, help="train examples for the importance (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="draws the calibration sample")
+    p.add_argument("--max-train", type=int, help="the train split's cap, as task.max_train_examples (default: all)")
+    a = p.parse_args(argv)
+    try:
+        layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+        record = prune_classifier(
+            a.model_dir,
+            a.out_dir,
+            load_task(a.task, split=SplitConfig(max_train=a.max_train, max_eval=1000)),
+            layers=layers,
+            hidden_size=a.hidden_size,
+            num_attention_heads=a.num_attention_heads,
+            intermediate_size=a.intermediate_size,
+            calibration=a.calibration,
+            seed=a.seed,
+        )
+    except (DistillError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{record['notes'][0]} -> {a.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
