@@ -154,3 +154,65 @@ def test_pruned_classifier_reloads_with_its_head(cls_dir, tmp_path):
     assert torch.equal(model.bert.pooler.dense.weight, src.bert.pooler.dense.weight[ch][:, ch])
     assert cfg.id2label == src.config.id2label
     assert json.loads((tmp_path / "p/prune.json").read_text())["layer_map"] == [1]
+
+
+def _export_json(fp32: dict, int8: dict, diff: float = 1e-6, tol: float = 1.0) -> dict:
+    drop = dc.check_task_int8(fp32, int8, "b", tol).value
+    checks = [
+        {"value": diff, "tolerance": 1e-4, "passed": diff <= 1e-4},
+        {"value": drop, "tolerance": tol, "passed": drop <= tol},
+    ]
+    return {
+        "model_dir": "m",
+        "files": {"fp32": "a", "int8": "b"},
+        "sizes": {"fp32": 10, "int8": 4},
+        "checks": checks,
+        "scores": {"fp32": fp32, "int8": int8},
+        "passed": all(c["passed"] for c in checks),
+    }
+
+
+def test_deploy_rows_table_and_moonshot_verdict():
+    """Seeds' mean / std in points, the worst check per row, and the target's shortfall from the int8 speed-ups."""
+    from pretrain.tasks.deploy_rows import markdown, moonshot_lines, summarise_row
+
+    teacher = summarise_row("teacher", [_export_json({"dev": 0.80, "test": 0.80}, {"dev": 0.80, "test": 0.79})])
+    student = summarise_row(
+        "student",
+        [
+            _export_json({"dev": 0.80, "test": 0.79}, {"dev": 0.80, "test": 0.79}),
+            _export_json({"dev": 0.78, "test": 0.77}, {"dev": 0.76, "test": 0.77}),  # int8 drops 2 points on dev
+        ],
+    )
+    assert student["accuracy"]["int8"]["test"] == pytest.approx((78.0, 1.4142135), rel=1e-5)
+    assert student["int8_max_drop_points"] == pytest.approx(2.0) and not student["int8_passed"]
+    assert teacher["int8_passed"] and student["fp32_passed"]  # a drop of exactly 1.0 point (0.80 -> 0.79) passes
+    speed = [
+        {
+            "model": m,
+            "runtime": rt,
+            "batch": b,
+            "throughput_seq_s": 1.0,
+            "p50_ms": 1.0,
+            "p95_ms": 2.0,
+            "speedup_same_runtime": up,
+            "speedup_vs_pytorch_teacher": up,
+            "cpu": "c",
+            "isa": "i",
+            "threads": 2,
+            "seq_len": 128,
+            "rounds": 1,
+            "loadavg_1m": 0.0,
+        }
+        for m, up in (("teacher", 1.0), ("student", 4.5))
+        for rt in ("pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
+        for b in (1, 32)
+    ]
+    table = markdown([teacher, student], speed)
+    assert "FAIL drop 2.00 pt" in table and "PASS max abs logit diff" in table
+    (line,) = moonshot_lines([teacher, student], speed, 0.99, 4.0)
+    # 78.0 / 80.0 = 97.5% of the fp32 teacher: 1.5 points short; 4.5x at both batches meets the speed
+    assert "97.5%" in line and "share 1.5 points below 99%" in line and "speed-up" not in line.split("missed")[1]
+    speed[-1]["speedup_same_runtime"] = 3.0  # student int8 at batch 32
+    (line,) = moonshot_lines([teacher, student], speed, 0.99, 4.0)
+    assert "speed-up 1.00x below 4x" in line

@@ -132,14 +132,14 @@ def moonshot_lines(rows: list[dict[str, Any]], speed: list[dict[str, Any]], shar
         ]
         short = []
         if s32 < share:
-            short.append(f"{100 * (share - s32):.1f} points of share short")
-        if ups and min(ups) < times:
-            short.append(f"{times - min(ups):.2f}x of speed short")
+            short.append(f"share {100 * (share - s32):.1f} points below {share:.0%}")
+        if not ups or min(ups) < times:
+            short.append(f"speed-up {times - min(ups):.2f}x below {times:g}x" if ups else "speed not measured")
         ups_txt = " / ".join(f"{u:.2f}x" for u in ups) or "-"
         out.append(
             f"- {row['label']}: int8 test accuracy {test8:.1f} = {s32:.1%} of the fp32 teacher's ({s8:.1%} of the "
             f"int8 teacher's), int8 vs int8 speed-up {ups_txt} at batch 1 / 32; target >= {share:.0%} at >= "
-            f"{times:g}x: {'met' if not short else 'missed by ' + ', '.join(short)}"
+            f"{times:g}x: {'met' if not short else 'missed: ' + ', '.join(short)}"
         )
     return out
 
