@@ -14,6 +14,7 @@ table still says which), 2 for bad input.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import statistics
@@ -27,18 +28,22 @@ from data_prep.files import atomic_write_text
 from pretrain.deploy.classifier import export_classifier
 from pretrain.deploy.common import DeployError
 from pretrain.deploy.compare import RUNTIMES, classifier_runners, interleaved_speed, speed_markdown
+from pretrain.deploy.quantize import quantize_int8
 
 
-def export_or_reuse(model_dir: Path, task: Any, exporter: str) -> dict[str, Any]:
-    """``model_dir/onnx/classifier.json`` when it is there, else :func:`export_classifier` into ``model_dir/onnx``
-    (whose JSON it writes there too); the dict of :meth:`ClassifierExport.to_json`."""
-    from data_prep.files import atomic_write_text as write
-
+def export_or_reuse(model_dir: Path, task: Any, exporter: str, per_channel: bool = True) -> dict[str, Any]:
+    """``model_dir/onnx/classifier.json`` when it is there and was made with the same ``per_channel``, else
+    :func:`export_classifier` into ``model_dir/onnx`` (dynamic int8, one weight scale per output channel when
+    ``per_channel``), whose JSON it writes there too; the dict of :meth:`ClassifierExport.to_json` plus
+    ``quantization``."""
+    quantization = "dynamic int8, " + ("per-channel" if per_channel else "per-tensor")
     done = model_dir / "onnx" / "classifier.json"
-    if done.is_file():
+    if done.is_file() and json.loads(done.read_text()).get("quantization") == quantization:
         return json.loads(done.read_text())
-    result = export_classifier(model_dir, task, exporter=exporter).to_json()
-    write(done, json.dumps(result, indent=2) + "\n")
+    quantize = functools.partial(quantize_int8, per_channel=per_channel)
+    result = export_classifier(model_dir, task, exporter=exporter, quantize=quantize).to_json()
+    result["quantization"] = quantization
+    atomic_write_text(done, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -145,7 +150,15 @@ def moonshot_lines(rows: list[dict[str, Any]], speed: list[dict[str, Any]], shar
 
 
 def run(
-    task_name: str, teacher: str, rows: list[tuple[str, str]], output: Path, *, threads: int, rounds: int, exporter: str
+    task_name: str,
+    teacher: str,
+    rows: list[tuple[str, str]],
+    output: Path,
+    *,
+    threads: int,
+    rounds: int,
+    exporter: str,
+    per_channel: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Export and check every folder of ``rows`` (``(label, glob)``; the teacher first), time the first seed of
     each interleaved, write ``output/deploy.json`` / ``deploy.md``. Returns (rows, speed records). Raises
@@ -158,7 +171,7 @@ def run(
         dirs = sorted(Path(d) for d in glob.glob(pattern))
         if not dirs:
             raise DeployError(f"--row {label}={pattern}: no model folder matches")
-        exports = [export_or_reuse(d, task, exporter) for d in dirs]
+        exports = [export_or_reuse(d, task, exporter, per_channel) for d in dirs]
         summaries.append(summarise_row(label, exports))
         models[label] = classifier_runners(dirs[0], exports[0]["files"], threads)
     speed = interleaved_speed(models, teacher="teacher (fine-tuned)", threads=threads, rounds=rounds)
@@ -180,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="torchscript", help="torch.onnx exporter")
+    p.add_argument(
+        "--per-tensor", action="store_true", help="int8 with one scale per weight tensor (default: per output channel)"
+    )
     a = p.parse_args(argv)
     try:
         rows = []
@@ -189,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise DeployError(f"--row {spec!r}: expected LABEL=GLOB")
             rows.append((label, pattern))
         summaries, _ = run(
-            a.task, a.teacher, rows, Path(a.output), threads=a.threads, rounds=a.rounds, exporter=a.exporter
+            a.task,
+            a.teacher,
+            rows,
+            Path(a.output),
+            threads=a.threads,
+            rounds=a.rounds,
+            exporter=a.exporter,
+            per_channel=not a.per_tensor,
         )
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
