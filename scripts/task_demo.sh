@@ -14,8 +14,12 @@
 #                also from the showcase's student (runs/showcase/student, `make showcase`) when it is there
 #    distillator the Distillator loss as written: label CE + soft CE + probability cosine, averaged, T = 1
 # 4. every model scored on the test split as it is (python -m pretrain.taskmode evaluate); the table -> $OUT/table.md
+# 5. the moonshot: row 5's student width-pruned (python -m pretrain.tasks.prune_task; $PRUNE), task-distilled again
+# 6. deployment: the teacher, row 5 and row 6 in ONNX fp32 and int8 (each folder's onnx/), the checks, accuracy on dev
+#    and test, speed at batch 1 and 32 in PyTorch / ONNX fp32 / int8, interleaved (python -m pretrain.tasks.deploy_rows)
 #
-# Every step reuses what a previous run finished. Environment: SEEDS (3), TRAIN (2000 examples), OUT (runs/task).
+# Every step reuses what a previous run finished. Environment: SEEDS (3), TRAIN (2000 examples), OUT (runs/task),
+# PRUNE (step 5's sizes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,13 +34,13 @@ say() { printf '\n[task-demo] %s\n' "$*"; }
 mkdir -p "$OUT"
 T0=$SECONDS
 
-say "1/4 teacher: all-MiniLM-L6-v2 fine-tuned on $TASK ($TRAIN examples, 3 epochs) -> $TEACHER"
+say "1/6 teacher: all-MiniLM-L6-v2 fine-tuned on $TASK ($TRAIN examples, 3 epochs) -> $TEACHER"
 if [[ ! -f $TEACHER/config.json ]]; then
   "$PY" -m pretrain.downstream --task "$TASK" --model teacher=embedded:minilm-l6 --seeds 1 --save-model "$OUT/ft" \
     --output "$OUT/teacher-ft" --max-train "$TRAIN" --epochs 3 --no-plot
 fi
 
-say "2/4 baselines fine-tuned directly ($SEEDS seeds): layers 0,2,4 and the top-layer truncation"
+say "2/6 baselines fine-tuned directly ($SEEDS seeds): layers 0,2,4 and the top-layer truncation"
 if [[ ! -f $OUT/baselines/downstream.json ]]; then
   "$PY" - "$OUT/models" <<'EOF_PY'
 import sys
@@ -59,7 +63,7 @@ EOF_PY
     --output "$OUT/baselines" --max-train "$TRAIN" --epochs 3 --no-plot
 fi
 
-say "3/4 task distillation ($SEEDS seeds each; configs/task-demo.json)"
+say "3/6 task distillation ($SEEDS seeds each; configs/task-demo.json)"
 run() {  # name seed overrides...
   local name=$1 seed=$2; shift 2
   local dir=$OUT/$name-$seed
@@ -81,7 +85,7 @@ for s in $(seq 0 $(( SEEDS - 1 ))); do
     loss.temperature=1.0
 done
 
-say "4/4 the test split: every model as it is -> $OUT/table.md"
+say "4/6 the test split: every model as it is -> $OUT/table.md"
 "$PY" - "$OUT" "$TASK" <<'EOF_PY'
 import glob, json, statistics, sys
 from pathlib import Path
@@ -132,4 +136,24 @@ text = "\n".join(lines) + "\n"
 atomic_write_text(out / "table.md", text)
 print(text)
 EOF_PY
-say "done in $(( (SECONDS - T0) / 60 )) min: $OUT/table.md"
+
+# The moonshot (docs/task-distillation.md): width as well as depth. Row 5's student, pruned on 256 of its train
+# examples (python -m pretrain.tasks.prune_task: Minitron importance, docs/pruning.md), then task-distilled again.
+PRUNE=${PRUNE:---hidden-size 256 --num-attention-heads 8 --intermediate-size 768}
+say "5/6 the moonshot: row 5 width-pruned ($PRUNE), then task-distilled again ($SEEDS seeds)"
+for s in $(seq 0 $(( SEEDS - 1 ))); do
+  if [[ ! -f $OUT/models/pruned-$s/config.json ]]; then
+    # shellcheck disable=SC2086  # PRUNE is a list of options
+    "$PY" -m pretrain.tasks.prune_task "$OUT/distillator-$s/student" "$OUT/models/pruned-$s" --task "$TASK" \
+      --max-train "$TRAIN" --seed "$s" $PRUNE
+  fi
+  run pruned "$s" "task.student=$OUT/models/pruned-$s" task.head=new loss.alpha_label=0.3333333333 \
+    loss.alpha_ce=0.3333333333 loss.alpha_prob_cos=0.3333333333 loss.temperature=1.0
+done
+
+say "6/6 deployment: ONNX fp32 and int8, checked on dev and test, timed interleaved -> $OUT/deploy/deploy.md"
+"$PY" -m pretrain.tasks.deploy_rows --task "$TASK" --teacher "$TEACHER" --output "$OUT/deploy" \
+  --row "5. Distillator loss=$OUT/distillator-[0-9]*/student" \
+  --row "6. row 5 pruned, task-distilled again=$OUT/pruned-[0-9]*/student" \
+  || [[ $? -eq 1 ]]  # 1: a check failed; the table says which
+say "done in $(( (SECONDS - T0) / 60 )) min: $OUT/table.md, $OUT/deploy/deploy.md"
