@@ -296,3 +296,50 @@ def test_bench_runs_both_modes_and_prints_the_documented_keys(tmp_path, capsys):
 def test_bad_random_spec_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="hidden_size"):
         bench.main(["--config", str(SMALL), "teacher.name_or_path=random:bert,hidden_size", "--steps", "1"])
+
+
+# a tiny random teacher of each GPU family config's family (python -m pretrain.bench's ``random:`` spec)
+FAMILY_TEACHERS = {
+    "modernbert.json": "random:modernbert,hidden_size=32,num_hidden_layers=6,num_attention_heads=4,"
+    "intermediate_size=64,vocab_size=300,max_position_embeddings=64,global_attn_every_n_layers=3,local_attention=16",
+    "deberta-v3.json": "random:deberta-v2,hidden_size=32,num_hidden_layers=4,num_attention_heads=4,"
+    "intermediate_size=64,vocab_size=300,max_position_embeddings=64,relative_attention=true,position_buckets=16",
+    "xlmr.json": "random:xlm-roberta,hidden_size=32,num_hidden_layers=4,num_attention_heads=4,intermediate_size=64,"
+    "vocab_size=300,max_position_embeddings=66",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEACHERS))
+def test_bench_runs_each_family_config_on_cpu(name, capsys):
+    """The CPU smoke of scripts/bench_gpu.sh for each family's GPU config (``BENCH_CONFIG=configs/NAME``): its
+    ``python -m pretrain.bench --config`` step, with a tiny random teacher of the family, fp32, synthetic shards
+    (their word-level vocabulary has no word-start marks, so XLM-R's whole-word masking is off here)."""
+    extra = [] if name == "modernbert.json" else ["student.layers=every_other"]  # ModernBERT keeps its cadence map
+    if name == "xlmr.json":
+        extra.append("masking.whole_word_mask=false")
+    with torch_threads(1), saved_signal_handlers():
+        rc = bench.main(
+            [
+                "--config",
+                str(REPO / "configs" / name),
+                f"teacher.name_or_path={FAMILY_TEACHERS[name]}",
+                "deepspeed.bf16.enabled=false",
+                "deepspeed.fp16.enabled=false",
+                "deepspeed.train_micro_batch_size_per_gpu=2",
+                "deepspeed.train_batch_size=2",
+                *extra,
+                "--synthetic",
+                "--seq-len",
+                "16",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+    assert rc == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    fast = next(r for r in recs if r["mode"] == "fast")
+    assert fast["steps"] == 1 and fast["tokens_per_step"] == 32 and fast["tokens_per_s"] > 0 and fast["mfu"] > 0
+    assert fast["config"]["teacher"]["hidden"] == 32
+    assert fast["config"]["student"]["layers"] == (3 if name == "modernbert.json" else 2)  # cadence: half of 6
