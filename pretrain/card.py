@@ -45,6 +45,7 @@ from pretrain.card_sources import (
     is_number,
     read_json,
 )
+from pretrain.report import machine_summaries
 
 PRUNED_SIZES = ("hidden_size", "num_attention_heads", "intermediate_size")  # [teacher, student] in the prune record
 
@@ -272,15 +273,7 @@ def _deployment(inp: CardInputs) -> list[str]:
 
 def _environment(inp: CardInputs) -> list[str]:
     lines = ["## Hardware, time and software", ""]
-    seen: list[str] = []
-    for st in inp.environment:
-        gpu = f"{st.get('gpus')} x {st.get('gpu')}" if st.get("gpu") else "no GPU"
-        text = (
-            f"- Trained on CPU {st.get('cpu')}, {gpu}, {st.get('world_size')} rank(s); python {st.get('python')}, "
-            f"torch {st.get('torch')}, transformers {st.get('transformers')}, DeepSpeed {st.get('deepspeed')}."
-        )
-        if text not in seen:
-            seen.append(text)
+    seen = [f"- Trained on {m}." for m in machine_summaries(inp.environment, python=True)]
     lines += seen or ["- The run directory records no training machine (environment.json)."]
     wall = (inp.training or {}).get("wall_seconds")
     if is_number(wall):

@@ -134,17 +134,22 @@ def loss_curves_figure(records: list[dict]) -> Any:
 def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> bool:
     """Plot ``metrics.jsonl`` against the optimizer step into ``png_path`` (written atomically); the panels are
     those of :func:`loss_curves_figure`. Returns False (and writes nothing) when there is nothing to draw."""
+    return save_figure(loss_curves_figure(read_metrics(metrics_path)), png_path, what="loss curves plot")
+
+
+def save_figure(fig: Any, png_path: str | Path, *, what: str) -> bool:
+    """Write a matplotlib figure as a PNG (110 dpi) to ``png_path`` atomically and close it; False (nothing
+    written) for ``None``. Raises :class:`data_prep.files.DiskFullError` naming ``what``."""
     import io
 
     import matplotlib.pyplot as plt
 
-    fig = loss_curves_figure(read_metrics(metrics_path))
     if fig is None:
         return False
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue(), what="loss curves plot")
+    atomic_write_bytes(png_path, buf.getvalue(), what=what)
     return True
 
 
@@ -229,20 +234,27 @@ def _same_speed_note(report: dict, cols: list[str], names: dict[str, str]) -> st
     return "".join(notes)
 
 
-def _training_machines(starts: list[dict]) -> str:
-    """One sentence on the machines the run was trained on (its ``environment.json`` starts), each distinct one once."""
-    if not starts:
-        return "The run directory records no training hardware (a run from before environment.json)."
+def machine_summaries(starts: list[dict], *, python: bool = False) -> list[str]:
+    """Each distinct training machine of a run's ``environment.json`` starts, once, in order: "CPU ..., GPUs, ranks;
+    [python X, ]torch, transformers, DeepSpeed versions" (the report's sentence and the model card's list)."""
     seen: list[str] = []
     for st in starts:
         gpu = f"{st.get('gpus')} x {st.get('gpu')}" if st.get("gpu") else "no GPU"
+        py = f"python {st.get('python')}, " if python else ""
         text = (
-            f"CPU {st.get('cpu')}, {gpu}, {st.get('world_size')} rank(s); torch {st.get('torch')}, "
+            f"CPU {st.get('cpu')}, {gpu}, {st.get('world_size')} rank(s); {py}torch {st.get('torch')}, "
             f"transformers {st.get('transformers')}, DeepSpeed {st.get('deepspeed')}"
         )
         if text not in seen:
             seen.append(text)
-    return f"Trained on {'; then on '.join(seen)} ({len(starts)} start(s), environment.json)."
+    return seen
+
+
+def _training_machines(starts: list[dict]) -> str:
+    """One sentence on the machines the run was trained on (its ``environment.json`` starts), each distinct one once."""
+    if not starts:
+        return "The run directory records no training hardware (a run from before environment.json)."
+    return f"Trained on {'; then on '.join(machine_summaries(starts))} ({len(starts)} start(s), environment.json)."
 
 
 def _provenance_lines(meta: dict) -> list[str]:

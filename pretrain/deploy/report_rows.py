@@ -8,11 +8,10 @@ size (what a user replaces). The markdown of these rows is rendered by ``pretrai
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from data_prep.files import atomic_write_bytes
+from pretrain.report import save_figure
 
 RUNTIMES = ("pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
 
@@ -76,13 +75,4 @@ def _ratio(x: float | None) -> str:
 
 def plot_speed(rows: list[dict[str, Any]], png_path: str | Path) -> bool:
     """:func:`speed_figure` written atomically to ``png_path``; False (nothing written) without rows."""
-    import matplotlib.pyplot as plt
-
-    fig = speed_figure(rows)
-    if fig is None:
-        return False
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue(), what="deployment speed plot")
-    return True
+    return save_figure(speed_figure(rows), png_path, what="deployment speed plot")
