@@ -237,8 +237,11 @@ def test_one_rank_two_micro_batches_logs_what_two_ranks_log(two_ranks, one_rank,
     micro-batch's loss is bit-identical; the layouts only sum the two in another order and precision (fp32 on one
     rank, fp64 over ranks): <= 2 ulp of fp32, 2.4e-7 relative. Later steps add the gradient's summation order (fp32
     accumulation vs. the ranks' all-reduce, about 1e-7 relative) through two AdamW steps at lr <= 5e-4, which move
-    the losses by far less than 1e-6 relative. Tolerance: 1e-6 relative; a loss normalised by the wrong world size
-    is off by a factor 2."""
+    the losses by about 1e-7 of their scale. A term far below the loss's scale (the KL of a student still next to its
+    teacher: 2e-5 of a loss near 10) moves by that absolute amount, not by 1e-7 of itself: under
+    ATEN_CPU_CAPABILITY=default its step-3 value differed by 1.2e-3 relative, 2.6e-8 absolute. Tolerance: step 1,
+    1e-6 relative; later steps, 1e-6 relative or 1e-6 of the step's loss, whichever is larger. A loss normalised by the
+    wrong world size is off by a factor 2."""
     seqs, manifest = shards
     special = manifest["tokenizer"]["all_special_ids"]
     two_dir, records = two_ranks
@@ -261,7 +264,8 @@ def test_one_rank_two_micro_batches_logs_what_two_ranks_log(two_ranks, one_rank,
         assert a["masked_tokens_seen"] == b["masked_tokens_seen"] == masked
         keys = {k for k in a if k.startswith("loss") and k != "loss_scale"}
         assert keys == {k for k in b if k.startswith("loss") and k != "loss_scale"} >= {"loss", "loss_ce"}
+        floor = 0.0 if s == 0 else 1e-6 * abs(b["loss"])  # step 1: the same weights (see the budget above)
         for k in keys:
-            worst = max(worst, abs(a[k] - b[k]) / abs(b[k]))
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=0.0), (s + 1, k, a[k], b[k])
-    record_effect("1x2 vs 2x1 loss: largest relative difference / 1e-6", worst / 1e-6, 1.0, "tolerance share <=")
+            worst = max(worst, abs(a[k] - b[k]) / max(1e-6 * abs(b[k]), floor))
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=floor), (s + 1, k, a[k], b[k])
+    record_effect("1x2 vs 2x1 loss: largest difference / its tolerance", worst, 1.0, "tolerance share <=")
