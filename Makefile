@@ -35,10 +35,11 @@ test-fast: setup
 test-gpu:
 	scripts/gpu_tests.sh
 
-# mutation testing of the numerical core with mutmut, module by module, then the score per module and the surviving
-# mutants (docs/testing.md "Mutation testing"; not part of make test: see there for its time on 2 cores)
+# mutation testing of the numerical core with mutmut, in one run, then the score per module and the surviving
+# mutants (docs/testing.md "Mutation testing"; not part of make test: see there for its time on 2 cores).
+# MUTATION_MODULES="pretrain.masking pretrain.losses" runs only those modules.
 mutation: setup
-	scripts/mutation.sh $(VENV)/bin
+	scripts/mutation.sh $(VENV)/bin $(MUTATION_MODULES)
 
 demo: setup
 	scripts/demo.sh $(PY)
