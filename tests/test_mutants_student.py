@@ -241,6 +241,7 @@ def tiny_bert(cls_name: str):
         ("BertForPreTraining", ["bert.pooler.dense.weight", "bert.pooler.dense.bias"]),  # inside the base model
         ("BertForMaskedLM", []),  # no pooler
     ],
+    ids=["top_level_pooler", "nested_pooler", "no_pooler"],
 )
 def test_freeze_unused_freezes_the_pooler_only(cls_name, pooler):
     model = tiny_bert(cls_name)
