@@ -29,7 +29,7 @@ MODERNBERT_12 = [F, S, S] * 4
 
 
 def kinds(pattern: str) -> list[str]:
-    """ "FSS" -> [F, S, S]; any other letter is a third kind."""
+    """The kinds of a pattern: "FSS" -> [F, S, S]; any other letter is a third kind."""
     return [{"F": F, "S": S}.get(c, c) for c in pattern]
 
 
