@@ -129,6 +129,27 @@ def test_relation_log_probs_by_hand():
     assert float(L._relation_kl(log_pt, log_ps, am)) == pytest.approx(float(kl[:, :, :2].mean()), rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("bad", "shown"),
+    [
+        ((), "an empty tuple"),
+        (torch.zeros(2, 3), "torch.Size([2, 3])"),
+        (torch.zeros(0, 3, 4), "torch.Size([0, 3, 4])"),
+        ([1.0], "'list'"),
+    ],
+    ids=["sdpa-empty-tuple", "two-dims", "no-elements", "not-a-tensor"],
+)
+def test_relation_inputs_missing_or_empty_are_named(bad, shown):
+    """No attention inputs (SDPA's empty tuple, a wrong rank, an empty tensor, not a tensor) in either argument: a
+    ValueError that shows what arrived, never a shape error further down or a silent value."""
+    good, mask = torch.zeros(1, 2, 4), torch.ones(1, 2)
+    for a, b in ((bad, good), (good, bad)):
+        with pytest.raises(ValueError) as err:
+            L.relation_log_probs(a, b, mask, 2)
+        assert f"({shown}, expected [B, L, D] projections)" in str(err.value)
+    assert L.relation_log_probs(torch.ones(1, 1, 1), torch.ones(1, 1, 1), torch.ones(1, 1), 1).item() == 0.0
+
+
 def test_kd_kl_on_three_dims_one_row_and_small_weights():
     """[B, L, V] logits without a mask == the flattened rows; one selected row is divided by 1; T < 1 and a weight
     below 1 are valid (the config range is (0, inf) and > 0)."""
