@@ -5,6 +5,7 @@ hasher and verify."""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import pickle
@@ -134,29 +135,34 @@ def test_resume_at_a_shard_boundary_and_a_short_partial(tmp_path):
         ShardWriter(short, "train", np.uint16, 100).resume({"done": [], "tokens": 5}, np.array([0, 5]))
 
 
-def _prepared(tmp_path: Path, lengths_per_shard: list[list[int]], dtype=np.uint16, seed: int = 0):
-    """A train split from explicit sequences; returns (directory, the list of sequences)."""
-    rng = np.random.default_rng(seed)
+def _records(directory: Path, split: str, lengths_per_shard: list[list[int]], dtype, rng) -> tuple[list, list]:
+    """Shards of ``split`` from random sequences of the given lengths; returns (manifest records, the sequences)."""
     seqs = []
     records = []
     for k, lengths in enumerate(lengths_per_shard):
         parts = [rng.integers(3, 500, size=n).astype(dtype) for n in lengths]
         seqs += parts
-        tokens, index = shards.shard_files("train", k)
-        (tmp_path / tokens).write_bytes(np.concatenate(parts).astype(dtype).tobytes())
-        np.save(tmp_path / index, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        tokens, index = shards.shard_files(split, k)
+        (directory / tokens).write_bytes(np.concatenate(parts).astype(dtype).tobytes())
+        np.save(directory / index, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         records.append(
             {
                 "file": tokens,
                 "num_sequences": len(lengths),
                 "num_tokens": int(sum(lengths)),
                 "bytes": int(sum(lengths)) * np.dtype(dtype).itemsize,
-                "sha256": _sha(tmp_path / tokens),
+                "sha256": _sha(directory / tokens),
                 "index_file": index,
-                "index_bytes": (tmp_path / index).stat().st_size,
-                "index_sha256": _sha(tmp_path / index),
+                "index_bytes": (directory / index).stat().st_size,
+                "index_sha256": _sha(directory / index),
             }
         )
+    return records, seqs
+
+
+def _prepared(tmp_path: Path, lengths_per_shard: list[list[int]], dtype=np.uint16, seed: int = 0):
+    """A train split from explicit sequences; returns (directory, the list of sequences)."""
+    records, seqs = _records(tmp_path, "train", lengths_per_shard, dtype, np.random.default_rng(seed))
     _write_manifest(tmp_path, dtype, {"train": records})
     return tmp_path, seqs
 
@@ -290,3 +296,45 @@ def test_verify_totals_and_problems(tmp_path):
     np.save(directory / "train-00001.idx.npy", np.array([0, 1], dtype=np.int64))
     problems, _ = shards.verify(directory)
     assert len(problems) == 1 and "train-00001.idx.npy" in problems[0]
+
+
+# ---- the tests below kill the mutants the tests above leave alive (docs/mutants-shards.md) ----
+
+
+def test_atomic_save_npy_never_pickles(tmp_path):
+    """An int array round-trips; an object array is refused (np.save would pickle it) and leaves no file behind."""
+    path = tmp_path / "a.npy"
+    shards.atomic_save_npy(path, np.arange(5, dtype=np.int64))
+    assert np.load(path).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.atomic_save_npy(tmp_path / "b.npy", np.array([1, {}], dtype=object))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+
+
+def test_load_manifest_reads_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """manifest.json is UTF-8 (json.dumps of a non-ASCII tokenizer name, say); it reads back the same where the
+    locale's encoding is not UTF-8 (simulated: ``open`` without an encoding decodes Latin-1 here, as on a
+    POSIX locale like en_US.ISO-8859-1 or a Windows code page)."""
+    manifest = _write_manifest(tmp_path, np.uint16, {"train": []})
+    manifest["tokenizer"]["name"] = "bert-base-german-cased-äöü"
+    (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+
+    def open_in_latin1_locale(file, mode="r", *args, encoding=None, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "latin-1"
+        return builtins.open(file, mode, *args, encoding=encoding, **kwargs)
+
+    monkeypatch.setattr(shards, "open", open_in_latin1_locale, raising=False)
+    assert shards.load_manifest(tmp_path)["tokenizer"]["name"] == "bert-base-german-cased-äöü"
+
+
+def test_load_token_counts(tmp_path):
+    """int64 whatever dtype the file has; a missing file is a DataPrepError naming it; a pickled file is refused."""
+    with pytest.raises(DataPrepError, match=r"token_counts\.npy: not found"):
+        shards.load_token_counts(tmp_path)
+    np.save(tmp_path / shards.TOKEN_COUNTS, np.array([3, 0, 70000], dtype=np.int32))
+    counts = shards.load_token_counts(str(tmp_path))
+    assert counts.dtype == np.int64 and counts.tolist() == [3, 0, 70000]
+    np.save(tmp_path / shards.TOKEN_COUNTS, np.array([3, 0, 5], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.load_token_counts(tmp_path)
