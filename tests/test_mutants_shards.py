@@ -13,6 +13,7 @@ import pickle
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_writer_bytes_offsets_and_records(tmp_path):
     """Rows of 5 tokens into shards of 12: a shard closes at the first sequence boundary at or past 12 tokens (15),
     each .bin holds exactly its rows' little-endian bytes, each index the cumulative offsets from 0."""
     rows = _sequences(0, 7, 5)
-    w = ShardWriter(tmp_path, "train", np.uint16, 12)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 12)
     w.write(rows[:2])
     w.write(rows[2])  # a 1-D row
     w.write(rows[3:])
@@ -73,7 +74,7 @@ def test_writer_bytes_offsets_and_records(tmp_path):
 def test_writer_exact_fill_and_uint32(tmp_path):
     """A shard that reaches shard_tokens exactly closes there; close() with nothing pending adds no empty shard."""
     rows = _sequences(1, 4, 6, high=2**20)
-    w = ShardWriter(tmp_path, "valid", np.uint32, 12)
+    w = ShardWriter(tmp_path, "valid", np.dtype(np.uint32), 12)
     w.write(rows)
     assert w.close() == w.done
     assert [r["num_sequences"] for r in w.done] == [2, 2]
@@ -88,11 +89,11 @@ def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
-    ref = ShardWriter(ref_dir, "train", np.uint16, 10)
+    ref = ShardWriter(ref_dir, "train", np.dtype(np.uint16), 10)
     ref.write(rows)
     ref_records = ref.close()
 
-    w = ShardWriter(run_dir, "train", np.uint16, 10)
+    w = ShardWriter(run_dir, "train", np.dtype(np.uint16), 10)
     w.write(rows[:4])  # shard 0 done (3 rows, 12 tokens), 1 row in shard 1
     w.sync()
     state, offsets = w.state()
@@ -107,7 +108,7 @@ def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
     (run_dir / "train-00005.bin").write_bytes(b"stale")  # a later shard's stale file
     (run_dir / "valid-00009.bin").write_bytes(b"other split")
 
-    w2 = ShardWriter(run_dir, "train", np.uint16, 10)
+    w2 = ShardWriter(run_dir, "train", np.dtype(np.uint16), 10)
     w2.resume(state, offsets)
     assert (run_dir / "train-00001.bin.partial").stat().st_size == 8
     assert not (run_dir / "train-00001.bin").exists() and not (run_dir / "train-00001.idx.npy").exists()
@@ -121,11 +122,11 @@ def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
 
 def test_resume_at_a_shard_boundary_and_a_short_partial(tmp_path):
     rows = _sequences(3, 6, 5)
-    w = ShardWriter(tmp_path, "train", np.uint16, 10)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 10)
     w.write(rows[:2])  # exactly one full shard
     state, offsets = w.state()
     assert state["tokens"] == 0 and offsets.tolist() == [0]
-    w2 = ShardWriter(tmp_path, "train", np.uint16, 10)
+    w2 = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 10)
     w2.resume(state, offsets)
     assert w2.k == 1 and (tmp_path / "train-00000.bin").exists()
     w2.write(rows[2:])
@@ -135,7 +136,7 @@ def test_resume_at_a_shard_boundary_and_a_short_partial(tmp_path):
     short.mkdir()
     (short / "train-00000.bin.partial").write_bytes(b"\0" * 6)
     with pytest.raises(DataPrepError, match="expected at least 10 bytes"):
-        ShardWriter(short, "train", np.uint16, 100).resume({"done": [], "tokens": 5}, np.array([0, 5]))
+        ShardWriter(short, "train", np.dtype(np.uint16), 100).resume({"done": [], "tokens": 5}, np.array([0, 5]))
 
 
 def _records(directory: Path, split: str, lengths_per_shard: list[list[int]], dtype, rng) -> tuple[list, list]:
@@ -322,10 +323,8 @@ def test_load_manifest_reads_utf8_whatever_the_locale(tmp_path, monkeypatch):
     manifest["tokenizer"]["name"] = "bert-base-german-cased-äöü"
     (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
 
-    def open_in_latin1_locale(file, mode="r", *args, encoding=None, **kwargs):
-        if "b" not in mode and encoding is None:
-            encoding = "latin-1"
-        return builtins.open(file, mode, *args, encoding=encoding, **kwargs)
+    def open_in_latin1_locale(file: Path, mode: str = "r", encoding: str | None = None) -> IO[Any]:
+        return builtins.open(file, mode, encoding=encoding or "latin-1")
 
     monkeypatch.setattr(shards, "open", open_in_latin1_locale, raising=False)
     assert shards.load_manifest(tmp_path)["tokenizer"]["name"] == "bert-base-german-cased-äöü"
@@ -380,7 +379,9 @@ def test_verify_problem_skips_pending_hashes_and_names_unreadable_files(tmp_path
     directory, _ = _prepared(tmp_path, [[3, 5], [2]])
     ds = ShardedTokens(directory, "train")
     p0, p1, p2 = (directory / n for n in ("train-00000.bin", "train-00001.bin", "train-00001.idx.npy"))
-    pending, bad, unreadable = Future(), Future(), Future()
+    pending: Future[str] = Future()
+    bad: Future[str] = Future()
+    unreadable: Future[str] = Future()
     bad.set_result("0" * 64)
     unreadable.set_exception(PermissionError(13, "Permission denied"))
     ds._hashes = [(p0, "a" * 64, pending), (p1, "b" * 64, bad)]
@@ -436,7 +437,7 @@ def test_writer_takes_only_the_rows_a_started_shard_needs(tmp_path):
     """Shards of 12 tokens, rows of 5: after 2 rows (10 tokens) a batch of 3 puts 1 more row in shard 0 (15 tokens)
     and 2 in shard 1."""
     rows = _sequences(4, 5, 5)
-    w = ShardWriter(tmp_path, "train", np.uint16, 12)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 12)
     assert w.finished_since_checkpoint is False
     w.write(rows[:2])
     w.write(rows[2:])
@@ -463,7 +464,7 @@ def test_writer_writes_a_shards_rows_in_one_call(tmp_path, monkeypatch):
     """A batch of 300 rows of 4 tokens into shards of 1,000: shard 0's 250 rows go to the file in one write (a real
     batch of 65k sequences is not written row by row), the rest to shard 1."""
     rows = _sequences(5, 300, 4)
-    w = ShardWriter(tmp_path, "train", np.uint16, 1000)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 1000)
     spy = _CountingFile(w._open())  # the partial file the writer opened, closed when shard 0 is finished
     monkeypatch.setattr(w, "_file", spy)
     w.write(rows)
@@ -477,15 +478,15 @@ def test_resume_from_a_partial_of_exactly_the_state_length(tmp_path):
     another integer dtype still give an int64 index. abandon() twice, or on a writer that never opened a file,
     does nothing."""
     rows = _sequences(6, 3, 4)
-    ShardWriter(tmp_path, "train", np.uint16, 100).abandon()
-    w = ShardWriter(tmp_path, "train", np.uint16, 100)
+    ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100).abandon()
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100)
     w.write(rows)
     w.sync()
     state, offsets = w.state()
     w.abandon()
     w.abandon()
     assert (tmp_path / "train-00000.bin.partial").stat().st_size == 24
-    w2 = ShardWriter(tmp_path, "train", np.uint16, 100)
+    w2 = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100)
     w2.resume(json.loads(json.dumps(state)), offsets.astype(np.int32))
     (record,) = w2.close()
     assert record["num_sequences"] == 3 and record["bytes"] == 24
