@@ -10,10 +10,9 @@ import hashlib
 import json
 import os
 import pickle
-import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import pytest
@@ -342,35 +341,54 @@ def test_load_token_counts(tmp_path):
         shards.load_token_counts(tmp_path)
 
 
+class _StopHasher:
+    """A queue item that ends a hasher's thread: opening it raises SystemExit (not an OSError, so it leaves _run;
+    threading ignores it, pytest reports it as a warning, filtered where it is expected)."""
+
+    def __fspath__(self) -> str:
+        raise SystemExit
+
+
+def _stop_thread(h: shards._BackgroundHasher) -> None:
+    """End ``h``'s thread (the next submit starts another), so that no thread of this test outlives it (a
+    non-daemon one would keep pytest from exiting)."""
+    if h._thread is not None and h._thread.is_alive():
+        h._queue.put((cast(Path, _StopHasher()), Future()))
+        h._thread.join(timeout=10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_background_hasher_one_daemon_thread_and_file_versions(tmp_path):
     """A fresh hasher: files of equal size and mtime are told apart by path; one named daemon thread serves every
     file; a thread that is gone (a forked DataLoader worker inherits the object, not the thread) is replaced; an
     unreadable path's future holds the OSError."""
     h = shards._BackgroundHasher()
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    a.write_bytes(b"same size 1")
-    b.write_bytes(b"same size 2")
-    c.write_bytes(b"c")
-    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
-    fa, fb = h.submit(a), h.submit(b)
-    assert fa is not fb
-    assert fa.result(timeout=10) == hashlib.sha256(b"same size 1").hexdigest()
-    assert fb.result(timeout=10) == hashlib.sha256(b"same size 2").hexdigest()
-    thread = h._thread
-    assert thread is not None and thread.name == "shard-sha256" and thread.daemon is True
-    assert h.submit(c).result(timeout=10) == hashlib.sha256(b"c").hexdigest()
-    assert h._thread is thread and thread.is_alive()
+    try:
+        a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+        a.write_bytes(b"same size 1")
+        b.write_bytes(b"same size 2")
+        c.write_bytes(b"c")
+        os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+        fa, fb = h.submit(a), h.submit(b)
+        assert fa is not fb
+        assert fa.result(timeout=10) == hashlib.sha256(b"same size 1").hexdigest()
+        assert fb.result(timeout=10) == hashlib.sha256(b"same size 2").hexdigest()
+        thread = h._thread
+        assert thread is not None and thread.name == "shard-sha256" and thread.daemon is True
+        assert h.submit(c).result(timeout=10) == hashlib.sha256(b"c").hexdigest()
+        assert h._thread is thread and thread.is_alive()
 
-    gone = threading.Thread(target=lambda: None)
-    gone.start()
-    gone.join()
-    h._thread = gone
-    c.write_bytes(b"c2")
-    os.utime(c, ns=(0, 10**18))
-    assert h.submit(c).result(timeout=10) == hashlib.sha256(b"c2").hexdigest()
-    assert h._thread is not gone and h._thread.is_alive()
-    with pytest.raises(IsADirectoryError):
-        h.submit(tmp_path).result(timeout=10)
+        _stop_thread(h)
+        assert not thread.is_alive()
+        c.write_bytes(b"c2")
+        os.utime(c, ns=(0, 10**18))
+        assert h.submit(c).result(timeout=10) == hashlib.sha256(b"c2").hexdigest()
+        assert h._thread is not thread and h._thread.is_alive()
+        with pytest.raises(IsADirectoryError):
+            h.submit(tmp_path).result(timeout=10)
+    finally:
+        _stop_thread(h)
+        _stop_thread(shards.HASHER)  # the module's hasher, started by the tests above
 
 
 def test_verify_problem_skips_pending_hashes_and_names_unreadable_files(tmp_path):
