@@ -5,10 +5,14 @@ hasher and verify."""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
+import os
 import pickle
+from concurrent.futures import Future
 from pathlib import Path
+from typing import IO, Any, cast
 
 import numpy as np
 import pytest
@@ -43,7 +47,7 @@ def test_writer_bytes_offsets_and_records(tmp_path):
     """Rows of 5 tokens into shards of 12: a shard closes at the first sequence boundary at or past 12 tokens (15),
     each .bin holds exactly its rows' little-endian bytes, each index the cumulative offsets from 0."""
     rows = _sequences(0, 7, 5)
-    w = ShardWriter(tmp_path, "train", np.uint16, 12)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 12)
     w.write(rows[:2])
     w.write(rows[2])  # a 1-D row
     w.write(rows[3:])
@@ -69,7 +73,7 @@ def test_writer_bytes_offsets_and_records(tmp_path):
 def test_writer_exact_fill_and_uint32(tmp_path):
     """A shard that reaches shard_tokens exactly closes there; close() with nothing pending adds no empty shard."""
     rows = _sequences(1, 4, 6, high=2**20)
-    w = ShardWriter(tmp_path, "valid", np.uint32, 12)
+    w = ShardWriter(tmp_path, "valid", np.dtype(np.uint32), 12)
     w.write(rows)
     assert w.close() == w.done
     assert [r["num_sequences"] for r in w.done] == [2, 2]
@@ -84,11 +88,11 @@ def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
-    ref = ShardWriter(ref_dir, "train", np.uint16, 10)
+    ref = ShardWriter(ref_dir, "train", np.dtype(np.uint16), 10)
     ref.write(rows)
     ref_records = ref.close()
 
-    w = ShardWriter(run_dir, "train", np.uint16, 10)
+    w = ShardWriter(run_dir, "train", np.dtype(np.uint16), 10)
     w.write(rows[:4])  # shard 0 done (3 rows, 12 tokens), 1 row in shard 1
     w.sync()
     state, offsets = w.state()
@@ -103,7 +107,7 @@ def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
     (run_dir / "train-00005.bin").write_bytes(b"stale")  # a later shard's stale file
     (run_dir / "valid-00009.bin").write_bytes(b"other split")
 
-    w2 = ShardWriter(run_dir, "train", np.uint16, 10)
+    w2 = ShardWriter(run_dir, "train", np.dtype(np.uint16), 10)
     w2.resume(state, offsets)
     assert (run_dir / "train-00001.bin.partial").stat().st_size == 8
     assert not (run_dir / "train-00001.bin").exists() and not (run_dir / "train-00001.idx.npy").exists()
@@ -117,11 +121,11 @@ def test_state_resume_truncates_and_continues_byte_identically(tmp_path):
 
 def test_resume_at_a_shard_boundary_and_a_short_partial(tmp_path):
     rows = _sequences(3, 6, 5)
-    w = ShardWriter(tmp_path, "train", np.uint16, 10)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 10)
     w.write(rows[:2])  # exactly one full shard
     state, offsets = w.state()
     assert state["tokens"] == 0 and offsets.tolist() == [0]
-    w2 = ShardWriter(tmp_path, "train", np.uint16, 10)
+    w2 = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 10)
     w2.resume(state, offsets)
     assert w2.k == 1 and (tmp_path / "train-00000.bin").exists()
     w2.write(rows[2:])
@@ -131,32 +135,37 @@ def test_resume_at_a_shard_boundary_and_a_short_partial(tmp_path):
     short.mkdir()
     (short / "train-00000.bin.partial").write_bytes(b"\0" * 6)
     with pytest.raises(DataPrepError, match="expected at least 10 bytes"):
-        ShardWriter(short, "train", np.uint16, 100).resume({"done": [], "tokens": 5}, np.array([0, 5]))
+        ShardWriter(short, "train", np.dtype(np.uint16), 100).resume({"done": [], "tokens": 5}, np.array([0, 5]))
 
 
-def _prepared(tmp_path: Path, lengths_per_shard: list[list[int]], dtype=np.uint16, seed: int = 0):
-    """A train split from explicit sequences; returns (directory, the list of sequences)."""
-    rng = np.random.default_rng(seed)
+def _records(directory: Path, split: str, lengths_per_shard: list[list[int]], dtype, rng) -> tuple[list, list]:
+    """Shards of ``split`` from random sequences of the given lengths; returns (manifest records, the sequences)."""
     seqs = []
     records = []
     for k, lengths in enumerate(lengths_per_shard):
         parts = [rng.integers(3, 500, size=n).astype(dtype) for n in lengths]
         seqs += parts
-        tokens, index = shards.shard_files("train", k)
-        (tmp_path / tokens).write_bytes(np.concatenate(parts).astype(dtype).tobytes())
-        np.save(tmp_path / index, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        tokens, index = shards.shard_files(split, k)
+        (directory / tokens).write_bytes(np.concatenate(parts).astype(dtype).tobytes())
+        np.save(directory / index, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         records.append(
             {
                 "file": tokens,
                 "num_sequences": len(lengths),
                 "num_tokens": int(sum(lengths)),
                 "bytes": int(sum(lengths)) * np.dtype(dtype).itemsize,
-                "sha256": _sha(tmp_path / tokens),
+                "sha256": _sha(directory / tokens),
                 "index_file": index,
-                "index_bytes": (tmp_path / index).stat().st_size,
-                "index_sha256": _sha(tmp_path / index),
+                "index_bytes": (directory / index).stat().st_size,
+                "index_sha256": _sha(directory / index),
             }
         )
+    return records, seqs
+
+
+def _prepared(tmp_path: Path, lengths_per_shard: list[list[int]], dtype=np.uint16, seed: int = 0):
+    """A train split from explicit sequences; returns (directory, the list of sequences)."""
+    records, seqs = _records(tmp_path, "train", lengths_per_shard, dtype, np.random.default_rng(seed))
     _write_manifest(tmp_path, dtype, {"train": records})
     return tmp_path, seqs
 
@@ -290,3 +299,355 @@ def test_verify_totals_and_problems(tmp_path):
     np.save(directory / "train-00001.idx.npy", np.array([0, 1], dtype=np.int64))
     problems, _ = shards.verify(directory)
     assert len(problems) == 1 and "train-00001.idx.npy" in problems[0]
+
+
+# ---- the tests below kill the mutants the tests above leave alive (docs/mutants-shards.md) ----
+
+
+def test_atomic_save_npy_never_pickles(tmp_path):
+    """An int array round-trips; an object array is refused (np.save would pickle it) and leaves no file behind."""
+    path = tmp_path / "a.npy"
+    shards.atomic_save_npy(path, np.arange(5, dtype=np.int64))
+    assert np.load(path).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.atomic_save_npy(tmp_path / "b.npy", np.array([1, {}], dtype=object))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+
+
+def test_load_manifest_reads_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """manifest.json is UTF-8 (json.dumps of a non-ASCII tokenizer name, say); it reads back the same where the
+    locale's encoding is not UTF-8 (simulated: ``open`` without an encoding decodes Latin-1 here, as on a
+    POSIX locale like en_US.ISO-8859-1 or a Windows code page)."""
+    manifest = _write_manifest(tmp_path, np.uint16, {"train": []})
+    manifest["tokenizer"]["name"] = "bert-base-german-cased-äöü"
+    (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+
+    def open_in_latin1_locale(file: Path, mode: str = "r", encoding: str | None = None) -> IO[Any]:
+        return builtins.open(file, mode, encoding=encoding or "latin-1")
+
+    monkeypatch.setattr(shards, "open", open_in_latin1_locale, raising=False)
+    assert shards.load_manifest(tmp_path)["tokenizer"]["name"] == "bert-base-german-cased-äöü"
+
+
+def test_load_token_counts(tmp_path):
+    """int64 whatever dtype the file has; a missing file is a DataPrepError naming it; a pickled file is refused."""
+    with pytest.raises(DataPrepError, match=r"token_counts\.npy: not found"):
+        shards.load_token_counts(tmp_path)
+    np.save(tmp_path / shards.TOKEN_COUNTS, np.array([3, 0, 70000], dtype=np.int32))
+    counts = shards.load_token_counts(str(tmp_path))
+    assert counts.dtype == np.int64 and counts.tolist() == [3, 0, 70000]
+    np.save(tmp_path / shards.TOKEN_COUNTS, np.array([3, 0, 5], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.load_token_counts(tmp_path)
+
+
+class _StopHasher:
+    """A queue item that ends a hasher's thread: opening it raises SystemExit (not an OSError, so it leaves _run;
+    threading ignores it, pytest reports it as a warning, filtered where it is expected)."""
+
+    def __fspath__(self) -> str:
+        raise SystemExit
+
+
+def _stop_thread(h: shards._BackgroundHasher) -> None:
+    """End ``h``'s thread (the next submit starts another), so that no thread of this test outlives it (a
+    non-daemon one would keep pytest from exiting)."""
+    if h._thread is not None and h._thread.is_alive():
+        h._queue.put((cast(Path, _StopHasher()), Future()))
+        h._thread.join(timeout=10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_background_hasher_one_daemon_thread_and_file_versions(tmp_path):
+    """A fresh hasher: files of equal size and mtime are told apart by path; one named daemon thread serves every
+    file; a thread that is gone (a forked DataLoader worker inherits the object, not the thread) is replaced; an
+    unreadable path's future holds the OSError."""
+    h = shards._BackgroundHasher()
+    try:
+        a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+        a.write_bytes(b"same size 1")
+        b.write_bytes(b"same size 2")
+        c.write_bytes(b"c")
+        os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+        fa, fb = h.submit(a), h.submit(b)
+        assert fa is not fb
+        assert fa.result(timeout=10) == hashlib.sha256(b"same size 1").hexdigest()
+        assert fb.result(timeout=10) == hashlib.sha256(b"same size 2").hexdigest()
+        thread = h._thread
+        assert thread is not None and thread.name == "shard-sha256" and thread.daemon is True
+        assert h.submit(c).result(timeout=10) == hashlib.sha256(b"c").hexdigest()
+        assert h._thread is thread and thread.is_alive()
+
+        _stop_thread(h)
+        assert not thread.is_alive()
+        c.write_bytes(b"c2")
+        os.utime(c, ns=(0, 10**18))
+        assert h.submit(c).result(timeout=10) == hashlib.sha256(b"c2").hexdigest()
+        assert h._thread is not thread and h._thread.is_alive()
+        with pytest.raises(IsADirectoryError):
+            h.submit(tmp_path).result(timeout=10)
+    finally:
+        _stop_thread(h)
+        _stop_thread(shards.HASHER)  # the module's hasher, started by the tests above
+
+
+def test_verify_problem_skips_pending_hashes_and_names_unreadable_files(tmp_path):
+    """verify_problem with hand-made futures: a hash still running is kept for later and the files after it are
+    still checked; an unreadable file is reported as such."""
+    directory, _ = _prepared(tmp_path, [[3, 5], [2]])
+    ds = ShardedTokens(directory, "train")
+    p0, p1, p2 = (directory / n for n in ("train-00000.bin", "train-00001.bin", "train-00001.idx.npy"))
+    pending: Future[str] = Future()
+    bad: Future[str] = Future()
+    unreadable: Future[str] = Future()
+    bad.set_result("0" * 64)
+    unreadable.set_exception(PermissionError(13, "Permission denied"))
+    ds._hashes = [(p0, "a" * 64, pending), (p1, "b" * 64, bad)]
+    assert ds.verify_problem() == (
+        f"{p1}: sha256 {'0' * 64} does not match the manifest's {'b' * 64} (the file changed since prepare wrote "
+        f"it); run `python -m data_prep verify {directory}`, then prepare the data again (python -m data_prep "
+        "prepare ... --overwrite)"
+    )
+    assert [p for p, _, _ in ds._hashes] == [p0, p1]
+    pending.set_result("a" * 64)
+    assert ds.verify_problem() is not None
+    assert [p for p, _, _ in ds._hashes] == [p1]
+    ds._hashes = [(p2, "c" * 64, unreadable)]
+    problem = ds.verify_problem()
+    assert problem is not None and problem.startswith(f"{p2}: sha256 unreadable ([Errno 13] Permission denied)")
+
+
+def test_reader_maps_each_file_once_read_only(tmp_path):
+    """The default split is train; each shard's index and tokens are memory-mapped read-only, once: reads go on
+    from the maps after the files are unlinked. An index past the end names the count, directory and split."""
+    directory, seqs = _prepared(tmp_path, [[3, 5], [2]])
+    ds = ShardedTokens(directory)
+    assert ds.split == "train" and len(ds) == 3
+    assert ds[0].tolist() == seqs[0].tolist()
+    assert isinstance(ds._idx(0), np.memmap)
+    assert not ds._tok(0).flags.writeable
+    (directory / "train-00000.bin").unlink()
+    (directory / "train-00000.idx.npy").unlink()
+    assert ds[1].tolist() == seqs[1].tolist()
+    with pytest.raises(IndexError, match=rf"^sequence 3 out of range for 3 sequences \({directory}, train\)$"):
+        ds[3]
+
+
+def test_pickled_reader_carries_no_data_and_no_futures(tmp_path):
+    """After reads and start_verify, a pickled reader (what a DataLoader worker receives) holds neither the maps'
+    data (3,000 sequences: 12 kB of tokens, 24 kB of index) nor the hash futures; the copy reads and verifies."""
+    directory, seqs = _prepared(tmp_path, [[2] * 3000])
+    ds = ShardedTokens(directory)
+    assert ds[2999].tolist() == seqs[2999].tolist()
+    ds.start_verify()
+    data = pickle.dumps(ds)
+    assert len(data) < 4000
+    clone = pickle.loads(data)
+    assert clone._index == [None] and clone._tokens == [None] and clone._hashes == []
+    assert clone.verify_problem() is None
+    assert clone[2999].tolist() == seqs[2999].tolist()
+    for _, _, fut in ds._hashes:
+        fut.result(timeout=10)
+    assert ds.verify_problem() is None
+
+
+def test_writer_takes_only_the_rows_a_started_shard_needs(tmp_path):
+    """Shards of 12 tokens, rows of 5: after 2 rows (10 tokens) a batch of 3 puts 1 more row in shard 0 (15 tokens)
+    and 2 in shard 1."""
+    rows = _sequences(4, 5, 5)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 12)
+    assert w.finished_since_checkpoint is False
+    w.write(rows[:2])
+    w.write(rows[2:])
+    assert [r["num_sequences"] for r in w.close()] == [3, 2]
+    assert (tmp_path / "train-00000.bin").read_bytes() == rows[:3].astype("<u2").tobytes()
+
+
+class _CountingFile:
+    """A file whose writes are recorded (their sizes)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(len(data))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_writer_writes_a_shards_rows_in_one_call(tmp_path, monkeypatch):
+    """A batch of 300 rows of 4 tokens into shards of 1,000: shard 0's 250 rows go to the file in one write (a real
+    batch of 65k sequences is not written row by row), the rest to shard 1."""
+    rows = _sequences(5, 300, 4)
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 1000)
+    spy = _CountingFile(w._open())  # the partial file the writer opened, closed when shard 0 is finished
+    monkeypatch.setattr(w, "_file", spy)
+    w.write(rows)
+    assert spy.writes == [250 * 4 * 2]
+    assert [r["num_sequences"] for r in w.close()] == [250, 50]
+    assert (tmp_path / "train-00000.bin").read_bytes() == rows[:250].astype("<u2").tobytes()
+
+
+def test_resume_from_a_partial_of_exactly_the_state_length(tmp_path):
+    """The usual resume: the partial file synced at state() is exactly as long as the state says; offsets given in
+    another integer dtype still give an int64 index. abandon() twice, or on a writer that never opened a file,
+    does nothing."""
+    rows = _sequences(6, 3, 4)
+    ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100).abandon()
+    w = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100)
+    w.write(rows)
+    w.sync()
+    state, offsets = w.state()
+    w.abandon()
+    w.abandon()
+    assert (tmp_path / "train-00000.bin.partial").stat().st_size == 24
+    w2 = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100)
+    w2.resume(json.loads(json.dumps(state)), offsets.astype(np.int32))
+    (record,) = w2.close()
+    assert record["num_sequences"] == 3 and record["bytes"] == 24
+    idx = np.load(tmp_path / "train-00000.idx.npy")
+    assert idx.dtype == np.int64 and idx.tolist() == [0, 4, 8, 12]
+    assert (tmp_path / "train-00000.bin").read_bytes() == rows.astype("<u2").tobytes()
+
+
+def _edit_manifest(directory: Path, edit) -> None:
+    manifest = json.loads((directory / shards.MANIFEST).read_text())
+    edit(manifest)
+    (directory / shards.MANIFEST).write_text(json.dumps(manifest))
+
+
+def _set_token_counts(directory: Path, counts: np.ndarray, allow_pickle: bool = False) -> None:
+    """Write token_counts.npy and name it in the manifest with its true size and sha256."""
+    path = directory / shards.TOKEN_COUNTS
+    np.save(path, counts, allow_pickle=allow_pickle)
+    entry = {"file": shards.TOKEN_COUNTS, "bytes": path.stat().st_size, "sha256": _sha(path)}
+    _edit_manifest(directory, lambda m: m.update(token_counts=entry))
+
+
+def _two_splits(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """train (shards of 3+5 and 2 tokens) and valid (one shard of 4+1+6), uint16, with the train split's token counts
+    (vocab_size 1000); returns (directory, the counts)."""
+    rng = np.random.default_rng(9)
+    train, train_seqs = _records(tmp_path, "train", [[3, 5], [2]], np.uint16, rng)
+    valid, _ = _records(tmp_path, "valid", [[4, 1, 6]], np.uint16, rng)
+    _write_manifest(tmp_path, np.uint16, {"train": train, "valid": valid})
+    counts = np.bincount(np.concatenate(train_seqs), minlength=1000).astype(np.int64)
+    _set_token_counts(tmp_path, counts)
+    return tmp_path, counts
+
+
+def test_verify_two_splits_with_token_counts(tmp_path):
+    """Totals add up over both splits; the token counts file is checked (its bytes counted); nothing is wrong."""
+    directory, _ = _two_splits(tmp_path)
+    problems, totals = shards.verify(directory)
+    assert problems == []
+    assert totals == {
+        "shards": 3,
+        "sequences": 3 + 3,
+        "tokens": 10 + 11,
+        "bytes": 2 * 21 + sum(p.stat().st_size for p in directory.glob("*.idx.npy")) + 128 + 8 * 1000,
+    }
+
+
+@pytest.mark.parametrize("bad", ["sum", "shape"])
+def test_verify_token_counts_of_the_wrong_sum_or_shape(tmp_path, bad):
+    """Counts whose file matches the manifest but that sum to one more than the train tokens, or have 999 entries:
+    exactly one problem line giving the file, shape, sum, vocab_size and train tokens."""
+    directory, counts = _two_splits(tmp_path)
+    counts = counts.copy()
+    if bad == "sum":
+        counts[5] += 1
+    else:
+        counts = np.concatenate([counts[:998], [counts[998:].sum()]])
+    _set_token_counts(directory, counts)
+    problems, _ = shards.verify(directory)
+    shape = "(1000,)" if bad == "sum" else "(999,)"
+    assert problems == [
+        f"{directory / 'token_counts.npy'}: shape {shape} / sum {10 + (bad == 'sum')} does not match vocab_size 1000 "
+        "/ train tokens 10"
+    ]
+
+
+def test_verify_token_counts_without_a_train_split(tmp_path):
+    """A valid-only directory: its token counts (all zero) match 0 train tokens."""
+    valid, _ = _records(tmp_path, "valid", [[4, 1]], np.uint16, np.random.default_rng(1))
+    _write_manifest(tmp_path, np.uint16, {"valid": valid})
+    _set_token_counts(tmp_path, np.zeros(1000, np.int64))
+    assert shards.verify(tmp_path)[0] == []
+
+
+def test_verify_never_unpickles(tmp_path):
+    """An index or token counts file that is a pickle (object array) is refused by np.load even when the manifest
+    names it with its sha256: verify raises instead of running pickle code."""
+    directory, _ = _two_splits(tmp_path)
+    _set_token_counts(directory, np.zeros(1000, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.verify(directory)
+    (tmp_path / "b").mkdir()
+    directory, _ = _two_splits(tmp_path / "b")
+    index = directory / "train-00001.idx.npy"
+    np.save(index, np.array([0, 2], dtype=object), allow_pickle=True)
+    size, digest = index.stat().st_size, _sha(index)
+    _edit_manifest(directory, lambda m: m["splits"]["train"]["shards"][1].update(index_bytes=size, index_sha256=digest))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        shards.verify(directory)
+
+
+def test_verify_missing_and_resized_files_give_one_line_each(tmp_path):
+    """A missing index and a token counts file of another size: one line each naming the file, and the checks that
+    need the file (offsets, counts) are not run on it."""
+    directory, counts = _two_splits(tmp_path)
+    index = directory / "train-00001.idx.npy"
+    index.unlink()
+    counts_path = directory / "token_counts.npy"
+    size = counts_path.stat().st_size
+    np.save(counts_path, np.append(counts, 0))
+    problems, _ = shards.verify(directory)
+    assert problems == [
+        f"{index}: missing",
+        f"{counts_path}: {size + 8} bytes, the manifest says {size}",
+    ]
+
+
+def test_verify_index_offsets_bytes_and_split_totals(tmp_path):
+    """Problems in files whose size and sha256 match the manifest: an index ending past the shard's tokens, a shard
+    whose bytes are not its tokens x 2, a split whose totals differ from its shards'."""
+    directory, _ = _two_splits(tmp_path)
+    index = directory / "train-00001.idx.npy"
+    np.save(index, np.array([0, 3], dtype=np.int64))
+    size, digest = index.stat().st_size, _sha(index)
+
+    def edit(m):
+        m["splits"]["train"]["shards"][1].update(index_bytes=size, index_sha256=digest)
+        m["splits"]["valid"]["shards"][0]["num_tokens"] = 12  # 22 bytes say 11
+        m["splits"]["valid"]["num_tokens"] = 12
+        m["splits"]["train"]["num_sequences"] = 4
+
+    _edit_manifest(directory, edit)
+    problems, _ = shards.verify(directory)
+    assert problems == [
+        f"{index}: offsets inconsistent with the manifest",
+        f"{directory / 'manifest.json'}: split 'train' totals (4 sequences, 10 tokens) differ from its shards' (3, 10)",
+        f"{directory / 'valid-00000.bin'}: manifest says 12 tokens but 22 bytes",
+    ]
+
+
+@pytest.mark.parametrize(
+    "offsets,num_sequences,num_tokens,good",
+    [
+        ([0, 3, 8], 2, 8, True),
+        ([0, 1, 8], 2, 8, True),  # a one-token sequence
+        ([0, 3, 5, 8], 2, 8, False),  # one offset too many
+        ([1, 3, 8], 2, 8, False),  # not from 0
+        ([0, 3, 9], 2, 8, False),  # past the shard's tokens
+        ([0, 3, 3, 8], 3, 8, False),  # an empty sequence
+        ([0, 5, 3, 8], 3, 8, False),  # going back
+    ],
+)
+def test_check_index(tmp_path, offsets, num_sequences, num_tokens, good):
+    path = tmp_path / "i.npy"
+    np.save(path, np.array(offsets, dtype=np.int64))
+    assert shards._check_index(path, {"num_sequences": num_sequences, "num_tokens": num_tokens}) is good
