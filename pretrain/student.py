@@ -472,8 +472,8 @@ def _build_distilbert(teacher: PreTrainedModel, layer_map: list[int]) -> tuple[P
     c = _StateCopy(teacher.state_dict())
     _copy_distilbert_embeddings(c, t_names[id(emb)] + ".", s_prefix)
     _copy_distilbert_blocks(c, t_layers_name, layer_map, s_prefix)
-    if head is not None:
-        _copy_distilbert_head(c, t_names[id(head)] + ".", type(teacher).__name__)
+    if head is not None:  # a head of sibling modules (ELECTRA's generator) has no name: not BERT's cls.predictions
+        _copy_distilbert_head(c, t_names.get(id(head), "<no module>") + ".", type(teacher).__name__)
     missing = sorted(set(student.state_dict()) - set(c.state))
     if missing:
         raise ValueError(f"DistilBERT conversion left tensors unmapped: {missing}")

@@ -234,6 +234,15 @@ def test_distilbert_refuses_a_head_without_bert_layout_naming_the_teacher_class(
         build_student(teacher, StudentConfig(layers=[0, 2], architecture="distilbert"))
 
 
+def test_distilbert_refuses_an_electra_generator_whose_head_is_two_sibling_modules():
+    """ElectraForMaskedLM with embedding_size = hidden_size passes the embeddings check; its MLM head
+    (generator_predictions + generator_lm_head) has no module name of its own: the ConfigError, not a KeyError."""
+    from transformers import ElectraForMaskedLM
+
+    with pytest.raises(ConfigError, match=r"needs BERT's MLM head \(cls.predictions\); ElectraForMaskedLM has another"):
+        build_student(electra(ElectraForMaskedLM, 32), StudentConfig(layers=[0, 2], architecture="distilbert"))
+
+
 def test_distilbert_conversion_refuses_unmapped_and_misnamed_tensors(plain, monkeypatch):
     """Its guards: a student tensor left unmapped is named (ValueError); a misnamed one fails the strict load."""
     cfg = StudentConfig(layers=[0, 2], architecture="distilbert")
