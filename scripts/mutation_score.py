@@ -2,7 +2,8 @@
 
 Prints one line per mutated module (killed / total = score, survivors, timeouts, mutants no selected test reaches) and
 the numerical core's total (every module but pretrain/checkpoint.py and pretrain/prune.py, docs/testing.md "Mutation
-testing"), then the names of the surviving mutants (``mutmut show NAME`` prints a mutant's diff). A timeout counts as
+testing"), then every mutant not killed with why (survived; no tests: no selected test reaches it; not run)
+(``mutmut show NAME`` prints a mutant's diff). A timeout counts as
 killed (the mutant made a test hang), as mutmut counts it. Exit status 0 always: the score is a report, not a gate.
 
 Usage: ``python scripts/mutation_score.py [mutants]``
@@ -42,19 +43,26 @@ def main(argv: list[str]) -> int:
         run = [c for c in codes.values() if c is not None]
         killed = sum(c in KILLED for c in run)
         survived = [k for k, c in codes.items() if c in SURVIVED]
+        untested = [k for k, c in codes.items() if c in NO_TESTS]
+        unrun = [k for k, c in codes.items() if c is None]
         no_tests = sum(c in NO_TESTS for c in run)
         total = len(codes)
-        survivors += survived
+        survivors += [(k, "survived") for k in survived] + [(k, "no tests") for k in untested]
+        if run:  # a module left out of this run (MUTATION_MODULES) is one line of "not run" above, not a list
+            survivors += [(k, "not run") for k in unrun]
         if module not in NOT_CORE:
             core[0] += killed
             core[1] += total
         score = f"{100 * killed / total:.1f}%" if total else "-"
         print(f"{module:28} {killed:6d} {total:6d} {score:>7} {len(survived):8d} {no_tests:8d} {total - len(run):7d}")
     if core[1]:
-        print(f"numerical core: {core[0]} / {core[1]} killed = {100 * core[0] / core[1]:.1f}%")
-    print("surviving mutants:" if survivors else "no surviving mutants")
-    for name in survivors:
-        print(f"  {name}")
+        print(
+            f"numerical core: {core[0]} / {core[1]} killed = {100 * core[0] / core[1]:.1f}%"
+            " (a mutant not run counts as not killed)"
+        )
+    print("mutants not killed:" if survivors else "every mutant killed")
+    for name, why in survivors:
+        print(f"  {name}  ({why})")
     return 0
 
 
