@@ -195,6 +195,24 @@ def test_set_rng_state_skips_cuda_without_a_device(rng_restored):
     assert _draws() == first
 
 
+def test_rng_state_with_a_cuda_device(monkeypatch, rng_restored):
+    """The CUDA branch, with torch.cuda's functions stood in for (these tests run without a GPU)."""
+    cuda_state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    assert set(ck.rng_state()) == {"python", "numpy", "torch"}  # CUDA not initialised: no state to save
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    state = ck.rng_state()
+    assert set(state) == {"python", "numpy", "torch", "cuda"} and state["cuda"] is cuda_state
+    ck.set_rng_state(state)
+    assert restored == [cuda_state]
+    ck.set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    assert restored == [cuda_state]
+
+
 def test_load_rng_restores_this_ranks_states(tmp_path, rng_restored):
     mgr = manager(tmp_path, rank=1)
     (mgr.root / "step_00000004").mkdir(parents=True)
