@@ -1,10 +1,12 @@
-"""Kill tests for mutants of pretrain/checkpoint.py (docs/testing.md "Mutation testing", docs/mutants-checkpoint.md).
+"""Kill tests for mutants of pretrain/checkpoint.py (docs/testing.md "Mutation testing"; docs/mutants-checkpoint.md:
+of the 463 mutants its first mutmut run did not kill, these tests kill 460, the other 3 are equivalent).
 
 Fast unit tests of the checkpoint manager without DeepSpeed or training: a fake engine writes the files DeepSpeed would
 into the tag folder and records its calls, ``all_ok`` is a recorder standing for the collective, the free space comes
-from a patched ``shutil.disk_usage``. Expected values are written out here: tag names, which steps save, the manifest's
-text with sha256 computed with hashlib, which tags pruning keeps, ``verify`` / ``find_resume`` messages, the sizes the
-free-space check is given, the RNG states after a round trip, export calls.
+from a patched ``shutil.disk_usage``, ``torch.cuda``'s functions are stood in for to test the CUDA RNG branch on CPU.
+Expected values are written out here: tag names, which steps save, the manifest's text with sha256 computed with
+hashlib, which tags pruning keeps, ``verify`` / ``find_resume`` messages, the sizes the free-space check is given, the
+RNG draws after a round trip, export calls.
 """
 
 from __future__ import annotations
