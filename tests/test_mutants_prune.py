@@ -16,6 +16,7 @@ from data_prep import shards
 from data_prep.shards import ShardWriter
 from pretrain import prune
 from pretrain.families import BERT_PRUNE, MODERNBERT_PRUNE
+from tests import tiny
 
 SEQS = [np.arange(10 + 10 * i, 10 + 10 * i + 1 + i % 5, dtype=np.uint16) for i in range(40)]  # lengths 1..5
 
@@ -178,3 +179,159 @@ def test_sample_digest_is_the_sha256_of_the_real_int64_ids():
     for row in ([5, 6], [7], [8, 9, 10]):
         h.update(np.array(row, dtype=np.int64).tobytes())
     assert prune._sample_digest(batches) == (3, 6, h.hexdigest())
+
+
+# ------------------------------------------------------------------------------------------------ importance, build
+def _cal(vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Two padded micro-batches of random ids (pad 0); one sequence has a single real token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in ([9, 5, 1], [7, 12, 3, 2]):
+        ids = torch.randint(5, vocab, (len(lengths), 12), generator=g)
+        mask = (torch.arange(12)[None] < torch.tensor(lengths)[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def _reference_importance(model, cal, blocks, layers, heads_in, neurons_in, n_heads, emb_norm):
+    """Minitron's measures computed here in float64 from hooks on the named modules: per token, the L2 norm of each
+    head's slice of ``heads_in``'s input, |``neurons_in``'s input| and |output| of every nn.LayerNorm of the mapped
+    blocks and of ``emb_norm``; mean over a sequence's real tokens, then over the sequences."""
+    seen: list[tuple[str, int, torch.Tensor]] = []
+    hooks = [emb_norm.register_forward_hook(lambda _m, _a, o: seen.append(("ch", -1, o)))]
+    for t in layers:
+        block = blocks[t]
+        hooks.append(
+            block.get_submodule(heads_in).register_forward_pre_hook(lambda _m, a, t=t: seen.append(("h", t, a[0])))
+        )
+        hooks.append(
+            block.get_submodule(neurons_in).register_forward_pre_hook(lambda _m, a, t=t: seen.append(("n", t, a[0])))
+        )
+        for m in block.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                hooks.append(m.register_forward_hook(lambda _m, _a, o: seen.append(("ch", -1, o))))
+    heads = {t: torch.zeros(n_heads, dtype=torch.float64) for t in layers}
+    neurons: dict[int, torch.Tensor] = {}
+    channels = torch.zeros(0, dtype=torch.float64)
+    n_seq = 0
+    with torch.no_grad():
+        for b in cal:
+            seen.clear()
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            m = b["attention_mask"].double()
+            n_seq += len(m)
+            for kind, t, x in seen:
+                x = x.double()
+                v = x.reshape(*x.shape[:2], n_heads, -1).pow(2).sum(-1).sqrt() if kind == "h" else x.abs()
+                per_seq = (v * m[..., None]).sum(1) / m.sum(1)[:, None]
+                if kind == "h":
+                    heads[t] += per_seq.sum(0)
+                elif kind == "n":
+                    neurons[t] = neurons.get(t, 0) + per_seq.sum(0)
+                else:
+                    channels = channels + per_seq.sum(0) if len(channels) else per_seq.sum(0)
+    for h in hooks:
+        h.remove()
+    return (
+        {t: v / n_seq for t, v in heads.items()},
+        {t: v / n_seq for t, v in neurons.items()},
+        channels / n_seq,
+    )
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))[:k])
+
+
+@pytest.fixture(scope="module")
+def bert(bert_tok):
+    teacher = tiny.bert_model(bert_tok, layers=3)  # hidden 32, 4 heads of 8, 128 neurons
+    teacher.set_attn_implementation("eager")
+    return teacher
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # fp32 sums vs float64
+
+
+def test_bert_importance_matches_a_hand_reference(bert):
+    cal = _cal(bert.config.vocab_size)
+    imp = prune.compute_importance(bert, cal, [0, 2])
+    heads, neurons, channels = _reference_importance(
+        bert,
+        cal,
+        bert.bert.encoder.layer,
+        [0, 2],
+        "attention.output.dense",
+        "output.dense",
+        4,
+        bert.bert.embeddings.LayerNorm,
+    )
+    assert sorted(imp.heads) == [0, 2] and sorted(imp.neurons) == [0, 2]
+    for t in (0, 2):
+        _close(imp.heads[t], heads[t])
+        _close(imp.neurons[t], neurons[t])
+    _close(imp.channels, channels)
+    assert (imp.sequences, imp.tokens, imp.sha256) == prune._sample_digest(cal) and imp.tokens == 39
+
+
+@pytest.fixture(scope="module")
+def modernbert():
+    import transformers as tf
+
+    config = tf.ModernBertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        global_attn_every_n_layers=3,
+        local_attention=16,
+        pad_token_id=0,
+        cls_token_id=1,
+        sep_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return tf.ModernBertForMaskedLM(config).eval()
+
+
+def test_modernbert_importance_uses_its_layout_and_skips_the_identity_norm(modernbert):
+    cal = _cal(100)
+    imp = prune.compute_importance(modernbert, cal, [0, 1])
+    heads, neurons, channels = _reference_importance(
+        modernbert, cal, modernbert.model.layers, [0, 1], "attn.Wo", "mlp.Wo", 4, modernbert.model.embeddings.norm
+    )
+    assert isinstance(modernbert.model.layers[0].attn_norm, torch.nn.Identity)
+    for t in (0, 1):
+        _close(imp.heads[t], heads[t])
+        _close(imp.neurons[t], neurons[t])
+    _close(imp.channels, channels)
+
+
+def test_modernbert_build_slices_the_fused_tensors_and_remaps_layer_types(modernbert):
+    cal = _cal(100)
+    student, record = prune.build_pruned(modernbert, [1, 2], cal, hidden_size=16, intermediate_size=40)
+    sc = student.config
+    assert (sc.hidden_size, sc.num_attention_heads, sc.intermediate_size, sc.num_hidden_layers) == (16, 2, 40, 2)
+    assert sc.layer_types == ["sliding_attention", "sliding_attention"]  # the teacher's layers 1 and 2
+    heads, neurons, channels = _reference_importance(
+        modernbert, cal, modernbert.model.layers, [1, 2], "attn.Wo", "mlp.Wo", 4, modernbert.model.embeddings.norm
+    )
+    ch = _top(channels, 16)
+    p = record["prune"]
+    assert p["hidden_channels"] == ch
+    t, s = modernbert.state_dict(), student.state_dict()
+    for i, tl in enumerate([1, 2]):
+        kept, nk = _top(heads[tl], 2), _top(neurons[tl], 40)
+        assert p["heads"][i] == kept and p["neurons"][i] == nk
+        rows = [part * 32 + h * 8 + j for part in range(3) for h in kept for j in range(8)]
+        w = t[f"model.layers.{tl}.attn.Wqkv.weight"]
+        assert torch.equal(s[f"model.layers.{i}.attn.Wqkv.weight"], w[rows][:, ch])
+        wi = t[f"model.layers.{tl}.mlp.Wi.weight"]
+        assert torch.equal(s[f"model.layers.{i}.mlp.Wi.weight"], wi[nk + [64 + n for n in nk]][:, ch])
+        assert torch.equal(s[f"model.layers.{i}.mlp.Wo.weight"], t[f"model.layers.{tl}.mlp.Wo.weight"][ch][:, nk])
+    assert torch.equal(s["head.dense.weight"], t["head.dense.weight"][ch][:, ch])
