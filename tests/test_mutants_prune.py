@@ -335,3 +335,133 @@ def test_modernbert_build_slices_the_fused_tensors_and_remaps_layer_types(modern
         assert torch.equal(s[f"model.layers.{i}.mlp.Wi.weight"], wi[nk + [64 + n for n in nk]][:, ch])
         assert torch.equal(s[f"model.layers.{i}.mlp.Wo.weight"], t[f"model.layers.{tl}.mlp.Wo.weight"][ch][:, nk])
     assert torch.equal(s["head.dense.weight"], t["head.dense.weight"][ch][:, ch])
+
+
+def test_bert_build_record_by_hand(bert):
+    cal = _cal(bert.config.vocab_size, seed=1)
+    student, record = prune.build_pruned(bert, [0, 2], cal, hidden_size=16, intermediate_size=48)
+    heads, neurons, channels = _reference_importance(
+        bert,
+        cal,
+        bert.bert.encoder.layer,
+        [0, 2],
+        "attention.output.dense",
+        "output.dense",
+        4,
+        bert.bert.embeddings.LayerNorm,
+    )
+    imp = prune.compute_importance(bert, cal, [0, 2])
+    ch = _top(channels, 16)
+    assert student.config._attn_implementation == "eager"  # the teacher's kernel, not the SDPA default
+    assert student.pruned_hidden_channels == ch
+    assert set(record) == {"layer_map", "copied", "initialized", "notes", "prune"}
+    assert record["layer_map"] == [0, 2] and record["initialized"] == []
+    assert set(record["copied"]) == set(student.state_dict())
+    assert record["notes"] == [
+        "pruned (Minitron): 2 of 3 layers, hidden 32 -> 16, heads 4 -> 2 (head size 8), intermediate 128 -> 48; "
+        "importance on 7 calibration sequences (39 tokens)"
+    ]
+
+    def scores(v: torch.Tensor) -> list[float]:
+        return [float(f"{x:.6g}") for x in v.tolist()]
+
+    assert record["prune"] == {
+        "method": prune.METHOD,
+        "calibration": {
+            "sequences": 7,
+            "tokens": 39,
+            "sha256": prune._sample_digest(cal)[2],
+            "source": "train split of data.dir, drawn with train.seed",
+        },
+        "hidden_size": [32, 16],
+        "num_attention_heads": [4, 2],
+        "intermediate_size": [128, 48],
+        "hidden_channels": ch,
+        "heads": [_top(heads[0], 2), _top(heads[2], 2)],
+        "neurons": [_top(neurons[0], 48), _top(neurons[2], 48)],
+        "scores": {
+            "hidden_channels": scores(imp.channels),
+            "heads": [scores(imp.heads[0]), scores(imp.heads[2])],
+            "neurons": [scores(imp.neurons[0]), scores(imp.neurons[2])],
+        },
+    }
+    assert record["prune"]["method"].startswith("Minitron activation importance")
+    torch.testing.assert_close(
+        torch.tensor(record["prune"]["scores"]["hidden_channels"]).double(), channels, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_a_pooler_less_encoder_gives_a_pooler_less_student(bert_tok):
+    teacher = tiny.bert_model(bert_tok, layers=2, mlm=False)
+    student, record = prune.build_pruned(teacher, [1], _cal(len(bert_tok)), hidden_size=16)
+    assert student.pooler is None and not any(k.startswith("pooler") for k in record["copied"])
+
+
+def test_electra_embedding_size_follows_the_hidden_size():
+    import transformers as tf
+
+    config = tf.ElectraConfig(
+        vocab_size=60,
+        embedding_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    teacher = tf.ElectraModel(config).eval()
+    student, _ = prune.build_pruned(teacher, [0, 1], _cal(60), hidden_size=16)
+    assert (student.config.embedding_size, student.config.hidden_size) == (16, 16)
+    assert not hasattr(student, "embeddings_project")
+
+
+def test_mpnet_prunes_its_feed_forward_only():
+    import transformers as tf
+
+    config = tf.MPNetConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    teacher = tf.MPNetForMaskedLM(config).eval()
+    student, record = prune.build_pruned(teacher, [0, 1], _cal(60), intermediate_size=32)
+    assert (student.config.num_attention_heads, student.config.intermediate_size) == (4, 32)
+    assert record["prune"]["heads"] == [[0, 1, 2, 3]] * 2
+    with pytest.raises(prune.ConfigError, match=r"student\.num_attention_heads: the mpnet family cannot drop heads"):
+        prune.build_pruned(teacher, [0, 1], _cal(60), hidden_size=16)
+
+
+def _config(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(hidden_size=32, num_attention_heads=4, intermediate_size=64, **kw)
+
+
+def test_prunable_teacher_configs_by_hand():
+    assert prune.resolve_targets(_config(embedding_size=32), 16, None, None) == (16, 2, 32)
+    assert prune.resolve_targets(_config(conv_kernel_size=0, conv_groups=2), 16, None, None) == (16, 2, 32)
+    assert prune.resolve_targets(_config(conv_groups=2), 16, None, None) == (16, 2, 32)  # no conv layer
+    assert prune.resolve_targets(_config(conv_kernel_size=3), 16, None, None) == (16, 2, 32)  # ungrouped
+    assert prune.resolve_targets(_config(conv_kernel_size=3, conv_groups=1, pruned_heads={}), 16, None, 40) == (
+        16,
+        2,
+        40,
+    )
+    with pytest.raises(prune.ConfigError, match=r"grouped conv layer \(encoder\.conv, conv_groups=2\)"):
+        prune.resolve_targets(_config(conv_kernel_size=3, conv_groups=2), 16, None, None)
+    with pytest.raises(prune.ConfigError, match=r"already has pruned heads"):
+        prune.resolve_targets(_config(pruned_heads={1: [0]}), 16, None, None)
+
+
+def test_a_block_without_the_layout_is_refused_naming_what_is_missing():
+    with pytest.raises(prune.ConfigError, match=r"student\.init: 'prune' needs the block layout .*Linear has no \["):
+        prune.block_parts(torch.nn.Linear(2, 2))
+
+
+def test_a_lost_tie_is_refused(bert_tok):
+    teacher = tiny.bert_model(bert_tok, layers=1)
+    untied = tiny.bert_model(bert_tok, layers=1)
+    untied.cls.predictions.decoder.weight = torch.nn.Parameter(untied.cls.predictions.decoder.weight.detach().clone())
+    prune._check_tie(teacher, teacher)
+    prune._check_tie(untied, untied)  # an untied teacher may have an untied student
+    with pytest.raises(ValueError, match="lost the tie"):
+        prune._check_tie(teacher, untied)
