@@ -1,12 +1,20 @@
 """Kill tests for the mutants of pretrain/prune.py that test_prune.py lets survive (docs/testing.md "Mutation
-testing", docs/mutants-prune.md): the calibration sample against a hand collation of hand-written shards, the
-per-sequence mean and top-k on hand values, the fused-axis slicing and the state-dict slicer on hand tensors."""
+testing"; every survivor and its verdict in docs/mutants-prune.md).
+
+Each test checks values worked out independently here: the calibration sample against a hand collation of shards
+written here (seeded draw, micro-batch size, pad id, padding multiple, device); the per-sequence mean, top-k ties and
+the sample digest on hand values; fused-axis and state-dict slicing on hand tensors; the importance of a BERT and a
+ModernBERT teacher against a float64 reference from hooks written here (Minitron's measures, mean over real tokens
+then over sequences); the pruned students' selections, sliced tensors, config fields and record against that
+reference; the refusals (grouped conv, pruned heads, a block without the layout, a lost tie, MPNet's shared heads).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,14 +288,15 @@ def test_bert_importance_matches_a_hand_reference(bert):
 def modernbert():
     import transformers as tf
 
+    cadence: dict[str, Any] = {"global_attn_every_n_layers": 3}  # read from **kwargs: layer_types
     config = tf.ModernBertConfig(
+        **cadence,
         vocab_size=100,
         hidden_size=32,
         num_hidden_layers=3,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
-        global_attn_every_n_layers=3,
         local_attention=16,
         pad_token_id=0,
         cls_token_id=1,
