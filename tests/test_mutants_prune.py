@@ -400,6 +400,77 @@ def test_bert_build_record_by_hand(bert):
     )
 
 
+def _hand_bert_state(t: dict[str, torch.Tensor], ch, layer_map, heads, neurons) -> dict[str, torch.Tensor]:
+    """A pruned BertForMaskedLM's state dict sliced here tensor by tensor (head size 8)."""
+    out = {}
+    for i, tl in enumerate(layer_map):
+        att = [h * 8 + j for h in heads[i] for j in range(8)]
+        nk = neurons[i]
+        a, b = f"bert.encoder.layer.{i}.", f"bert.encoder.layer.{tl}."
+        for qkv in ("query", "key", "value"):
+            out[a + f"attention.self.{qkv}.weight"] = t[b + f"attention.self.{qkv}.weight"][att][:, ch]
+            out[a + f"attention.self.{qkv}.bias"] = t[b + f"attention.self.{qkv}.bias"][att]
+        out[a + "attention.output.dense.weight"] = t[b + "attention.output.dense.weight"][ch][:, att]
+        out[a + "intermediate.dense.weight"] = t[b + "intermediate.dense.weight"][nk][:, ch]
+        out[a + "intermediate.dense.bias"] = t[b + "intermediate.dense.bias"][nk]
+        out[a + "output.dense.weight"] = t[b + "output.dense.weight"][ch][:, nk]
+        for name in ("attention.output.dense.bias", "output.dense.bias"):
+            out[a + name] = t[b + name][ch]
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            out[a + ln + ".weight"], out[a + ln + ".bias"] = t[b + ln + ".weight"][ch], t[b + ln + ".bias"][ch]
+    for kind in ("word", "position", "token_type"):
+        out[f"bert.embeddings.{kind}_embeddings.weight"] = t[f"bert.embeddings.{kind}_embeddings.weight"][:, ch]
+    for name in ("bert.embeddings.LayerNorm", "cls.predictions.transform.LayerNorm"):
+        out[name + ".weight"], out[name + ".bias"] = t[name + ".weight"][ch], t[name + ".bias"][ch]
+    out["cls.predictions.transform.dense.weight"] = t["cls.predictions.transform.dense.weight"][ch][:, ch]
+    out["cls.predictions.transform.dense.bias"] = t["cls.predictions.transform.dense.bias"][ch]
+    out["cls.predictions.bias"] = t["cls.predictions.bias"]
+    return out
+
+
+def test_bert_student_equals_a_reference_sliced_by_hand(bert):
+    from transformers import BertConfig, BertForMaskedLM
+
+    cal = _cal(bert.config.vocab_size, seed=2)
+    student, record = prune.build_pruned(bert, [1, 2], cal, hidden_size=16, intermediate_size=40)
+    heads, neurons, channels = _reference_importance(
+        bert,
+        cal,
+        bert.bert.encoder.layer,
+        [1, 2],
+        "attention.output.dense",
+        "output.dense",
+        4,
+        bert.bert.embeddings.LayerNorm,
+    )
+    ch = _top(channels, 16)
+    kept = [_top(heads[t], 2) for t in (1, 2)]
+    nk = [_top(neurons[t], 40) for t in (1, 2)]
+    hand = _hand_bert_state(bert.state_dict(), ch, [1, 2], kept, nk)
+    config = BertConfig(
+        vocab_size=bert.config.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=128,
+        pad_token_id=bert.config.pad_token_id,
+        attn_implementation="eager",
+    )
+    reference = BertForMaskedLM(config).eval()
+    missing, unexpected = reference.load_state_dict(hand, strict=False)
+    assert not unexpected and set(missing) <= {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    reference.tie_weights()  # the decoder: the word embeddings and cls.predictions.bias
+    s = student.state_dict()
+    assert all(torch.equal(s[k], v) for k, v in hand.items())
+    b = cal[1]
+    with torch.no_grad():
+        got = student.eval()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        want = reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert torch.equal(got, want)
+    assert record["prune"]["heads"] == kept and record["prune"]["neurons"] == nk
+
+
 def test_a_pooler_less_encoder_gives_a_pooler_less_student(bert_tok):
     teacher = tiny.bert_model(bert_tok, layers=2, mlm=False)
     student, record = prune.build_pruned(teacher, [1], _cal(len(bert_tok)), hidden_size=16)
