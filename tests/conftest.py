@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests import tiny
+from tests.helpers import thread_count
 
 
 def _global_random_state():
@@ -36,6 +37,17 @@ def seeded_module():
     _seed_everything()
     yield
     _set_global_random_state(states)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models (faster, and no fight with other processes for the cores), or
+    ``$OMP_NUM_THREADS`` where set (docs/testing.md); restored afterwards. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(thread_count())
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -26,20 +26,13 @@ from pretrain.tasks import (
     score,
 )
 from tests import tiny
-from tests.helpers import assert_effect, thread_count
+from tests.helpers import assert_effect
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for the cores); $OMP_NUM_THREADS where
-    set (docs/testing.md)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(thread_count())
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

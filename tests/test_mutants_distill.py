@@ -29,7 +29,6 @@ from pretrain.masking import Masker, MaskingConfig
 from pretrain.schema import ConfigError
 from pretrain.student import StudentConfig, build_student
 from tests import tiny
-from tests.helpers import thread_count
 from tests.test_wiring import (
     check_against_reference,
     loss_cfg,
@@ -216,13 +215,7 @@ def test_init_from_channels_exact_weights():
 # Models built once for the module; a test that changes a model works on a copy.
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread (or $OMP_NUM_THREADS), restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(thread_count())
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -263,19 +263,25 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # fp32 sums vs float64
 
 
-def test_bert_importance_matches_a_hand_reference(bert):
-    cal = _cal(bert.config.vocab_size)
-    imp = prune.compute_importance(bert, cal, [0, 2])
-    heads, neurons, channels = _reference_importance(
+def _bert_reference_importance(bert, cal, layers):
+    """:func:`_reference_importance` of the tiny BERT fixture (4 heads; heads at the attention output projection,
+    neurons at the feed-forward output projection, the embeddings' LayerNorm)."""
+    return _reference_importance(
         bert,
         cal,
         bert.bert.encoder.layer,
-        [0, 2],
+        layers,
         "attention.output.dense",
         "output.dense",
         4,
         bert.bert.embeddings.LayerNorm,
     )
+
+
+def test_bert_importance_matches_a_hand_reference(bert):
+    cal = _cal(bert.config.vocab_size)
+    imp = prune.compute_importance(bert, cal, [0, 2])
+    heads, neurons, channels = _bert_reference_importance(bert, cal, [0, 2])
     assert sorted(imp.heads) == [0, 2] and sorted(imp.neurons) == [0, 2]
     for t in (0, 2):
         _close(imp.heads[t], heads[t])
@@ -349,16 +355,7 @@ def test_modernbert_build_slices_the_fused_tensors_and_remaps_layer_types(modern
 def test_bert_build_record_by_hand(bert):
     cal = _cal(bert.config.vocab_size, seed=1)
     student, record = prune.build_pruned(bert, [0, 2], cal, hidden_size=16, intermediate_size=48)
-    heads, neurons, channels = _reference_importance(
-        bert,
-        cal,
-        bert.bert.encoder.layer,
-        [0, 2],
-        "attention.output.dense",
-        "output.dense",
-        4,
-        bert.bert.embeddings.LayerNorm,
-    )
+    heads, neurons, channels = _bert_reference_importance(bert, cal, [0, 2])
     imp = prune.compute_importance(bert, cal, [0, 2])
     ch = _top(channels, 16)
     assert student.config._attn_implementation == "eager"  # the teacher's kernel, not the SDPA default
@@ -433,16 +430,7 @@ def test_bert_student_equals_a_reference_sliced_by_hand(bert):
 
     cal = _cal(bert.config.vocab_size, seed=2)
     student, record = prune.build_pruned(bert, [1, 2], cal, hidden_size=16, intermediate_size=40)
-    heads, neurons, channels = _reference_importance(
-        bert,
-        cal,
-        bert.bert.encoder.layer,
-        [1, 2],
-        "attention.output.dense",
-        "output.dense",
-        4,
-        bert.bert.embeddings.LayerNorm,
-    )
+    heads, neurons, channels = _bert_reference_importance(bert, cal, [1, 2])
     ch = _top(channels, 16)
     kept = [_top(heads[t], 2) for t in (1, 2)]
     nk = [_top(neurons[t], 40) for t in (1, 2)]

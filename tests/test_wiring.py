@@ -42,7 +42,7 @@ from pretrain.losses import TERMS, LossConfig
 from pretrain.masking import Masker, MaskingConfig
 from pretrain.student import StudentConfig, build_student
 from tests import tiny
-from tests.helpers import assert_close_recorded, thread_count
+from tests.helpers import assert_close_recorded
 
 T = 2.0  # DistilBERT's temperature; != 1 so that a dropped T or T^2 shows
 PAIRS = [(1, 2), (2, 4)]  # [student, teacher] hidden-state indices for layer_map [0, 2] of a 4-layer teacher
@@ -234,13 +234,7 @@ def assert_matches(model, cfg: LossConfig, loss, logs, ref: dict[str, torch.Tens
     return values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread (or $OMP_NUM_THREADS, docs/testing.md), restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(thread_count())
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

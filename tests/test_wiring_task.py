@@ -21,7 +21,6 @@ from pretrain.losses import LossConfig
 from pretrain.student import StudentConfig, build_student
 from pretrain.tasks.distill import TaskDistillationModel
 from tests import tiny
-from tests.helpers import thread_count
 from tests.test_wiring import (
     T,
     assert_matches,
@@ -36,13 +35,7 @@ from tests.test_wiring import (
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread (or $OMP_NUM_THREADS, docs/testing.md), restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(thread_count())
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def classifier_pair(tok, num_labels: int, **config: Any):
