@@ -45,7 +45,6 @@ def main(argv: list[str]) -> int:
         survived = [k for k, c in codes.items() if c in SURVIVED]
         untested = [k for k, c in codes.items() if c in NO_TESTS]
         unrun = [k for k, c in codes.items() if c is None]
-        no_tests = sum(c in NO_TESTS for c in run)
         total = len(codes)
         survivors += [(k, "survived") for k in survived] + [(k, "no tests") for k in untested]
         if run:  # a module left out of this run (MUTATION_MODULES) is one line of "not run" above, not a list
@@ -54,7 +53,7 @@ def main(argv: list[str]) -> int:
             core[0] += killed
             core[1] += total
         score = f"{100 * killed / total:.1f}%" if total else "-"
-        print(f"{module:28} {killed:6d} {total:6d} {score:>7} {len(survived):8d} {no_tests:8d} {total - len(run):7d}")
+        print(f"{module:28} {killed:6d} {total:6d} {score:>7} {len(survived):8d} {len(untested):8d} {len(unrun):7d}")
     if core[1]:
         print(
             f"numerical core: {core[0]} / {core[1]} killed = {100 * core[0] / core[1]:.1f}%"
